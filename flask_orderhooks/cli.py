@@ -1,0 +1,251 @@
+"""``flask orderhooks …``: look at, replay, purge and send deliveries.
+
+The platforms give up early (the gateway retries once, iGV three times in 35
+minutes); these commands let an operator finish by hand what they gave up on.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.error
+import urllib.request
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import click
+from flask import current_app
+from flask.cli import with_appcontext
+
+from .exc import CallbackError
+from .extension import AppState, get_extension
+from .store import DONE, FAILED, PROCESSING, STATUSES, StoredDelivery
+from .testing import KINDS, build
+from .views import send as send_signals
+
+_DURATION = re.compile(r"(\d+)\s*([smhdw])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+class Duration(click.ParamType):
+    """``30d``, ``12h``, ``90m``, ``45s`` or ``2w``."""
+
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> timedelta:
+        if isinstance(value, timedelta):
+            return value
+        match = _DURATION.fullmatch(str(value).strip())
+        if not match:
+            self.fail(f"{value!r} is not a duration such as 30d, 12h, 90m or 45s.", param, ctx)
+        return timedelta(seconds=int(match[1]) * _UNITS[match[2]])
+
+
+def _state() -> AppState:
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    try:
+        return get_extension(app).state(app)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group("orderhooks")
+def orderhooks() -> None:
+    """Inspect and recover order and payment callbacks."""
+
+
+@orderhooks.command("deliveries")
+@click.option("--status", type=click.Choice(STATUSES), help="Only deliveries in this state.")
+@click.option("--provider", type=click.Choice(["igv", "gateway", "sud"]), help="Only this platform.")
+@click.option("--since", type=Duration(), help="Only those updated within this age, e.g. 24h.")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@with_appcontext
+def deliveries_command(
+    status: str | None, provider: str | None, since: timedelta | None, limit: int
+) -> None:
+    """List stored deliveries, newest first."""
+    store = _state().store
+    cutoff = datetime.now(timezone.utc) - since if since is not None else None
+    rows = store.list(status=status, provider=provider, since=cutoff, limit=limit)
+    if not rows:
+        click.echo("No deliveries.")
+        return
+    header = ("UPDATED (UTC)", "PROVIDER", "CALLBACK", "KEY", "STATUS", "ATTEMPTS", "ERROR")
+    table = [header] + [
+        (
+            r.updated_at.strftime("%Y-%m-%d %H:%M:%S"),
+            r.provider,
+            r.callback,
+            r.key,
+            r.status,
+            str(r.attempts),
+            _one_line(r.error or "", 60),
+        )
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+@orderhooks.command("show")
+@click.argument("key")
+@with_appcontext
+def show_command(key: str) -> None:
+    """Show every delivery stored under KEY, with its body and last error."""
+    rows = _state().store.get(key)
+    if not rows:
+        raise click.ClickException(f"No delivery is stored under the key {key!r}.")
+    for r in rows:
+        click.echo(f"{r.provider} {r.callback} {r.key}")
+        click.echo(f"  status:   {r.status}")
+        click.echo(f"  attempts: {r.attempts}")
+        click.echo(f"  created:  {r.created_at.isoformat()}")
+        click.echo(f"  updated:  {r.updated_at.isoformat()}")
+        if r.status == PROCESSING:
+            click.echo(f"  lease:    until {r.lease_expires_at.isoformat()}")
+        click.echo(f"  error:    {r.error or '-'}")
+        for name, value in sorted(r.headers.items()):
+            click.echo(f"  header:   {name}: {value}")
+        click.echo("  body:     " + r.body.decode("utf-8", errors="replace"))
+
+
+@orderhooks.command("replay")
+@click.argument("key", required=False)
+@click.option("--failed", "all_failed", is_flag=True, help="Replay every failed delivery.")
+@click.option("--force", is_flag=True, help="Replay deliveries that are already done.")
+@with_appcontext
+def replay_command(key: str | None, all_failed: bool, force: bool) -> None:
+    """Dispatch stored deliveries again: KEY, or every failed one with --failed.
+
+    Each is verified again with the configured secrets (without the timestamp
+    window), sent to the same signals in one transaction, and marked done or
+    failed again.
+    """
+    if (key is None) == (not all_failed):
+        raise click.UsageError("Give a KEY or --failed, not both and not neither.")
+    state = _state()
+    rows = state.store.list(status=FAILED) if all_failed else state.store.get(key or "")
+    if not rows:
+        raise click.ClickException(
+            "No failed deliveries." if all_failed else f"No delivery is stored under the key {key!r}."
+        )
+    failures = 0
+    for row in rows:
+        failures += not _replay_one(state, row, force=force)
+    if failures:
+        raise click.ClickException(f"{failures} of {len(rows)} replays did not succeed.")
+
+
+def _replay_one(state: AppState, row: StoredDelivery, *, force: bool) -> bool:
+    name = f"{row.provider} {row.callback} {row.key}"
+    if row.status == DONE and not force:
+        click.echo(f"{name}: already done; not replayed (use --force to dispatch it again).")
+        return True
+    provider = state.providers.get(row.provider)
+    if provider is None:
+        click.echo(f"{name}: the {row.provider} platform is not configured; not replayed.")
+        return False
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    try:
+        delivery = provider.read(row.callback, row.body, row.headers, now=None)
+        claim = state.store.claim(delivery, force=force)
+        if claim is None:
+            click.echo(f"{name}: already done; not replayed.")
+            return True
+        state.store.dispatch(delivery, claim, lambda: send_signals(app, delivery))
+    except CallbackError as exc:
+        click.echo(f"{name}: failed: {exc.reason}")
+        return False
+    click.echo(f"{name}: replayed, attempt {claim.attempt}: done.")
+    return True
+
+
+@orderhooks.command("purge")
+@click.option("--older-than", "age", type=Duration(), required=True, help="e.g. 30d.")
+@click.option("--failed", "with_failed", is_flag=True, help="Also delete failed deliveries.")
+@click.option("--processing", "with_processing", is_flag=True, help="Also delete processing ones.")
+@click.option(
+    "--include-gateway",
+    is_flag=True,
+    help="Also purge gateway deliveries, whose signature never expires (see README).",
+)
+@with_appcontext
+def purge_command(
+    age: timedelta, with_failed: bool, with_processing: bool, include_gateway: bool
+) -> None:
+    """Delete finished deliveries last updated more than AGE ago."""
+    state = _state()
+    settings = state.settings
+    windows = {"igv": settings.igv_max_age, "sud": settings.sud_max_age}
+    for platform, window in windows.items():
+        if platform not in state.providers:
+            continue
+        if window is None:
+            raise click.ClickException(
+                f"The {platform} timestamp window is off, so a purged key could be replayed "
+                "at any time; purge refused."
+            )
+        if age.total_seconds() < window:
+            raise click.ClickException(
+                f"--older-than {_human(age)} is shorter than the {platform} timestamp window "
+                f"({window:g}s): a purged key could be replayed inside it. Purge refused."
+            )
+    statuses = (DONE,) + ((FAILED,) if with_failed else ()) + ((PROCESSING,) if with_processing else ())
+    cutoff = datetime.now(timezone.utc) - age
+    deleted = 0
+    for platform in ("igv", "sud") + (("gateway",) if include_gateway else ()):
+        deleted += state.store.purge(older_than=cutoff, statuses=statuses, provider=platform)
+    click.echo(f"Deleted {deleted} deliveries ({', '.join(statuses)}) older than {_human(age)}.")
+    if not include_gateway:
+        click.echo("Gateway deliveries were kept (see --include-gateway).")
+
+
+@orderhooks.command("send")
+@click.argument("kind", type=click.Choice(KINDS))
+@click.option("--url", required=True, help="The server's base URL, e.g. http://127.0.0.1:5000.")
+@click.option("--field", "fields", multiple=True, metavar="KEY=VALUE", help="Override a field.")
+@click.option("--timeout", type=float, default=10.0, show_default=True)
+@with_appcontext
+def send_command(kind: str, url: str, fields: tuple[str, ...], timeout: float) -> None:
+    """Post a signed sample callback, built from the app's config, to a server."""
+    state = _state()
+    overrides: dict[str, Any] = {}
+    for item in fields:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE.", param_hint="--field")
+        overrides[name] = int(value) if re.fullmatch(r"-?\d+", value) else value
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    try:
+        callback = build(kind, app=app, **overrides)
+    except LookupError as exc:
+        raise click.ClickException(f"{kind}: {exc.args[0]}") from None
+    except TypeError as exc:
+        raise click.ClickException(f"{kind}: {exc}") from None
+    target = url.rstrip("/") + callback.url(state.settings.url_prefix or "/")
+    request = urllib.request.Request(
+        target, data=callback.body, headers=callback.headers, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+            status, body = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, exc.read()
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise click.ClickException(f"Could not reach {target}: {reason}") from None
+    click.echo(f"POST {target} (key {callback.key})")
+    click.echo(f"{status} {body.decode('utf-8', errors='replace')}")
+
+
+def _one_line(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _human(age: timedelta) -> str:
+    seconds = int(age.total_seconds())
+    for unit in ("w", "d", "h", "m"):
+        if seconds and seconds % _UNITS[unit] == 0:
+            return f"{seconds // _UNITS[unit]}{unit}"
+    return f"{seconds}s"

@@ -1,0 +1,141 @@
+"""Payment gateway: collect and payout order results.
+
+The ``sign`` field is an MD5 over every other non-empty field, sorted by key,
+as ``k1=v1&k2=v2…``, with the merchant key added by
+``ORDERHOOKS_GATEWAY_SIGN_TEMPLATE``. Values are signed as their JSON text, so
+numbers are parsed to exact decimals that remember how they were written.
+The platform reads the plain-text body: ``success`` is done, anything else
+is retried.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from decimal import Decimal, InvalidOperation
+from typing import Any, ClassVar
+
+from flask import Response
+
+from .events import PaymentCollected, PayoutFinished
+from .exc import BadSignature, MalformedPayload
+from .jsonbody import JSONDecimal, parse_object, render_value
+from .provider import (
+    Delivery,
+    Dispatch,
+    Provider,
+    opt_str,
+    req_int,
+    req_str,
+    signature_matches,
+)
+from .signals import payment_collected, payout_finished
+
+
+def gateway_sign_string(fields: Mapping[str, Any], key: str, template: str) -> str:
+    """The text the gateway hashes: non-empty fields but ``sign``, sorted."""
+    params = "&".join(
+        f"{name}={render_value(fields[name])}"
+        for name in sorted(fields)
+        if name != "sign" and fields[name] is not None and fields[name] != ""
+    )
+    return template.format(params=params, key=key)
+
+
+def gateway_signature(fields: Mapping[str, Any], key: str, template: str) -> str:
+    """The ``sign`` value the gateway sends: lower-case hex MD5."""
+    text = gateway_sign_string(fields, key, template)
+    # MD5 is the platform's choice, not ours; it is not used for security here.
+    return hashlib.md5(text.encode("utf-8"), usedforsecurity=False).hexdigest()
+
+
+def _amount(obj: Mapping[str, Any], name: str, *, required: bool) -> Decimal | None:
+    value = obj.get(name)
+    if value is None and not required:
+        return None
+    if isinstance(value, JSONDecimal) or (isinstance(value, int) and not isinstance(value, bool)):
+        return Decimal(value)
+    if isinstance(value, str):
+        try:
+            amount = Decimal(value)
+        except InvalidOperation:
+            amount = None
+        if amount is not None and amount.is_finite():
+            return amount
+    raise MalformedPayload(f"The field {name!r} must be a decimal amount.")
+
+
+class GatewayProvider(Provider):
+    name = "gateway"
+    routes: ClassVar[Mapping[str, str]] = {
+        "collect": "/gateway/collect",
+        "payout": "/gateway/payout",
+    }
+
+    def read(
+        self, callback: str, body: bytes, headers: Mapping[str, str], *, now: float | None
+    ) -> Delivery:
+        # The signature lives inside the body, so the body is parsed (strictly,
+        # and nothing more) before it can be verified.
+        data = parse_object(body)
+        self._verify(data)
+        status = req_int(data, "status")
+        common: dict[str, Any] = {
+            "id": req_str(data, "id"),
+            "trans_id": req_str(data, "trans_id"),
+            "mch_id": req_int(data, "mch_id"),
+            "order_amount": _amount(data, "order_amount", required=True),
+            "status": status,
+            "created_at": opt_str(data, "created_at"),
+            "payed_at": opt_str(data, "payed_at"),
+            "raw": data,
+        }
+        if callback == "collect":
+            dispatch = Dispatch(
+                payment_collected,
+                PaymentCollected(
+                    payed_amount=_amount(data, "payed_amount", required=False),
+                    channel=opt_str(data, "channel"),
+                    **common,
+                ),
+            )
+        else:
+            dispatch = Dispatch(
+                payout_finished,
+                PayoutFinished(canceled_at=opt_str(data, "canceled_at"), **common),
+            )
+        return Delivery(
+            provider=self.name,
+            callback=callback,
+            # A new status of the same order is a new event; the same status
+            # again is a duplicate.
+            key=f"{common['id']}:{status}",
+            body=body,
+            headers={},
+            dispatches=(dispatch,),
+        )
+
+    def _verify(self, data: Mapping[str, Any]) -> None:
+        given = data.get("sign")
+        if given is None:
+            raise BadSignature("The body has no sign field.")
+        if not isinstance(given, str) or not given:
+            raise BadSignature("The sign field must be a non-empty string.")
+        mch_id = data.get("mch_id")
+        merchant = (
+            str(mch_id)
+            if isinstance(mch_id, (int, str)) and not isinstance(mch_id, bool)
+            else ""
+        )
+        keys = self.settings.gateway_keys_for(merchant)
+        if keys is None:
+            raise BadSignature("No key is configured for this mch_id.")
+        template = self.settings.gateway_sign_template
+        if not any(
+            signature_matches(gateway_signature(data, key.decode("utf-8"), template), given)
+            for key in keys.newest_first
+        ):
+            raise BadSignature("The sign field does not match.")
+
+    def answer(self, status: int, reason: str) -> Response:
+        return Response("success" if status == 200 else "fail", status=status, mimetype="text/plain")

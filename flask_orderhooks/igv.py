@@ -1,0 +1,110 @@
+"""iGV marketplace: the order status callback.
+
+The platform signs ``X-Timestamp + X-Request-Id + secret`` with HMAC-SHA256
+and compares hex case-insensitively. **The body is not signed**: the store is
+what keeps a captured request id from being replayed with another body.
+Only the HTTP status of the answer is read: 200 is done, anything else retried.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Mapping
+from typing import ClassVar
+
+from flask import Response
+
+from .events import OrderPendingDelivery, UnhandledCallback
+from .exc import BadSignature
+from .jsonbody import parse_object
+from .provider import (
+    Delivery,
+    Dispatch,
+    Provider,
+    check_age,
+    header,
+    header_bytes,
+    millisecond_timestamp,
+    opt_str,
+    req_int,
+    req_str,
+    signature_matches,
+    utc_from_ms,
+)
+from .signals import callback_unhandled, order_pending_delivery
+
+#: ``sellerOrderStatus`` of an order awaiting delivery, the one status pushed today.
+PENDING_DELIVERY = 1
+
+
+def igv_signature(timestamp: str, request_id: str, secret: bytes) -> str:
+    """The ``X-Signature`` the platform sends: lower-case hex."""
+    message = timestamp.encode("latin-1") + request_id.encode("latin-1") + secret
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+
+
+class IGVProvider(Provider):
+    name = "igv"
+    routes: ClassVar[Mapping[str, str]] = {"order-status": "/igv/order-status"}
+    signed_headers = ("X-Timestamp", "X-Request-Id", "X-Signature")
+
+    def read(
+        self, callback: str, body: bytes, headers: Mapping[str, str], *, now: float | None
+    ) -> Delivery:
+        secrets = self.settings.igv_secrets
+        assert secrets is not None, "the iGV route exists only when a secret is configured"
+        timestamp = header(headers, "X-Timestamp")
+        request_id = header(headers, "X-Request-Id")
+        given = header(headers, "X-Signature")
+        # Decoding first makes a non-latin-1 header a bad signature, not a 500.
+        header_bytes(timestamp, "X-Timestamp")
+        header_bytes(request_id, "X-Request-Id")
+        if not any(
+            signature_matches(igv_signature(timestamp, request_id, secret), given.lower())
+            for secret in secrets.newest_first
+        ):
+            raise BadSignature("The X-Signature does not match.")
+        timestamp_ms = millisecond_timestamp(timestamp, "X-Timestamp")
+        check_age(
+            timestamp_ms,
+            now,
+            self.settings.igv_max_age,
+            self.settings.max_clock_skew,
+            "X-Timestamp",
+        )
+        data = parse_object(body)
+        status = req_int(data, "sellerOrderStatus")
+        event: object
+        if status == PENDING_DELIVERY:
+            signal = order_pending_delivery
+            event = OrderPendingDelivery(
+                request_id=request_id,
+                timestamp=utc_from_ms(timestamp_ms),
+                order_id=req_int(data, "orderId"),
+                order_num=req_str(data, "orderNum"),
+                seller_order_status=status,
+                buyer_id=req_str(data, "buyerId"),
+                created_at=opt_str(data, "createdAt"),
+                raw=data,
+            )
+        else:
+            signal = callback_unhandled
+            event = UnhandledCallback(
+                provider=self.name,
+                callback=callback,
+                key=request_id,
+                kind=f"sellerOrderStatus={status}",
+                raw=data,
+            )
+        return Delivery(
+            provider=self.name,
+            callback=callback,
+            key=request_id,
+            body=body,
+            headers={name: headers[name] for name in self.signed_headers},
+            dispatches=(Dispatch(signal, event),),
+        )
+
+    def answer(self, status: int, reason: str) -> Response:
+        return Response(reason, status=status, mimetype="text/plain")

@@ -1,0 +1,108 @@
+"""Strict JSON for signed bodies.
+
+The standard parser is lenient in ways that matter when money rides on the
+body: it guesses UTF-16/32 from bytes, accepts ``NaN`` and ``Infinity``, lets
+the last of two duplicate keys win (a signer and a parser could then read
+different values), and turns ``100.00`` into the float ``100.0``. This module
+refuses the first three and keeps every number exact, remembering the text a
+decimal number was written with because the gateway signs that text.
+"""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from typing import Any
+
+from .exc import MalformedPayload
+
+
+class JSONDecimal(Decimal):
+    """A :class:`~decimal.Decimal` that remembers its JSON text (``"1e5"``
+    stays ``"1e5"``, where ``str(Decimal("1e5"))`` is ``"1E+5"``)."""
+
+    json_text: str
+
+    def __new__(cls, text: str) -> JSONDecimal:
+        number = super().__new__(cls, text)
+        number.json_text = text
+        return number
+
+
+def _refuse_constant(name: str) -> Any:
+    raise MalformedPayload(f"The body contains {name}, which is not JSON.")
+
+
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise MalformedPayload(f"The body repeats the key {key!r}.")
+            seen.add(key)
+    return obj
+
+
+_decoder = json.JSONDecoder(
+    object_pairs_hook=_object_without_duplicates,
+    parse_float=JSONDecimal,
+    parse_constant=_refuse_constant,
+)
+
+
+def parse_object(body: bytes) -> dict[str, Any]:
+    """Parse ``body`` as one UTF-8 JSON object.
+
+    :raises MalformedPayload: for anything else, with a reason that says what.
+    """
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MalformedPayload("The body is not valid UTF-8.") from None
+    try:
+        value = _decoder.decode(text)
+    except json.JSONDecodeError as exc:
+        raise MalformedPayload(
+            f"The body is not valid JSON ({exc.msg} at character {exc.pos})."
+        ) from None
+    except (ValueError, RecursionError):
+        # int() refuses numbers past sys.get_int_max_str_digits(); very deep
+        # nesting exhausts the recursion limit. Both are hostile, not data.
+        raise MalformedPayload("The body is not JSON this service accepts.") from None
+    if not isinstance(value, dict):
+        raise MalformedPayload(f"The body must be a JSON object, not a {_json_type(value)}.")
+    return value
+
+
+def _json_type(value: object) -> str:
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, str):
+        return "string"
+    if value is None or isinstance(value, bool):
+        return "literal"
+    return "number"
+
+
+def render_value(value: object) -> str:
+    """Render a parsed JSON value as the text it was written with, for signing.
+
+    Strings are their decoded text, numbers their JSON text, booleans
+    ``true``/``false``; nested objects and arrays compact JSON.
+    """
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, JSONDecimal):
+        return value.json_text
+    if isinstance(value, int):
+        return str(value)
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=_default)
+
+
+def _default(value: object) -> str:
+    if isinstance(value, JSONDecimal):
+        return value.json_text
+    raise TypeError(type(value).__name__)

@@ -1,0 +1,182 @@
+"""What every platform plugs into the one request pipeline.
+
+A provider knows three things about its platform: how a request is verified,
+how a verified body becomes events and an idempotency key, and what the
+platform reads as "done" or "retry". The pipeline in :mod:`.views` and the
+store in :mod:`.store` do everything else, the same way for every platform.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, ClassVar
+
+from blinker import NamedSignal
+from flask import Response
+
+from .config import Settings
+from .exc import BadSignature, MalformedPayload, SignatureExpired
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """One signal to send, with its event."""
+
+    signal: NamedSignal
+    event: object
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A verified, parsed callback: what the store records and dispatches.
+
+    :param key: the idempotency key within ``(provider, callback)``.
+    :param headers: the request headers needed to verify ``body`` again later.
+    :param dispatches: the signals to send, in order, in one transaction.
+    """
+
+    provider: str
+    callback: str
+    key: str
+    body: bytes
+    headers: Mapping[str, str]
+    dispatches: tuple[Dispatch, ...]
+
+
+class Provider(ABC):
+    """A platform: its routes, its verification, its parsing, its answers."""
+
+    #: The platform's name in config, URLs, logs and the store.
+    name: ClassVar[str]
+    #: ``{callback name: URL rule below the extension's prefix}``.
+    routes: ClassVar[Mapping[str, str]]
+    #: The headers stored with a delivery so it can be verified again.
+    signed_headers: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @abstractmethod
+    def read(
+        self, callback: str, body: bytes, headers: Mapping[str, str], *, now: float | None
+    ) -> Delivery:
+        """Verify the request, then parse it into a :class:`Delivery`.
+
+        :param now: the current Unix time in seconds for timestamp windows, or
+            ``None`` to skip them (replaying a stored delivery).
+        :raises RequestRefused: with the reason, before anything is stored.
+        """
+
+    @abstractmethod
+    def answer(self, status: int, reason: str) -> Response:
+        """Render the platform's documented answer for an HTTP status."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+
+_DIGITS = re.compile(r"[0-9]{1,19}")
+
+
+def header(headers: Mapping[str, str], name: str) -> str:
+    """The value of a required signature header, or :class:`BadSignature`."""
+    value = headers.get(name)
+    if not value:
+        raise BadSignature(f"The {name} header is missing or empty.")
+    return value
+
+
+def header_bytes(value: str, name: str) -> bytes:
+    """A header's original bytes (WSGI servers hand them over as latin-1)."""
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:
+        raise BadSignature(f"The {name} header is not readable.") from None
+
+
+def signature_matches(expected_hex: str, given: str) -> bool:
+    """Constant-time comparison of hex digests.
+
+    Compared as bytes: ``hmac.compare_digest`` raises ``TypeError`` on
+    non-ASCII ``str``, and a mangled header must be a bad signature, not a 500.
+    """
+    try:
+        given_bytes = given.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return hmac.compare_digest(expected_hex.encode("ascii"), given_bytes)
+
+
+def millisecond_timestamp(value: str, name: str) -> int:
+    """Parse a Unix-milliseconds header value: ASCII digits only."""
+    if not _DIGITS.fullmatch(value):
+        raise MalformedPayload(f"The {name} header is not a Unix timestamp.")
+    return int(value)
+
+
+def check_age(
+    timestamp_ms: int, now: float | None, max_age: float | None, max_skew: float, what: str
+) -> None:
+    """Refuse a timestamp older than ``max_age`` or further ahead than ``max_skew``.
+
+    Called after the signature matched, like itsdangerous' ``TimestampSigner``:
+    an attacker learns nothing about the window from a forged request.
+    """
+    if now is None:
+        return
+    age = now - timestamp_ms / 1000
+    if max_age is not None and age > max_age:
+        raise SignatureExpired(f"The {what} is older than {max_age:g} seconds.")
+    if -age > max_skew:
+        raise SignatureExpired(f"The {what} is more than {max_skew:g} seconds in the future.")
+
+
+def utc_from_ms(timestamp_ms: int) -> datetime:
+    """An aware UTC datetime from Unix milliseconds."""
+    try:
+        return datetime.fromtimestamp(timestamp_ms / 1000, tz=timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        raise MalformedPayload("A timestamp is out of range.") from None
+
+
+# Field readers: each names the field and what was expected, so the log line
+# of a refused body says exactly what the platform sent wrong.
+
+
+def req_str(obj: Mapping[str, Any], name: str) -> str:
+    value = obj.get(name)
+    if not isinstance(value, str) or not value:
+        raise MalformedPayload(f"The field {name!r} must be a non-empty string.")
+    return value
+
+
+def opt_str(obj: Mapping[str, Any], name: str) -> str | None:
+    value = obj.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise MalformedPayload(f"The field {name!r} must be a string or null.")
+    return value
+
+
+def req_int(obj: Mapping[str, Any], name: str) -> int:
+    value = obj.get(name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MalformedPayload(f"The field {name!r} must be an integer.")
+    return value
+
+
+def opt_int(obj: Mapping[str, Any], name: str) -> int | None:
+    return None if obj.get(name) is None else req_int(obj, name)
+
+
+def req_object(obj: Mapping[str, Any], name: str) -> dict[str, Any]:
+    value = obj.get(name)
+    if not isinstance(value, dict):
+        raise MalformedPayload(f"The field {name!r} must be an object.")
+    return value

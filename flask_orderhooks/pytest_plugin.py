@@ -1,0 +1,106 @@
+"""The ``orderhooks`` pytest fixture, registered through the ``pytest11`` entry point.
+
+It needs the host's ``app`` fixture (the pytest-flask convention)::
+
+    def test_credit(orderhooks):
+        response = orderhooks.deliver("collect", trans_id="T1", payed_amount="99.00")
+        assert response.status_code == 200
+
+.. versionadded:: 0.1
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from flask import Flask
+from werkzeug.test import TestResponse
+
+from .extension import get_extension
+from .signals import (
+    callback_unhandled,
+    game_order_changed,
+    order_pending_delivery,
+    payment_collected,
+    payout_finished,
+)
+from .testing import SignedCallback, build
+
+_SIGNALS = (
+    order_pending_delivery,
+    payment_collected,
+    payout_finished,
+    game_order_changed,
+    callback_unhandled,
+)
+
+
+@dataclass(frozen=True)
+class CapturedEvent:
+    """A signal sent while :meth:`OrderHooksClient.captured` was active."""
+
+    signal: str
+    event: Any
+
+
+class OrderHooksClient:
+    """Posts signed callbacks to an app through its test client."""
+
+    def __init__(self, app: Flask) -> None:
+        self.app = app
+        self.client = app.test_client()
+
+    @property
+    def prefix(self) -> str:
+        return get_extension(self.app).state(self.app).settings.url_prefix or "/"
+
+    def build(self, kind: str, **fields: Any) -> SignedCallback:
+        """A signed callback of ``kind`` (``igv``, ``collect``, ``payout``,
+        ``sud``, ``sud-batch``) from the app's configured secrets."""
+        with self.app.app_context():
+            return build(kind, app=self.app, **fields)
+
+    def post(self, callback: SignedCallback) -> TestResponse:
+        """Post an already built callback."""
+        return self.client.post(
+            callback.url(self.prefix), data=callback.body, headers=callback.headers
+        )
+
+    def deliver(self, kind: str, **fields: Any) -> TestResponse:
+        """Build, sign and post one callback; return the response."""
+        return self.post(self.build(kind, **fields))
+
+    def deliver_twice(self, kind: str, **fields: Any) -> tuple[TestResponse, TestResponse]:
+        """Post the same signed callback twice, as a platform retry would."""
+        callback = self.build(kind, **fields)
+        return self.post(callback), self.post(callback)
+
+    @contextmanager
+    def captured(self) -> Iterator[list[CapturedEvent]]:
+        """Record every orderhooks signal the app sends inside the block."""
+        events: list[CapturedEvent] = []
+        receivers = []
+        try:
+            for signal in _SIGNALS:
+
+                def receiver(
+                    sender: Flask, *, event: Any, _name: str = signal.name, **_: Any
+                ) -> None:
+                    events.append(CapturedEvent(_name, event))
+
+                signal.connect(receiver, self.app, weak=False)
+                receivers.append((signal, receiver))
+            yield events
+        finally:
+            for signal, receiver in receivers:
+                signal.disconnect(receiver, self.app)
+
+
+@pytest.fixture
+def orderhooks(app: Flask) -> OrderHooksClient:
+    """Post signed order and payment callbacks to the app under test."""
+    return OrderHooksClient(app)

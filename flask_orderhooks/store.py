@@ -1,0 +1,512 @@
+"""The durable, idempotent delivery store: exactly-once dispatch.
+
+One row per ``(provider, callback, key)``. A delivery moves through two short
+transactions:
+
+1. **Claim** (committed at once): an upsert that inserts the delivery as
+   ``processing`` with a lease, or takes over a ``failed`` row or one whose
+   lease ran out (its worker died). The raw body and signed headers are
+   stored here, before any receiver runs, so nothing verified is ever lost.
+2. **Dispatch**: its *first* statement marks the row ``done`` (fenced by the
+   claim's token); then the receivers run in the same transaction; then one
+   commit makes their writes and the ``done`` mark durable together. That
+   first statement takes the row lock (PostgreSQL) or the write lock (SQLite),
+   so a concurrent duplicate's claim waits for the outcome instead of polling.
+
+A receiver that raises rolls everything back and a third statement records
+the failure, so the platform's retry (or ``flask orderhooks replay``)
+dispatches again. Claims use the dialect's ``INSERT … ON CONFLICT`` with
+``RETURNING``: never check-then-insert, never ``rowcount`` (psycopg 3 reports
+-1 for it under SQLAlchemy 2.1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from .exc import CallbackError, KeyConflict, MalformedPayload, ReceiverFailed, StoreUnavailable
+from .provider import Delivery
+
+logger = logging.getLogger("flask_orderhooks")
+
+TABLE_NAME = "orderhooks_deliveries"
+#: Longest idempotency key stored; fits a unique index on every backend.
+MAX_KEY_LENGTH = 191
+#: Longest error text kept for a failed attempt.
+MAX_ERROR_LENGTH = 2000
+
+PROCESSING = "processing"
+DONE = "done"
+FAILED = "failed"
+STATUSES = (PROCESSING, DONE, FAILED)
+
+# SQLSTATE of PostgreSQL's lock_timeout expiring.
+_PG_LOCK_NOT_AVAILABLE = "55P03"
+# How often a duplicate re-reads a delivery that another worker has claimed
+# but not yet locked for dispatch (a window of one round trip).
+_POLL_INTERVAL = 0.02
+
+
+def deliveries_table(metadata: sa.MetaData) -> sa.Table:
+    """The ``orderhooks_deliveries`` table in ``metadata`` (created once)."""
+    existing = metadata.tables.get(TABLE_NAME)
+    if existing is not None:
+        return existing
+    return sa.Table(
+        TABLE_NAME,
+        metadata,
+        sa.Column("provider", sa.String(16), primary_key=True),
+        sa.Column("callback", sa.String(32), primary_key=True),
+        sa.Column("key", sa.String(MAX_KEY_LENGTH), primary_key=True),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("attempts", sa.Integer, nullable=False),
+        sa.Column("claim_token", sa.String(32), nullable=False),
+        sa.Column("lease_expires_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("body", sa.LargeBinary, nullable=False),
+        sa.Column("body_sha256", sa.String(64), nullable=False),
+        sa.Column("headers", sa.Text, nullable=False),
+        sa.Column("error", sa.Text, nullable=True),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Index("ix_orderhooks_deliveries_status_updated", "status", "updated_at"),
+    )
+
+
+@dataclass(frozen=True)
+class Claim:
+    """This worker owns a delivery's current attempt."""
+
+    token: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class StoredDelivery:
+    """A row of the store, as the CLI and tests read it."""
+
+    provider: str
+    callback: str
+    key: str
+    status: str
+    attempts: int
+    body: bytes
+    headers: dict[str, str]
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+    lease_expires_at: datetime
+
+
+Outcome = Literal["dispatched", "duplicate"]
+
+
+def _utc(value: datetime) -> datetime:
+    # SQLite hands back naive datetimes; everything stored is UTC.
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+class DeliveryStore:
+    """Claims, dispatches and records deliveries in one SQL table.
+
+    :param sessions: a context manager factory yielding the session to use:
+        the host's ``db.session`` or the store's own.
+    :param table: the deliveries table.
+    :param dialect: ``"postgresql"`` or ``"sqlite"``, or a callable that
+        returns it (the host's engine is only known inside an app context).
+    :param clock: Unix time in seconds (injectable for tests).
+    """
+
+    def __init__(
+        self,
+        *,
+        sessions: Callable[[], Any],
+        table: sa.Table,
+        dialect: str | Callable[[], str],
+        duplicate_wait: float,
+        claim_timeout: float,
+        clock: Callable[[], float] = time.time,
+        prepare: Callable[[], None] | None = None,
+    ) -> None:
+        self._sessions = sessions
+        self.table = table
+        self._dialect = dialect
+        self.duplicate_wait = duplicate_wait
+        self.claim_timeout = claim_timeout
+        self._clock = clock
+        self._prepare = prepare
+
+    @property
+    def dialect(self) -> str:
+        if callable(self._dialect):
+            self._dialect = self._dialect()
+        return self._dialect
+
+    def __repr__(self) -> str:
+        return f"<DeliveryStore {self.dialect} table={self.table.name!r}>"
+
+    # -- the pipeline ----------------------------------------------------------
+
+    def deliver(self, delivery: Delivery, dispatch: Callable[[], None]) -> Outcome:
+        """Claim ``delivery``, run ``dispatch`` once, and record the outcome.
+
+        :returns: ``"dispatched"``, or ``"duplicate"`` when it was already done.
+        :raises KeyConflict: the key is stored with a different body.
+        :raises ReceiverFailed: ``dispatch`` raised; the delivery is stored failed.
+        :raises StoreUnavailable: the store failed or another worker holds it.
+        """
+        if len(delivery.key) > MAX_KEY_LENGTH:
+            raise MalformedPayload(f"The idempotency key is longer than {MAX_KEY_LENGTH}.")
+        claim = self.claim(delivery)
+        if claim is None:
+            return "duplicate"
+        self.dispatch(delivery, claim, dispatch)
+        return "dispatched"
+
+    def claim(self, delivery: Delivery, *, force: bool = False) -> Claim | None:
+        """Take the delivery's next attempt, or ``None`` if it is already done.
+
+        :param force: take a ``done`` delivery too (``replay --force``).
+        """
+        if self._prepare is not None:
+            with self._store_errors(delivery):
+                self._prepare()
+        digest = hashlib.sha256(delivery.body).hexdigest()
+        token = secrets.token_hex(16)
+        deadline = time.monotonic() + self.duplicate_wait
+        while True:
+            remaining = deadline - time.monotonic()
+            with self._store_errors(delivery), self._sessions() as session:
+                if self.dialect == "postgresql":
+                    # Bounds the wait behind another worker's dispatch of this
+                    # key (ON CONFLICT waits for its row lock, unbounded by default).
+                    wait_ms = max(1, int(remaining * 1000))
+                    session.execute(sa.text(f"SET LOCAL lock_timeout = {wait_ms}"))
+                row = session.execute(
+                    self._claim_statement(delivery, digest, token, force=force)
+                ).first()
+                if row is not None and row.claim_token == token:
+                    session.commit()
+                    return Claim(token=token, attempt=row.attempts)
+                current = session.execute(
+                    sa.select(self.table.c.status, self.table.c.body_sha256).where(
+                        *self._key_clause(delivery)
+                    )
+                ).first()
+                session.rollback()
+            if current is None:
+                pass  # purged between the two statements: claim again
+            elif current.status == DONE:
+                if current.body_sha256 != digest:
+                    logger.warning(
+                        "%s %s %s: already done; a resend with a different body was ignored",
+                        delivery.provider,
+                        delivery.callback,
+                        delivery.key,
+                    )
+                return None
+            elif current.body_sha256 != digest:
+                raise KeyConflict("This key is stored with a different body.")
+            if time.monotonic() >= deadline:
+                raise StoreUnavailable("Another worker is handling this delivery; retry later.")
+            time.sleep(min(_POLL_INTERVAL, max(0.0, deadline - time.monotonic())))
+
+    def dispatch(self, delivery: Delivery, claim: Claim, dispatch: Callable[[], None]) -> None:
+        """Run ``dispatch`` inside the transaction that marks the claim done."""
+        with self._store_errors(delivery), self._sessions() as session:
+            marked = session.execute(
+                sa.update(self.table)
+                .where(
+                    *self._key_clause(delivery),
+                    self.table.c.claim_token == claim.token,
+                    self.table.c.status == PROCESSING,
+                )
+                .values(status=DONE, updated_at=self._now())
+                .returning(self.table.c.attempts)
+            ).first()
+            if marked is None:
+                session.rollback()
+                raise StoreUnavailable("The claim on this delivery expired; retry later.")
+            try:
+                dispatch()
+            except Exception as exc:
+                session.rollback()
+                self._mark_failed(delivery, claim, exc)
+                if isinstance(exc, CallbackError):
+                    raise
+                raise ReceiverFailed("A receiver failed; the delivery will be retried.") from exc
+            try:
+                session.commit()
+            except IntegrityError as exc:
+                # Flushed at commit: the receivers' writes broke a constraint.
+                session.rollback()
+                self._mark_failed(delivery, claim, exc)
+                raise ReceiverFailed("A receiver failed; the delivery will be retried.") from exc
+            except SQLAlchemyError as exc:
+                session.rollback()
+                self._mark_failed(delivery, claim, exc)
+                raise
+
+    def _mark_failed(self, delivery: Delivery, claim: Claim, exc: BaseException) -> None:
+        error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_LENGTH]
+        try:
+            with self._sessions() as session:
+                session.execute(
+                    sa.update(self.table)
+                    .where(*self._key_clause(delivery), self.table.c.claim_token == claim.token)
+                    .values(status=FAILED, error=error, updated_at=self._now())
+                )
+                session.commit()
+        except SQLAlchemyError:
+            # The lease still expires, so the next delivery takes it over.
+            logger.exception(
+                "%s %s %s: could not record the failed attempt %d",
+                delivery.provider,
+                delivery.callback,
+                delivery.key,
+                claim.attempt,
+            )
+
+    def _claim_statement(
+        self, delivery: Delivery, digest: str, token: str, *, force: bool = False
+    ) -> Any:
+        now = self._now()
+        t = self.table
+        insert = _dialect_insert(self.dialect)(t).values(
+            provider=delivery.provider,
+            callback=delivery.callback,
+            key=delivery.key,
+            status=PROCESSING,
+            attempts=1,
+            claim_token=token,
+            lease_expires_at=now + timedelta(seconds=self.claim_timeout),
+            body=delivery.body,
+            body_sha256=digest,
+            headers=json.dumps(dict(delivery.headers), sort_keys=True),
+            created_at=now,
+            updated_at=now,
+        )
+        takeover = sa.and_(
+            sa.or_(
+                t.c.status == (DONE if force else FAILED),
+                t.c.status == FAILED,
+                sa.and_(t.c.status == PROCESSING, t.c.lease_expires_at < now),
+            ),
+            t.c.body_sha256 == insert.excluded.body_sha256,
+        )
+        return insert.on_conflict_do_update(
+            index_elements=[t.c.provider, t.c.callback, t.c.key],
+            set_={
+                "status": PROCESSING,
+                "attempts": t.c.attempts + 1,
+                "claim_token": insert.excluded.claim_token,
+                "lease_expires_at": insert.excluded.lease_expires_at,
+                "updated_at": insert.excluded.updated_at,
+            },
+            where=takeover,
+        ).returning(t.c.claim_token, t.c.attempts)
+
+    def _key_clause(self, delivery: Delivery) -> tuple[Any, ...]:
+        return self._pk(delivery.provider, delivery.callback, delivery.key)
+
+    def _pk(self, provider: str, callback: str, key: str) -> tuple[Any, ...]:
+        t = self.table
+        return (t.c.provider == provider, t.c.callback == callback, t.c.key == key)
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self._clock(), tz=timezone.utc)
+
+    @contextmanager
+    def _store_errors(self, delivery: Delivery) -> Iterator[None]:
+        """Turn database errors into :class:`StoreUnavailable` (503: retry)."""
+        try:
+            yield
+        except DBAPIError as exc:
+            busy = _is_busy(exc)
+            logger.warning(
+                "%s %s %s: store %s: %s",
+                delivery.provider,
+                delivery.callback,
+                delivery.key,
+                "busy" if busy else "unavailable",
+                type(exc.orig).__name__,
+            )
+            reason = "The store is busy; retry later." if busy else "The store is unavailable."
+            raise StoreUnavailable(reason) from exc
+        except SQLAlchemyError as exc:
+            logger.warning(
+                "%s %s %s: store error: %s",
+                delivery.provider,
+                delivery.callback,
+                delivery.key,
+                type(exc).__name__,
+            )
+            raise StoreUnavailable("The store is unavailable.") from exc
+
+    # -- operators' view ---------------------------------------------------------
+
+    def get(self, key: str, provider: str | None = None, callback: str | None = None) -> list[StoredDelivery]:
+        """Every stored delivery with ``key`` (one per provider and callback)."""
+        t = self.table
+        query = sa.select(t).where(t.c.key == key)
+        if provider is not None:
+            query = query.where(t.c.provider == provider)
+        if callback is not None:
+            query = query.where(t.c.callback == callback)
+        return self._rows(query.order_by(t.c.provider, t.c.callback))
+
+    def list(
+        self,
+        *,
+        status: str | None = None,
+        provider: str | None = None,
+        since: datetime | None = None,
+        limit: int | None = None,
+    ) -> list[StoredDelivery]:
+        """Stored deliveries, newest first."""
+        t = self.table
+        query = sa.select(t)
+        if status is not None:
+            query = query.where(t.c.status == status)
+        if provider is not None:
+            query = query.where(t.c.provider == provider)
+        if since is not None:
+            query = query.where(t.c.updated_at >= since)
+        query = query.order_by(t.c.updated_at.desc(), t.c.key)
+        if limit is not None:
+            query = query.limit(limit)
+        return self._rows(query)
+
+    def purge(
+        self, *, older_than: datetime, statuses: tuple[str, ...] = (DONE,), provider: str | None = None
+    ) -> int:
+        """Delete deliveries in ``statuses`` last updated before ``older_than``."""
+        t = self.table
+        query = sa.delete(t).where(t.c.status.in_(statuses), t.c.updated_at < older_than)
+        if provider is not None:
+            query = query.where(t.c.provider == provider)
+        if self._prepare is not None:
+            self._prepare()
+        with self._sessions() as session:
+            deleted = session.execute(query.returning(t.c.key)).all()
+            session.commit()
+        return len(deleted)
+
+    def _rows(self, query: Any) -> list[StoredDelivery]:
+        if self._prepare is not None:
+            self._prepare()
+        with self._sessions() as session:
+            rows = session.execute(query).all()
+            session.rollback()
+        return [
+            StoredDelivery(
+                provider=r.provider,
+                callback=r.callback,
+                key=r.key,
+                status=r.status,
+                attempts=r.attempts,
+                body=bytes(r.body),
+                headers=json.loads(r.headers),
+                error=r.error,
+                created_at=_utc(r.created_at),
+                updated_at=_utc(r.updated_at),
+                lease_expires_at=_utc(r.lease_expires_at),
+            )
+            for r in rows
+        ]
+
+
+def _dialect_insert(dialect: str) -> Callable[[sa.Table], Any]:
+    if dialect == "postgresql":
+        return postgresql.insert
+    if dialect == "sqlite":
+        return sqlite.insert
+    raise ValueError(
+        f"The {dialect!r} database is not supported by the delivery store; "
+        "use PostgreSQL or SQLite."
+    )
+
+
+def _is_busy(exc: DBAPIError) -> bool:
+    if getattr(exc.orig, "sqlstate", None) == _PG_LOCK_NOT_AVAILABLE:
+        return True
+    return "database is locked" in str(exc.orig)
+
+
+class StandaloneDatabase:
+    """The store's own engine, for ``OrderHooks(app)`` without ``db=``.
+
+    The table is created on first use, not at start-up: an app must boot (and
+    answer 503, so platforms retry) while its database is down, and several
+    workers creating it at once must not crash each other.
+    """
+
+    def __init__(self, uri: str, *, busy_timeout: float, engine_options: Mapping[str, Any]) -> None:
+        options = dict(engine_options)
+        url = sa.make_url(uri)
+        if url.get_backend_name() == "sqlite":
+            connect_args = dict(options.pop("connect_args", {}))
+            connect_args.setdefault("timeout", busy_timeout)
+            options["connect_args"] = connect_args
+        self.engine: Engine = sa.create_engine(url, **options)
+        if self.engine.dialect.name == "sqlite":
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.metadata = sa.MetaData()
+        self.table = deliveries_table(self.metadata)
+        self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
+        self._ready = False
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self.sessionmaker() as session:
+            yield session
+
+    def ensure_table(self) -> None:
+        if self._ready:
+            return
+        with self._lock:
+            if self._ready:
+                return
+            try:
+                with self.engine.begin() as connection:
+                    if self.engine.dialect.name == "postgresql":
+                        # Serialises concurrent create_all() across processes.
+                        connection.execute(
+                            sa.select(sa.func.pg_advisory_xact_lock(0x0DE7_1FE5))
+                        )
+                    self.metadata.create_all(connection, checkfirst=True)
+            except SQLAlchemyError:
+                # Another process may have won a race SQLite cannot serialise;
+                # if the table is there now, that is all we needed.
+                if not sa.inspect(self.engine).has_table(TABLE_NAME):
+                    raise
+            self._ready = True
+
+    def __repr__(self) -> str:
+        return f"<StandaloneDatabase {self.engine.url!r}>"
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        # WAL lets readers run beside the one writer; the busy timeout comes
+        # from the driver's ``timeout`` connect argument.
+        cursor.execute("PRAGMA journal_mode=WAL")
+    finally:
+        cursor.close()

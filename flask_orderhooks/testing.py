@@ -1,0 +1,342 @@
+"""Build correctly signed callbacks, for tests and for trying a deployment.
+
+Each function returns a :class:`SignedCallback` (body bytes and headers)
+signed with the same code the verifiers use, with the secret given or the
+newest one configured on the app (``app=`` or the current app)::
+
+    from flask_orderhooks.testing import gateway_collect
+
+    cb = gateway_collect(trans_id="T1", payed_amount="99.00", app=app)
+    response = client.post(cb.url(), data=cb.body, headers=cb.headers)
+
+.. versionadded:: 0.1
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets as _random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from flask import Flask, current_app
+
+from .config import Settings
+from .extension import get_extension
+from .gateway import gateway_signature
+from .igv import igv_signature
+from .jsonbody import parse_object
+from .sud import ORDER_BATCH_CHANGED, ORDER_CHANGED, sud_signature
+
+#: The platform and callback names :func:`build` and ``flask orderhooks send`` take.
+KINDS = ("igv", "collect", "payout", "sud", "sud-batch")
+
+
+@dataclass(frozen=True)
+class SignedCallback:
+    """A signed callback request, ready to post.
+
+    :param path: the route below the extension's URL prefix.
+    :param key: the idempotency key the store will file it under.
+    """
+
+    provider: str
+    callback: str
+    path: str
+    body: bytes
+    headers: dict[str, str] = field(repr=False)
+    key: str
+
+    def url(self, prefix: str = "/orderhooks") -> str:
+        """The request path under ``prefix`` (``ORDERHOOKS_URL_PREFIX``)."""
+        return prefix.rstrip("/") + self.path
+
+    @property
+    def json(self) -> dict[str, Any]:
+        """The body, parsed the way the extension parses it."""
+        return parse_object(self.body)
+
+
+def _settings(app: Flask | None) -> Settings:
+    target = app if app is not None else current_app._get_current_object()  # type: ignore[attr-defined]
+    return get_extension(target).state(target).settings
+
+
+def _now_ms(timestamp_ms: int | str | None) -> str:
+    return str(timestamp_ms if timestamp_ms is not None else int(time.time() * 1000))
+
+
+def _configured(secret: str | None, app: Flask | None, pick: str) -> str:
+    if secret is not None:
+        return secret
+    settings = _settings(app)
+    if pick == "igv":
+        if settings.igv_secrets is None:
+            raise LookupError("ORDERHOOKS_IGV_SECRET is not configured; pass secret=.")
+        return settings.igv_secrets.newest.decode("utf-8")
+    raise LookupError(pick)  # pragma: no cover - callers pass known picks
+
+
+def igv_order_status(
+    secret: str | None = None,
+    *,
+    request_id: str | None = None,
+    timestamp_ms: int | str | None = None,
+    order_id: int = 1689644928115784,
+    order_num: str | None = None,
+    seller_order_status: int = 1,
+    buyer_id: str = "1907369850568257537",
+    created_at: str = "2025-12-17T13:44:16",
+    extra: Mapping[str, Any] | None = None,
+    app: Flask | None = None,
+) -> SignedCallback:
+    """An iGV order status callback (``X-Signature`` over timestamp and id)."""
+    key = _configured(secret, app, "igv")
+    request_id = request_id or str(_random.randbelow(10**19))
+    timestamp = _now_ms(timestamp_ms)
+    body = {
+        "createdAt": created_at,
+        "orderId": order_id,
+        "orderNum": order_num or f"SO{order_id}",
+        "sellerOrderStatus": seller_order_status,
+        "buyerId": buyer_id,
+        **(extra or {}),
+    }
+    headers = {
+        "Content-Type": "application/json",
+        "X-Request-Id": request_id,
+        "X-Timestamp": timestamp,
+        "X-Signature": igv_signature(timestamp, request_id, key.encode("utf-8")),
+    }
+    return SignedCallback("igv", "order-status", "/igv/order-status", _dumps(body), headers, request_id)
+
+
+def _gateway_key(secret: str | None, app: Flask | None, mch_id: int) -> tuple[str, str]:
+    settings = _settings(app) if secret is None or app is not None else None
+    template = settings.gateway_sign_template if settings else "{params}&key={key}"
+    if secret is not None:
+        return secret, template
+    assert settings is not None
+    keys = settings.gateway_keys_for(str(mch_id))
+    if keys is None:
+        raise LookupError(f"No ORDERHOOKS_GATEWAY_KEY for mch_id {mch_id}; pass secret=.")
+    return keys.newest.decode("utf-8"), template
+
+
+def _gateway(
+    callback: str,
+    secret: str | None,
+    app: Flask | None,
+    template: str | None,
+    fields: dict[str, Any],
+    extra: Mapping[str, Any] | None,
+) -> SignedCallback:
+    key, configured_template = _gateway_key(secret, app, fields["mch_id"])
+    body = {**fields, **(extra or {})}
+    unsigned = _dumps(body)
+    # Signing the parsed body is what the verifier does: one implementation.
+    body["sign"] = gateway_signature(parse_object(unsigned), key, template or configured_template)
+    return SignedCallback(
+        "gateway",
+        callback,
+        f"/gateway/{callback}",
+        _dumps(body),
+        {"Content-Type": "application/json"},
+        f"{fields['id']}:{fields['status']}",
+    )
+
+
+def gateway_collect(
+    secret: str | None = None,
+    *,
+    id: str | None = None,
+    trans_id: str = "ORDER-10001",
+    mch_id: int = 10001,
+    order_amount: str | Decimal = "100.00",
+    payed_amount: str | Decimal | None = None,
+    channel: str = "bank",
+    status: int = 60,
+    created_at: str = "2026-05-04 10:05:00",
+    payed_at: str | None = "2026-05-04 10:06:10",
+    template: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+    app: Flask | None = None,
+) -> SignedCallback:
+    """A gateway collect result. A :class:`~decimal.Decimal` amount is sent as
+    a JSON number (the older form), a string as a string."""
+    fields = {
+        "id": id or f"C{_random.randbelow(10**12):012d}",
+        "trans_id": trans_id,
+        "mch_id": mch_id,
+        "order_amount": order_amount,
+        "payed_amount": order_amount if payed_amount is None else payed_amount,
+        "channel": channel,
+        "status": status,
+        "created_at": created_at,
+        "payed_at": payed_at,
+    }
+    return _gateway("collect", secret, app, template, fields, extra)
+
+
+def gateway_payout(
+    secret: str | None = None,
+    *,
+    id: str | None = None,
+    trans_id: str = "WDL-10001",
+    mch_id: int = 10001,
+    order_amount: str | Decimal = "100.00",
+    status: int = 60,
+    created_at: str = "2026-05-04 10:10:00",
+    payed_at: str | None = None,
+    canceled_at: str | None = None,
+    template: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+    app: Flask | None = None,
+) -> SignedCallback:
+    """A gateway payout result (``status`` 60 success, 50 canceled)."""
+    fields: dict[str, Any] = {
+        "id": id or f"P{_random.randbelow(10**12):012d}",
+        "trans_id": trans_id,
+        "mch_id": mch_id,
+        "order_amount": order_amount,
+        "status": status,
+        "created_at": created_at,
+    }
+    if status == 60:
+        fields["payed_at"] = payed_at or "2026-05-04 10:15:00"
+    if status == 50:
+        fields["canceled_at"] = canceled_at or "2026-05-04 10:23:00"
+    return _gateway("payout", secret, app, template, fields, extra)
+
+
+def sud_order(**fields: Any) -> dict[str, Any]:
+    """One SUD order entry with sensible defaults; keyword fields override."""
+    order_id = str(fields.pop("order_id", _random.randbelow(10**13)))
+    return {
+        "order_id": order_id,
+        "out_order_id": f"OUT-{order_id}",
+        "mg_id": "1461564080052506636",
+        "room_id": "9009",
+        "cmd": "gift",
+        "from_uid": "u001",
+        "to_uid": "u002",
+        "value": 1,
+        "seq": 0,
+        "payload": {"score": 1},
+        "status": "EXECUTE_SUCCESS",
+        **fields,
+    }
+
+
+def _sud(
+    secret: str | None,
+    app_id: str | None,
+    app: Flask | None,
+    notify_id: str | None,
+    notify_event: str,
+    data: Mapping[str, Any],
+    timestamp_ms: int | str | None,
+    nonce: str | None,
+    extra: Mapping[str, Any] | None,
+) -> SignedCallback:
+    if app_id is None or secret is None:
+        apps = _settings(app).sud_apps
+        if not apps:
+            raise LookupError("ORDERHOOKS_SUD_APPS is not configured; pass app_id= and secret=.")
+        app_id = app_id or next(iter(apps))
+        if secret is None:
+            if app_id not in apps:
+                raise LookupError(f"App {app_id!r} is not in ORDERHOOKS_SUD_APPS; pass secret=.")
+            secret = apps[app_id].newest.decode("utf-8")
+    timestamp = _now_ms(timestamp_ms)
+    notify_id = notify_id or _random.token_hex(32)
+    body = _dumps(
+        {
+            "notify_id": notify_id,
+            "notify_time": timestamp,
+            "app_id": app_id,
+            "notify_event": notify_event,
+            "data": dict(data),
+            **(extra or {}),
+        }
+    )
+    nonce = nonce or _random.token_urlsafe(12)
+    headers = {
+        "Content-Type": "application/json",
+        "Sud-AppId": app_id,
+        "Sud-Timestamp": timestamp,
+        "Sud-Nonce": nonce,
+        "Sud-Signature": sud_signature(app_id, timestamp, nonce, body, secret.encode("utf-8")),
+    }
+    return SignedCallback("sud", "order-changed", "/sud/order-changed", body, headers, notify_id)
+
+
+def sud_order_changed(
+    secret: str | None = None,
+    *,
+    app_id: str | None = None,
+    notify_id: str | None = None,
+    timestamp_ms: int | str | None = None,
+    nonce: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+    app: Flask | None = None,
+    **order: Any,
+) -> SignedCallback:
+    """A SUD ``order.changed`` notification; keyword fields go into the order."""
+    return _sud(
+        secret, app_id, app, notify_id, ORDER_CHANGED, sud_order(**order), timestamp_ms, nonce, extra
+    )
+
+
+def sud_order_batch_changed(
+    secret: str | None = None,
+    *,
+    orders: Sequence[Mapping[str, Any]] | None = None,
+    app_id: str | None = None,
+    notify_id: str | None = None,
+    timestamp_ms: int | str | None = None,
+    nonce: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+    app: Flask | None = None,
+) -> SignedCallback:
+    """A SUD ``order.batch.changed`` notification (default: two orders)."""
+    entries = [dict(o) for o in orders] if orders is not None else [sud_order(), sud_order()]
+    data = {"mg_id": "1461564080052506636", "room_id": "9009", "orders": entries}
+    return _sud(secret, app_id, app, notify_id, ORDER_BATCH_CHANGED, data, timestamp_ms, nonce, extra)
+
+
+def build(kind: str, *, app: Flask | None = None, **fields: Any) -> SignedCallback:
+    """Build a callback by kind name (one of :data:`KINDS`)."""
+    builders: dict[str, Any] = {
+        "igv": igv_order_status,
+        "collect": gateway_collect,
+        "payout": gateway_payout,
+        "sud": sud_order_changed,
+        "sud-batch": sud_order_batch_changed,
+    }
+    if kind not in builders:
+        raise ValueError(f"Unknown callback kind {kind!r}; use one of {', '.join(KINDS)}.")
+    result: SignedCallback = builders[kind](app=app, **fields)
+    return result
+
+
+# A private-use character marks a Decimal while json.dumps runs, so it can be
+# written back as a bare JSON number with exactly its own text.
+_MARK = "\ue000"
+_MARKED_NUMBER = re.compile(f'"{_MARK}([^"{_MARK}]*){_MARK}"')
+
+
+def _dumps(body: Mapping[str, Any]) -> bytes:
+    """Compact JSON; a Decimal is written as a JSON number with its own text."""
+
+    def encode(value: object) -> str:
+        if isinstance(value, Decimal):
+            return f"{_MARK}{value}{_MARK}"
+        raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+    text = json.dumps(body, separators=(",", ":"), ensure_ascii=False, default=encode)
+    return _MARKED_NUMBER.sub(r"\1", text).encode("utf-8")

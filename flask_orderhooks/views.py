@@ -1,0 +1,148 @@
+"""The one request pipeline every callback route runs.
+
+Cheap and safe checks first (source address, body size), then the
+provider's signature check, then parsing; only a verified delivery reaches
+the store, and only the store runs receivers. Every outcome, including a bug,
+is answered in the platform's own form: an HTML error page would read as
+neither success nor a clean failure.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from typing import TYPE_CHECKING
+
+from flask import Blueprint, Flask, Response, current_app, request
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from .exc import (
+    BadSignature,
+    CallbackError,
+    NoReceiver,
+    PayloadTooLarge,
+    ReceiverFailed,
+    RequestRefused,
+    SourceForbidden,
+)
+from .provider import Delivery, Provider
+from .signals import callback_unhandled
+
+if TYPE_CHECKING:
+    from .extension import AppState
+
+logger = logging.getLogger("flask_orderhooks")
+
+
+def make_blueprint(state: AppState) -> Blueprint:
+    """A blueprint with one POST route per callback of every enabled platform."""
+    blueprint = Blueprint("orderhooks", __name__)
+    for provider in state.providers.values():
+        for callback, rule in provider.routes.items():
+            blueprint.add_url_rule(
+                rule,
+                endpoint=f"{provider.name}_{callback.replace('-', '_')}",
+                view_func=_view(state, provider, callback),
+                methods=["POST"],
+            )
+    return blueprint
+
+
+def _view(state: AppState, provider: Provider, callback: str) -> object:
+    def view() -> Response:
+        return handle(state, provider, callback)
+
+    view.__name__ = f"{provider.name}_{callback.replace('-', '_')}"
+    return view
+
+
+def handle(state: AppState, provider: Provider, callback: str) -> Response:
+    """Run one callback request through the pipeline and answer it."""
+    app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
+    delivery: Delivery | None = None
+    try:
+        _check_source(state, provider.name)
+        body = _read_body(state.settings.max_body)
+        headers = _signed_headers(provider)
+        delivery = provider.read(callback, body, headers, now=state.clock())
+        outcome = state.store.deliver(delivery, lambda: send(app, delivery))
+    except CallbackError as exc:
+        _log_failure(provider, callback, delivery, exc)
+        return provider.answer(exc.status, exc.reason)
+    except Exception:
+        # A bug of ours must still read as "retry" to the platform.
+        logger.exception(
+            "%s %s %s: unexpected error", provider.name, callback, _key(delivery)
+        )
+        return provider.answer(500, "Internal error; retry later.")
+    logger.info("%s %s %s: %s", provider.name, callback, delivery.key, outcome)
+    return provider.answer(200, "OK")
+
+
+def send(app: Flask, delivery: Delivery) -> None:
+    """Send the delivery's signals in order, with the real app as sender.
+
+    A delivery that only specific signals cover is refused (and kept as
+    failed) when nothing is connected to them: acknowledging it would lose it.
+    """
+    for dispatch in delivery.dispatches:
+        if dispatch.signal is not callback_unhandled and not dispatch.signal.has_receivers_for(
+            app
+        ):
+            raise NoReceiver(
+                f"No receiver is connected to {dispatch.signal.name}; the delivery was kept."
+            )
+    for dispatch in delivery.dispatches:
+        dispatch.signal.send(app, event=dispatch.event)
+
+
+def _check_source(state: AppState, platform: str) -> None:
+    networks = state.settings.allowed_ips.get(platform)
+    if not networks:
+        return
+    try:
+        address = ipaddress.ip_address(request.remote_addr or "")
+    except ValueError:
+        raise SourceForbidden("The client address is not allowed.") from None
+    if not any(address in network for network in networks):
+        raise SourceForbidden("The client address is not allowed.")
+
+
+def _read_body(limit: int) -> bytes:
+    # Werkzeug refuses a larger Content-Length before reading, and stops a
+    # chunked body as soon as it passes the limit.
+    request.max_content_length = limit
+    try:
+        return request.get_data(cache=True)
+    except RequestEntityTooLarge:
+        raise PayloadTooLarge(f"The body is larger than {limit} bytes.") from None
+
+
+def _signed_headers(provider: Provider) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for name in provider.signed_headers:
+        values = request.headers.getlist(name)
+        if len(values) > 1:
+            # A signer and a reader could each pick a different copy.
+            raise BadSignature(f"The {name} header is repeated.")
+        if values:
+            headers[name] = values[0]
+    return headers
+
+
+def _key(delivery: Delivery | None) -> str:
+    return delivery.key if delivery is not None else "-"
+
+
+def _log_failure(
+    provider: Provider, callback: str, delivery: Delivery | None, exc: CallbackError
+) -> None:
+    where = f"{provider.name} {callback} {_key(delivery)}"
+    if isinstance(exc, ReceiverFailed):
+        logger.error("%s: %s", where, exc.reason, exc_info=exc.__cause__ or exc)
+    elif isinstance(exc, RequestRefused):
+        logger.warning(
+            "%s: refused %d from %s: %s", where, exc.status, request.remote_addr, exc.reason
+        )
+    else:
+        logger.warning("%s: answered %d: %s", where, exc.status, exc.reason)

@@ -1,0 +1,172 @@
+"""Shared fixtures: apps on every store backend, signed requests, PostgreSQL.
+
+Tests marked ``postgres`` need the server at ``ORDERHOOKS_TEST_POSTGRES_URL``
+(default ``postgresql+psycopg://postgres@127.0.0.1:5432/test``). Without it
+they skip with a loud reason, unless ``ORDERHOOKS_REQUIRE_POSTGRES=1`` (set by
+``.ci/run``), which turns the skip into a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+from flask.testing import FlaskClient
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from flask_orderhooks import OrderHooks
+
+PG_URL = os.environ.get(
+    "ORDERHOOKS_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+REQUIRE_POSTGRES = os.environ.get("ORDERHOOKS_REQUIRE_POSTGRES") == "1"
+
+IGV_SECRET = "aBcDeFgHiJkLmNoPqRsTuVwXyZ012345"
+GATEWAY_KEYS = {"10001": "merchant-key"}
+SUD_APP_ID = "1461564080052506636"
+SUD_APPS = {SUD_APP_ID: "app-secret"}
+
+BASE_CONFIG: dict[str, Any] = {
+    "TESTING": True,
+    "ORDERHOOKS_IGV_SECRET": IGV_SECRET,
+    "ORDERHOOKS_GATEWAY_KEY": GATEWAY_KEYS,
+    "ORDERHOOKS_SUD_APPS": SUD_APPS,
+}
+
+_skipped_postgres: list[str] = []
+
+
+def _postgres_error() -> str | None:
+    try:
+        engine = sa.create_engine(PG_URL)
+        with engine.connect() as connection:
+            connection.execute(sa.text("SELECT 1"))
+        engine.dispose()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL URL whose connections use a schema of their own."""
+    error = _postgres_error()
+    if error is not None:
+        message = (
+            f"PostgreSQL is NOT AVAILABLE at {PG_URL} ({error}); the PostgreSQL half of the "
+            "suite did not run. Start PostgreSQL or set ORDERHOOKS_TEST_POSTGRES_URL."
+        )
+        if REQUIRE_POSTGRES:
+            pytest.fail("ORDERHOOKS_REQUIRE_POSTGRES=1: " + message, pytrace=False)
+        _skipped_postgres.append(message)
+        pytest.skip(message)
+    schema = f"orderhooks_test_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(PG_URL)
+    with admin.begin() as connection:
+        connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    url = sa.make_url(PG_URL).update_query_dict({"options": f"-csearch_path={schema}"})
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as connection:
+            connection.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _skipped_postgres:
+        terminalreporter.write_sep("!", "POSTGRESQL TESTS SKIPPED", red=True, bold=True)
+        terminalreporter.write_line(_skipped_postgres[0], red=True)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Credit(Base):
+    """What the test receivers write: one row per effect, unique per key."""
+
+    __tablename__ = "test_credits"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    key: Mapped[str] = mapped_column(sa.String(200), unique=True)
+    note: Mapped[str] = mapped_column(sa.String(200), default="")
+
+
+BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def database_uri(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    if backend == "postgresql":
+        return str(request.getfixturevalue("postgres_url"))
+    return f"sqlite:///{tmp_path / 'host.sqlite3'}"
+
+
+AppFactory = Callable[..., tuple[Flask, OrderHooks, SQLAlchemy | None]]
+
+
+@pytest.fixture
+def make_app(database_uri: str, tmp_path: Path) -> Iterator[AppFactory]:
+    """Build an app. ``host_db=True``: the table lives in the host's db
+    (``OrderHooks(app, db=db)``); otherwise the extension's own store on the
+    same database URL."""
+    created: list[tuple[Flask, OrderHooks, SQLAlchemy | None]] = []
+
+    def factory(
+        *, host_db: bool = True, hooks_options: dict[str, Any] | None = None, **config: Any
+    ) -> tuple[Flask, OrderHooks, SQLAlchemy | None]:
+        app = Flask("orderhooks_test", instance_path=str(tmp_path / "instance"))
+        app.config.update(BASE_CONFIG)
+        app.config["SQLALCHEMY_DATABASE_URI"] = database_uri
+        if not host_db:
+            app.config["ORDERHOOKS_DATABASE_URI"] = database_uri
+        app.config.update(config)
+        db: SQLAlchemy | None = SQLAlchemy(app, model_class=Base) if host_db else None
+        hooks = OrderHooks(app, db=db, **(hooks_options or {}))
+        with app.app_context():
+            if db is not None:
+                db.create_all()
+            else:
+                hooks.create_all()
+        created.append((app, hooks, db))
+        return app, hooks, db
+
+    yield factory
+    for app, hooks, db in created:
+        with app.app_context():
+            if db is not None:
+                db.drop_all()
+                db.engine.dispose()
+            else:
+                standalone = hooks.state(app).standalone
+                assert standalone is not None
+                standalone.metadata.drop_all(standalone.engine)
+                standalone.engine.dispose()
+
+
+@pytest.fixture
+def app(make_app: AppFactory) -> Flask:
+    return make_app()[0]
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+@pytest.fixture
+def app_ctx(app: Flask) -> Iterator[None]:
+    with app.app_context():
+        yield

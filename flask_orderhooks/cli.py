@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import re
 import urllib.error
+import urllib.parse
 import urllib.request
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import click
@@ -26,12 +27,14 @@ _DURATION = re.compile(r"(\d+)\s*([smhdw])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
-class Duration(click.ParamType):
+class Duration(click.ParamType[timedelta]):
     """``30d``, ``12h``, ``90m``, ``45s`` or ``2w``."""
 
     name = "duration"
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> timedelta:
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> timedelta:
         if isinstance(value, timedelta):
             return value
         match = _DURATION.fullmatch(str(value).strip())
@@ -55,7 +58,9 @@ def orderhooks() -> None:
 
 @orderhooks.command("deliveries")
 @click.option("--status", type=click.Choice(STATUSES), help="Only deliveries in this state.")
-@click.option("--provider", type=click.Choice(["igv", "gateway", "sud"]), help="Only this platform.")
+@click.option(
+    "--provider", type=click.Choice(["igv", "gateway", "sud"]), help="Only this platform."
+)
 @click.option("--since", type=Duration(), help="Only those updated within this age, e.g. 24h.")
 @click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
 @with_appcontext
@@ -64,7 +69,7 @@ def deliveries_command(
 ) -> None:
     """List stored deliveries, newest first."""
     store = _state().store
-    cutoff = datetime.now(timezone.utc) - since if since is not None else None
+    cutoff = datetime.now(UTC) - since if since is not None else None
     rows = store.list(status=status, provider=provider, since=cutoff, limit=limit)
     if not rows:
         click.echo("No deliveries.")
@@ -84,7 +89,9 @@ def deliveries_command(
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
-        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+        click.echo(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
 
 
 @orderhooks.command("show")
@@ -127,7 +134,9 @@ def replay_command(key: str | None, all_failed: bool, force: bool) -> None:
     rows = state.store.list(status=FAILED) if all_failed else state.store.get(key or "")
     if not rows:
         raise click.ClickException(
-            "No failed deliveries." if all_failed else f"No delivery is stored under the key {key!r}."
+            "No failed deliveries."
+            if all_failed
+            else f"No delivery is stored under the key {key!r}."
         )
     failures = 0
     for row in rows:
@@ -190,8 +199,10 @@ def purge_command(
                 f"--older-than {_human(age)} is shorter than the {platform} timestamp window "
                 f"({window:g}s): a purged key could be replayed inside it. Purge refused."
             )
-    statuses = (DONE,) + ((FAILED,) if with_failed else ()) + ((PROCESSING,) if with_processing else ())
-    cutoff = datetime.now(timezone.utc) - age
+    statuses = (
+        (DONE,) + ((FAILED,) if with_failed else ()) + ((PROCESSING,) if with_processing else ())
+    )
+    cutoff = datetime.now(UTC) - age
     deleted = 0
     for platform in ("igv", "sud") + (("gateway",) if include_gateway else ()):
         deleted += state.store.purge(older_than=cutoff, statuses=statuses, provider=platform)
@@ -222,12 +233,15 @@ def send_command(kind: str, url: str, fields: tuple[str, ...], timeout: float) -
         raise click.ClickException(f"{kind}: {exc.args[0]}") from None
     except TypeError as exc:
         raise click.ClickException(f"{kind}: {exc}") from None
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise click.BadParameter(f"{url!r} is not an http:// or https:// URL.", param_hint="--url")
     target = url.rstrip("/") + callback.url(state.settings.url_prefix or "/")
-    request = urllib.request.Request(
+    request = urllib.request.Request(  # noqa: S310 - the scheme is checked above
         target, data=callback.body, headers=callback.headers, method="POST"
     )
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+        # The scheme was checked above: only http and https are ever opened.
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             status, body = response.status, response.read()
     except urllib.error.HTTPError as exc:
         status, body = exc.code, exc.read()

@@ -158,7 +158,8 @@ def _secrets(key: str, value: object) -> Secrets:
             raise ConfigurationError(key, "the list of secrets is empty; give at least one.")
     else:
         raise ConfigurationError(
-            key, f"must be a string or a list of strings (oldest first), not {type(value).__name__}."
+            key,
+            f"must be a string or a list of strings (oldest first), not {type(value).__name__}.",
         )
     for item in values:
         if not isinstance(item, str):

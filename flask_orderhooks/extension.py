@@ -78,7 +78,9 @@ class OrderHooks:
             self.init_app(app)
 
     def __repr__(self) -> str:
-        return f"<OrderHooks db={'host' if self.db is not None else 'own'} apps={len(self._states)}>"
+        return (
+            f"<OrderHooks db={'host' if self.db is not None else 'own'} apps={len(self._states)}>"
+        )
 
     def init_app(self, app: Flask) -> None:
         """Validate the config, register the routes and prepare the store.
@@ -108,9 +110,7 @@ class OrderHooks:
                 clock=self.clock,
                 prepare=standalone.ensure_table,
             )
-        providers = {
-            name: _PROVIDERS[name](settings) for name in settings.enabled_platforms
-        }
+        providers = {name: _PROVIDERS[name](settings) for name in settings.enabled_platforms}
         state = AppState(
             settings=settings,
             store=store,

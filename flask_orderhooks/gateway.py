@@ -123,9 +123,7 @@ class GatewayProvider(Provider):
             raise BadSignature("The sign field must be a non-empty string.")
         mch_id = data.get("mch_id")
         merchant = (
-            str(mch_id)
-            if isinstance(mch_id, (int, str)) and not isinstance(mch_id, bool)
-            else ""
+            str(mch_id) if isinstance(mch_id, (int, str)) and not isinstance(mch_id, bool) else ""
         )
         keys = self.settings.gateway_keys_for(merchant)
         if keys is None:
@@ -138,4 +136,6 @@ class GatewayProvider(Provider):
             raise BadSignature("The sign field does not match.")
 
     def answer(self, status: int, reason: str) -> Response:
-        return Response("success" if status == 200 else "fail", status=status, mimetype="text/plain")
+        return Response(
+            "success" if status == 200 else "fail", status=status, mimetype="text/plain"
+        )

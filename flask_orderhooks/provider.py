@@ -13,7 +13,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from blinker import NamedSignal
@@ -139,7 +139,7 @@ def check_age(
 def utc_from_ms(timestamp_ms: int) -> datetime:
     """An aware UTC datetime from Unix milliseconds."""
     try:
-        return datetime.fromtimestamp(timestamp_ms / 1000, tz=timezone.utc)
+        return datetime.fromtimestamp(timestamp_ms / 1000, tz=UTC)
     except (OverflowError, OSError, ValueError):
         raise MalformedPayload("A timestamp is out of range.") from None
 

@@ -22,6 +22,7 @@ dispatches again. Claims use the dialect's ``INSERT … ON CONFLICT`` with
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import logging
@@ -31,7 +32,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import sqlalchemy as sa
@@ -118,7 +119,7 @@ Outcome = Literal["dispatched", "duplicate"]
 
 def _utc(value: datetime) -> datetime:
     # SQLite hands back naive datetimes; everything stored is UTC.
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 class DeliveryStore:
@@ -329,7 +330,7 @@ class DeliveryStore:
         return (t.c.provider == provider, t.c.callback == callback, t.c.key == key)
 
     def _now(self) -> datetime:
-        return datetime.fromtimestamp(self._clock(), tz=timezone.utc)
+        return datetime.fromtimestamp(self._clock(), tz=UTC)
 
     @contextmanager
     def _store_errors(self, delivery: Delivery) -> Iterator[None]:
@@ -360,7 +361,9 @@ class DeliveryStore:
 
     # -- operators' view ---------------------------------------------------------
 
-    def get(self, key: str, provider: str | None = None, callback: str | None = None) -> list[StoredDelivery]:
+    def get(
+        self, key: str, provider: str | None = None, callback: str | None = None
+    ) -> builtins.list[StoredDelivery]:
         """Every stored delivery with ``key`` (one per provider and callback)."""
         t = self.table
         query = sa.select(t).where(t.c.key == key)
@@ -377,7 +380,7 @@ class DeliveryStore:
         provider: str | None = None,
         since: datetime | None = None,
         limit: int | None = None,
-    ) -> list[StoredDelivery]:
+    ) -> builtins.list[StoredDelivery]:
         """Stored deliveries, newest first."""
         t = self.table
         query = sa.select(t)
@@ -393,7 +396,11 @@ class DeliveryStore:
         return self._rows(query)
 
     def purge(
-        self, *, older_than: datetime, statuses: tuple[str, ...] = (DONE,), provider: str | None = None
+        self,
+        *,
+        older_than: datetime,
+        statuses: tuple[str, ...] = (DONE,),
+        provider: str | None = None,
     ) -> int:
         """Delete deliveries in ``statuses`` last updated before ``older_than``."""
         t = self.table
@@ -407,7 +414,7 @@ class DeliveryStore:
             session.commit()
         return len(deleted)
 
-    def _rows(self, query: Any) -> list[StoredDelivery]:
+    def _rows(self, query: Any) -> builtins.list[StoredDelivery]:
         if self._prepare is not None:
             self._prepare()
         with self._sessions() as session:
@@ -487,9 +494,7 @@ class StandaloneDatabase:
                 with self.engine.begin() as connection:
                     if self.engine.dialect.name == "postgresql":
                         # Serialises concurrent create_all() across processes.
-                        connection.execute(
-                            sa.select(sa.func.pg_advisory_xact_lock(0x0DE7_1FE5))
-                        )
+                        connection.execute(sa.select(sa.func.pg_advisory_xact_lock(0x0DE7_1FE5)))
                     self.metadata.create_all(connection, checkfirst=True)
             except SQLAlchemyError:
                 # Another process may have won a race SQLite cannot serialise;

@@ -90,7 +90,7 @@ class SUDProvider(Provider):
             if not isinstance(entries, list) or not all(isinstance(o, dict) for o in entries):
                 raise MalformedPayload("The field 'orders' must be a list of objects.")
             # Entries may leave the batch-level fields out; fill them in.
-            shared = {k: batch[k] for k in ("mg_id", "room_id") if k in batch}
+            shared: dict[str, Any] = {k: batch[k] for k in ("mg_id", "room_id") if k in batch}
             dispatches = tuple(
                 Dispatch(game_order_changed, _order({**shared, **entry}, common, raw=entry))
                 for entry in entries
@@ -128,7 +128,11 @@ class SUDProvider(Provider):
         timestamp = header(headers, "Sud-Timestamp")
         nonce = header(headers, "Sud-Nonce")
         given = header(headers, "Sud-Signature")
-        for name, value in (("Sud-AppId", app_id), ("Sud-Timestamp", timestamp), ("Sud-Nonce", nonce)):
+        for name, value in (
+            ("Sud-AppId", app_id),
+            ("Sud-Timestamp", timestamp),
+            ("Sud-Nonce", nonce),
+        ):
             header_bytes(value, name)
         secrets = apps.get(app_id)
         if secrets is None:
@@ -147,10 +151,14 @@ class SUDProvider(Provider):
         return app_id
 
     def answer(self, status: int, reason: str) -> Response:
-        payload = {"ret_code": 0, "ret_msg": "SUCCESS"} if status == 200 else {
-            "ret_code": status,
-            "ret_msg": reason,
-        }
+        payload = (
+            {"ret_code": 0, "ret_msg": "SUCCESS"}
+            if status == 200
+            else {
+                "ret_code": status,
+                "ret_msg": reason,
+            }
+        )
         return Response(json.dumps(payload), status=status, mimetype="application/json")
 
 

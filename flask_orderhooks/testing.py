@@ -112,7 +112,9 @@ def igv_order_status(
         "X-Timestamp": timestamp,
         "X-Signature": igv_signature(timestamp, request_id, key.encode("utf-8")),
     }
-    return SignedCallback("igv", "order-status", "/igv/order-status", _dumps(body), headers, request_id)
+    return SignedCallback(
+        "igv", "order-status", "/igv/order-status", _dumps(body), headers, request_id
+    )
 
 
 def _gateway_key(secret: str | None, app: Flask | None, mch_id: int) -> tuple[str, str]:
@@ -288,7 +290,15 @@ def sud_order_changed(
 ) -> SignedCallback:
     """A SUD ``order.changed`` notification; keyword fields go into the order."""
     return _sud(
-        secret, app_id, app, notify_id, ORDER_CHANGED, sud_order(**order), timestamp_ms, nonce, extra
+        secret,
+        app_id,
+        app,
+        notify_id,
+        ORDER_CHANGED,
+        sud_order(**order),
+        timestamp_ms,
+        nonce,
+        extra,
     )
 
 
@@ -306,7 +316,9 @@ def sud_order_batch_changed(
     """A SUD ``order.batch.changed`` notification (default: two orders)."""
     entries = [dict(o) for o in orders] if orders is not None else [sud_order(), sud_order()]
     data = {"mg_id": "1461564080052506636", "room_id": "9009", "orders": entries}
-    return _sud(secret, app_id, app, notify_id, ORDER_BATCH_CHANGED, data, timestamp_ms, nonce, extra)
+    return _sud(
+        secret, app_id, app, notify_id, ORDER_BATCH_CHANGED, data, timestamp_ms, nonce, extra
+    )
 
 
 def build(kind: str, *, app: Flask | None = None, **fields: Any) -> SignedCallback:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from flask import Blueprint, Flask, Response, current_app, request
@@ -48,7 +49,7 @@ def make_blueprint(state: AppState) -> Blueprint:
     return blueprint
 
 
-def _view(state: AppState, provider: Provider, callback: str) -> object:
+def _view(state: AppState, provider: Provider, callback: str) -> Callable[[], Response]:
     def view() -> Response:
         return handle(state, provider, callback)
 
@@ -71,9 +72,7 @@ def handle(state: AppState, provider: Provider, callback: str) -> Response:
         return provider.answer(exc.status, exc.reason)
     except Exception:
         # A bug of ours must still read as "retry" to the platform.
-        logger.exception(
-            "%s %s %s: unexpected error", provider.name, callback, _key(delivery)
-        )
+        logger.exception("%s %s %s: unexpected error", provider.name, callback, _key(delivery))
         return provider.answer(500, "Internal error; retry later.")
     logger.info("%s %s %s: %s", provider.name, callback, delivery.key, outcome)
     return provider.answer(200, "OK")
@@ -86,9 +85,7 @@ def send(app: Flask, delivery: Delivery) -> None:
     failed) when nothing is connected to them: acknowledging it would lose it.
     """
     for dispatch in delivery.dispatches:
-        if dispatch.signal is not callback_unhandled and not dispatch.signal.has_receivers_for(
-            app
-        ):
+        if dispatch.signal is not callback_unhandled and not dispatch.signal.has_receivers_for(app):
             raise NoReceiver(
                 f"No receiver is connected to {dispatch.signal.name}; the delivery was kept."
             )

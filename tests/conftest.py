@@ -170,3 +170,61 @@ def client(app: Flask) -> FlaskClient:
 def app_ctx(app: Flask) -> Iterator[None]:
     with app.app_context():
         yield
+
+
+class Recorder:
+    """Connected to every signal of one app; records events and, with a host
+    db, writes one :class:`Credit` row per event through ``db.session``."""
+
+    def __init__(self, app: Flask, db: SQLAlchemy | None) -> None:
+        self.app = app
+        self.db = db
+        self.events: list[tuple[str, Any]] = []
+        self.fail_next = 0
+        self.hook: Callable[[Any], None] | None = None
+
+    def __call__(self, sender: Flask, *, event: Any, **extra: Any) -> None:
+        assert sender is self.app, "signals must be sent with the real app object"
+        assert not extra, "signals carry the event keyword only"
+        self.events.append((type(event).__name__, event))
+        if self.db is not None:
+            key = getattr(event, "order_id", None) or getattr(event, "id", None)
+            self.db.session.add(Credit(key=f"{type(event).__name__}:{key}:{len(self.events)}"))
+        if self.hook is not None:
+            self.hook(event)
+        if self.fail_next:
+            self.fail_next -= 1
+            raise RuntimeError("receiver exploded on purpose")
+
+    def credits(self) -> int:
+        assert self.db is not None
+        with self.app.app_context():
+            return int(self.db.session.scalar(sa.select(sa.func.count()).select_from(Credit)) or 0)
+
+
+@pytest.fixture
+def recorder(make_app: AppFactory) -> Iterator[Callable[..., tuple[Flask, Recorder]]]:
+    """``recorder(**config)`` → an app whose every signal goes to a Recorder."""
+    from flask_orderhooks import signals
+
+    connected: list[tuple[Any, Recorder, Flask]] = []
+
+    def factory(**options: Any) -> tuple[Flask, Recorder]:
+        app, _hooks, db = make_app(**options)
+        rec = Recorder(app, db)
+        for signal in (
+            signals.order_pending_delivery,
+            signals.payment_collected,
+            signals.payout_finished,
+            signals.game_order_changed,
+            signals.callback_unhandled,
+        ):
+            signal.connect(rec, app, weak=False)
+            connected.append((signal, rec, app))
+        return app, rec
+
+    try:
+        yield factory
+    finally:
+        for signal, rec, app in connected:
+            signal.disconnect(rec, app)

@@ -1,0 +1,297 @@
+"""Every row of the answers table, for every route, on every store backend."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+
+from flask_orderhooks import OrderHooks
+from flask_orderhooks.sud import sud_signature
+from flask_orderhooks.testing import SignedCallback, build
+from tests.conftest import BASE_CONFIG, SUD_APP_ID, Recorder
+
+KINDS = ["igv", "collect", "payout", "sud", "sud-batch"]
+RecorderFactory = Callable[..., tuple[Flask, Recorder]]
+
+
+def expected_body(kind: str, status: int, reason: str = "") -> Any:
+    """The platform's documented answer form for ``status``."""
+    if kind in ("collect", "payout"):
+        return "success" if status == 200 else "fail"
+    if kind.startswith("sud"):
+        if status == 200:
+            return {"ret_code": 0, "ret_msg": "SUCCESS"}
+        return {"ret_code": status, "ret_msg": reason}
+    return "OK" if status == 200 else reason
+
+
+def body_of(kind: str, response: Any) -> Any:
+    if kind.startswith("sud"):
+        assert response.mimetype == "application/json"
+        return json.loads(response.data)
+    assert response.mimetype == "text/plain"
+    return response.get_data(as_text=True)
+
+
+def post(app: Flask, cb: SignedCallback, *, body: bytes | None = None, **headers: str) -> Any:
+    return app.test_client().post(
+        cb.url(), data=cb.body if body is None else body, headers={**cb.headers, **headers}
+    )
+
+
+def make(kind: str, app: Flask, **fields: Any) -> SignedCallback:
+    with app.app_context():
+        return build(kind, app=app, **fields)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_first_delivery_dispatches_and_answers_success(
+    kind: str, recorder: RecorderFactory
+) -> None:
+    app, rec = recorder()
+    response = post(app, make(kind, app))
+    assert response.status_code == 200
+    assert body_of(kind, response) == expected_body(kind, 200)
+    assert len(rec.events) == (2 if kind == "sud-batch" else 1)
+    assert rec.credits() == len(rec.events)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_duplicate_answers_success_without_dispatch(kind: str, recorder: RecorderFactory) -> None:
+    app, rec = recorder()
+    cb = make(kind, app)
+    first, second = post(app, cb), post(app, cb)
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert body_of(kind, second) == expected_body(kind, 200)
+    assert len(rec.events) == (2 if kind == "sud-batch" else 1)
+
+
+def forge(kind: str, cb: SignedCallback) -> tuple[bytes, dict[str, str]]:
+    """The same callback with a signature that does not match."""
+    headers = dict(cb.headers)
+    if kind == "igv":
+        sig = headers["X-Signature"]
+        headers["X-Signature"] = sig[:-1] + ("0" if sig[-1] != "0" else "1")
+        return cb.body, headers
+    if kind.startswith("sud"):
+        sig = headers["Sud-Signature"]
+        headers["Sud-Signature"] = sig[:-1] + ("0" if sig[-1] != "0" else "1")
+        return cb.body, headers
+    data = json.loads(cb.body)
+    data["sign"] = "0" * 32
+    return json.dumps(data).encode(), headers
+
+
+REASONS_401 = {
+    "igv": "The X-Signature does not match.",
+    "collect": "The sign field does not match.",
+    "payout": "The sign field does not match.",
+    "sud": "The Sud-Signature does not match.",
+    "sud-batch": "The Sud-Signature does not match.",
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bad_signature_is_401_and_nothing_is_stored(
+    kind: str, recorder: RecorderFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    app, rec = recorder()
+    body, headers = forge(kind, make(kind, app))
+    cb = make(kind, app)
+    with caplog.at_level(logging.WARNING, "flask_orderhooks"):
+        response = app.test_client().post(cb.url(), data=body, headers=headers)
+    assert response.status_code == 401
+    assert body_of(kind, response) == expected_body(kind, 401, REASONS_401[kind])
+    assert rec.events == []
+    with app.app_context():
+        assert app.extensions["orderhooks"].store.list() == []
+    assert REASONS_401[kind] in caplog.text
+    assert "refused 401" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["igv", "collect", "sud"])
+def test_missing_signature_is_401(kind: str, recorder: RecorderFactory) -> None:
+    app, rec = recorder()
+    cb = make(kind, app)
+    headers = {k: v for k, v in cb.headers.items() if k not in ("X-Signature", "Sud-Signature")}
+    body = cb.body
+    if kind == "collect":
+        data = json.loads(cb.body)
+        del data["sign"]
+        body = json.dumps(data).encode()
+    response = app.test_client().post(cb.url(), data=body, headers=headers)
+    reason = {
+        "igv": "The X-Signature header is missing or empty.",
+        "collect": "The body has no sign field.",
+        "sud": "The Sud-Signature header is missing or empty.",
+    }[kind]
+    assert response.status_code == 401
+    assert body_of(kind, response) == expected_body(kind, 401, reason)
+    assert rec.events == []
+
+
+@pytest.mark.parametrize("kind", ["igv", "sud"])
+@pytest.mark.parametrize(
+    ("offset_s", "reason"),
+    [
+        (-3601, "The {h} is older than 3600 seconds."),
+        (301, "The {h} is more than 300 seconds in the future."),
+    ],
+)
+def test_timestamp_outside_window_is_401(
+    kind: str, offset_s: int, reason: str, recorder: RecorderFactory
+) -> None:
+    now = 1_795_000_000.0
+    app, rec = recorder(hooks_options={"clock": lambda: now})
+    cb = make(kind, app, timestamp_ms=int((now + offset_s) * 1000))
+    response = post(app, cb)
+    header = "X-Timestamp" if kind == "igv" else "Sud-Timestamp"
+    assert response.status_code == 401
+    assert body_of(kind, response) == expected_body(kind, 401, reason.format(h=header))
+    assert rec.events == []
+
+
+@pytest.mark.parametrize("kind", ["igv", "sud"])
+def test_timestamp_inside_window_edges_are_accepted(kind: str, recorder: RecorderFactory) -> None:
+    now = 1_795_000_000.0
+    app, rec = recorder(hooks_options={"clock": lambda: now})
+    for offset in (-3600, 300):
+        assert post(app, make(kind, app, timestamp_ms=int((now + offset) * 1000))).status_code == 200
+    assert len(rec.events) == 2
+
+
+def test_igv_max_age_none_disables_the_window(recorder: RecorderFactory) -> None:
+    app, rec = recorder(ORDERHOOKS_IGV_MAX_AGE=None)
+    assert post(app, make("igv", app, timestamp_ms=1_000)).status_code == 200
+    assert len(rec.events) == 1
+
+
+def malformed(kind: str, app: Flask) -> tuple[SignedCallback, bytes, dict[str, str]]:
+    """A request whose signature is right but whose body is not the platform's."""
+    cb = make(kind, app)
+    if kind == "igv":
+        return cb, b'{"sellerOrderStatus": "one"}', cb.headers
+    if kind in ("collect", "payout"):
+        return cb, b"[1, 2]", cb.headers
+    body = b'{"notify_id": 5}'
+    headers = dict(cb.headers)
+    headers["Sud-Signature"] = sud_signature(
+        SUD_APP_ID, headers["Sud-Timestamp"], headers["Sud-Nonce"], body, b"app-secret"
+    )
+    return cb, body, headers
+
+
+MALFORMED_REASONS = {
+    "igv": "The field 'sellerOrderStatus' must be an integer.",
+    "collect": "The body must be a JSON object, not a array.",
+    "payout": "The body must be a JSON object, not a array.",
+    "sud": "The field 'app_id' must be a non-empty string.",
+}
+
+
+@pytest.mark.parametrize("kind", ["igv", "collect", "payout", "sud"])
+def test_malformed_body_is_400(kind: str, recorder: RecorderFactory) -> None:
+    app, rec = recorder()
+    cb, body, headers = malformed(kind, app)
+    response = app.test_client().post(cb.url(), data=body, headers=headers)
+    assert response.status_code == 400
+    assert body_of(kind, response) == expected_body(kind, 400, MALFORMED_REASONS[kind])
+    assert rec.events == []
+
+
+@pytest.mark.parametrize("kind", ["igv", "collect", "payout", "sud"])
+def test_too_large_is_413(kind: str, recorder: RecorderFactory) -> None:
+    app, rec = recorder(ORDERHOOKS_MAX_BODY=1024)
+    cb = make(kind, app, extra={"padding": "x" * 2000})
+    response = post(app, cb)
+    assert response.status_code == 413
+    assert body_of(kind, response) == expected_body(kind, 413, "The body is larger than 1024 bytes.")
+    assert rec.events == []
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_receiver_raising_is_500_and_the_retry_dispatches(
+    kind: str, recorder: RecorderFactory
+) -> None:
+    app, rec = recorder()
+    rec.fail_next = 1
+    cb = make(kind, app)
+    first = post(app, cb)
+    assert first.status_code == 500
+    reason = "A receiver failed; the delivery will be retried."
+    assert body_of(kind, first) == expected_body(kind, 500, reason)
+    assert rec.credits() == 0, "the failed attempt's writes were rolled back"
+    second = post(app, cb)
+    assert second.status_code == 200
+    assert rec.credits() == (2 if kind == "sud-batch" else 1)
+
+
+def test_store_down_is_503_in_the_platform_form(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = Flask("down", instance_path=str(tmp_path))
+    app.config.update(BASE_CONFIG)
+    # Port 9 (discard) refuses connections on this loopback: a database that is down.
+    app.config["ORDERHOOKS_DATABASE_URI"] = "postgresql+psycopg://postgres@127.0.0.1:9/test"
+    OrderHooks(app)
+    for kind in KINDS:
+        with caplog.at_level(logging.WARNING, "flask_orderhooks"):
+            response = post(app, make(kind, app))
+        assert response.status_code == 503
+        assert body_of(kind, response) == expected_body(kind, 503, "The store is unavailable.")
+    assert "store unavailable: OperationalError" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["payout", "sud"])
+def test_no_receiver_connected_is_503_and_the_delivery_is_kept(
+    kind: str, make_app: Callable[..., Any]
+) -> None:
+    app, hooks, _db = make_app()
+    response = post(app, make(kind, app))
+    assert response.status_code == 503
+    with app.app_context():
+        (row,) = hooks.store.list()
+    assert row.status == "failed"
+    assert row.error is not None and "No receiver is connected" in row.error
+
+
+@pytest.mark.parametrize(
+    ("unset", "path"),
+    [
+        ("ORDERHOOKS_IGV_SECRET", "/orderhooks/igv/order-status"),
+        ("ORDERHOOKS_GATEWAY_KEY", "/orderhooks/gateway/collect"),
+        ("ORDERHOOKS_GATEWAY_KEY", "/orderhooks/gateway/payout"),
+        ("ORDERHOOKS_SUD_APPS", "/orderhooks/sud/order-changed"),
+    ],
+)
+def test_unconfigured_platform_has_no_route(
+    unset: str, path: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = Flask("partial", instance_path=str(tmp_path))
+    app.config.update(BASE_CONFIG)
+    app.config[unset] = None
+    with caplog.at_level(logging.INFO, "flask_orderhooks"):
+        OrderHooks(app)
+    assert app.test_client().post(path, data=b"{}").status_code == 404
+    platform = {"ORDERHOOKS_IGV_SECRET": "igv", "ORDERHOOKS_GATEWAY_KEY": "gateway"}.get(
+        unset, "sud"
+    )
+    assert f"OrderHooks: {platform} off" in caplog.text
+
+
+def test_get_is_not_allowed(app: Flask) -> None:
+    assert app.test_client().get("/orderhooks/igv/order-status").status_code == 405
+
+
+def test_url_prefix_is_configurable(recorder: RecorderFactory) -> None:
+    app, rec = recorder(ORDERHOOKS_URL_PREFIX="/hooks/v1/")
+    cb = make("igv", app)
+    assert app.test_client().post(cb.url("/hooks/v1"), data=cb.body, headers=cb.headers).status_code == 200
+    assert post(app, cb).status_code == 404
+    assert len(rec.events) == 1

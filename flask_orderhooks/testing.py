@@ -18,12 +18,12 @@ import json
 import re
 import secrets as _random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from flask import Flask, current_app
+from flask import Flask, current_app, has_app_context
 
 from .config import Settings
 from .extension import get_extension
@@ -66,8 +66,17 @@ def _settings(app: Flask | None) -> Settings:
     return get_extension(target).state(target).settings
 
 
-def _now_ms(timestamp_ms: int | str | None) -> str:
-    return str(timestamp_ms if timestamp_ms is not None else int(time.time() * 1000))
+def _now_ms(timestamp_ms: int | str | None, app: Flask | None) -> str:
+    """The given timestamp, or "now" by the app's clock (``OrderHooks(clock=)``)."""
+    if timestamp_ms is not None:
+        return str(timestamp_ms)
+    target = app
+    if target is None and has_app_context():
+        target = current_app._get_current_object()  # type: ignore[attr-defined]
+    clock: Callable[[], float] = time.time
+    if target is not None and "orderhooks" in target.extensions:
+        clock = get_extension(target).state(target).clock
+    return str(int(clock() * 1000))
 
 
 def _configured(secret: str | None, app: Flask | None, pick: str) -> str:
@@ -97,7 +106,7 @@ def igv_order_status(
     """An iGV order status callback (``X-Signature`` over timestamp and id)."""
     key = _configured(secret, app, "igv")
     request_id = request_id or str(_random.randbelow(10**19))
-    timestamp = _now_ms(timestamp_ms)
+    timestamp = _now_ms(timestamp_ms, app)
     body = {
         "createdAt": created_at,
         "orderId": order_id,
@@ -254,7 +263,7 @@ def _sud(
             if app_id not in apps:
                 raise LookupError(f"App {app_id!r} is not in ORDERHOOKS_SUD_APPS; pass secret=.")
             secret = apps[app_id].newest.decode("utf-8")
-    timestamp = _now_ms(timestamp_ms)
+    timestamp = _now_ms(timestamp_ms, app)
     notify_id = notify_id or _random.token_hex(32)
     body = _dumps(
         {

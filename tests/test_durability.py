@@ -1,0 +1,346 @@
+"""The six durability rules and the batch rule, on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+
+from flask_orderhooks import OrderHooks, order_pending_delivery
+from flask_orderhooks.provider import Delivery
+from flask_orderhooks.store import StandaloneDatabase
+from flask_orderhooks.testing import SignedCallback, build, sud_order
+from tests.conftest import Credit, Recorder
+
+RecorderFactory = Callable[..., tuple[Flask, Recorder]]
+
+
+def make(kind: str, app: Flask, **fields: Any) -> SignedCallback:
+    with app.app_context():
+        return build(kind, app=app, **fields)
+
+
+def post(app: Flask, cb: SignedCallback) -> Any:
+    return app.test_client().post(cb.url(), data=cb.body, headers=cb.headers)
+
+
+def read(app: Flask, cb: SignedCallback) -> Delivery:
+    hooks: OrderHooks = app.extensions["orderhooks"]
+    provider = hooks.state(app).providers[cb.provider]
+    return provider.read(cb.callback, cb.body, cb.headers, now=None)
+
+
+def rows(app: Flask) -> list[Any]:
+    with app.app_context():
+        return list(app.extensions["orderhooks"].store.list())
+
+
+def test_rule1_done_is_never_dispatched_again(recorder: RecorderFactory) -> None:
+    app, rec = recorder()
+    cb = make("collect", app)
+    answers = [post(app, cb).status_code for _ in range(5)]
+    assert answers == [200] * 5
+    assert len(rec.events) == 1
+    (row,) = rows(app)
+    assert (row.status, row.attempts) == ("done", 1)
+
+
+def test_rule1_a_new_gateway_status_is_a_new_event(recorder: RecorderFactory) -> None:
+    app, rec = recorder()
+    processing = make("collect", app, id="C1", status=20, payed_at=None)
+    success = make("collect", app, id="C1", status=60)
+    assert [post(app, c).status_code for c in (processing, success, success)] == [200, 200, 200]
+    assert [e.status for _, e in rec.events] == [20, 60]
+    assert sorted(r.key for r in rows(app)) == ["C1:20", "C1:60"]
+
+
+@pytest.mark.parametrize("kind", ["igv", "collect", "sud"])
+def test_rule2_concurrent_duplicates_dispatch_exactly_once(
+    kind: str, recorder: RecorderFactory
+) -> None:
+    app, rec = recorder()
+    started = threading.Event()
+
+    def slow(_event: object) -> None:
+        started.set()
+        time.sleep(0.3)
+
+    rec.hook = slow
+    cb = make(kind, app)
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: post(app, cb).status_code, range(8)))
+    assert started.is_set()
+    assert answers == [200] * 8, "duplicates wait for the first one's outcome"
+    assert len(rec.events) == 1
+    assert rec.credits() == 1
+
+
+def _bounded_wait_app(backend: str, make_app: Callable[..., Any]) -> tuple[Flask, Recorder]:
+    # On SQLite the wait is the driver's busy timeout: the extension's own
+    # store sets it to ORDERHOOKS_DUPLICATE_WAIT (a host engine keeps its own).
+    app, _hooks, db = make_app(host_db=backend == "postgresql", ORDERHOOKS_DUPLICATE_WAIT=0.3)
+    rec = Recorder(app, db)
+    order_pending_delivery.connect(rec, app, weak=False)
+    return app, rec
+
+
+def test_rule2_duplicates_wait_no_longer_than_the_duplicate_wait(
+    backend: str, make_app: Callable[..., Any]
+) -> None:
+    app, rec = _bounded_wait_app(backend, make_app)
+    release = threading.Event()
+    rec.hook = lambda _event: (release.wait(10), None)[1]
+    cb = make("igv", app)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            first = pool.submit(lambda: post(app, cb))
+            while not rec.events:
+                time.sleep(0.01)
+            duplicates = [pool.submit(lambda: post(app, cb)) for _ in range(3)]
+            busy = [d.result(timeout=30) for d in duplicates]
+            release.set()
+            assert first.result(timeout=30).status_code == 200
+        assert [(r.status_code, r.get_data(as_text=True)) for r in busy] == [
+            (503, "The store is busy; retry later.")
+        ] * 3
+        assert len(rec.events) == 1
+        # Once the first is done, a resend is a plain duplicate.
+        assert post(app, cb).status_code == 200
+        assert len(rec.events) == 1
+    finally:
+        release.set()
+        order_pending_delivery.disconnect(rec, app)
+
+
+def test_rule3_failure_is_stored_rolled_back_and_retried(recorder: RecorderFactory) -> None:
+    app, rec = recorder()
+    rec.fail_next = 1
+    cb = make("igv", app)
+    assert post(app, cb).status_code == 500
+    (row,) = rows(app)
+    assert row.status == "failed"
+    assert row.attempts == 1
+    assert row.body == cb.body
+    assert row.headers == {k: cb.headers[k] for k in ("X-Request-Id", "X-Signature", "X-Timestamp")}
+    assert row.error == "RuntimeError: receiver exploded on purpose"
+    assert rec.credits() == 0
+    assert post(app, cb).status_code == 200
+    (row,) = rows(app)
+    assert (row.status, row.attempts) == ("done", 2)
+    assert row.error == "RuntimeError: receiver exploded on purpose", "the first error is kept"
+    assert rec.credits() == 1
+    assert len(rec.events) == 2
+
+
+def test_rule4_a_dead_claim_is_taken_over_after_the_lease(
+    recorder: RecorderFactory,
+) -> None:
+    now = [1_795_000_000.0]
+    app, rec = recorder(
+        hooks_options={"clock": lambda: now[0]},
+        ORDERHOOKS_DUPLICATE_WAIT=0.1,
+        ORDERHOOKS_CLAIM_TIMEOUT=30,
+        ORDERHOOKS_IGV_MAX_AGE=None,
+    )
+    cb = make("igv", app)
+    with app.app_context():
+        # A worker claims the delivery, then dies before dispatching it.
+        claim = app.extensions["orderhooks"].store.claim(read(app, cb))
+    assert claim is not None and claim.attempt == 1
+    response = post(app, cb)
+    assert (response.status_code, response.get_data(as_text=True)) == (
+        503,
+        "Another worker is handling this delivery; retry later.",
+    )
+    assert rec.events == []
+    now[0] += 31
+    assert post(app, cb).status_code == 200
+    assert len(rec.events) == 1
+    (row,) = rows(app)
+    assert (row.status, row.attempts) == ("done", 2)
+
+
+def test_rule4_a_late_worker_cannot_finish_a_claim_it_lost(recorder: RecorderFactory) -> None:
+    now = [1_795_000_000.0]
+    app, rec = recorder(hooks_options={"clock": lambda: now[0]}, ORDERHOOKS_IGV_MAX_AGE=None)
+    cb = make("igv", app)
+    with app.app_context():
+        store = app.extensions["orderhooks"].store
+        stale = store.claim(read(app, cb))
+        assert stale is not None
+        now[0] += 31
+        assert post(app, cb).status_code == 200
+        from flask_orderhooks.exc import StoreUnavailable
+
+        with pytest.raises(StoreUnavailable, match="The claim on this delivery expired"):
+            store.dispatch(read(app, cb), stale, lambda: None)
+    assert len(rec.events) == 1
+
+
+def test_rule5_receiver_writes_commit_with_the_done_mark(recorder: RecorderFactory) -> None:
+    app, rec = recorder()
+    cb = make("collect", app)
+    duplicate_key = {"n": 0}
+
+    def conflicting_write(_event: object) -> None:
+        # The first attempt also adds a row that breaks a unique constraint at
+        # commit time: the done mark and every write must roll back together.
+        if duplicate_key["n"] == 0:
+            assert rec.db is not None
+            rec.db.session.add(Credit(key="same"))
+            rec.db.session.add(Credit(key="same"))
+        duplicate_key["n"] += 1
+
+    rec.hook = conflicting_write
+    assert post(app, cb).status_code == 500
+    assert rec.credits() == 0
+    (row,) = rows(app)
+    assert row.status == "failed"
+    assert row.error is not None and row.error.startswith("IntegrityError")
+    assert post(app, cb).status_code == 200
+    assert rec.credits() == 1
+    assert rows(app)[0].status == "done"
+
+
+def test_rule6_nothing_unverified_is_stored(recorder: RecorderFactory) -> None:
+    app, rec = recorder()
+    cb = make("sud", app)
+    headers = dict(cb.headers, **{"Sud-Signature": "0" * 40})
+    response = app.test_client().post(cb.url(), data=cb.body, headers=headers)
+    assert response.status_code == 401
+    assert rows(app) == []
+    assert rec.events == []
+
+
+def test_batch_is_all_or_nothing(recorder: RecorderFactory) -> None:
+    app, rec = recorder()
+    orders = [sud_order(order_id=str(n)) for n in range(3)]
+    cb = make("sud-batch", app, orders=orders)
+
+    def third_fails(event: Any) -> None:
+        if event.order_id == "2" and len(rec.events) == 3:
+            raise RuntimeError("third order failed")
+
+    rec.hook = third_fails
+    assert post(app, cb).status_code == 500
+    assert rec.credits() == 0, "the first two orders' writes rolled back too"
+    assert post(app, cb).status_code == 200
+    assert rec.credits() == 3
+    assert [e.order_id for _, e in rec.events[3:]] == ["0", "1", "2"], "in order"
+
+
+def test_a_key_stored_with_another_body_is_a_conflict(recorder: RecorderFactory) -> None:
+    app, rec = recorder()
+    rec.fail_next = 1
+    cb = make("igv", app)
+    assert post(app, cb).status_code == 500
+    tampered = app.test_client().post(
+        cb.url(), data=cb.body.replace(b'"buyerId":"', b'"buyerId":"9'), headers=cb.headers
+    )
+    assert (tampered.status_code, tampered.get_data(as_text=True)) == (
+        409,
+        "This key is stored with a different body.",
+    )
+    assert post(app, cb).status_code == 200
+    # Done: another body with the same request id is answered 200, never dispatched.
+    assert (
+        app.test_client()
+        .post(cb.url(), data=cb.body.replace(b"SO", b"XX"), headers=cb.headers)
+        .status_code
+        == 200
+    )
+    assert len(rec.events) == 2
+    assert all(e.order_num.startswith("SO") for _, e in rec.events)
+
+
+@pytest.mark.postgres
+def test_pitfall_postgres_claim_does_not_trust_rowcount(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """psycopg 3 reports rowcount -1 for INSERT without RETURNING: a claim
+    decided from rowcount would call every first delivery a duplicate."""
+    app = Flask("pg", instance_path=str(tmp_path))
+    app.config.update(
+        ORDERHOOKS_IGV_SECRET="s" * 32, ORDERHOOKS_DATABASE_URI=postgres_url
+    )
+    hooks = OrderHooks(app)
+    seen: list[object] = []
+
+    def receiver(sender: Flask, *, event: object) -> None:
+        seen.append(event)
+
+    order_pending_delivery.connect(receiver, app)
+    try:
+        cb = make("igv", app)
+        with app.app_context():
+            delivery = read(app, cb)
+            assert hooks.store.deliver(delivery, lambda: seen.append(1)) == "dispatched"
+            assert hooks.store.deliver(delivery, lambda: seen.append(2)) == "duplicate"
+        assert seen == [1]
+    finally:
+        order_pending_delivery.disconnect(receiver, app)
+        standalone = hooks.state(app).standalone
+        assert standalone is not None
+        standalone.metadata.drop_all(standalone.engine)
+        standalone.engine.dispose()
+
+
+@pytest.mark.postgres
+def test_pitfall_concurrent_create_all_on_postgres(postgres_url: str) -> None:
+    """Several workers creating the table at once must all come up."""
+    stores = [
+        StandaloneDatabase(postgres_url, busy_timeout=1, engine_options={}) for _ in range(6)
+    ]
+    barrier = threading.Barrier(len(stores))
+    errors: list[BaseException] = []
+
+    def boot(store: StandaloneDatabase) -> None:
+        barrier.wait()
+        try:
+            store.ensure_table()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=boot, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    try:
+        assert errors == []
+        assert sa.inspect(stores[0].engine).has_table("orderhooks_deliveries")
+    finally:
+        stores[0].metadata.drop_all(stores[0].engine)
+        for s in stores:
+            s.engine.dispose()
+
+
+def test_standalone_store_creates_its_sqlite_file_in_wal_mode(tmp_path: Path) -> None:
+    app = Flask("own", instance_path=str(tmp_path / "instance"))
+    app.config.update(ORDERHOOKS_IGV_SECRET="s" * 32)
+    hooks = OrderHooks(app)
+    got: list[object] = []
+
+    def receiver(sender: Flask, *, event: object) -> None:
+        got.append(event)
+
+    order_pending_delivery.connect(receiver, app)
+    try:
+        assert post(app, make("igv", app)).status_code == 200
+    finally:
+        order_pending_delivery.disconnect(receiver, app)
+    path = tmp_path / "instance" / "orderhooks.sqlite3"
+    assert path.exists()
+    standalone = hooks.state(app).standalone
+    assert standalone is not None
+    with standalone.engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    standalone.engine.dispose()
+    assert len(got) == 1

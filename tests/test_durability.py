@@ -261,15 +261,11 @@ def test_a_key_stored_with_another_body_is_a_conflict(recorder: RecorderFactory)
 
 
 @pytest.mark.postgres
-def test_pitfall_postgres_claim_does_not_trust_rowcount(
-    postgres_url: str, tmp_path: Path
-) -> None:
+def test_pitfall_postgres_claim_does_not_trust_rowcount(postgres_url: str, tmp_path: Path) -> None:
     """psycopg 3 reports rowcount -1 for INSERT without RETURNING: a claim
     decided from rowcount would call every first delivery a duplicate."""
     app = Flask("pg", instance_path=str(tmp_path))
-    app.config.update(
-        ORDERHOOKS_IGV_SECRET="s" * 32, ORDERHOOKS_DATABASE_URI=postgres_url
-    )
+    app.config.update(ORDERHOOKS_IGV_SECRET="s" * 32, ORDERHOOKS_DATABASE_URI=postgres_url)
     hooks = OrderHooks(app)
     seen: list[object] = []
 
@@ -295,9 +291,7 @@ def test_pitfall_postgres_claim_does_not_trust_rowcount(
 @pytest.mark.postgres
 def test_pitfall_concurrent_create_all_on_postgres(postgres_url: str) -> None:
     """Several workers creating the table at once must all come up."""
-    stores = [
-        StandaloneDatabase(postgres_url, busy_timeout=1, engine_options={}) for _ in range(6)
-    ]
+    stores = [StandaloneDatabase(postgres_url, busy_timeout=1, engine_options={}) for _ in range(6)]
     barrier = threading.Barrier(len(stores))
     errors: list[BaseException] = []
 

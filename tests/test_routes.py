@@ -162,7 +162,9 @@ def test_timestamp_inside_window_edges_are_accepted(kind: str, recorder: Recorde
     now = 1_795_000_000.0
     app, rec = recorder(hooks_options={"clock": lambda: now})
     for offset in (-3600, 300):
-        assert post(app, make(kind, app, timestamp_ms=int((now + offset) * 1000))).status_code == 200
+        assert (
+            post(app, make(kind, app, timestamp_ms=int((now + offset) * 1000))).status_code == 200
+        )
     assert len(rec.events) == 2
 
 
@@ -211,7 +213,9 @@ def test_too_large_is_413(kind: str, recorder: RecorderFactory) -> None:
     cb = make(kind, app, extra={"padding": "x" * 2000})
     response = post(app, cb)
     assert response.status_code == 413
-    assert body_of(kind, response) == expected_body(kind, 413, "The body is larger than 1024 bytes.")
+    assert body_of(kind, response) == expected_body(
+        kind, 413, "The body is larger than 1024 bytes."
+    )
     assert rec.events == []
 
 
@@ -292,6 +296,9 @@ def test_get_is_not_allowed(app: Flask) -> None:
 def test_url_prefix_is_configurable(recorder: RecorderFactory) -> None:
     app, rec = recorder(ORDERHOOKS_URL_PREFIX="/hooks/v1/")
     cb = make("igv", app)
-    assert app.test_client().post(cb.url("/hooks/v1"), data=cb.body, headers=cb.headers).status_code == 200
+    assert (
+        app.test_client().post(cb.url("/hooks/v1"), data=cb.body, headers=cb.headers).status_code
+        == 200
+    )
     assert post(app, cb).status_code == 404
     assert len(rec.events) == 1

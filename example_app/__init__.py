@@ -1,0 +1,87 @@
+"""The example shop: how a host application uses flask-orderhooks.
+
+Run it with ``flask --app example_app run`` (the receivers' URLs are under
+``/orderhooks``), or watch it receive one callback of each kind with
+``./scripts/demo``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask
+
+from flask_orderhooks import OrderHooks
+
+from .models import db
+from .receivers import register_receivers
+from .views import shop
+
+__all__ = ["DEMO_SECRETS", "create_app", "db"]
+
+logger = logging.getLogger(__name__)
+
+#: DEMO ONLY, never in production: these secrets are public (they are the
+#: test suite's), so anyone can sign callbacks with them. Set the real ones
+#: through ``create_app(config)`` or the environment (see :func:`create_app`).
+DEMO_SECRETS: dict[str, Any] = {
+    "ORDERHOOKS_IGV_SECRET": "aBcDeFgHiJkLmNoPqRsTuVwXyZ012345",
+    "ORDERHOOKS_GATEWAY_KEY": {"10001": "merchant-key"},
+    "ORDERHOOKS_SUD_APPS": {"1461564080052506636": "app-secret"},
+}
+
+
+def create_app(
+    config: Mapping[str, Any] | None = None,
+    *,
+    instance_path: str | os.PathLike[str] | None = None,
+) -> Flask:
+    """Create the shop.
+
+    Config is read in this order, each overriding the one before: the
+    defaults (SQLite in the instance folder, the demo secrets), ``FLASK_*``
+    environment variables (``FLASK_ORDERHOOKS_IGV_SECRET=...``; values are
+    read as JSON when they parse, so ``FLASK_ORDERHOOKS_GATEWAY_KEY='{"10001":
+    "..."}'`` gives a mapping and a secret made of digits must be quoted),
+    then ``config``.
+
+    :param config: config values, e.g. from a test.
+    :param instance_path: the instance folder (default: ``instance/`` beside
+        the package), where the SQLite database lives.
+    """
+    app = Flask(
+        __name__,
+        instance_path=os.path.abspath(instance_path) if instance_path is not None else None,
+    )
+    app.config["SQLALCHEMY_DATABASE_URI"] = "sqlite:///" + os.path.join(
+        app.instance_path, "shop.sqlite3"
+    )
+    # A copy: nested environment keys (FLASK_ORDERHOOKS_SUD_APPS__<id>) write
+    # into these mappings.
+    app.config.update(copy.deepcopy(DEMO_SECRETS))
+    app.config.from_prefixed_env()
+    app.config.update(config or {})
+    os.makedirs(app.instance_path, exist_ok=True)
+
+    db.init_app(app)
+    # db=db: the deliveries table joins db.metadata and the receivers' writes
+    # commit together with the delivery record.
+    OrderHooks(app, db=db)
+    register_receivers(app)
+    app.register_blueprint(shop)
+
+    with app.app_context():
+        # Enough for an example; a real shop runs Flask-Migrate migrations,
+        # which see the deliveries table because it is in db.metadata.
+        db.create_all()
+
+    if not app.testing and any(app.config.get(k) == v for k, v in DEMO_SECRETS.items()):
+        logger.warning(
+            "The shop runs with the public DEMO secrets: anyone can sign callbacks. "
+            "Set the ORDERHOOKS_* secrets before receiving real ones."
+        )
+    return app

@@ -1,0 +1,151 @@
+"""What the shop does with each verified callback.
+
+Receivers run inside the transaction that marks the delivery done: they write
+through ``db.session`` and never commit. If one raises, its writes and the
+"done" mark roll back together, the platform gets a failure answer, and its
+retry runs the receiver again. So a receiver only has to be correct once.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TypeVar
+
+import sqlalchemy as sa
+from flask import Flask
+
+from flask_orderhooks import (
+    GameOrderChanged,
+    OrderPendingDelivery,
+    PaymentCollected,
+    PayoutFinished,
+    UnhandledCallback,
+    callback_unhandled,
+    game_order_changed,
+    order_pending_delivery,
+    payment_collected,
+    payout_finished,
+)
+
+from .models import READY_FOR_DELIVERY, Base, GameOrder, Order, Payment, Payout, db
+
+logger = logging.getLogger(__name__)
+
+_Model = TypeVar("_Model", bound=Base)
+
+#: SUD statuses after which an order never changes again.
+_FINAL_GAME_STATUSES = frozenset({"EXECUTE_SUCCESS", "EXECUTE_FAIL"})
+
+
+def _one(model: type[_Model], where: sa.ColumnElement[bool]) -> _Model | None:
+    return db.session.execute(sa.select(model).where(where)).scalar_one_or_none()
+
+
+def on_order_pending_delivery(sender: Flask, *, event: OrderPendingDelivery) -> None:
+    """iGV: the order is paid and passed risk review; queue it for delivery."""
+    # iGV signs only the request id and timestamp, never the body. A real
+    # seller confirms the order (and what was bought) through iGV's Order
+    # Query API before handing out a key; the example trusts the body.
+    order = _one(Order, Order.igv_order_id == event.order_id)
+    if order is None:
+        order = Order(
+            igv_order_id=event.order_id, order_num=event.order_num, buyer_id=event.buyer_id
+        )
+        db.session.add(order)
+    order.delivery_state = READY_FOR_DELIVERY
+    logger.info("order %s (iGV %d) is ready for delivery", event.order_num, event.order_id)
+
+
+def on_payment_collected(sender: Flask, *, event: PaymentCollected) -> None:
+    """Gateway collect result: credit the payment only if paid in full."""
+    payment = _one(Payment, Payment.gateway_id == event.id)
+    if payment is None:
+        payment = Payment(gateway_id=event.id, trans_id=event.trans_id, credited=False)
+        db.session.add(payment)
+    elif payment.credited:
+        # Defence in depth: the store already drops duplicates, and a credited
+        # payment is final whatever status arrives later.
+        return
+    payment.order_amount = str(event.order_amount)
+    payment.payed_amount = None if event.payed_amount is None else str(event.payed_amount)
+    payment.status = event.status
+    # Compare what was paid, not only the status: a customer can pay a
+    # different amount than ordered, and the gateway still reports success.
+    if event.succeeded and event.amount_matches:
+        payment.credited = True
+        payment.note = "credited"
+    elif event.succeeded:
+        payment.note = (
+            f"amount mismatch: paid {payment.payed_amount} of {payment.order_amount}; "
+            "not credited"
+        )
+    else:
+        payment.note = f"not paid yet (gateway status {event.status})"
+    logger.info("payment %s for %s: %s", event.id, event.trans_id, payment.note)
+
+
+def on_payout_finished(sender: Flask, *, event: PayoutFinished) -> None:
+    """Gateway payout result: record that the money went out, or did not."""
+    if event.succeeded:
+        state, finished_at = "paid", event.payed_at
+    elif event.canceled:
+        # A real shop gives the amount back to the user's balance here.
+        state, finished_at = "canceled", event.canceled_at
+    else:
+        state, finished_at = f"status {event.status}", None
+    payout = _one(Payout, Payout.gateway_id == event.id)
+    if payout is None:
+        payout = Payout(gateway_id=event.id, trans_id=event.trans_id, amount="", state="")
+        db.session.add(payout)
+    payout.amount = str(event.order_amount)
+    payout.state = state
+    payout.finished_at = finished_at
+    logger.info("payout %s for %s: %s", event.id, event.trans_id, state)
+
+
+def on_game_order_changed(sender: Flask, *, event: GameOrderChanged) -> None:
+    """SUD: one game order changed (a batch sends this once per order, all in
+    one transaction). Idempotent by the shop's own ``out_order_id``."""
+    game_order = _one(GameOrder, GameOrder.out_order_id == event.out_order_id)
+    if game_order is None:
+        game_order = GameOrder(
+            out_order_id=event.out_order_id,
+            order_id=event.order_id,
+            cmd=event.cmd,
+            from_uid=event.from_uid,
+            to_uid=event.to_uid,
+            value=event.value,
+            status=event.status,
+            notify_id=event.notify_id,
+        )
+        db.session.add(game_order)
+    elif game_order.status in _FINAL_GAME_STATUSES and event.status not in _FINAL_GAME_STATUSES:
+        return  # a late "in progress" notice must not undo a final result
+    else:
+        game_order.status = event.status
+        game_order.notify_id = event.notify_id
+    logger.info("game order %s (%s): %s", event.out_order_id, event.cmd, event.status)
+
+
+def on_callback_unhandled(sender: Flask, *, event: UnhandledCallback) -> None:
+    """A verified callback the shop has no code for yet (a new iGV status, a
+    SUD room event...). It is answered as done, so the platform stops
+    retrying, and its body stays in the deliveries table: log it so someone
+    notices, and ``flask orderhooks replay KEY --force`` once it is handled."""
+    logger.warning(
+        "unhandled %s %s callback %s (%s); acknowledged without action",
+        event.provider,
+        event.callback,
+        event.key,
+        event.kind,
+    )
+
+
+def register_receivers(app: Flask) -> None:
+    """Connect the shop's receivers to the OrderHooks signals sent by ``app``."""
+    # Module-level functions stay alive, so blinker's weak references hold.
+    order_pending_delivery.connect(on_order_pending_delivery, app)
+    payment_collected.connect(on_payment_collected, app)
+    payout_finished.connect(on_payout_finished, app)
+    game_order_changed.connect(on_game_order_changed, app)
+    callback_unhandled.connect(on_callback_unhandled, app)

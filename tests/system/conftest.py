@@ -1,0 +1,102 @@
+"""Fixtures of the system tests: databases of their own and gunicorn servers.
+
+Every PostgreSQL test gets a schema of its own, next to the session's one
+from ``postgres_url``, and drops it afterwards: a test that kills workers
+leaves nothing behind for the rest of the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from tests.conftest import BASE_CONFIG
+
+from . import server_app
+from .support import Server, prepare_database
+
+ServerFactory = Callable[..., Server]
+
+
+@pytest.fixture
+def pg_url(postgres_url: str) -> Iterator[str]:
+    """A URL whose ``search_path`` is a fresh schema, dropped after the test."""
+    base = sa.make_url(postgres_url)
+    schema = f"orderhooks_sys_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(base)
+    with admin.begin() as connection:
+        connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield base.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
+            hide_password=False
+        )
+    finally:
+        with admin.begin() as connection:
+            # Bounded: a worker left hanging must fail the teardown, not hang it.
+            connection.execute(sa.text("SET LOCAL lock_timeout = '20s'"))
+            connection.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'system.sqlite3'}"
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[ServerFactory]:
+    """Start a gunicorn server; every server started is stopped afterwards.
+
+    The factory takes the database URL, the receiver behaviour, the worker
+    layout and optional ``claim_timeout`` / ``duplicate_wait`` seconds.
+    """
+    servers: list[Server] = []
+
+    def start(
+        database_url: str,
+        *,
+        receiver: str = "record",
+        workers: int = 4,
+        threads: int = 1,
+        claim_timeout: float | None = None,
+        duplicate_wait: float | None = None,
+        prepare: bool = True,
+    ) -> Server:
+        number = len(servers)
+        control = tmp_path / f"control-{number}"
+        control.mkdir()
+        settings = {
+            server_app.DATABASE_URL: database_url,
+            server_app.RECEIVER: receiver,
+            server_app.CONTROL_DIR: str(control),
+            "ORDERHOOKS_IGV_SECRET": json.dumps(BASE_CONFIG["ORDERHOOKS_IGV_SECRET"]),
+            "ORDERHOOKS_GATEWAY_KEY": json.dumps(BASE_CONFIG["ORDERHOOKS_GATEWAY_KEY"]),
+            "ORDERHOOKS_SUD_APPS": json.dumps(BASE_CONFIG["ORDERHOOKS_SUD_APPS"]),
+        }
+        if claim_timeout is not None:
+            settings["ORDERHOOKS_CLAIM_TIMEOUT"] = json.dumps(claim_timeout)
+        if duplicate_wait is not None:
+            settings["ORDERHOOKS_DUPLICATE_WAIT"] = json.dumps(duplicate_wait)
+        if prepare:
+            prepare_database(settings)
+        server = Server(
+            settings=settings,
+            control=control,
+            log_path=tmp_path / f"gunicorn-{number}.log",
+            workers=workers,
+            threads=threads,
+        )
+        servers.append(server)
+        server.start()
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.stop()

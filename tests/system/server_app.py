@@ -1,0 +1,188 @@
+"""The host application the system tests run under real gunicorn workers.
+
+gunicorn loads ``tests.system.server_app:create_app()``, which reads all of
+its configuration from the environment, so every worker of one server is the
+same app. The test process calls :func:`build_app` with the same settings to
+create the tables before gunicorn starts and to read the outcome afterwards.
+
+Receivers write one :class:`Effect` row per dispatch through ``db.session``
+and never commit: the extension commits the row together with the delivery's
+``done`` mark, so a committed row *is* a committed effect. ``Effect.key`` is
+deliberately not unique: a second dispatch of a key must show up as a second
+row, not be hidden by a constraint.
+
+Receiver behaviours (``ORDERHOOKS_SYSTEM_RECEIVER``), decided per key across
+all workers through files in ``ORDERHOOKS_SYSTEM_CONTROL_DIR``:
+
+``record``
+    write the row.
+``fail-once``
+    the first attempt of a key writes and flushes a row, then raises; later
+    attempts write the row.
+``block-once``
+    the first attempt of a key writes and flushes a row, writes the worker's
+    pid to ``<control>/<marker>.pid``, then waits until ``<control>/release``
+    exists (bounded); later attempts write the row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from flask import Flask
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from flask_orderhooks import (
+    OrderHooks,
+    game_order_changed,
+    order_pending_delivery,
+    payment_collected,
+    payout_finished,
+)
+from flask_orderhooks.events import (
+    GameOrderChanged,
+    OrderPendingDelivery,
+    PaymentCollected,
+    PayoutFinished,
+)
+
+DATABASE_URL = "ORDERHOOKS_SYSTEM_DATABASE_URL"
+RECEIVER = "ORDERHOOKS_SYSTEM_RECEIVER"
+CONTROL_DIR = "ORDERHOOKS_SYSTEM_CONTROL_DIR"
+#: Config keys read from the environment as JSON values.
+JSON_CONFIG_KEYS = (
+    "ORDERHOOKS_IGV_SECRET",
+    "ORDERHOOKS_GATEWAY_KEY",
+    "ORDERHOOKS_SUD_APPS",
+    "ORDERHOOKS_CLAIM_TIMEOUT",
+    "ORDERHOOKS_DUPLICATE_WAIT",
+)
+RECEIVERS = ("record", "fail-once", "block-once")
+#: Longest a blocked receiver waits for the release file. Shorter than
+#: gunicorn's --timeout, so gunicorn never kills the worker before the test does.
+BLOCK_LIMIT = 40.0
+#: The error text of a planned failure, with the key appended.
+PLANNED_FAILURE = "planned failure of the first attempt for"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Effect(Base):
+    """One row per dispatch a receiver ran (committed only with its delivery)."""
+
+    __tablename__ = "system_effects"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    provider: Mapped[str] = mapped_column(sa.String(16))
+    callback: Mapped[str] = mapped_column(sa.String(32))
+    key: Mapped[str] = mapped_column(sa.String(200), index=True)
+    pid: Mapped[int]
+    note: Mapped[str] = mapped_column(sa.String(40))
+
+
+def delivery_key(event: object) -> tuple[str, str, str]:
+    """The store's ``(provider, callback, key)`` of the delivery behind ``event``."""
+    if isinstance(event, OrderPendingDelivery):
+        return "igv", "order-status", event.request_id
+    if isinstance(event, PaymentCollected):
+        return "gateway", "collect", f"{event.id}:{event.status}"
+    if isinstance(event, PayoutFinished):
+        return "gateway", "payout", f"{event.id}:{event.status}"
+    if isinstance(event, GameOrderChanged):
+        return "sud", "order-changed", event.notify_id
+    raise TypeError(f"No system-test key for {type(event).__name__}.")
+
+
+def marker(key: str) -> str:
+    """A file name for ``key`` (gateway keys hold ``:``, iGV ids anything)."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:32]
+
+
+def _first_attempt(control: Path, key: str) -> bool:
+    # O_EXCL makes exactly one attempt, in whichever worker, the first one.
+    try:
+        fd = os.open(control / f"{marker(key)}.first", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    return True
+
+
+def _write_pid(control: Path, key: str) -> None:
+    # Written whole then renamed: the test never reads half a pid.
+    final = control / f"{marker(key)}.pid"
+    partial = final.with_suffix(".partial")
+    partial.write_text(str(os.getpid()))
+    os.replace(partial, final)
+
+
+def _make_receiver(db: SQLAlchemy, behaviour: str, control: Path | None) -> Any:
+    def receive(sender: Flask, *, event: object, **_: Any) -> None:
+        provider, callback, key = delivery_key(event)
+        effect = Effect(provider=provider, callback=callback, key=key, pid=os.getpid())
+        if behaviour == "record" or control is None or not _first_attempt(control, key):
+            effect.note = "committed"
+            db.session.add(effect)
+            return
+        effect.note = "first attempt"
+        db.session.add(effect)
+        # Sent to the database now, inside the delivery's transaction: the
+        # test proves the rollback, not a row that never left the process.
+        db.session.flush()
+        if behaviour == "fail-once":
+            raise RuntimeError(f"{PLANNED_FAILURE} {key}")
+        _write_pid(control, key)
+        deadline = time.monotonic() + BLOCK_LIMIT
+        while not (control / "release").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    return receive
+
+
+def build_app(
+    settings: Mapping[str, str], *, connect_receivers: bool = True
+) -> tuple[Flask, SQLAlchemy, OrderHooks]:
+    """The host app for ``settings`` (environment-style names and values).
+
+    :param connect_receivers: ``False`` in the test process, which only
+        creates tables and reads results and must not leave receivers behind.
+    """
+    app = Flask(__name__)
+    app.config["SQLALCHEMY_DATABASE_URI"] = settings[DATABASE_URL]
+    for name in JSON_CONFIG_KEYS:
+        if name in settings:
+            app.config[name] = json.loads(settings[name])
+    db = SQLAlchemy(app, model_class=Base)
+    hooks = OrderHooks(app, db=db)
+    if connect_receivers:
+        behaviour = settings.get(RECEIVER, "record")
+        if behaviour not in RECEIVERS:
+            raise ValueError(f"{RECEIVER} must be one of {', '.join(RECEIVERS)}, not {behaviour!r}.")
+        control = Path(settings[CONTROL_DIR]) if CONTROL_DIR in settings else None
+        receiver = _make_receiver(db, behaviour, control)
+        for signal in (order_pending_delivery, payment_collected, payout_finished, game_order_changed):
+            signal.connect(receiver, app, weak=False)
+    return app, db, hooks
+
+
+def create_app() -> Flask:
+    """gunicorn's entry point: the app configured from ``os.environ``."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s [%(process)d] %(name)s: %(message)s"))
+    library = logging.getLogger("flask_orderhooks")
+    library.addHandler(handler)
+    library.setLevel(logging.WARNING)
+    # The handler above already prints; the root logger would print twice.
+    library.propagate = False
+    return build_app(os.environ)[0]

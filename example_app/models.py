@@ -8,7 +8,7 @@ transaction with the record that the delivery is done.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from flask_sqlalchemy import SQLAlchemy
@@ -26,7 +26,7 @@ READY_FOR_DELIVERY = "ready_for_delivery"
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 # Amounts are stored as the exact decimal text the gateway sent ("100.00"):

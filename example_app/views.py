@@ -17,18 +17,19 @@ RECENT = 20
 
 @shop.get("/")
 def index() -> str:
-    # The store ends its own read with a rollback: read it before the shop's
-    # rows so that they are not expired before the template uses them.
+    # The store ends its read with a rollback: read it before the shop's rows
+    # so that they are not expired under the template.
     deliveries = get_extension().store.list(limit=RECENT)
-    recent = {
-        name: db.session.execute(
-            sa.select(model).order_by(model.id.desc()).limit(RECENT)
-        ).scalars().all()
-        for name, model in (
-            ("orders", Order),
-            ("payments", Payment),
-            ("payouts", Payout),
-            ("game_orders", GameOrder),
-        )
-    }
-    return render_template("index.html", deliveries=deliveries, **recent)
+    session = db.session
+    return render_template(
+        "index.html",
+        deliveries=deliveries,
+        orders=session.scalars(sa.select(Order).order_by(Order.id.desc()).limit(RECENT)).all(),
+        payments=session.scalars(
+            sa.select(Payment).order_by(Payment.id.desc()).limit(RECENT)
+        ).all(),
+        payouts=session.scalars(sa.select(Payout).order_by(Payout.id.desc()).limit(RECENT)).all(),
+        game_orders=session.scalars(
+            sa.select(GameOrder).order_by(GameOrder.id.desc()).limit(RECENT)
+        ).all(),
+    )

@@ -80,7 +80,8 @@ class Settings:
     sud_verify: bool
     sud_max_age: float | None
     sud_timestamp_unit: str
-    database_uri: str | None
+    # A database URL may carry a password: kept out of the repr.
+    database_uri: str | None = field(repr=False)
     duplicate_wait: float
     claim_timeout: float
     max_body: int

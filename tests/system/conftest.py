@@ -11,6 +11,7 @@ import json
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -21,6 +22,30 @@ from . import server_app
 from .support import Server, prepare_database
 
 ServerFactory = Callable[..., Server]
+ReportFn = Callable[[str], None]
+
+#: One line per system test: the counts the issue note quotes.
+_SUMMARIES: list[str] = []
+
+
+@pytest.fixture
+def report(request: pytest.FixtureRequest) -> ReportFn:
+    """Record a test's one-line summary: printed now (``-s``) and again at
+    the end of the run, in a section of its own."""
+
+    def write(line: str) -> None:
+        text = f"{request.node.nodeid}: {line}"
+        print(text)
+        _SUMMARIES.append(text)
+
+    return write
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _SUMMARIES:
+        terminalreporter.write_sep("-", "orderhooks system tests: counts")
+        for line in _SUMMARIES:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture

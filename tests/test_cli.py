@@ -1,0 +1,242 @@
+"""``flask orderhooks deliveries|show|replay|purge|send``."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from importlib.metadata import entry_points
+from typing import Any
+
+import pytest
+from click.testing import Result
+from flask import Flask
+from werkzeug.serving import make_server
+
+from flask_orderhooks.cli import orderhooks
+from flask_orderhooks.testing import SignedCallback, build
+from tests.conftest import IGV_SECRET, Recorder
+
+RecorderFactory = Callable[..., tuple[Flask, Recorder]]
+
+
+def run(app: Flask, *args: str) -> Result:
+    return app.test_cli_runner().invoke(orderhooks, list(args))
+
+
+def deliver(app: Flask, kind: str, **fields: Any) -> SignedCallback:
+    with app.app_context():
+        cb = build(kind, app=app, **fields)
+    app.test_client().post(cb.url(), data=cb.body, headers=cb.headers)
+    return cb
+
+
+def test_commands_are_registered_for_flask_and_pytest() -> None:
+    assert "orderhooks" in {e.name for e in entry_points(group="flask.commands")}
+    assert "orderhooks" in {e.name for e in entry_points(group="pytest11")}
+
+
+def test_deliveries_lists_and_filters(recorder: RecorderFactory) -> None:
+    app, rec = recorder()
+    deliver(app, "igv", request_id="req-ok")
+    rec.fail_next = 1
+    deliver(app, "collect", id="C-bad")
+    result = run(app, "deliveries")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].split() == [
+        "UPDATED",
+        "(UTC)",
+        "PROVIDER",
+        "CALLBACK",
+        "KEY",
+        "STATUS",
+        "ATTEMPTS",
+        "ERROR",
+    ]
+    assert len(lines) == 3
+    failed = run(app, "deliveries", "--status", "failed")
+    assert "C-bad:60" in failed.output and "req-ok" not in failed.output
+    assert "RuntimeError: receiver exploded on purpose" in failed.output
+    assert "req-ok" in run(app, "deliveries", "--provider", "igv", "--since", "1h").output
+    assert run(app, "deliveries", "--status", "processing").output == "No deliveries.\n"
+    bad = run(app, "deliveries", "--since", "yesterday")
+    assert bad.exit_code == 2
+    assert "'yesterday' is not a duration such as 30d, 12h, 90m or 45s." in bad.output
+
+
+def test_show_prints_attempts_error_and_body_but_no_secret(recorder: RecorderFactory) -> None:
+    app, rec = recorder()
+    rec.fail_next = 1
+    cb = deliver(app, "igv", request_id="req-1")
+    result = run(app, "show", "req-1")
+    assert result.exit_code == 0, result.output
+    assert "igv order-status req-1" in result.output
+    assert "status:   failed" in result.output
+    assert "attempts: 1" in result.output
+    assert "error:    RuntimeError: receiver exploded on purpose" in result.output
+    assert cb.body.decode() in result.output
+    assert IGV_SECRET not in result.output
+    missing = run(app, "show", "nope")
+    assert missing.exit_code == 1
+    assert "No delivery is stored under the key 'nope'." in missing.output
+
+
+def test_replay_failed_then_refuses_done_unless_forced(recorder: RecorderFactory) -> None:
+    app, rec = recorder()
+    rec.fail_next = 1
+    deliver(app, "sud-batch", notify_id="n-1")
+    assert rec.credits() == 0
+    result = run(app, "replay", "--failed")
+    assert result.exit_code == 0, result.output
+    assert result.output == "sud order-changed n-1: replayed, attempt 2: done.\n"
+    assert rec.credits() == 2
+    again = run(app, "replay", "n-1")
+    assert again.exit_code == 0
+    assert "already done; not replayed (use --force to dispatch it again)." in again.output
+    assert rec.credits() == 2
+    forced = run(app, "replay", "n-1", "--force")
+    assert forced.exit_code == 0, forced.output
+    assert "replayed, attempt 3: done." in forced.output
+    assert rec.credits() == 4
+
+
+def test_replay_failure_is_recorded_and_reported(recorder: RecorderFactory) -> None:
+    app, rec = recorder()
+    rec.fail_next = 2
+    deliver(app, "payout", id="P-1")
+    result = run(app, "replay", "P-1:60")
+    assert result.exit_code == 1
+    assert (
+        "gateway payout P-1:60: failed: A receiver failed; the delivery will be retried."
+        in result.output
+    )
+    assert "1 of 1 replays did not succeed." in result.output
+    with app.app_context():
+        (row,) = app.extensions["orderhooks"].store.get("P-1:60")
+    assert (row.status, row.attempts) == ("failed", 2)
+
+
+def test_replay_arguments_are_checked(recorder: RecorderFactory) -> None:
+    app, _rec = recorder()
+    assert run(app, "replay").exit_code == 2
+    assert run(app, "replay", "k", "--failed").exit_code == 2
+    assert "No failed deliveries." in run(app, "replay", "--failed").output
+    assert "No delivery is stored under the key 'zzz'." in run(app, "replay", "zzz").output
+
+
+def test_purge_keeps_the_window_and_unfinished_deliveries(recorder: RecorderFactory) -> None:
+    now = [datetime.now(UTC).timestamp() - 40 * 86400]
+    app, rec = recorder(hooks_options={"clock": lambda: now[0]}, ORDERHOOKS_IGV_MAX_AGE=None)
+    refused = run(app, "purge", "--older-than", "30d")
+    assert refused.exit_code == 1
+    assert "The igv timestamp window is off" in refused.output
+
+    app, rec = recorder(hooks_options={"clock": lambda: now[0]})
+    deliver(app, "igv", request_id="old-done")
+    deliver(app, "collect", id="old-gateway")
+    rec.fail_next = 1
+    deliver(app, "igv", request_id="old-failed")
+    too_short = run(app, "purge", "--older-than", "30m")
+    assert too_short.exit_code == 1
+    assert "--older-than 30m is shorter than the igv timestamp window (3600s)" in too_short.output
+    assert run(app, "purge", "--older-than", "thirty").exit_code == 2
+
+    result = run(app, "purge", "--older-than", "30d")
+    assert result.exit_code == 0, result.output
+    assert "Deleted 1 deliveries (done) older than 30d." in result.output
+    assert "Gateway deliveries were kept (see --include-gateway)." in result.output
+    with app.app_context():
+        keys = sorted(r.key for r in app.extensions["orderhooks"].store.list())
+    assert keys == ["old-failed", "old-gateway:60"]
+    everything = run(app, "purge", "--older-than", "4w", "--failed", "--include-gateway")
+    assert "Deleted 2 deliveries (done, failed) older than 4w." in everything.output
+
+
+@pytest.fixture
+def live_server(recorder: RecorderFactory) -> Iterator[tuple[Flask, Recorder, str]]:
+    app, rec = recorder()
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield app, rec, f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join(10)
+
+
+@pytest.mark.parametrize(
+    ("kind", "answer"),
+    [
+        ("igv", "200 OK"),
+        ("collect", "200 success"),
+        ("payout", "200 success"),
+        ("sud", '200 {"ret_code": 0, "ret_msg": "SUCCESS"}'),
+    ],
+)
+def test_send_posts_a_signed_sample(
+    kind: str, answer: str, live_server: tuple[Flask, Recorder, str]
+) -> None:
+    app, rec, url = live_server
+    result = run(
+        app,
+        "send",
+        kind,
+        "--url",
+        url,
+        "--field",
+        "trans_id=T-77" if kind in ("collect", "payout") else "order_id=77",
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[-1] == answer
+    assert len(rec.events) == 1
+
+
+def test_send_reports_errors_clearly(
+    live_server: tuple[Flask, Recorder, str], make_app: Any
+) -> None:
+    app, _rec, url = live_server
+    bad_field = run(app, "send", "igv", "--url", url, "--field", "novalue")
+    assert bad_field.exit_code == 2 and "'novalue' is not KEY=VALUE." in bad_field.output
+    unknown_field = run(app, "send", "igv", "--url", url, "--field", "colour=red")
+    assert (
+        unknown_field.exit_code == 1
+        and "unexpected keyword argument 'colour'" in unknown_field.output
+    )
+    refused = run(app, "send", "igv", "--url", "http://127.0.0.1:9")
+    assert (
+        refused.exit_code == 1
+        and "Could not reach http://127.0.0.1:9/orderhooks/igv/order-status" in refused.output
+    )
+    scheme = run(app, "send", "igv", "--url", "file:///etc/passwd")
+    assert scheme.exit_code == 2 and "is not an http:// or https:// URL." in scheme.output
+    only_sud, _hooks, _db = make_app(ORDERHOOKS_IGV_SECRET=None)
+    off = run(only_sud, "send", "igv", "--url", url)
+    assert off.exit_code == 1
+    assert "igv: ORDERHOOKS_IGV_SECRET is not configured; pass secret=." in off.output
+
+
+def test_commands_need_the_extension() -> None:
+    result = Flask("bare").test_cli_runner().invoke(orderhooks, ["deliveries"])
+    assert result.exit_code == 1
+    assert "OrderHooks is not registered on this app." in result.output
+
+
+def test_duration_units() -> None:
+    from flask_orderhooks.cli import Duration, _human
+
+    d = Duration()
+    assert [d.convert(v, None, None) for v in ("45s", "90m", "12h", "30d", "2w")] == [
+        timedelta(seconds=45),
+        timedelta(minutes=90),
+        timedelta(hours=12),
+        timedelta(days=30),
+        timedelta(weeks=2),
+    ]
+    assert [_human(timedelta(seconds=s)) for s in (45, 5400, 86400, 1209600)] == [
+        "45s",
+        "90m",
+        "1d",
+        "2w",
+    ]

@@ -1,0 +1,188 @@
+"""Config forms, start-up failures that name the key, registration rules, reprs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+
+from flask_orderhooks import ConfigurationError, OrderHooks, get_extension
+from tests.conftest import BASE_CONFIG, IGV_SECRET
+
+
+def make(tmp_path: Path, **config: Any) -> Flask:
+    app = Flask("config", instance_path=str(tmp_path))
+    app.config.update(BASE_CONFIG)
+    app.config.update(config)
+    return app
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("ORDERHOOKS_IGV_SECRET", "", "a secret is empty; remove it or set a real secret."),
+        ("ORDERHOOKS_IGV_SECRET", "   ", "a secret is empty; remove it or set a real secret."),
+        ("ORDERHOOKS_IGV_SECRET", [], "the list of secrets is empty; give at least one."),
+        (
+            "ORDERHOOKS_IGV_SECRET",
+            12345,
+            "must be a string or a list of strings (oldest first), not int.",
+        ),
+        ("ORDERHOOKS_IGV_SECRET", ["ok", 5], "every secret must be a string, not int."),
+        ("ORDERHOOKS_GATEWAY_KEY", {}, "the merchant mapping is empty; give {mch_id: key}."),
+        ("ORDERHOOKS_GATEWAY_KEY", {1.5: "k"}, "merchant ids must be strings or integers."),
+        ("ORDERHOOKS_SUD_APPS", "secret", "must be a non-empty mapping {app_id: secret or list}."),
+        ("ORDERHOOKS_SUD_APPS", {"": "s"}, "app ids must be non-empty strings."),
+        ("ORDERHOOKS_SUD_VERIFY", "no", "must be True or False."),
+        ("ORDERHOOKS_SUD_TIMESTAMP_UNIT", "us", 'must be "ms" or "s", not \'us\'.'),
+        (
+            "ORDERHOOKS_GATEWAY_SIGN_TEMPLATE",
+            "{params}",
+            "must contain {params} and {key} exactly once each.",
+        ),
+        (
+            "ORDERHOOKS_GATEWAY_SIGN_TEMPLATE",
+            "{params}{key}{other}",
+            "may only use the fields {params} and {key} (KeyError).",
+        ),
+        ("ORDERHOOKS_GATEWAY_SIGN_TEMPLATE", 5, 'must be a string such as "{params}&key={key}".'),
+        ("ORDERHOOKS_IGV_MAX_AGE", "1h", "must be a number of seconds or None, not str."),
+        ("ORDERHOOKS_IGV_MAX_AGE", -1, "must be a finite number of seconds, zero or more."),
+        ("ORDERHOOKS_DUPLICATE_WAIT", None, "must be a number of seconds, not NoneType."),
+        ("ORDERHOOKS_CLAIM_TIMEOUT", 0, "must be more than zero seconds."),
+        ("ORDERHOOKS_MAX_BODY", 0, "must be a positive number of bytes."),
+        (
+            "ORDERHOOKS_URL_PREFIX",
+            "hooks",
+            'must be a path starting with "/", such as "/orderhooks".',
+        ),
+        ("ORDERHOOKS_DATABASE_URI", "", "must be a SQLAlchemy database URL string or None."),
+        (
+            "ORDERHOOKS_ALLOWED_IPS",
+            ["1.2.3.4"],
+            'must be a mapping such as {"gateway": ["203.0.113.0/24"]}, or None.',
+        ),
+        (
+            "ORDERHOOKS_ALLOWED_IPS",
+            {"paypal": ["1.2.3.4"]},
+            "unknown platform 'paypal'; use one of igv, gateway, sud.",
+        ),
+    ],
+)
+def test_bad_config_fails_in_init_app_naming_the_key(
+    key: str, value: Any, message: str, tmp_path: Path
+) -> None:
+    app = make(tmp_path, **{key: value})
+    with pytest.raises(ConfigurationError) as info:
+        OrderHooks(app)
+    assert info.value.key.startswith(key)
+    assert str(info.value).endswith(message)
+    assert "orderhooks" not in app.extensions
+
+
+def test_nested_keys_are_named_precisely(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match=r"^ORDERHOOKS_GATEWAY_KEY\['10001'\]: a secret"):
+        OrderHooks(make(tmp_path, ORDERHOOKS_GATEWAY_KEY={"10001": ""}))
+    with pytest.raises(
+        ConfigurationError, match=r"^ORDERHOOKS_ALLOWED_IPS\['igv'\]: 'nope' is not"
+    ):
+        OrderHooks(make(tmp_path, ORDERHOOKS_ALLOWED_IPS={"igv": ["nope"]}))
+    with pytest.raises(
+        ConfigurationError, match=r"^ORDERHOOKS_ALLOWED_IPS\['igv'\]: must be a non"
+    ):
+        OrderHooks(make(tmp_path, ORDERHOOKS_ALLOWED_IPS={"igv": "10.0.0.0/8"}))
+
+
+def test_config_errors_never_show_the_secret(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        OrderHooks(make(tmp_path, ORDERHOOKS_IGV_SECRET=["real-secret-value", 7]))
+    assert "real-secret-value" not in str(info.value)
+
+
+def test_defaults_are_set_in_app_config(tmp_path: Path) -> None:
+    app = make(tmp_path)
+    OrderHooks(app)
+    assert app.config["ORDERHOOKS_URL_PREFIX"] == "/orderhooks"
+    assert app.config["ORDERHOOKS_IGV_MAX_AGE"] == 3600
+    assert app.config["ORDERHOOKS_DUPLICATE_WAIT"] == 3.0
+    assert app.config["ORDERHOOKS_CLAIM_TIMEOUT"] == 30.0
+    assert app.config["ORDERHOOKS_MAX_BODY"] == 65536
+    assert app.config["ORDERHOOKS_GATEWAY_SIGN_TEMPLATE"] == "{params}&key={key}"
+
+
+def test_init_app_later_and_per_app_state(tmp_path: Path) -> None:
+    hooks = OrderHooks()
+    first, second = make(tmp_path / "a"), make(tmp_path / "b", ORDERHOOKS_URL_PREFIX="/b")
+    hooks.init_app(first)
+    hooks.init_app(second)
+    assert get_extension(first) is hooks and get_extension(second) is hooks
+    assert hooks.state(first).settings.url_prefix == "/orderhooks"
+    assert hooks.state(second).settings.url_prefix == "/b"
+    with second.app_context():
+        assert hooks.store is hooks.state(second).store
+
+
+def test_second_registration_says_how_to_fix(tmp_path: Path) -> None:
+    app = make(tmp_path)
+    OrderHooks(app)
+    with pytest.raises(RuntimeError, match="already registered on this app"):
+        OrderHooks(app)
+
+
+def test_missing_init_app_says_how_to_fix(tmp_path: Path) -> None:
+    app = make(tmp_path)
+    with pytest.raises(RuntimeError, match=r"Call hooks.init_app\(app\)"):
+        OrderHooks().state(app)
+    with pytest.raises(RuntimeError, match=r"Call hooks.init_app\(app\)"):
+        get_extension(app)
+
+
+def test_create_all_refuses_a_host_owned_table(tmp_path: Path) -> None:
+    from flask_sqlalchemy import SQLAlchemy
+
+    app = make(tmp_path, SQLALCHEMY_DATABASE_URI=f"sqlite:///{tmp_path}/h.db")
+    db = SQLAlchemy(app)
+    hooks = OrderHooks(app, db=db)
+    with pytest.raises(RuntimeError, match=r"run db.create_all\(\)"):
+        hooks.create_all(app)
+    with app.app_context():
+        db.create_all()
+        assert sa.inspect(db.engine).has_table("orderhooks_deliveries")
+        db.engine.dispose()
+
+
+def test_reprs_hide_secrets(tmp_path: Path) -> None:
+    app = make(
+        tmp_path,
+        ORDERHOOKS_GATEWAY_KEY={"10001": ["old-merchant-key", "merchant-key"]},
+        ORDERHOOKS_DATABASE_URI="postgresql+psycopg://user:db-password@127.0.0.1:9/x",
+    )
+    hooks = OrderHooks(app)
+    state = hooks.state(app)
+    text = " ".join(
+        [repr(hooks), repr(state), repr(state.settings), str(state.settings), repr(state.store)]
+        + [repr(p) for p in state.providers.values()]
+    )
+    for secret in (IGV_SECRET, "merchant-key", "app-secret", "db-password"):
+        assert secret not in text
+    assert "<Secrets: 1 hidden>" in text and "<Secrets: 2 hidden>" in text
+
+
+def test_flask_migrate_sees_the_table_in_host_metadata(tmp_path: Path) -> None:
+    """Autogenerate compares db.metadata with the database: the table must be in it."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+    from flask_sqlalchemy import SQLAlchemy
+
+    app = make(tmp_path, SQLALCHEMY_DATABASE_URI=f"sqlite:///{tmp_path}/m.db")
+    db = SQLAlchemy(app)
+    OrderHooks(app, db=db)
+    with app.app_context(), db.engine.connect() as connection:
+        diff = compare_metadata(MigrationContext.configure(connection), db.metadata)
+        added = {d[1].name for d in diff if d[0] == "add_table"}
+    assert added == {"orderhooks_deliveries"}
+    with app.app_context():
+        db.engine.dispose()

@@ -85,7 +85,11 @@ def send(app: Flask, delivery: Delivery) -> None:
     failed) when nothing is connected to them: acknowledging it would lose it.
     """
     for dispatch in delivery.dispatches:
-        if dispatch.signal is not callback_unhandled and not dispatch.signal.has_receivers_for(app):
+        # Not has_receivers_for(): it answers "probably", and stays True after
+        # the last receiver of a sender disconnects.
+        if dispatch.signal is not callback_unhandled and next(
+            iter(dispatch.signal.receivers_for(app)), None
+        ) is None:
             raise NoReceiver(
                 f"No receiver is connected to {dispatch.signal.name}; the delivery was kept."
             )

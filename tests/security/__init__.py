@@ -1,0 +1,1 @@
+"""The security suite: every hostile or broken callback gets a precise answer."""

@@ -1,0 +1,999 @@
+"""The server benchmark: bare, naive and orderhooks under gunicorn, loaded by wrk.
+
+Run it through ``benchmarks/run`` (see ``benchmarks/README.md``). One run
+measures every configuration in rounds: each round starts every
+configuration's server afresh (fresh database too), warms it up, loads it
+with first deliveries for ``--duration`` seconds, checks that the stored rows
+match the 200 answers, then replays the same ids (the duplicate path) for
+``--duration`` seconds. Ratios are computed within a round, so that both sides
+of a ratio ran minutes apart at most, and the median over the rounds is
+quoted with its spread.
+
+Nothing here asserts a timing: the targets are printed with a verdict. The
+exit status is non-zero only when a correctness check failed or the run
+could not be carried out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import hmac
+import json
+import math
+import os
+import platform
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import sqlalchemy as sa
+
+from .apps import PATH, SECRET, Kind, create_tables, stored_count, stored_keys
+
+ROOT = Path(__file__).resolve().parent.parent
+LUA_SCRIPT = Path(__file__).resolve().parent / "callbacks.lua"
+DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+WRK_INSTALL_HINT = (
+    "wrk is not installed. Install it with `apt-get install -y wrk` (Debian/Ubuntu; run "
+    "`apt-get update` first), `brew install wrk` (macOS), or build it from "
+    "https://github.com/wg/wrk, then run this command again."
+)
+# The iGV body is not signed, so every request can carry the same one.
+BODY = (
+    '{"createdAt":"2025-12-17T13:44:16","orderId":1689644928115784,'
+    '"orderNum":"SO1689644928115784","sellerOrderStatus":1,"buyerId":"1907369850568257537"}'
+)
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+Backend = Literal["none", "sqlite", "postgresql"]
+
+
+class BenchError(Exception):
+    """The run cannot go on (a tool is missing, a server did not start...)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    kind: Kind
+    backend: Backend
+
+    @property
+    def name(self) -> str:
+        return self.kind if self.backend == "none" else f"{self.kind}/{self.backend}"
+
+
+@dataclass
+class PassResult:
+    """One wrk run against one server."""
+
+    requests: int
+    seconds: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    statuses: dict[int, int]
+    socket_errors: int
+    sent: int
+    received: int
+    ok: int
+    exhausted: int
+    wrk_cpu: float
+    workers_cpu: float
+    db_cpu: float | None
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+    @property
+    def non_2xx(self) -> int:
+        return sum(n for status, n in self.statuses.items() if not 200 <= status < 300)
+
+    @property
+    def in_flight(self) -> int:
+        # Requests written when wrk stopped whose answer it never read: the
+        # server may still have processed (and stored) them.
+        return self.sent - self.received
+
+
+@dataclass
+class Measurement:
+    config: Config
+    round: int
+    first: PassResult
+    duplicate: PassResult | None
+    rss_mb: list[float]
+    checks: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def peak_rss_mb(self) -> float:
+        return max(self.rss_mb)
+
+
+# -- databases ---------------------------------------------------------------------
+
+
+class Database:
+    """A fresh database for one measurement: a SQLite file in the run's temp
+    dir, or a PostgreSQL schema of our own (dropped afterwards)."""
+
+    def __init__(self, backend: Backend, workdir: Path, pg_url: str) -> None:
+        self.backend = backend
+        tag = uuid.uuid4().hex[:10]
+        self.schema: str | None = None
+        self.application_name: str | None = None
+        self._admin: sa.Engine | None = None
+        if backend == "sqlite":
+            self.uri: str | None = f"sqlite:///{workdir / f'bench-{tag}.sqlite3'}"
+        elif backend == "postgresql":
+            self.schema = f"orderhooks_bench_{tag}"
+            # Names the server's backends so their CPU time can be read from /proc.
+            self.application_name = self.schema
+            self._admin = sa.create_engine(pg_url)
+            with self._admin.begin() as connection:
+                connection.execute(sa.text(f'CREATE SCHEMA "{self.schema}"'))
+            url = sa.make_url(pg_url).update_query_dict(
+                {"options": f"-csearch_path={self.schema}", "application_name": self.schema}
+            )
+            self.uri = url.render_as_string(hide_password=False)
+        else:
+            self.uri = None
+
+    def backend_pids(self) -> list[int]:
+        if self._admin is None:
+            return []
+        with self._admin.connect() as connection:
+            rows = connection.execute(
+                sa.text("SELECT pid FROM pg_stat_activity WHERE application_name = :name"),
+                {"name": self.application_name},
+            )
+            return [int(row[0]) for row in rows]
+
+    def drop(self) -> None:
+        if self._admin is not None and self.schema is not None:
+            with self._admin.begin() as connection:
+                connection.execute(sa.text(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE'))
+            self._admin.dispose()
+            self._admin = None
+
+
+def postgres_problem(pg_url: str) -> str | None:
+    try:
+        engine = sa.create_engine(pg_url)
+        with engine.connect() as connection:
+            connection.execute(sa.text("SELECT 1"))
+        engine.dispose()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+    return None
+
+
+def postgres_version(pg_url: str) -> str:
+    engine = sa.create_engine(pg_url)
+    try:
+        with engine.connect() as connection:
+            return str(connection.execute(sa.text("SHOW server_version")).scalar_one())
+    finally:
+        engine.dispose()
+
+
+# -- processes -----------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a live process, 0 if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2 :].split()
+    # Fields 14 and 15 of stat(5); the slice starts at field 3.
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise BenchError(f"/proc/{pid}/status has no VmHWM.")
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+class Server:
+    """gunicorn with sync workers on a free loopback port.
+
+    The harness opens the listening socket itself and hands it to gunicorn
+    (``fd://``): no race for the port between choosing and binding it.
+    """
+
+    def __init__(self, config: Config, uri: str | None, workers: int, workdir: Path) -> None:
+        self.config = config
+        self.workers = workers
+        self.log_path = workdir / f"gunicorn-{config.kind}-{config.backend}.log"
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(2048)
+        self.port = int(self.sock.getsockname()[1])
+        env = dict(os.environ, BENCH_APP=config.kind)
+        if uri is not None:
+            env["BENCH_DATABASE_URI"] = uri
+        gunicorn = Path(sys.executable).parent / "gunicorn"
+        fd = self.sock.fileno()
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    str(gunicorn),
+                    "--workers", str(workers),
+                    "--worker-class", "sync",
+                    "--bind", f"fd://{fd}",
+                    "--log-level", "warning",
+                    "--timeout", "60",
+                    "benchmarks.apps:create_app()",
+                ],
+                cwd=ROOT,
+                env=env,
+                pass_fds=(fd,),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{PATH}"
+
+    def wait_ready(self, timeout: float = 60.0) -> list[int]:
+        """Wait until a worker answers and all workers exist; their pids."""
+        deadline = time.monotonic() + timeout
+        answered = False
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise BenchError(f"gunicorn exited ({self.process.returncode}):\n{self.log_tail()}")
+            if not answered:
+                answered = self._answers()
+            pids = children(self.process.pid)
+            if answered and len(pids) == self.workers:
+                return pids
+            time.sleep(0.1)
+        raise BenchError(f"gunicorn did not become ready in {timeout:g} s:\n{self.log_tail()}")
+
+    def _answers(self) -> bool:
+        probe = urllib.request.Request(self.url, data=b"{}", method="POST")
+        probe.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(probe, timeout=2):  # noqa: S310 - our own loopback URL
+                return True
+        except urllib.error.HTTPError:
+            return True  # any HTTP answer means a worker has loaded the app
+        except OSError:
+            return False
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text().splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.sock.close()
+
+
+# -- load ---------------------------------------------------------------------------
+
+
+_id_counter = 0
+
+
+def write_ids(path: Path, count: int) -> list[tuple[str, str, str]]:
+    """Write ``count`` correctly signed, never-used iGV (id, timestamp, signature)."""
+    global _id_counter  # noqa: PLW0603 - ids stay unique across the whole run
+    secret = SECRET.encode()
+    timestamp = str(int(time.time() * 1000))
+    prefix = secrets.randbelow(9 * 10**6) + 10**6
+    triples = []
+    for _ in range(count):
+        _id_counter += 1
+        request_id = f"{prefix}{_id_counter:012d}"
+        signature = hmac.new(
+            secret, (timestamp + request_id).encode() + secret, hashlib.sha256
+        ).hexdigest()
+        triples.append((request_id, timestamp, signature))
+    write_triples(path, triples)
+    return triples
+
+
+def write_triples(path: Path, triples: Sequence[tuple[str, str, str]]) -> None:
+    with path.open("w") as file:
+        file.write(BODY + "\n")
+        file.writelines(f"{i} {t} {s}\n" for i, t, s in triples)
+
+
+def run_wrk(
+    url: str,
+    ids_file: Path,
+    mode: str,
+    *,
+    seconds: float,
+    threads: int,
+    connections: int,
+    worker_pids: Sequence[int],
+    db_pids: Callable[[], list[int]] | None,
+    workdir: Path,
+) -> tuple[PassResult, str]:
+    out_path = workdir / "wrk.out"
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise BenchError(WRK_INSTALL_HINT)
+    command = [
+        wrk,
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{max(1, round(seconds))}s",
+        "--latency",
+        "--timeout", "10s",
+        "-s", str(LUA_SCRIPT),
+        url,
+        "--", str(ids_file), mode, str(threads),
+    ]
+    db_before = {pid: cpu_seconds(pid) for pid in (db_pids() if db_pids else [])}
+    workers_before = sum(cpu_seconds(pid) for pid in worker_pids)
+    started = time.monotonic()
+    with out_path.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        # wait4 gives the CPU time of wrk itself, the proof that the load
+        # generator was not what limited the rate.
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.monotonic() - started
+    workers_cpu = sum(cpu_seconds(pid) for pid in worker_pids) - workers_before
+    db_cpu: float | None = None
+    if db_pids is not None:
+        # Backends opened during the run count from zero.
+        db_cpu = sum(cpu_seconds(pid) - db_before.get(pid, 0.0) for pid in db_pids())
+    output = out_path.read_text()
+    if process.returncode != 0:
+        raise BenchError(f"wrk failed ({process.returncode}):\n{output}")
+    line = next((x for x in output.splitlines() if x.startswith("BENCH-RESULT ")), None)
+    if line is None:
+        raise BenchError(f"wrk printed no BENCH-RESULT line:\n{output}")
+    data: dict[str, Any] = json.loads(line.removeprefix("BENCH-RESULT "))
+    errors = data["errors"]
+    latency = data["latency_us"]
+    result = PassResult(
+        requests=int(data["requests"]),
+        seconds=data["duration_us"] / 1e6,
+        p50_ms=latency["p50"] / 1000,
+        p90_ms=latency["p90"] / 1000,
+        p99_ms=latency["p99"] / 1000,
+        max_ms=latency["max"] / 1000,
+        statuses={int(k): int(v) for k, v in data["statuses"].items()},
+        socket_errors=sum(int(errors[k]) for k in ("connect", "read", "write", "timeout")),
+        sent=int(data["sent"]),
+        received=int(data["received"]),
+        ok=int(data["ok"]),
+        exhausted=int(data["exhausted"]),
+        wrk_cpu=(usage.ru_utime + usage.ru_stime) / wall,
+        workers_cpu=workers_cpu / wall,
+        db_cpu=None if db_cpu is None else db_cpu / wall,
+    )
+    return result, output
+
+
+def settle(count: Callable[[], int], timeout: float = 10.0) -> int:
+    """The row count once the requests in flight at wrk's stop have finished."""
+    last = count()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        now = count()
+        if now == last:
+            return now
+        last = now
+    return last
+
+
+# -- one measurement ------------------------------------------------------------------
+
+
+@dataclass
+class Options:
+    duration: float
+    warmup: float
+    repeats: int
+    connections: int
+    threads: int
+    workers: int
+    id_margin: float
+    pg_url: str
+    verbose: bool
+
+
+def measure(
+    config: Config, round_number: int, options: Options, workdir: Path, rates: dict[str, float]
+) -> Measurement:
+    database = Database(config.backend, workdir, options.pg_url)
+    server: Server | None = None
+    try:
+        uri = database.uri
+        if uri is not None:
+            create_tables(config.kind, uri)
+        server = Server(config, uri, options.workers, workdir)
+        pids = server.wait_ready()
+        db_pids = database.backend_pids if config.backend == "postgresql" else None
+
+        def load(ids: Path, mode: str, seconds: float) -> tuple[PassResult, str]:
+            assert server is not None
+            return run_wrk(
+                server.url,
+                ids,
+                mode,
+                seconds=seconds,
+                threads=options.threads,
+                connections=options.connections,
+                worker_pids=pids,
+                db_pids=db_pids,
+                workdir=workdir,
+            )
+
+        # Warm-up: imports, connection pools, prepared statements, both workers.
+        warm_ids = max(2000, math.ceil(10000 * options.warmup))
+        write_ids(workdir / "warmup.ids", warm_ids)
+        warm, _ = load(workdir / "warmup.ids", "first", options.warmup)
+        warm_rate = warm.rps if not warm.exhausted else warm_ids / options.warmup
+        rate = max(warm_rate, rates.get(config.name, 0.0))
+        needed = math.ceil(rate * options.duration * options.id_margin) + 1000
+
+        count: Callable[[], int] = (
+            (lambda: stored_count(config.kind, uri)) if uri is not None else (lambda: 0)
+        )
+        before = settle(count)
+        triples = write_ids(workdir / "first.ids", needed)
+        first, first_output = load(workdir / "first.ids", "first", options.duration)
+        if options.verbose:
+            print(first_output)
+        rates[config.name] = max(rates.get(config.name, 0.0), first.rps)
+        measurement = Measurement(config, round_number, first, None, [])
+        if first.exhausted:
+            raise BenchError(
+                f"{config.name}: the {needed} pre-signed ids ran out during the first pass "
+                f"({first.sent} sent, estimated rate {rate:.0f}/s). Sending them again would "
+                "measure duplicates as first deliveries; rerun with a larger --id-margin."
+            )
+        check_first(measurement, count, before, triples, uri)
+
+        if config.kind != "bare" and uri is not None:
+            sent = {request_id for request_id, _, _ in triples}
+            stored = set(stored_keys(config.kind, uri)) & sent
+            replay = [t for t in triples if t[0] in stored]
+            if not replay:
+                raise BenchError(f"{config.name}: nothing was stored, nothing to replay.")
+            write_triples(workdir / "replay.ids", replay)
+            rows = count()
+            duplicate, duplicate_output = load(workdir / "replay.ids", "replay", options.duration)
+            if options.verbose:
+                print(duplicate_output)
+            measurement.duplicate = duplicate
+            check_duplicates(measurement, count, rows)
+
+        if children(server.process.pid) != pids:
+            measurement.failures.append(
+                f"{config.name}: a worker was restarted during the run; see {server.log_path}"
+            )
+        measurement.rss_mb = [peak_rss_mb(pid) for pid in pids]
+        return measurement
+    finally:
+        if server is not None:
+            server.stop()
+        database.drop()
+
+
+def check_first(
+    m: Measurement,
+    count: Callable[[], int],
+    before: int,
+    triples: Sequence[tuple[str, str, str]],
+    uri: str | None,
+) -> None:
+    first = m.first
+    name = m.config.name
+    if first.non_2xx or first.socket_errors:
+        m.failures.append(
+            f"{name}: first pass: {first.non_2xx} non-2xx answers {first.statuses}, "
+            f"{first.socket_errors} socket errors"
+        )
+    if m.config.kind == "bare" or uri is None:
+        m.checks.append(f"{name}: {first.ok} answered 200 (no store)")
+        return
+    new_rows = settle(count) - before
+    # Every 200 is a stored row; requests still in flight when wrk stopped
+    # may have been stored without wrk reading their answer.
+    if first.ok <= new_rows <= first.ok + first.in_flight:
+        m.checks.append(
+            f"{name}: {new_rows} new rows for {first.ok} answers 200 "
+            f"(+{new_rows - first.ok} of {first.in_flight} in flight at stop): OK"
+        )
+    else:
+        m.failures.append(
+            f"{name}: {new_rows} new rows but {first.ok} answers 200 and {first.in_flight} "
+            "in flight at stop"
+        )
+    sent = {request_id for request_id, _, _ in triples}
+    stored = set(stored_keys(m.config.kind, uri))
+    done_new = len(stored & sent)
+    if done_new != new_rows:
+        m.failures.append(
+            f"{name}: {new_rows} new rows but only {done_new} of them are this pass's ids "
+            "stored as done"
+        )
+
+
+def check_duplicates(m: Measurement, count: Callable[[], int], rows: int) -> None:
+    duplicate = m.duplicate
+    assert duplicate is not None
+    name = m.config.name
+    after = settle(count)
+    if after != rows:
+        m.failures.append(f"{name}: the duplicate pass changed the row count {rows} -> {after}")
+    if duplicate.non_2xx or duplicate.socket_errors:
+        m.failures.append(
+            f"{name}: duplicate pass: {duplicate.non_2xx} non-2xx answers "
+            f"{duplicate.statuses}, {duplicate.socket_errors} socket errors"
+        )
+    else:
+        m.checks.append(f"{name}: {duplicate.ok} duplicates answered 200, no new rows: OK")
+
+
+# -- report ---------------------------------------------------------------------------
+
+
+def spread(values: Sequence[float], fmt: str) -> str:
+    if not values:
+        return "—"
+    median = format(statistics.median(values), fmt)
+    if len(values) == 1:
+        return median
+    return f"{median} ({format(min(values), fmt)}–{format(max(values), fmt)})"
+
+
+def pct(values: Sequence[float]) -> str:
+    return spread([v * 100 for v in values], ".0f") + " %" if values else "—"
+
+
+def results_table(measurements: Sequence[Measurement], configs: Sequence[Config]) -> list[str]:
+    lines = [
+        "| configuration | pass | req/s | p50 ms | p99 ms | non-2xx | socket errors "
+        "| wrk CPU | workers CPU | PostgreSQL CPU | peak RSS/worker MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for config in configs:
+        ms = [m for m in measurements if m.config == config]
+        if not ms:
+            continue
+        passes: list[tuple[str, list[PassResult]]] = [("first", [m.first for m in ms])]
+        dups = [m.duplicate for m in ms if m.duplicate is not None]
+        if dups:
+            passes.append(("duplicate", dups))
+        for label, results in passes:
+            db = [r.db_cpu for r in results if r.db_cpu is not None]
+            rss = spread([m.peak_rss_mb for m in ms], ".1f") if label == "first" else "〃"
+            lines.append(
+                f"| {config.name} | {label} | {spread([r.rps for r in results], '.0f')} "
+                f"| {spread([r.p50_ms for r in results], '.1f')} "
+                f"| {spread([r.p99_ms for r in results], '.1f')} "
+                f"| {sum(r.non_2xx for r in results)} "
+                f"| {sum(r.socket_errors for r in results)} "
+                f"| {pct([r.wrk_cpu for r in results])} "
+                f"| {pct([r.workers_cpu for r in results])} "
+                f"| {pct(db) if db else '—'} | {rss} |"
+            )
+    return lines
+
+
+@dataclass
+class Ratio:
+    label: str
+    values: list[float]
+    target: str
+    met: Callable[[float], bool] | None
+    fmt: str = ".2f"
+
+    def row(self) -> str:
+        if not self.values:
+            return f"| {self.label} | — | {self.target} | not measured |"
+        median = statistics.median(self.values)
+        verdict = "—" if self.met is None else ("met" if self.met(median) else "**not met**")
+        return f"| {self.label} | {spread(self.values, self.fmt)} | {self.target} | {verdict} |"
+
+
+def ratios(measurements: Sequence[Measurement], rounds: int) -> list[Ratio]:
+    def get(name: str, r: int) -> Measurement | None:
+        return next((m for m in measurements if m.config.name == name and m.round == r), None)
+
+    def per_round(fn: Callable[[int], float | None]) -> list[float]:
+        values = []
+        for r in range(rounds):
+            value = fn(r)
+            if value is not None:
+                values.append(value)
+        return values
+
+    def rps_ratio(a: str, b: str) -> Callable[[int], float | None]:
+        def fn(r: int) -> float | None:
+            ma, mb = get(a, r), get(b, r)
+            return None if ma is None or mb is None else ma.first.rps / mb.first.rps
+
+        return fn
+
+    def dup_ratio(a: str) -> Callable[[int], float | None]:
+        def fn(r: int) -> float | None:
+            m = get(a, r)
+            if m is None or m.duplicate is None:
+                return None
+            return m.duplicate.rps / m.first.rps
+
+        return fn
+
+    def p99(a: str) -> Callable[[int], float | None]:
+        def fn(r: int) -> float | None:
+            m = get(a, r)
+            return None if m is None else m.first.p99_ms
+
+        return fn
+
+    def rss_delta(a: str) -> Callable[[int], float | None]:
+        def fn(r: int) -> float | None:
+            ma, mb = get(a, r), get("bare", r)
+            return None if ma is None or mb is None else ma.peak_rss_mb - mb.peak_rss_mb
+
+        return fn
+
+    out: list[Ratio] = []
+    for backend, label in (("postgresql", "PostgreSQL"), ("sqlite", "SQLite")):
+        oh, naive = f"orderhooks/{backend}", f"naive/{backend}"
+        out.append(
+            Ratio(f"orderhooks/naive req/s, {label}, first deliveries",
+                  per_round(rps_ratio(oh, naive)), "≥ 0.9", lambda v: v >= 0.9)
+        )
+    for backend, label in (("postgresql", "PostgreSQL"), ("sqlite", "SQLite")):
+        out.append(
+            Ratio(f"orderhooks/bare req/s, {label}, first deliveries",
+                  per_round(rps_ratio(f"orderhooks/{backend}", "bare")), "(context)", None)
+        )
+        out.append(
+            Ratio(f"naive/bare req/s, {label}, first deliveries",
+                  per_round(rps_ratio(f"naive/{backend}", "bare")), "(context)", None)
+        )
+    for backend, label in (("postgresql", "PostgreSQL"), ("sqlite", "SQLite")):
+        out.append(
+            Ratio(f"orderhooks duplicates/first deliveries req/s, {label}",
+                  per_round(dup_ratio(f"orderhooks/{backend}")), "≥ 1.0", lambda v: v >= 1.0)
+        )
+        out.append(
+            Ratio(f"naive duplicates/first deliveries req/s, {label}",
+                  per_round(dup_ratio(f"naive/{backend}")), "(context)", None)
+        )
+    out.append(
+        Ratio("orderhooks p99 ms, PostgreSQL, first deliveries",
+              per_round(p99("orderhooks/postgresql")), "< 25 ms", lambda v: v < 25, ".1f")
+    )
+    for backend, label in (("postgresql", "PostgreSQL"), ("sqlite", "SQLite")):
+        out.append(
+            Ratio(f"orderhooks − bare peak RSS/worker MB, {label}",
+                  per_round(rss_delta(f"orderhooks/{backend}")), "≤ 15 MB",
+                  lambda v: v <= 15, ".1f")
+        )
+    return out
+
+
+def wrk_headroom(measurements: Sequence[Measurement]) -> list[str]:
+    passes = [m.first for m in measurements] + [
+        m.duplicate for m in measurements if m.duplicate is not None
+    ]
+    if not passes:
+        return []
+    top = max(p.wrk_cpu for p in passes)
+    lines = [
+        f"wrk used at most {top * 100:.0f} % of one core (with {len(passes)} runs measured); "
+        "a saturated wrk would sit near 100 % per thread."
+    ]
+    bare = [m.first.rps for m in measurements if m.config.kind == "bare"]
+    others = [m.first.rps for m in measurements if m.config.kind != "bare"]
+    if bare and others:
+        lines.append(
+            f"The bare route reached {statistics.median(bare):.0f} req/s (median), "
+            f"{statistics.median(bare) / max(others):.1f}× the fastest database configuration: "
+            "the load generator could push more than those were able to take."
+        )
+    return lines
+
+
+def versions(options: Options, backends: set[str]) -> str:
+    import flask
+    import flask_sqlalchemy
+    import gunicorn
+    import psycopg
+
+    wrk = shutil.which("wrk")
+    wrk_version = "?"
+    if wrk is not None:
+        probe = subprocess.run([wrk, "--version"], capture_output=True, text=True, check=False)
+        wrk_version = (probe.stdout or probe.stderr).split("Copyright")[0].strip()
+    import sqlite3
+
+    parts = [
+        f"Python {platform.python_version()}",
+        f"Flask {flask.__version__ if hasattr(flask, '__version__') else '?'}",
+        f"Flask-SQLAlchemy {flask_sqlalchemy.__version__}",
+        f"SQLAlchemy {sa.__version__}",
+        f"psycopg {psycopg.__version__}",
+        f"gunicorn {gunicorn.__version__}",
+        f"SQLite {sqlite3.sqlite_version}",
+        wrk_version,
+    ]
+    if "postgresql" in backends:
+        parts.append(f"PostgreSQL {postgres_version(options.pg_url)}")
+    return ", ".join(parts)
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def report(
+    measurements: Sequence[Measurement],
+    configs: Sequence[Config],
+    options: Options,
+    *,
+    command: str,
+    started: datetime,
+    load_before: tuple[float, float, float],
+    load_after: tuple[float, float, float],
+    version_line: str,
+    note: str | None,
+) -> str:
+    cpus = os.cpu_count() or 0
+    busy = load_before[0] > 0.25 * cpus
+    lines = [
+        "# flask-orderhooks benchmark results",
+        "",
+        f"- Date: {started.strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- Command: `{command}`",
+        f"- Machine: {cpus} CPUs ({cpu_model()}), {platform.system()} {platform.release()}",
+        f"- Load average (1/5/15 min) before: {load_before[0]:.2f} / {load_before[1]:.2f} / "
+        f"{load_before[2]:.2f}; after: {load_after[0]:.2f} / {load_after[1]:.2f} / "
+        f"{load_after[2]:.2f}"
+        + (" — **the machine was busy: absolute numbers are noisy**" if busy else ""),
+        f"- Software: {version_line}",
+        f"- Load: wrk, {options.threads} threads, {options.connections} connections, "
+        f"{options.duration:g} s per pass after a {options.warmup:g} s warm-up; "
+        f"{options.repeats} round(s); gunicorn with {options.workers} sync workers on 127.0.0.1.",
+        "- Every first-pass request carries a fresh, correctly signed iGV request id; the "
+        "duplicate pass replays the ids the first pass stored.",
+    ]
+    if note:
+        lines.append(f"- Note: {note}")
+    lines += [
+        "",
+        "Values are the median over the rounds, with the min–max spread in brackets. "
+        "CPU columns are the share of one core over the pass (workers: both gunicorn workers "
+        "together; PostgreSQL: the server backends of the workers' connections).",
+        "",
+        *results_table(measurements, configs),
+        "",
+        "## Ratios and targets",
+        "",
+        "Each ratio is computed within one round (both sides measured minutes apart at most); "
+        "median (min–max) over the rounds. Targets are evaluated, never asserted.",
+        "",
+        "| measure | value | target | verdict |",
+        "|---|---|---|---|",
+        *(r.row() for r in ratios(measurements, options.repeats)),
+        "",
+        "## Load generator",
+        "",
+        *wrk_headroom(measurements),
+        "",
+        "## Correctness checks",
+        "",
+    ]
+    failures = [f for m in measurements for f in m.failures]
+    checks = [c for m in measurements for c in m.checks]
+    lines += [f"- FAILED: {f}" for f in failures]
+    lines += [f"- {c}" for c in checks]
+    return "\n".join(lines) + "\n"
+
+
+# -- main -------------------------------------------------------------------------------
+
+
+ALL_CONFIGS = (
+    Config("bare", "none"),
+    Config("naive", "sqlite"),
+    Config("orderhooks", "sqlite"),
+    Config("naive", "postgresql"),
+    Config("orderhooks", "postgresql"),
+)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/run",
+        description="Benchmark bare Flask, a hand-written iGV callback and flask-orderhooks "
+        "under gunicorn with wrk, on SQLite and PostgreSQL.",
+    )
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per pass [8]")
+    parser.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds [2]")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds to take medians of [3]")
+    parser.add_argument("--connections", type=int, default=16, help="wrk connections [16]")
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads [2]")
+    parser.add_argument("--workers", type=int, default=2, help="gunicorn sync workers [2]")
+    parser.add_argument(
+        "--id-margin", type=float, default=2.0,
+        help="pre-signed ids = best rate seen × duration × this, + 1000 [2.0]",
+    )
+    parser.add_argument(
+        "--backends", default="sqlite,postgresql",
+        help="comma-separated backends to run naive and orderhooks on [sqlite,postgresql]",
+    )
+    parser.add_argument(
+        "--pg-url",
+        default=os.environ.get(
+            "ORDERHOOKS_BENCH_POSTGRES_URL",
+            os.environ.get("ORDERHOOKS_TEST_POSTGRES_URL", DEFAULT_PG_URL),
+        ),
+        help="PostgreSQL URL; every measurement uses a schema of its own, dropped afterwards",
+    )
+    parser.add_argument(
+        "--output", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md",
+        help="where to write the markdown results [benchmarks/RESULTS.md]",
+    )
+    parser.add_argument("--no-output", action="store_true", help="print only, write no file")
+    parser.add_argument("--note", help="a line to add to RESULTS.md (e.g. machine conditions)")
+    parser.add_argument("--keep-temp", action="store_true", help="keep the temp dir (logs, ids)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print wrk's own output")
+    args = parser.parse_args(argv)
+    if args.threads > args.connections:
+        parser.error("--threads must not exceed --connections (wrk gives each thread connections)")
+    if args.repeats < 1 or args.duration < 1 or args.warmup < 1:
+        parser.error("--repeats, --duration and --warmup must be at least 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if shutil.which("wrk") is None:
+        print(WRK_INSTALL_HINT, file=sys.stderr)
+        return 2
+    backends = {b.strip() for b in args.backends.split(",") if b.strip()}
+    unknown = backends - {"sqlite", "postgresql"}
+    if unknown:
+        print(f"Unknown backend(s) {', '.join(sorted(unknown))}.", file=sys.stderr)
+        return 2
+    options = Options(
+        duration=args.duration,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        connections=args.connections,
+        threads=args.threads,
+        workers=args.workers,
+        id_margin=args.id_margin,
+        pg_url=args.pg_url,
+        verbose=args.verbose,
+    )
+    if "postgresql" in backends:
+        problem = postgres_problem(options.pg_url)
+        if problem is not None:
+            print(
+                f"PostgreSQL is not reachable at {options.pg_url} ({problem}). Start it, set "
+                "--pg-url / ORDERHOOKS_BENCH_POSTGRES_URL, or run with --backends sqlite.",
+                file=sys.stderr,
+            )
+            return 2
+    configs = [c for c in ALL_CONFIGS if c.backend == "none" or c.backend in backends]
+    command = os.environ.get("BENCH_COMMAND") or " ".join(
+        ["python -m benchmarks.harness", *sys.argv[1:]]
+    )
+    started = datetime.now(timezone.utc)
+    load_before = os.getloadavg()
+    version_line = versions(options, backends)
+    workdir = Path(tempfile.mkdtemp(prefix="orderhooks-bench-"))
+    measurements: list[Measurement] = []
+    rates: dict[str, float] = {}
+    total = len(configs) * options.repeats
+    try:
+        for round_number in range(options.repeats):
+            # Rotating the order spreads any drift of the machine over every
+            # configuration instead of always penalising the last one.
+            order = configs[round_number % len(configs) :] + configs[: round_number % len(configs)]
+            for config in order:
+                print(
+                    f"[{len(measurements) + 1}/{total}] round {round_number + 1}: {config.name} ...",
+                    flush=True,
+                )
+                m = measure(config, round_number, options, workdir, rates)
+                measurements.append(m)
+                dup = (
+                    f"; duplicates {m.duplicate.rps:.0f} req/s p99 {m.duplicate.p99_ms:.1f} ms"
+                    if m.duplicate
+                    else ""
+                )
+                print(
+                    f"    first {m.first.rps:.0f} req/s p50 {m.first.p50_ms:.1f} ms "
+                    f"p99 {m.first.p99_ms:.1f} ms{dup}; wrk CPU {m.first.wrk_cpu * 100:.0f} %; "
+                    f"peak RSS {m.peak_rss_mb:.1f} MB"
+                    + ("".join(f"\n    FAILED: {f}" for f in m.failures)),
+                    flush=True,
+                )
+    except BenchError as exc:
+        print(f"\nBENCHMARK ABORTED: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if args.keep_temp:
+            print(f"temp files kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    text = report(
+        measurements,
+        configs,
+        options,
+        command=command,
+        started=started,
+        load_before=load_before,
+        load_after=os.getloadavg(),
+        version_line=version_line,
+        note=args.note,
+    )
+    print()
+    print(text)
+    if not args.no_output:
+        args.output.write_text(text)
+        print(f"written to {args.output}")
+    failed = any(m.failures for m in measurements)
+    if failed:
+        print("CORRECTNESS CHECKS FAILED (see above).", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

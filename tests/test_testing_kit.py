@@ -1,0 +1,95 @@
+"""flask_orderhooks.testing and the ``orderhooks`` pytest fixture."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from flask import Flask
+
+from flask_orderhooks import OrderHooks
+from flask_orderhooks.pytest_plugin import OrderHooksClient
+from flask_orderhooks.testing import (
+    KINDS,
+    build,
+    gateway_collect,
+    igv_order_status,
+    sud_order_changed,
+)
+from tests.conftest import BASE_CONFIG
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fixture_delivers_every_kind_and_captures_its_events(
+    kind: str, orderhooks: OrderHooksClient
+) -> None:
+    with orderhooks.captured() as events:
+        response = orderhooks.deliver(kind)
+    assert response.status_code == 200
+    expected = {
+        "igv": ["orderhooks.order-pending-delivery"],
+        "collect": ["orderhooks.payment-collected"],
+        "payout": ["orderhooks.payout-finished"],
+        "sud": ["orderhooks.game-order-changed"],
+        "sud-batch": ["orderhooks.game-order-changed"] * 2,
+    }[kind]
+    assert [e.signal for e in events] == expected
+
+
+def test_deliver_twice_dispatches_once(orderhooks: OrderHooksClient) -> None:
+    with orderhooks.captured() as events:
+        first, second = orderhooks.deliver_twice("collect", trans_id="T1", payed_amount="99.00")
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert second.get_data(as_text=True) == "success"
+    (only,) = events
+    assert only.event.trans_id == "T1" and only.event.payed_amount == Decimal("99.00")
+    assert not only.event.amount_matches
+
+
+def test_captured_disconnects_after_the_block(orderhooks: OrderHooksClient) -> None:
+    with orderhooks.captured():
+        pass
+    response = orderhooks.deliver("igv")
+    assert response.status_code == 503, "nothing is connected any more"
+
+
+def test_builders_with_explicit_secrets_need_no_app() -> None:
+    cb = igv_order_status("s" * 32, request_id="r1", timestamp_ms=1734850099000)
+    assert cb.key == "r1" and cb.url() == "/orderhooks/igv/order-status"
+    assert cb.url("/hooks/") == "/hooks/igv/order-status"
+    assert cb.headers["X-Timestamp"] == "1734850099000"
+    pay = gateway_collect("merchant-key", id="C1", status=20)
+    assert pay.key == "C1:20" and pay.json["sign"] and pay.json["mch_id"] == 10001
+    game = sud_order_changed("app-secret", app_id="42", notify_id="n9", value=7)
+    assert game.key == "n9" and game.json["data"]["value"] == 7
+    assert game.headers["Sud-AppId"] == "42"
+
+
+def test_decimal_amounts_are_written_as_json_numbers() -> None:
+    cb = gateway_collect("k", order_amount=Decimal("100.00"), payed_amount=Decimal("1e5"))
+    assert b'"order_amount":100.00' in cb.body and b'"payed_amount":1E+5' in cb.body
+    assert cb.json["order_amount"] == Decimal("100.00")
+
+
+def test_builders_explain_what_is_missing(tmp_path: Path) -> None:
+    app = Flask("kit", instance_path=str(tmp_path))
+    app.config.update(BASE_CONFIG, ORDERHOOKS_IGV_SECRET=None, ORDERHOOKS_SUD_APPS=None)
+    OrderHooks(app)
+    with app.app_context():
+        with pytest.raises(LookupError, match="ORDERHOOKS_IGV_SECRET is not configured"):
+            build("igv")
+        with pytest.raises(LookupError, match="ORDERHOOKS_SUD_APPS is not configured"):
+            build("sud")
+        with pytest.raises(LookupError, match="No ORDERHOOKS_GATEWAY_KEY for mch_id 5"):
+            build("collect", mch_id=5)
+        with pytest.raises(ValueError, match="Unknown callback kind 'paypal'"):
+            build("paypal")
+
+
+def test_sud_builder_refuses_an_unknown_app(app: Flask) -> None:
+    with (
+        app.app_context(),
+        pytest.raises(LookupError, match="App '7' is not in ORDERHOOKS_SUD_APPS"),
+    ):
+        sud_order_changed(app_id="7")

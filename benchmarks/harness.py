@@ -28,6 +28,7 @@ import secrets
 import shutil
 import signal
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -36,9 +37,10 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Literal
 
@@ -291,7 +293,7 @@ class Server:
         probe = urllib.request.Request(self.url, data=b"{}", method="POST")
         probe.add_header("Content-Type", "application/json")
         try:
-            with urllib.request.urlopen(probe, timeout=2):  # noqa: S310 - our own loopback URL
+            with urllib.request.urlopen(probe, timeout=2):
                 return True
         except urllib.error.HTTPError:
             return True  # any HTTP answer means a worker has loaded the app
@@ -589,7 +591,7 @@ def spread(values: Sequence[float], fmt: str) -> str:
     median = format(statistics.median(values), fmt)
     if len(values) == 1:
         return median
-    return f"{median} ({format(min(values), fmt)}–{format(max(values), fmt)})"
+    return f"{median} ({format(min(values), fmt)}-{format(max(values), fmt)})"
 
 
 def pct(values: Sequence[float]) -> str:
@@ -612,7 +614,7 @@ def results_table(measurements: Sequence[Measurement], configs: Sequence[Config]
             passes.append(("duplicate", dups))
         for label, results in passes:
             db = [r.db_cpu for r in results if r.db_cpu is not None]
-            rss = spread([m.peak_rss_mb for m in ms], ".1f") if label == "first" else "〃"
+            rss = spread([m.peak_rss_mb for m in ms], ".1f") if label == "first" else "(same)"
             lines.append(
                 f"| {config.name} | {label} | {spread([r.rps for r in results], '.0f')} "
                 f"| {spread([r.p50_ms for r in results], '.1f')} "
@@ -715,7 +717,7 @@ def ratios(measurements: Sequence[Measurement], rounds: int) -> list[Ratio]:
     )
     for backend, label in (("postgresql", "PostgreSQL"), ("sqlite", "SQLite")):
         out.append(
-            Ratio(f"orderhooks − bare peak RSS/worker MB, {label}",
+            Ratio(f"orderhooks - bare peak RSS/worker MB, {label}",
                   per_round(rss_delta(f"orderhooks/{backend}")), "≤ 15 MB",
                   lambda v: v <= 15, ".1f")
         )
@@ -738,35 +740,24 @@ def wrk_headroom(measurements: Sequence[Measurement]) -> list[str]:
     if bare and others:
         lines.append(
             f"The bare route reached {statistics.median(bare):.0f} req/s (median), "
-            f"{statistics.median(bare) / max(others):.1f}× the fastest database configuration: "
+            f"{statistics.median(bare) / max(others):.1f}x the fastest database configuration: "
             "the load generator could push more than those were able to take."
         )
     return lines
 
 
 def versions(options: Options, backends: set[str]) -> str:
-    import flask
-    import flask_sqlalchemy
-    import gunicorn
-    import psycopg
-
     wrk = shutil.which("wrk")
-    wrk_version = "?"
+    wrk_version = "wrk ?"
     if wrk is not None:
         probe = subprocess.run([wrk, "--version"], capture_output=True, text=True, check=False)
         wrk_version = (probe.stdout or probe.stderr).split("Copyright")[0].strip()
-    import sqlite3
-
-    parts = [
-        f"Python {platform.python_version()}",
-        f"Flask {flask.__version__ if hasattr(flask, '__version__') else '?'}",
-        f"Flask-SQLAlchemy {flask_sqlalchemy.__version__}",
-        f"SQLAlchemy {sa.__version__}",
-        f"psycopg {psycopg.__version__}",
-        f"gunicorn {gunicorn.__version__}",
-        f"SQLite {sqlite3.sqlite_version}",
-        wrk_version,
+    parts = [f"Python {platform.python_version()}"]
+    parts += [
+        f"{name} {version(name)}"
+        for name in ("Flask", "Flask-SQLAlchemy", "SQLAlchemy", "psycopg", "gunicorn")
     ]
+    parts += [f"SQLite {sqlite3.sqlite_version}", wrk_version]
     if "postgresql" in backends:
         parts.append(f"PostgreSQL {postgres_version(options.pg_url)}")
     return ", ".join(parts)
@@ -815,7 +806,7 @@ def report(
         lines.append(f"- Note: {note}")
     lines += [
         "",
-        "Values are the median over the rounds, with the min–max spread in brackets. "
+        "Values are the median over the rounds, with the min-max spread in brackets. "
         "CPU columns are the share of one core over the pass (workers: both gunicorn workers "
         "together; PostgreSQL: the server backends of the workers' connections).",
         "",
@@ -824,7 +815,7 @@ def report(
         "## Ratios and targets",
         "",
         "Each ratio is computed within one round (both sides measured minutes apart at most); "
-        "median (min–max) over the rounds. Targets are evaluated, never asserted.",
+        "median (min-max) over the rounds. Targets are evaluated, never asserted.",
         "",
         "| measure | value | target | verdict |",
         "|---|---|---|---|",
@@ -870,7 +861,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="gunicorn sync workers [2]")
     parser.add_argument(
         "--id-margin", type=float, default=2.0,
-        help="pre-signed ids = best rate seen × duration × this, + 1000 [2.0]",
+        help="pre-signed ids = best rate seen x duration x this, + 1000 [2.0]",
     )
     parser.add_argument(
         "--backends", default="sqlite,postgresql",
@@ -934,7 +925,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = os.environ.get("BENCH_COMMAND") or " ".join(
         ["python -m benchmarks.harness", *sys.argv[1:]]
     )
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     load_before = os.getloadavg()
     version_line = versions(options, backends)
     workdir = Path(tempfile.mkdtemp(prefix="orderhooks-bench-"))
@@ -947,10 +938,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             # configuration instead of always penalising the last one.
             order = configs[round_number % len(configs) :] + configs[: round_number % len(configs)]
             for config in order:
-                print(
-                    f"[{len(measurements) + 1}/{total}] round {round_number + 1}: {config.name} ...",
-                    flush=True,
-                )
+                step = f"[{len(measurements) + 1}/{total}] round {round_number + 1}"
+                print(f"{step}: {config.name} ...", flush=True)
                 m = measure(config, round_number, options, workdir, rates)
                 measurements.append(m)
                 dup = (

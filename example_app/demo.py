@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import sys
 import tempfile
-import textwrap
 import threading
 import urllib.error
 import urllib.request
@@ -188,19 +187,31 @@ def _short(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
+def _lines(parts: Sequence[str], width: int) -> list[str]:
+    """Pack ``parts`` into lines of at most ``width`` (a longer part stays whole)."""
+    lines: list[str] = []
+    for part in parts:
+        if lines and len(lines[-1]) + 2 + len(part) <= width:
+            lines[-1] += "  " + part
+        else:
+            lines.append(part)
+    return lines
+
+
 def _show_request(prefix: str, callback: SignedCallback) -> None:
     print(f"    sent    POST {callback.url(prefix)}")
-    headers = ", ".join(
+    width = _WIDTH - len(_INDENT)
+    headers = [
         f"{name}: {_short(value, 20)}"
         for name, value in callback.headers.items()
         if name != "Content-Type"
-    )
-    if headers:
-        print(textwrap.fill(headers, _WIDTH, initial_indent=_INDENT, subsequent_indent=_INDENT))
-    body = textwrap.wrap(
-        callback.body.decode("utf-8"), _WIDTH - len(_INDENT), max_lines=3, placeholder=" ..."
-    )
-    print("\n".join(_INDENT + line for line in body))
+    ]
+    body = callback.body.decode("utf-8")
+    chunks = [body[i : i + width] for i in range(0, len(body), width)]
+    if len(chunks) > 3:
+        chunks = [*chunks[:2], _short(chunks[2] + "...", width)]
+    for line in _lines(headers, width) + chunks:
+        print(_INDENT + line)
 
 
 def _outcome(status: int, sent: Sequence[str]) -> str:

@@ -18,7 +18,7 @@ from flask_orderhooks.events import (
     PayoutFinished,
     UnhandledCallback,
 )
-from flask_orderhooks.gateway import gateway_sign_string, gateway_signature
+from flask_orderhooks.gateway import gateway_sign_string
 from flask_orderhooks.igv import igv_signature
 from flask_orderhooks.jsonbody import parse_object
 from flask_orderhooks.provider import signature_matches
@@ -74,7 +74,7 @@ def test_igv_test_vector_is_accepted_in_either_case(recorder: RecorderFactory) -
             },
         )
         assert response.status_code == 200
-    ((name, event),) = rec.events
+    ((_, event),) = rec.events
     assert event == OrderPendingDelivery(
         request_id="2002986662652579841",
         timestamp=datetime(2024, 12, 22, 6, 48, 19, tzinfo=UTC),
@@ -365,6 +365,7 @@ def test_non_ascii_signature_header_is_401_not_500(recorder: RecorderFactory) ->
         401,
         "The X-Signature does not match.",
     )
+    assert rec.events == []
 
 
 def test_signals_reach_only_receivers_of_that_app(recorder: RecorderFactory) -> None:

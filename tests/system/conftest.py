@@ -78,7 +78,8 @@ def start_server(tmp_path: Path) -> Iterator[ServerFactory]:
     """Start a gunicorn server; every server started is stopped afterwards.
 
     The factory takes the database URL, the receiver behaviour, the worker
-    layout and optional ``claim_timeout`` / ``duplicate_wait`` seconds.
+    layout and optional ``claim_timeout``, ``duplicate_wait`` and
+    ``receiver_delay`` seconds.
     """
     servers: list[Server] = []
 
@@ -90,6 +91,7 @@ def start_server(tmp_path: Path) -> Iterator[ServerFactory]:
         threads: int = 1,
         claim_timeout: float | None = None,
         duplicate_wait: float | None = None,
+        receiver_delay: float | None = None,
         prepare: bool = True,
     ) -> Server:
         number = len(servers)
@@ -107,6 +109,8 @@ def start_server(tmp_path: Path) -> Iterator[ServerFactory]:
             settings["ORDERHOOKS_CLAIM_TIMEOUT"] = json.dumps(claim_timeout)
         if duplicate_wait is not None:
             settings["ORDERHOOKS_DUPLICATE_WAIT"] = json.dumps(duplicate_wait)
+        if receiver_delay is not None:
+            settings[server_app.RECEIVER_DELAY] = str(receiver_delay)
         if prepare:
             prepare_database(settings)
         server = Server(

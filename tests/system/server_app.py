@@ -15,7 +15,7 @@ Receiver behaviours (``ORDERHOOKS_SYSTEM_RECEIVER``), decided per key across
 all workers through files in ``ORDERHOOKS_SYSTEM_CONTROL_DIR``:
 
 ``record``
-    write the row.
+    write the row (after ``ORDERHOOKS_SYSTEM_RECEIVER_DELAY`` seconds, if set).
 ``fail-once``
     the first attempt of a key writes and flushes a row, then raises; later
     attempts write the row.
@@ -59,6 +59,10 @@ from flask_orderhooks.events import (
 DATABASE_URL = "ORDERHOOKS_SYSTEM_DATABASE_URL"
 RECEIVER = "ORDERHOOKS_SYSTEM_RECEIVER"
 CONTROL_DIR = "ORDERHOOKS_SYSTEM_CONTROL_DIR"
+#: Seconds every receiver spends before writing, inside the delivery's
+#: transaction: holds the row lock (PostgreSQL) or the write lock (SQLite) long
+#: enough for duplicates to pile up behind it.
+RECEIVER_DELAY = "ORDERHOOKS_SYSTEM_RECEIVER_DELAY"
 #: Config keys read from the environment as JSON values.
 JSON_CONFIG_KEYS = (
     "ORDERHOOKS_IGV_SECRET",
@@ -127,9 +131,11 @@ def _write_pid(control: Path, key: str) -> None:
     os.replace(partial, final)
 
 
-def _make_receiver(db: SQLAlchemy, behaviour: str, control: Path | None) -> Any:
+def _make_receiver(db: SQLAlchemy, behaviour: str, control: Path | None, delay: float) -> Any:
     def receive(sender: Flask, *, event: object, **_: Any) -> None:
         provider, callback, key = delivery_key(event)
+        if delay:
+            time.sleep(delay)
         effect = Effect(provider=provider, callback=callback, key=key, pid=os.getpid())
         if behaviour == "record" or control is None or not _first_attempt(control, key):
             effect.note = "committed"
@@ -170,7 +176,8 @@ def build_app(
         if behaviour not in RECEIVERS:
             raise ValueError(f"{RECEIVER} must be one of {', '.join(RECEIVERS)}, not {behaviour!r}.")
         control = Path(settings[CONTROL_DIR]) if CONTROL_DIR in settings else None
-        receiver = _make_receiver(db, behaviour, control)
+        delay = float(settings.get(RECEIVER_DELAY, "0"))
+        receiver = _make_receiver(db, behaviour, control, delay)
         for signal in (order_pending_delivery, payment_collected, payout_finished, game_order_changed):
             signal.connect(receiver, app, weak=False)
     return app, db, hooks

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from blinker import Namespace
@@ -89,7 +89,7 @@ def create_app() -> Flask:
     kind = os.environ.get("BENCH_APP", "")
     if kind not in KINDS:
         raise RuntimeError(f"Set BENCH_APP to one of {', '.join(KINDS)}, not {kind!r}.")
-    return make_app(cast(Kind, kind), os.environ.get("BENCH_DATABASE_URI"))
+    return make_app(kind, os.environ.get("BENCH_DATABASE_URI"))
 
 
 def _bare_app() -> Flask:

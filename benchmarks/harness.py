@@ -62,6 +62,8 @@ BODY = (
     '"orderNum":"SO1689644928115784","sellerOrderStatus":1,"buyerId":"1907369850568257537"}'
 )
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# First passes run again, each time with more ids, when the ids ran out.
+ID_ATTEMPTS = 3
 
 Backend = Literal["none", "sqlite", "postgresql"]
 
@@ -480,24 +482,33 @@ def measure(
         warm, _ = load(workdir / "warmup.ids", "first", options.warmup)
         warm_rate = warm.rps if not warm.exhausted else warm_ids / options.warmup
         rate = max(warm_rate, rates.get(config.name, 0.0))
-        needed = math.ceil(rate * options.duration * options.id_margin) + 1000
-
         count: Callable[[], int] = (
             (lambda: stored_count(config.kind, uri)) if uri is not None else (lambda: 0)
         )
-        before = settle(count)
-        triples = write_ids(workdir / "first.ids", needed)
-        first, first_output = load(workdir / "first.ids", "first", options.duration)
-        if options.verbose:
-            print(first_output)
+        for attempt in range(1, ID_ATTEMPTS + 1):
+            needed = math.ceil(rate * options.duration * options.id_margin * attempt) + 1000
+            before = settle(count)
+            triples = write_ids(workdir / "first.ids", needed)
+            first, first_output = load(workdir / "first.ids", "first", options.duration)
+            if options.verbose:
+                print(first_output)
+            if not first.exhausted:
+                break
+            # Never wrap around: that would measure duplicates as first
+            # deliveries. The pass is thrown away and run again with more ids.
+            print(
+                f"    IDS RAN OUT: {config.name} used all {needed} pre-signed ids "
+                f"(estimated {rate:.0f} req/s); this pass is DISCARDED"
+                + ("; running it again with more ids" if attempt < ID_ATTEMPTS else ""),
+                flush=True,
+            )
+        else:
+            raise BenchError(
+                f"{config.name}: the pre-signed ids ran out {ID_ATTEMPTS} times in a row; "
+                "rerun with a larger --id-margin."
+            )
         rates[config.name] = max(rates.get(config.name, 0.0), first.rps)
         measurement = Measurement(config, round_number, first, None, [])
-        if first.exhausted:
-            raise BenchError(
-                f"{config.name}: the {needed} pre-signed ids ran out during the first pass "
-                f"({first.sent} sent, estimated rate {rate:.0f}/s). Sending them again would "
-                "measure duplicates as first deliveries; rerun with a larger --id-margin."
-            )
         check_first(measurement, count, before, triples, uri)
 
         if config.kind != "bare" and uri is not None:

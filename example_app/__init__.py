@@ -79,9 +79,18 @@ def create_app(
         # which see the deliveries table because it is in db.metadata.
         db.create_all()
 
-    if not app.testing and any(app.config.get(k) == v for k, v in DEMO_SECRETS.items()):
+    demo_keys = [key for key in DEMO_SECRETS if _uses_demo_secret(key, app.config.get(key))]
+    if demo_keys and not app.testing:
         logger.warning(
-            "The shop runs with the public DEMO secrets: anyone can sign callbacks. "
-            "Set the ORDERHOOKS_* secrets before receiving real ones."
+            "%s still hold the public DEMO secrets: anyone can sign these callbacks. "
+            "Set real ones before going live.",
+            ", ".join(demo_keys),
         )
     return app
+
+
+def _uses_demo_secret(key: str, value: object) -> bool:
+    demo = DEMO_SECRETS[key]
+    if isinstance(demo, dict) and isinstance(value, Mapping):
+        return any(value.get(name) == secret for name, secret in demo.items())
+    return bool(value == demo)

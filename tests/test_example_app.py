@@ -1,4 +1,494 @@
-import sys
-def test_path() -> None:
-    print([p for p in sys.path if "work/main" in p])
-    import example_app  # noqa: F401
+"""The example shop: each receiver's effect, through the ``orderhooks`` fixture,
+on SQLite and PostgreSQL; its page; its config; and the demo."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+
+from example_app import DEMO_SECRETS, create_app, demo
+from example_app.models import Base, GameOrder, Order, Payment, Payout, db
+from flask_orderhooks import GameOrderChanged, game_order_changed, get_extension, payout_finished
+from flask_orderhooks.pytest_plugin import OrderHooksClient
+from flask_orderhooks.store import StoredDelivery
+from flask_orderhooks.testing import build, sud_order
+
+_Model = TypeVar("_Model", bound=Base)
+
+
+@pytest.fixture
+def app(database_uri: str, tmp_path: Path) -> Iterator[Flask]:
+    """The shop on each backend; overrides conftest's ``app`` for ``orderhooks``."""
+    app = create_app(
+        {"TESTING": True, "SQLALCHEMY_DATABASE_URI": database_uri},
+        instance_path=tmp_path / "instance",
+    )
+    yield app
+    with app.app_context():
+        db.drop_all()
+        db.engine.dispose()
+
+
+def rows(app: Flask, model: type[_Model]) -> list[_Model]:
+    with app.app_context():
+        return list(db.session.scalars(sa.select(model).order_by(sa.text("id"))))
+
+
+def deliveries(app: Flask) -> list[StoredDelivery]:
+    with app.app_context():
+        return get_extension(app).state(app).store.list()
+
+
+# -- iGV ------------------------------------------------------------------------
+
+
+def test_igv_creates_an_unknown_order_ready_for_delivery(
+    app: Flask, orderhooks: OrderHooksClient
+) -> None:
+    response = orderhooks.deliver("igv", order_id=1689644928115784, buyer_id="B-1")
+
+    assert (response.status_code, response.data) == (200, b"OK")
+    [order] = rows(app, Order)
+    assert (order.igv_order_id, order.order_num, order.buyer_id, order.delivery_state) == (
+        1689644928115784,
+        "SO1689644928115784",
+        "B-1",
+        "ready_for_delivery",
+    )
+
+
+def test_igv_marks_a_known_order_ready_for_delivery(
+    app: Flask, orderhooks: OrderHooksClient
+) -> None:
+    with app.app_context():
+        db.session.add(Order(igv_order_id=7, order_num="SO7", buyer_id="B-7"))
+        db.session.commit()
+
+    response = orderhooks.deliver("igv", order_id=7, order_num="SO7", buyer_id="B-7")
+
+    assert response.status_code == 200
+    assert [(o.igv_order_id, o.delivery_state) for o in rows(app, Order)] == [
+        (7, "ready_for_delivery")
+    ]
+
+
+def test_unhandled_callback_is_acknowledged_and_logged(
+    app: Flask, orderhooks: OrderHooksClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="example_app.receivers"):
+        response = orderhooks.deliver("igv", request_id="9001", seller_order_status=2)
+
+    assert (response.status_code, response.data) == (200, b"OK")
+    assert [r.getMessage() for r in caplog.records if r.name == "example_app.receivers"] == [
+        "unhandled igv order-status callback 9001 (sellerOrderStatus=2); "
+        "acknowledged without action"
+    ]
+    assert rows(app, Order) == []
+
+
+# -- gateway collect --------------------------------------------------------------
+
+
+def payment_state(app: Flask) -> list[tuple[Any, ...]]:
+    return [
+        (p.gateway_id, p.trans_id, p.order_amount, p.payed_amount, p.status, p.credited, p.note)
+        for p in rows(app, Payment)
+    ]
+
+
+def test_collect_paid_in_full_is_credited(app: Flask, orderhooks: OrderHooksClient) -> None:
+    response = orderhooks.deliver("collect", id="C1", trans_id="SHOP-1", order_amount="100.00")
+
+    assert (response.status_code, response.data) == (200, b"success")
+    assert payment_state(app) == [("C1", "SHOP-1", "100.00", "100.00", 60, True, "credited")]
+
+
+def test_collect_amount_mismatch_is_not_credited(
+    app: Flask, orderhooks: OrderHooksClient
+) -> None:
+    response = orderhooks.deliver(
+        "collect", id="C1", trans_id="SHOP-1", order_amount="100.00", payed_amount="90.00"
+    )
+
+    # The callback itself is valid, so it is acknowledged; the shop does not credit.
+    assert (response.status_code, response.data) == (200, b"success")
+    assert payment_state(app) == [
+        (
+            "C1",
+            "SHOP-1",
+            "100.00",
+            "90.00",
+            60,
+            False,
+            "amount mismatch: paid 90.00 of 100.00; not credited",
+        )
+    ]
+
+
+def test_collect_with_number_amounts_keeps_their_text(
+    app: Flask, orderhooks: OrderHooksClient
+) -> None:
+    response = orderhooks.deliver("collect", id="C1", order_amount=Decimal("100.00"))
+
+    assert response.status_code == 200
+    assert payment_state(app) == [("C1", "ORDER-10001", "100.00", "100.00", 60, True, "credited")]
+
+
+def test_collect_processing_then_success_credits_the_same_payment(
+    app: Flask, orderhooks: OrderHooksClient
+) -> None:
+    assert orderhooks.deliver("collect", id="C1", status=20, payed_at=None).status_code == 200
+    assert payment_state(app) == [
+        ("C1", "ORDER-10001", "100.00", "100.00", 20, False, "not paid yet (gateway status 20)")
+    ]
+
+    assert orderhooks.deliver("collect", id="C1", status=60).status_code == 200
+    assert payment_state(app) == [("C1", "ORDER-10001", "100.00", "100.00", 60, True, "credited")]
+
+
+def test_a_credited_payment_is_final(app: Flask, orderhooks: OrderHooksClient) -> None:
+    assert orderhooks.deliver("collect", id="C1", status=60).status_code == 200
+    # A late status of the same order is a new delivery (another key)...
+    assert orderhooks.deliver("collect", id="C1", status=20, payed_at=None).status_code == 200
+
+    # ...that must not undo the credit.
+    assert payment_state(app) == [("C1", "ORDER-10001", "100.00", "100.00", 60, True, "credited")]
+    assert sorted(d.key for d in deliveries(app)) == ["C1:20", "C1:60"]
+
+
+def test_duplicate_collect_is_not_credited_twice(
+    app: Flask, orderhooks: OrderHooksClient
+) -> None:
+    with orderhooks.captured() as events:
+        first, retry = orderhooks.deliver_twice("collect", id="C1", trans_id="SHOP-1")
+
+    assert (first.status_code, first.data) == (200, b"success")
+    assert (retry.status_code, retry.data) == (200, b"success")
+    assert [e.signal for e in events] == ["orderhooks.payment-collected"]
+    assert payment_state(app) == [("C1", "SHOP-1", "100.00", "100.00", 60, True, "credited")]
+    [stored] = deliveries(app)
+    assert (stored.key, stored.status, stored.attempts) == ("C1:60", "done", 1)
+
+
+# -- gateway payout ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "state", "finished_at"),
+    [
+        (60, "paid", "2026-05-04 10:15:00"),
+        (50, "canceled", "2026-05-04 10:23:00"),
+        (20, "status 20", None),
+    ],
+)
+def test_payout_records_its_result(
+    app: Flask, orderhooks: OrderHooksClient, status: int, state: str, finished_at: str | None
+) -> None:
+    response = orderhooks.deliver(
+        "payout", id="P1", trans_id="WDL-1", order_amount="30.00", status=status
+    )
+
+    assert (response.status_code, response.data) == (200, b"success")
+    assert [
+        (p.gateway_id, p.trans_id, p.amount, p.state, p.finished_at) for p in rows(app, Payout)
+    ] == [("P1", "WDL-1", "30.00", state, finished_at)]
+
+
+def test_payout_canceled_after_a_retry_updates_the_same_row(
+    app: Flask, orderhooks: OrderHooksClient
+) -> None:
+    assert orderhooks.deliver("payout", id="P1", status=20).status_code == 200
+    assert orderhooks.deliver("payout", id="P1", status=50).status_code == 200
+
+    assert [(p.gateway_id, p.state) for p in rows(app, Payout)] == [("P1", "canceled")]
+
+
+# -- SUD --------------------------------------------------------------------------
+
+
+def game_state(app: Flask) -> list[tuple[Any, ...]]:
+    return [
+        (g.out_order_id, g.order_id, g.cmd, g.from_uid, g.to_uid, g.value, g.status, g.notify_id)
+        for g in rows(app, GameOrder)
+    ]
+
+
+_OK = {"ret_code": 0, "ret_msg": "SUCCESS"}
+
+
+def test_sud_order_changed_records_the_game_order(
+    app: Flask, orderhooks: OrderHooksClient
+) -> None:
+    response = orderhooks.deliver(
+        "sud", notify_id="N-1", order_id="G-1", out_order_id="OUT-1", cmd="gift", value=5
+    )
+
+    assert (response.status_code, response.json) == (200, _OK)
+    assert game_state(app) == [
+        ("OUT-1", "G-1", "gift", "u001", "u002", 5, "EXECUTE_SUCCESS", "N-1")
+    ]
+
+
+def test_sud_batch_records_each_order(app: Flask, orderhooks: OrderHooksClient) -> None:
+    response = orderhooks.deliver(
+        "sud-batch",
+        notify_id="N-1",
+        orders=[
+            sud_order(order_id="G-1", out_order_id="OUT-1", cmd="bet", value=10),
+            sud_order(order_id="G-2", out_order_id="OUT-2", status="EXECUTE_FAIL", value=None),
+        ],
+    )
+
+    assert (response.status_code, response.json) == (200, _OK)
+    assert game_state(app) == [
+        ("OUT-1", "G-1", "bet", "u001", "u002", 10, "EXECUTE_SUCCESS", "N-1"),
+        ("OUT-2", "G-2", "gift", "u001", "u002", None, "EXECUTE_FAIL", "N-1"),
+    ]
+
+
+def test_game_orders_are_idempotent_by_out_order_id(
+    app: Flask, orderhooks: OrderHooksClient
+) -> None:
+    # Older SUD docs also send the in-between statuses.
+    first = orderhooks.deliver("sud", notify_id="N-1", out_order_id="OUT-1", status="EXECUTING")
+    assert first.status_code == 200
+    # A batch that repeats OUT-1 twice and adds OUT-2.
+    response = orderhooks.deliver(
+        "sud-batch",
+        notify_id="N-2",
+        orders=[
+            sud_order(order_id="G-1", out_order_id="OUT-1", status="EXECUTING"),
+            sud_order(order_id="G-1", out_order_id="OUT-1", status="EXECUTE_SUCCESS"),
+            sud_order(order_id="G-2", out_order_id="OUT-2"),
+        ],
+    )
+    assert response.status_code == 200
+    # A late notice must not undo a final status.
+    late = orderhooks.deliver("sud", notify_id="N-3", out_order_id="OUT-1", status="EXECUTING")
+    assert late.status_code == 200
+
+    assert [(out, status, notify) for out, *_, status, notify in game_state(app)] == [
+        ("OUT-1", "EXECUTE_SUCCESS", "N-2"),
+        ("OUT-2", "EXECUTE_SUCCESS", "N-2"),
+    ]
+    assert sorted((d.key, d.status) for d in deliveries(app)) == [
+        ("N-1", "done"),
+        ("N-2", "done"),
+        ("N-3", "done"),
+    ]
+
+
+def test_a_batch_is_one_transaction(app: Flask, orderhooks: OrderHooksClient) -> None:
+    def fail_on_second(sender: Flask, *, event: GameOrderChanged) -> None:
+        if event.out_order_id == "OUT-2":
+            raise RuntimeError("wallet service down")
+
+    batch = orderhooks.build(
+        "sud-batch",
+        notify_id="N-1",
+        orders=[sud_order(out_order_id="OUT-1"), sud_order(out_order_id="OUT-2")],
+    )
+    game_order_changed.connect(fail_on_second, app)
+    try:
+        failed = orderhooks.post(batch)
+    finally:
+        game_order_changed.disconnect(fail_on_second, app)
+
+    assert (failed.status_code, failed.json) == (
+        500,
+        {"ret_code": 500, "ret_msg": "A receiver failed; the delivery will be retried."},
+    )
+    # OUT-1 was written before OUT-2 failed: rolled back with it.
+    assert rows(app, GameOrder) == []
+    [stored] = deliveries(app)
+    assert (stored.status, stored.attempts, stored.error) == (
+        "failed",
+        1,
+        "RuntimeError: wallet service down",
+    )
+
+    # The platform's retry of the same notification records both orders.
+    retried = orderhooks.post(batch)
+
+    assert (retried.status_code, retried.json) == (200, _OK)
+    assert [g.out_order_id for g in rows(app, GameOrder)] == ["OUT-1", "OUT-2"]
+    [stored] = deliveries(app)
+    assert (stored.status, stored.attempts) == ("done", 2)
+
+
+# -- the page ---------------------------------------------------------------------
+
+
+def test_index_page_without_deliveries(app: Flask) -> None:
+    response = app.test_client().get("/")
+
+    assert response.status_code == 200
+    page = response.get_data(as_text=True)
+    assert "No deliveries yet." in page
+    assert "No payments yet." in page
+
+
+def test_index_page_shows_deliveries_and_records(
+    app: Flask, orderhooks: OrderHooksClient
+) -> None:
+    def payout_down(sender: Flask, **_: Any) -> None:
+        raise RuntimeError("payout ledger <locked>")
+
+    orderhooks.deliver("igv", order_id=42, order_num="SO42")
+    orderhooks.deliver("collect", id="C1", trans_id="SHOP-1", payed_amount="90.00")
+    orderhooks.deliver("sud", out_order_id="OUT-1")
+    payout_finished.connect(payout_down, app)
+    try:
+        assert orderhooks.deliver("payout", id="P1").status_code == 500
+    finally:
+        payout_finished.disconnect(payout_down, app)
+
+    response = app.test_client().get("/")
+
+    assert response.status_code == 200
+    page = response.get_data(as_text=True)
+    for fragment in (
+        '<td>gateway</td><td>collect</td><td><code>C1:60</code></td>\n'
+        '    <td class="done">done</td><td>1</td><td></td>',
+        '<td>gateway</td><td>payout</td><td><code>P1:60</code></td>\n'
+        '    <td class="failed">failed</td><td>1</td>'
+        "<td>RuntimeError: payout ledger &lt;locked&gt;</td>",
+        "<td>SO42</td><td>42</td>",
+        "<td>ready_for_delivery</td>",
+        "<td>amount mismatch: paid 90.00 of 100.00; not credited</td>",
+        "<td>OUT-1</td>",
+        "No payouts yet.",
+    ):
+        assert fragment in page
+
+
+# -- configuration ----------------------------------------------------------------
+
+
+def test_defaults_sqlite_in_the_instance_folder_and_demo_secrets(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    instance = tmp_path / "instance"
+    with caplog.at_level(logging.WARNING, logger="example_app"):
+        app = create_app(instance_path=instance)
+    try:
+        assert app.config["SQLALCHEMY_DATABASE_URI"] == f"sqlite:///{instance / 'shop.sqlite3'}"
+        assert (instance / "shop.sqlite3").is_file()
+        for key, value in DEMO_SECRETS.items():
+            assert app.config[key] == value
+        assert [r.getMessage() for r in caplog.records if r.name == "example_app"] == [
+            "ORDERHOOKS_IGV_SECRET, ORDERHOOKS_GATEWAY_KEY, ORDERHOOKS_SUD_APPS still hold "
+            "the public DEMO secrets: anyone can sign these callbacks. "
+            "Set real ones before going live."
+        ]
+    finally:
+        with app.app_context():
+            db.engine.dispose()
+
+
+def test_environment_and_config_override_the_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("FLASK_ORDERHOOKS_IGV_SECRET", '"from-the-environment-000000000000"')
+    monkeypatch.setenv("FLASK_ORDERHOOKS_GATEWAY_KEY", '{"20002": "real-merchant-key"}')
+    monkeypatch.setenv("FLASK_ORDERHOOKS_SUD_APPS__42", "real-app-secret")
+    config = {"ORDERHOOKS_IGV_SECRET": "from-the-config-0000000000000000"}
+    with caplog.at_level(logging.WARNING, logger="example_app"):
+        app = create_app(config, instance_path=tmp_path / "instance")
+    try:
+        assert app.config["ORDERHOOKS_IGV_SECRET"] == "from-the-config-0000000000000000"
+        assert app.config["ORDERHOOKS_GATEWAY_KEY"] == {"20002": "real-merchant-key"}
+        # Nested keys add to the default mapping, never to the module's copy.
+        assert app.config["ORDERHOOKS_SUD_APPS"] == {
+            "1461564080052506636": "app-secret",
+            "42": "real-app-secret",
+        }
+        assert DEMO_SECRETS["ORDERHOOKS_SUD_APPS"] == {"1461564080052506636": "app-secret"}
+        assert [r.getMessage() for r in caplog.records if r.name == "example_app"] == [
+            "ORDERHOOKS_SUD_APPS still hold the public DEMO secrets: anyone can sign these "
+            "callbacks. Set real ones before going live."
+        ]
+        # The environment's merchant key is the one that verifies.
+        client = app.test_client()
+        with app.app_context():
+            good = build("collect", app=app, mch_id=20002)
+            demo_signed = build("collect", secret="merchant-key", mch_id=10001)
+        assert client.post(good.url(), data=good.body, headers=good.headers).data == b"success"
+        refused = client.post(demo_signed.url(), data=demo_signed.body, headers=demo_signed.headers)
+        assert (refused.status_code, refused.data) == (401, b"fail")
+    finally:
+        with app.app_context():
+            db.engine.dispose()
+
+
+# -- the demo ---------------------------------------------------------------------
+
+
+def test_demo_runs_every_callback_with_the_expected_outcome(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert demo.main() == 0
+
+    out = capsys.readouterr().out
+    assert out.count("(as expected)") == 8
+    assert "UNEXPECTED" not in out
+    for line in (
+        "    answer  200 OK",
+        "    shop    payment C1001 for SHOP-1001: credited",
+        "    shop    payment C1002 for SHOP-1002: amount mismatch: paid 45.00 of 50.00; "
+        "not credited",
+        "    result  dispatched: game_order_changed x2  (as expected)",
+        "    result  duplicate: answered as done, the receivers did not run again  (as expected)",
+        "    warning gateway collect -: refused 401 from 127.0.0.1: The sign field does not match.",
+        "    answer  401 fail",
+        "    result  refused: nothing stored, no receiver ran  (as expected)",
+        "All 8 callbacks had the expected outcome.",
+        "  gateway   collect        C1001:60             done    1",
+        "  C1002  SHOP-1002   50.00    45.00   no        amount mismatch: paid 45.00 of 50.00; "
+        "not credited",
+    ):
+        assert line + "\n" in out
+    assert out.endswith("\nServer stopped. OK.\n")
+    assert "C1003" not in out.split("All 8 callbacks")[1]
+
+
+def test_demo_exits_non_zero_on_an_unexpected_outcome(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_steps = demo.steps
+
+    def forged_expected_to_pass(app: Flask) -> list[demo.Step]:
+        *others, forged = real_steps(app)
+        return [*others, dataclasses.replace(forged, status=200, outcome=demo.DISPATCHED)]
+
+    monkeypatch.setattr(demo, "steps", forged_expected_to_pass)
+
+    assert demo.main() == 1
+
+    out = capsys.readouterr().out
+    assert (
+        "    result  refused: nothing stored, no receiver ran  "
+        "UNEXPECTED: expected 200 dispatched\n"
+    ) in out
+    assert "1 of 8 callbacks did NOT have the expected outcome.\n" in out
+    assert out.endswith("\nServer stopped. FAILED.\n")
+
+
+def test_demo_ignores_a_database_url_in_the_environment(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    elsewhere = tmp_path / "production.sqlite3"
+    monkeypatch.setenv("FLASK_SQLALCHEMY_DATABASE_URI", f"sqlite:///{elsewhere}")
+
+    assert demo.main() == 0
+    assert not os.path.exists(elsewhere)
+    capsys.readouterr()

@@ -79,7 +79,7 @@ def start_server(tmp_path: Path) -> Iterator[ServerFactory]:
 
     The factory takes the database URL, the receiver behaviour, the worker
     layout and optional ``claim_timeout``, ``duplicate_wait`` and
-    ``receiver_delay`` seconds.
+    ``receiver_delay`` seconds and the host's ``sqlite_timeout``.
     """
     servers: list[Server] = []
 
@@ -92,6 +92,7 @@ def start_server(tmp_path: Path) -> Iterator[ServerFactory]:
         claim_timeout: float | None = None,
         duplicate_wait: float | None = None,
         receiver_delay: float | None = None,
+        sqlite_timeout: float | None = None,
         prepare: bool = True,
     ) -> Server:
         number = len(servers)
@@ -111,6 +112,8 @@ def start_server(tmp_path: Path) -> Iterator[ServerFactory]:
             settings["ORDERHOOKS_DUPLICATE_WAIT"] = json.dumps(duplicate_wait)
         if receiver_delay is not None:
             settings[server_app.RECEIVER_DELAY] = str(receiver_delay)
+        if sqlite_timeout is not None:
+            settings[server_app.SQLITE_TIMEOUT] = str(sqlite_timeout)
         if prepare:
             prepare_database(settings)
         server = Server(

@@ -63,6 +63,9 @@ CONTROL_DIR = "ORDERHOOKS_SYSTEM_CONTROL_DIR"
 #: transaction: holds the row lock (PostgreSQL) or the write lock (SQLite) long
 #: enough for duplicates to pile up behind it.
 RECEIVER_DELAY = "ORDERHOOKS_SYSTEM_RECEIVER_DELAY"
+#: The host's SQLite busy timeout in seconds (the driver's default is 5): a
+#: short one turns lock waits into "database is locked" errors.
+SQLITE_TIMEOUT = "ORDERHOOKS_SYSTEM_SQLITE_TIMEOUT"
 #: Config keys read from the environment as JSON values.
 JSON_CONFIG_KEYS = (
     "ORDERHOOKS_IGV_SECRET",
@@ -166,6 +169,10 @@ def build_app(
     """
     app = Flask(__name__)
     app.config["SQLALCHEMY_DATABASE_URI"] = settings[DATABASE_URL]
+    if SQLITE_TIMEOUT in settings:
+        app.config["SQLALCHEMY_ENGINE_OPTIONS"] = {
+            "connect_args": {"timeout": float(settings[SQLITE_TIMEOUT])}
+        }
     for name in JSON_CONFIG_KEYS:
         if name in settings:
             app.config[name] = json.loads(settings[name])

@@ -85,6 +85,21 @@ def check_exactly_once(server: Server, callbacks: list[SignedCallback], result: 
     assert Counter(d.attempts for d in deliveries) == {1: len(callbacks)}
 
 
+@dataclass(frozen=True)
+class Profile:
+    """How hard the duplicates fight: the default waits with instant
+    receivers, or slow receivers with almost no duplicate wait, so that many
+    duplicates get the busy answer and must be resent."""
+
+    name: str
+    duplicate_wait: float | None
+    receiver_delay: float | None
+
+
+DEFAULT = Profile("default waits", None, None)
+CONTENDED = Profile("receiver 30 ms, duplicate wait 10 ms", 0.01, 0.03)
+
+
 @pytest.mark.system
 @pytest.mark.postgres
 def test_duplicate_storm_on_postgresql(
@@ -94,25 +109,56 @@ def test_duplicate_storm_on_postgresql(
     server = start_server(pg_url, workers=4, threads=4)
     callbacks = mixed(keys, uuid.uuid4().hex[:12])
     result = storm(server, callbacks, copies, threads=24)
-    report(result.line("postgresql gthread 4x4, 24 clients", keys, copies))
+    report(result.line(f"postgresql gthread 4x4, 24 clients, {DEFAULT.name}", keys, copies))
     assert len(result.answers) == keys * copies
     check_exactly_once(server, callbacks, result)
 
 
 @pytest.mark.system
+@pytest.mark.postgres
+def test_contended_duplicate_storm_on_postgresql(
+    start_server: ServerFactory, pg_url: str, report: ReportFn
+) -> None:
+    keys, copies = 80, 10
+    server = start_server(
+        pg_url,
+        workers=4,
+        threads=4,
+        duplicate_wait=CONTENDED.duplicate_wait,
+        receiver_delay=CONTENDED.receiver_delay,
+    )
+    callbacks = mixed(keys, uuid.uuid4().hex[:12])
+    result = storm(server, callbacks, copies, threads=16)
+    report(result.line(f"postgresql gthread 4x4, 16 clients, {CONTENDED.name}", keys, copies))
+    assert len(result.answers) == keys * copies
+    # The point of this profile: the busy path and its resends really ran.
+    assert result.busy
+    check_exactly_once(server, callbacks, result)
+
+
+@pytest.mark.system
+@pytest.mark.parametrize("profile", [DEFAULT, CONTENDED], ids=["default", "contended"])
 def test_duplicate_storm_on_sqlite_wal(
-    start_server: ServerFactory, sqlite_url: str, report: ReportFn
+    start_server: ServerFactory, sqlite_url: str, report: ReportFn, profile: Profile
 ) -> None:
     keys, copies = 60, 10
-    server = start_server(sqlite_url, workers=4, threads=4)
+    server = start_server(
+        sqlite_url,
+        workers=4,
+        threads=4,
+        duplicate_wait=profile.duplicate_wait,
+        receiver_delay=profile.receiver_delay,
+    )
     callbacks = mixed(keys, uuid.uuid4().hex[:12])
     result = storm(server, callbacks, copies, threads=16)
     log = server.log()
     report(
-        result.line("sqlite WAL gthread 4x4, 16 clients", keys, copies)
+        result.line(f"sqlite WAL gthread 4x4, 16 clients, {profile.name}", keys, copies)
         + f" locked_log_lines={log.count('store busy')}"
     )
     assert len(result.answers) == keys * copies
+    if profile is CONTENDED:
+        assert result.busy
     # "database is locked" must only ever have become a 503 (resent above),
     # never a success without the effect, nor a lost delivery.
     check_exactly_once(server, callbacks, result)

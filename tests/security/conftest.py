@@ -1,0 +1,371 @@
+"""Fixtures of the security suite.
+
+Every app here runs on a frozen clock (``OrderHooks(clock=...)``), so no
+test depends on the wall clock, and every app's deliveries table is private
+to it (a SQLite file, or a PostgreSQL schema created and dropped here), so
+the final check of a :class:`Target` sees exactly the rows its own accepted
+requests wrote and nothing from a refused one.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+from flask_sqlalchemy import SQLAlchemy
+from hypothesis import HealthCheck, settings
+from sqlalchemy.orm import DeclarativeBase
+from werkzeug.test import TestResponse
+
+from flask_orderhooks import (
+    OrderHooks,
+    callback_unhandled,
+    game_order_changed,
+    order_pending_delivery,
+    payment_collected,
+    payout_finished,
+)
+from flask_orderhooks.store import DeliveryStore, StoredDelivery
+from flask_orderhooks.testing import SignedCallback
+
+from .support import PLATFORM_OF_PATH, Answer, answer_of, ok
+
+# -- Hypothesis ------------------------------------------------------------------
+
+#: Examples per route. CI runs at least 2,000; raise it for a deeper local run.
+EXAMPLES = max(2000, int(os.environ.get("ORDERHOOKS_SECURITY_EXAMPLES", "2000")))
+
+# Registered, not loaded: loading would change every other test's settings.
+settings.register_profile(
+    "orderhooks-security",
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    # The app is module-scoped on purpose (one table for thousands of
+    # examples); the big-body strategies are big on purpose.
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+SECURITY_PROFILE = settings.get_profile("orderhooks-security")
+
+# -- secrets: explicit, distinctive, and never expected in any output ---------------
+
+NOW = 1_767_225_600  # 2026-01-01T00:00:00Z
+NOW_MS = NOW * 1000
+
+IGV_SECRET = "Qm7vT2xK9pLr4WnB8cYd3FsH6jGa1ZeU"
+IGV_OLD_SECRET = "Ol5dS3crEt7KeyRotatedAway0000xyz"
+MERCHANT_A = 10001
+MERCHANT_B = 10002
+GATEWAY_KEYS = {str(MERCHANT_A): "gw-key-A-7f3c9d21", str(MERCHANT_B): "gw-key-B-0e8b4a56"}
+GATEWAY_OLD_KEY = "gw-key-A-retired-5521"
+SUD_APP_A = "1461564080052506636"
+SUD_APP_B = "1461564080052506999"
+SUD_APPS = {SUD_APP_A: "sud-secret-A-93kd8s", SUD_APP_B: "sud-secret-B-x71mq0"}
+SUD_OLD_SECRET = "sud-secret-A-retired-4k2"
+#: A password in the database URL: trust authentication ignores it, the
+#: secrets test proves it never shows.
+DB_PASSWORD = "Db-Pa55word-9d7e1c"
+
+ALL_SECRETS: tuple[str, ...] = (
+    IGV_SECRET,
+    IGV_OLD_SECRET,
+    *GATEWAY_KEYS.values(),
+    GATEWAY_OLD_KEY,
+    *SUD_APPS.values(),
+    SUD_OLD_SECRET,
+    DB_PASSWORD,
+)
+
+SECURITY_CONFIG: dict[str, Any] = {
+    "TESTING": True,
+    "ORDERHOOKS_IGV_SECRET": IGV_SECRET,
+    "ORDERHOOKS_GATEWAY_KEY": GATEWAY_KEYS,
+    "ORDERHOOKS_SUD_APPS": SUD_APPS,
+}
+
+SIGNALS = {
+    "order-pending-delivery": order_pending_delivery,
+    "payment-collected": payment_collected,
+    "payout-finished": payout_finished,
+    "game-order-changed": game_order_changed,
+    "callback-unhandled": callback_unhandled,
+}
+
+
+class FixedClock:
+    """Unix time that only moves when a test moves it."""
+
+    def __init__(self, now: float = NOW) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass(frozen=True)
+class Captured:
+    signal: str
+    event: Any
+
+
+class Recorder:
+    """Receives every orderhooks signal of one app; can be told to fail."""
+
+    def __init__(self) -> None:
+        self.events: list[Captured] = []
+        self.fail_with: BaseException | None = None
+
+    def receiver(self, name: str) -> Callable[..., None]:
+        def receive(sender: Flask, *, event: Any, **_: Any) -> None:
+            self.events.append(Captured(name, event))
+            if self.fail_with is not None:
+                raise self.fail_with
+
+        return receive
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+Key = tuple[str, str, str]
+
+
+class Target:
+    """One app under attack: posts requests and checks their traces.
+
+    ``refuse`` proves a refused request changed no row and ran no receiver;
+    :meth:`final_check` proves the table holds exactly the deliveries that
+    were verified, so nothing refused ever got in.
+    """
+
+    def __init__(self, app: Flask, hooks: OrderHooks, clock: FixedClock, recorder: Recorder):
+        self.app = app
+        self.hooks = hooks
+        self.clock = clock
+        self.recorder = recorder
+        self.client = app.test_client()
+        #: Keys of verified deliveries: the only rows the table may hold.
+        self.verified: set[Key] = set()
+
+    @property
+    def store(self) -> DeliveryStore:
+        return self.hooks.state(self.app).store
+
+    def rows(self) -> list[StoredDelivery]:
+        with self.app.app_context():
+            return self.store.list()
+
+    def row(self, provider: str, callback: str, key: str) -> StoredDelivery | None:
+        with self.app.app_context():
+            rows = self.store.get(key, provider=provider, callback=callback)
+        return rows[0] if rows else None
+
+    def count(self) -> int:
+        with self.app.app_context(), self.hooks.state(self.app).store._sessions() as session:
+            total = session.execute(sa.select(sa.func.count()).select_from(self.store.table))
+            number = int(total.scalar_one())
+            session.rollback()
+            return number
+
+    def snapshot(self) -> set[tuple[Any, ...]]:
+        return {
+            (r.provider, r.callback, r.key, r.status, r.attempts, r.body, r.error, r.updated_at)
+            for r in self.rows()
+        }
+
+    def post(
+        self,
+        path: str,
+        body: bytes,
+        headers: Mapping[str, str] | Sequence[tuple[str, str]],
+        **kwargs: Any,
+    ) -> TestResponse:
+        self.recorder.events.clear()
+        header_list = list(headers.items()) if isinstance(headers, Mapping) else list(headers)
+        return self.client.post(path, data=body, headers=header_list, **kwargs)
+
+    def refuse(
+        self,
+        path: str,
+        body: bytes,
+        headers: Mapping[str, str] | Sequence[tuple[str, str]],
+        expected: Answer,
+        **kwargs: Any,
+    ) -> TestResponse:
+        """Post and assert the exact refusal, no receiver run, no row touched."""
+        before = self.snapshot()
+        response = self.post(path, body, headers, **kwargs)
+        assert answer_of(PLATFORM_OF_PATH[path], response) == expected
+        assert self.recorder.events == []
+        assert self.snapshot() == before
+        return response
+
+    def refuse_cb(self, cb: SignedCallback, expected: Answer, **kwargs: Any) -> TestResponse:
+        return self.refuse(cb.url(), cb.body, cb.headers, expected, **kwargs)
+
+    def accept(
+        self,
+        path: str,
+        body: bytes,
+        headers: Mapping[str, str] | Sequence[tuple[str, str]],
+        key: str,
+        **kwargs: Any,
+    ) -> list[Captured]:
+        """Post, assert the platform's success answer; the delivery is done."""
+        platform = PLATFORM_OF_PATH[path]
+        response = self.post(path, body, headers, **kwargs)
+        assert answer_of(platform, response) == ok(platform)
+        callback = path.rsplit("/", 1)[1]
+        self.verified.add((platform, callback, key))
+        row = self.row(platform, callback, key)
+        assert row is not None
+        assert row.status == "done"
+        return list(self.recorder.events)
+
+    def accept_cb(self, cb: SignedCallback, **kwargs: Any) -> list[Captured]:
+        return self.accept(cb.url(), cb.body, cb.headers, cb.key, **kwargs)
+
+    def final_check(self) -> None:
+        stored = {(r.provider, r.callback, r.key) for r in self.rows()}
+        assert stored == self.verified, {
+            "rows never verified": stored - self.verified,
+            "verified but missing": self.verified - stored,
+        }
+
+
+TargetFactory = Callable[..., Target]
+
+
+def _pg_schema_url(base_url: str) -> tuple[str, Callable[[], None]]:
+    """A URL on a fresh schema of our own, and the function that drops it."""
+    base = sa.make_url(base_url).difference_update_query(["options"])
+    schema = f"orderhooks_sec_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(base)
+    with admin.begin() as connection:
+        connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+
+    def drop() -> None:
+        with admin.begin() as connection:
+            connection.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+    url = base.set(password=DB_PASSWORD).update_query_dict(
+        {"options": f"-csearch_path={schema}"}
+    )
+    return url.render_as_string(hide_password=False), drop
+
+
+BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def sec_backend(request: pytest.FixtureRequest) -> str:
+    """The store backend of the module's targets: SQLite, then PostgreSQL."""
+    return str(request.param)
+
+
+def _factory(
+    request: pytest.FixtureRequest, backend: str, workdir: Path
+) -> Iterator[TargetFactory]:
+    made: list[tuple[Target, SQLAlchemy | None, Callable[[], None] | None]] = []
+
+    def make(
+        *,
+        host_db: bool = True,
+        proxy_fix: bool = False,
+        database_uri: str | None = None,
+        **config: Any,
+    ) -> Target:
+        drop: Callable[[], None] | None = None
+        if database_uri is None:
+            if backend == "postgresql":
+                database_uri, drop = _pg_schema_url(request.getfixturevalue("postgres_url"))
+            else:
+                database_uri = f"sqlite:///{workdir / f'{uuid.uuid4().hex}.sqlite3'}"
+        app = Flask("orderhooks_security", instance_path=str(workdir / "instance"))
+        app.config.update(SECURITY_CONFIG)
+        app.config["SQLALCHEMY_DATABASE_URI"] = database_uri
+        if not host_db:
+            app.config["ORDERHOOKS_DATABASE_URI"] = database_uri
+        app.config.update(config)
+        if proxy_fix:
+            from werkzeug.middleware.proxy_fix import ProxyFix
+
+            app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1)  # type: ignore[method-assign]
+        db = SQLAlchemy(app, model_class=_Base) if host_db else None
+        clock = FixedClock()
+        hooks = OrderHooks(app, db=db, clock=clock)
+        with app.app_context():
+            if db is not None:
+                db.create_all()
+            else:
+                hooks.create_all()
+        recorder = Recorder()
+        for name, signal in SIGNALS.items():
+            signal.connect(recorder.receiver(name), app, weak=False)
+        target = Target(app, hooks, clock, recorder)
+        made.append((target, db, drop))
+        return target
+
+    yield make
+    errors: list[str] = []
+    for target, db, drop in made:
+        app = target.app
+        try:
+            target.final_check()
+        except AssertionError as exc:
+            errors.append(str(exc))
+        for signal in SIGNALS.values():
+            for receiver in list(signal.receivers_for(app)):
+                signal.disconnect(receiver, app)
+        with app.app_context():
+            if db is not None:
+                db.drop_all()
+                db.engine.dispose()
+            else:
+                standalone = target.hooks.state(app).standalone
+                assert standalone is not None
+                standalone.metadata.drop_all(standalone.engine)
+                standalone.engine.dispose()
+        if drop is not None:
+            drop()
+    assert not errors, f"rows from unverified requests are in the table: {errors}"
+
+
+@pytest.fixture(scope="module")
+def make_target(
+    request: pytest.FixtureRequest, sec_backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TargetFactory]:
+    """Build targets on the module's backend; final-checked at module end."""
+    yield from _factory(request, sec_backend, tmp_path_factory.mktemp("security"))
+
+
+@pytest.fixture(scope="module")
+def make_sqlite_target(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TargetFactory]:
+    """Build targets on SQLite files only (the Hypothesis runs)."""
+    yield from _factory(request, "sqlite", tmp_path_factory.mktemp("security-sqlite"))
+
+
+@pytest.fixture(scope="module")
+def target(make_target: TargetFactory) -> Target:
+    """The module's main target: every platform on, default limits."""
+    return make_target()
+
+
+@pytest.fixture
+def clock(target: Target) -> Iterator[FixedClock]:
+    """The main target's clock, put back to ``NOW`` after the test."""
+    yield target.clock
+    target.clock.now = NOW

@@ -23,6 +23,7 @@ dispatches again. Claims use the dialect's ``INSERT … ON CONFLICT`` with
 from __future__ import annotations
 
 import builtins
+import functools
 import hashlib
 import json
 import logging
@@ -198,17 +199,24 @@ class DeliveryStore:
                     # key (ON CONFLICT waits for its row lock, unbounded by default).
                     wait_ms = max(1, int(remaining * 1000))
                     session.execute(sa.text(f"SET LOCAL lock_timeout = {wait_ms}"))
+                now = self._now()
                 row = session.execute(
-                    self._claim_statement(delivery, digest, token, force=force)
+                    self._sql.claim,
+                    {
+                        **self._key_params(delivery),
+                        "p_token": token,
+                        "p_lease": now + timedelta(seconds=self.claim_timeout),
+                        "p_body": delivery.body,
+                        "p_digest": digest,
+                        "p_headers": json.dumps(dict(delivery.headers), sort_keys=True),
+                        "p_now": now,
+                        "p_takeover": DONE if force else FAILED,
+                    },
                 ).first()
                 if row is not None and row.claim_token == token:
                     session.commit()
                     return Claim(token=token, attempt=row.attempts)
-                current = session.execute(
-                    sa.select(self.table.c.status, self.table.c.body_sha256).where(
-                        *self._key_clause(delivery)
-                    )
-                ).first()
+                current = session.execute(self._sql.state, self._key_params(delivery)).first()
                 session.rollback()
             if current is None:
                 pass  # purged between the two statements: claim again
@@ -231,14 +239,8 @@ class DeliveryStore:
         """Run ``dispatch`` inside the transaction that marks the claim done."""
         with self._store_errors(delivery), self._sessions() as session:
             marked = session.execute(
-                sa.update(self.table)
-                .where(
-                    *self._key_clause(delivery),
-                    self.table.c.claim_token == claim.token,
-                    self.table.c.status == PROCESSING,
-                )
-                .values(status=DONE, updated_at=self._now())
-                .returning(self.table.c.attempts)
+                self._sql.mark_done,
+                {**self._key_params(delivery), "p_token": claim.token, "p_now": self._now()},
             ).first()
             if marked is None:
                 session.rollback()
@@ -268,9 +270,13 @@ class DeliveryStore:
         try:
             with self._sessions() as session:
                 session.execute(
-                    sa.update(self.table)
-                    .where(*self._key_clause(delivery), self.table.c.claim_token == claim.token)
-                    .values(status=FAILED, error=error, updated_at=self._now())
+                    self._sql.mark_failed,
+                    {
+                        **self._key_params(delivery),
+                        "p_token": claim.token,
+                        "p_error": error,
+                        "p_now": self._now(),
+                    },
                 )
                 session.commit()
         except SQLAlchemyError:
@@ -283,51 +289,19 @@ class DeliveryStore:
                 claim.attempt,
             )
 
-    def _claim_statement(
-        self, delivery: Delivery, digest: str, token: str, *, force: bool = False
-    ) -> Any:
-        now = self._now()
-        t = self.table
-        insert = _dialect_insert(self.dialect)(t).values(
-            provider=delivery.provider,
-            callback=delivery.callback,
-            key=delivery.key,
-            status=PROCESSING,
-            attempts=1,
-            claim_token=token,
-            lease_expires_at=now + timedelta(seconds=self.claim_timeout),
-            body=delivery.body,
-            body_sha256=digest,
-            headers=json.dumps(dict(delivery.headers), sort_keys=True),
-            created_at=now,
-            updated_at=now,
-        )
-        takeover = sa.and_(
-            sa.or_(
-                t.c.status == (DONE if force else FAILED),
-                t.c.status == FAILED,
-                sa.and_(t.c.status == PROCESSING, t.c.lease_expires_at < now),
-            ),
-            t.c.body_sha256 == insert.excluded.body_sha256,
-        )
-        return insert.on_conflict_do_update(
-            index_elements=[t.c.provider, t.c.callback, t.c.key],
-            set_={
-                "status": PROCESSING,
-                "attempts": t.c.attempts + 1,
-                "claim_token": insert.excluded.claim_token,
-                "lease_expires_at": insert.excluded.lease_expires_at,
-                "updated_at": insert.excluded.updated_at,
-            },
-            where=takeover,
-        ).returning(t.c.claim_token, t.c.attempts)
+    @functools.cached_property
+    def _sql(self) -> _Statements:
+        # Built once: constructing these per request costs more CPU than the
+        # round trips they make on a local PostgreSQL.
+        return _Statements(self.table, self.dialect)
 
-    def _key_clause(self, delivery: Delivery) -> tuple[Any, ...]:
-        return self._pk(delivery.provider, delivery.callback, delivery.key)
-
-    def _pk(self, provider: str, callback: str, key: str) -> tuple[Any, ...]:
-        t = self.table
-        return (t.c.provider == provider, t.c.callback == callback, t.c.key == key)
+    @staticmethod
+    def _key_params(delivery: Delivery) -> dict[str, Any]:
+        return {
+            "p_provider": delivery.provider,
+            "p_callback": delivery.callback,
+            "p_key": delivery.key,
+        }
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._clock(), tz=UTC)
@@ -436,6 +410,72 @@ class DeliveryStore:
             )
             for r in rows
         ]
+
+
+class _Statements:
+    """The store's statements, with bound parameters named ``p_*``."""
+
+    def __init__(self, t: sa.Table, dialect: str) -> None:
+        when = sa.DateTime(timezone=True)
+        key = (
+            t.c.provider == sa.bindparam("p_provider"),
+            t.c.callback == sa.bindparam("p_callback"),
+            t.c.key == sa.bindparam("p_key"),
+        )
+        insert = _dialect_insert(dialect)(t).values(
+            provider=sa.bindparam("p_provider"),
+            callback=sa.bindparam("p_callback"),
+            key=sa.bindparam("p_key"),
+            status=PROCESSING,
+            attempts=1,
+            claim_token=sa.bindparam("p_token"),
+            lease_expires_at=sa.bindparam("p_lease", type_=when),
+            body=sa.bindparam("p_body", type_=sa.LargeBinary),
+            body_sha256=sa.bindparam("p_digest"),
+            headers=sa.bindparam("p_headers"),
+            created_at=sa.bindparam("p_now", type_=when),
+            updated_at=sa.bindparam("p_now", type_=when),
+        )
+        # Taken over: a failed attempt, a claim whose worker died (lease
+        # over), or a done one when replay is forced; never another body.
+        takeover = sa.and_(
+            sa.or_(
+                t.c.status == FAILED,
+                t.c.status == sa.bindparam("p_takeover"),
+                sa.and_(
+                    t.c.status == PROCESSING,
+                    t.c.lease_expires_at < sa.bindparam("p_now", type_=when),
+                ),
+            ),
+            t.c.body_sha256 == insert.excluded.body_sha256,
+        )
+        self.claim = insert.on_conflict_do_update(
+            index_elements=[t.c.provider, t.c.callback, t.c.key],
+            set_={
+                "status": PROCESSING,
+                "attempts": t.c.attempts + 1,
+                "claim_token": insert.excluded.claim_token,
+                "lease_expires_at": insert.excluded.lease_expires_at,
+                "updated_at": insert.excluded.updated_at,
+            },
+            where=takeover,
+        ).returning(t.c.claim_token, t.c.attempts)
+        self.state = sa.select(t.c.status, t.c.body_sha256).where(*key)
+        self.mark_done = (
+            sa.update(t)
+            .where(*key, t.c.claim_token == sa.bindparam("p_token"), t.c.status == PROCESSING)
+            .values(status=DONE, updated_at=sa.bindparam("p_now", type_=when))
+            .returning(t.c.attempts)
+        )
+        self.mark_failed = (
+            sa.update(t)
+            .where(*key, t.c.claim_token == sa.bindparam("p_token"))
+            .values(
+                status=FAILED,
+                error=sa.bindparam("p_error"),
+                updated_at=sa.bindparam("p_now", type_=when),
+            )
+        )
 
 
 def _dialect_insert(dialect: str) -> Callable[[sa.Table], Any]:

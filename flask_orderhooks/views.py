@@ -87,9 +87,10 @@ def send(app: Flask, delivery: Delivery) -> None:
     for dispatch in delivery.dispatches:
         # Not has_receivers_for(): it answers "probably", and stays True after
         # the last receiver of a sender disconnects.
-        if dispatch.signal is not callback_unhandled and next(
-            iter(dispatch.signal.receivers_for(app)), None
-        ) is None:
+        if (
+            dispatch.signal is not callback_unhandled
+            and next(iter(dispatch.signal.receivers_for(app)), None) is None
+        ):
             raise NoReceiver(
                 f"No receiver is connected to {dispatch.signal.name}; the delivery was kept."
             )

@@ -48,6 +48,7 @@ class IGVProvider(Provider):
     name = "igv"
     routes: ClassVar[Mapping[str, str]] = {"order-status": "/igv/order-status"}
     signed_headers = ("X-Timestamp", "X-Request-Id", "X-Signature")
+    key_header = "X-Request-Id"
 
     def read(
         self, callback: str, body: bytes, headers: Mapping[str, str], *, now: float | None

@@ -57,6 +57,9 @@ class Provider(ABC):
     routes: ClassVar[Mapping[str, str]]
     #: The headers stored with a delivery so it can be verified again.
     signed_headers: ClassVar[tuple[str, ...]] = ()
+    #: A header naming the idempotency key before verification, for the log
+    #: line of a refused request.
+    key_header: ClassVar[str | None] = None
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

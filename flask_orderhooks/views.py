@@ -72,7 +72,9 @@ def handle(state: AppState, provider: Provider, callback: str) -> Response:
         return provider.answer(exc.status, exc.reason)
     except Exception:
         # A bug of ours must still read as "retry" to the platform.
-        logger.exception("%s %s %s: unexpected error", provider.name, callback, _key(delivery))
+        logger.exception(
+            "%s %s %s: unexpected error", provider.name, callback, _key(provider, delivery)
+        )
         return provider.answer(500, "Internal error; retry later.")
     logger.info("%s %s %s: %s", provider.name, callback, delivery.key, outcome)
     return provider.answer(200, "OK")
@@ -132,14 +134,18 @@ def _signed_headers(provider: Provider) -> dict[str, str]:
     return headers
 
 
-def _key(delivery: Delivery | None) -> str:
-    return delivery.key if delivery is not None else "-"
+def _key(provider: Provider, delivery: Delivery | None) -> str:
+    if delivery is not None:
+        return delivery.key
+    claimed = request.headers.get(provider.key_header) if provider.key_header else None
+    # Unverified: quoted and cut short, so a hostile value cannot forge log lines.
+    return f"(unverified {claimed[:80]!r})" if claimed else "-"
 
 
 def _log_failure(
     provider: Provider, callback: str, delivery: Delivery | None, exc: CallbackError
 ) -> None:
-    where = f"{provider.name} {callback} {_key(delivery)}"
+    where = f"{provider.name} {callback} {_key(provider, delivery)}"
     if isinstance(exc, ReceiverFailed):
         logger.error("%s: %s", where, exc.reason, exc_info=exc.__cause__ or exc)
     elif isinstance(exc, RequestRefused):

@@ -302,3 +302,19 @@ def test_url_prefix_is_configurable(recorder: RecorderFactory) -> None:
     )
     assert post(app, cb).status_code == 404
     assert len(rec.events) == 1
+
+
+def test_refusal_log_names_the_unverified_key_safely(
+    recorder: RecorderFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    app, _rec = recorder()
+    cb = make("igv", app, request_id="req-42\x1b[2J" + "x" * 200)
+    headers = dict(cb.headers, **{"X-Signature": "0" * 64})
+    with caplog.at_level(logging.WARNING, "flask_orderhooks"):
+        response = app.test_client().post(cb.url(), data=cb.body, headers=headers)
+    assert response.status_code == 401
+    (record,) = caplog.records
+    assert record.getMessage() == (
+        f"igv order-status (unverified 'req-42\\x1b[2J{'x' * 70}'): refused 401 from 127.0.0.1: "
+        "The X-Signature does not match."
+    )

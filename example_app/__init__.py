@@ -82,7 +82,7 @@ def create_app(
     demo_keys = [key for key in DEMO_SECRETS if _uses_demo_secret(key, app.config.get(key))]
     if demo_keys and not app.testing:
         logger.warning(
-            "%s still hold the public DEMO secrets: anyone can sign these callbacks. "
+            "DEMO-ONLY secrets in use (%s): anyone can sign these callbacks. "
             "Set real ones before going live.",
             ", ".join(demo_keys),
         )
@@ -91,6 +91,13 @@ def create_app(
 
 def _uses_demo_secret(key: str, value: object) -> bool:
     demo = DEMO_SECRETS[key]
-    if isinstance(demo, dict) and isinstance(value, Mapping):
-        return any(value.get(name) == secret for name, secret in demo.items())
-    return bool(value == demo)
+    if isinstance(demo, dict):
+        return isinstance(value, Mapping) and any(
+            _holds(value.get(name), secret) for name, secret in demo.items()
+        )
+    return _holds(value, demo)
+
+
+def _holds(value: object, secret: str) -> bool:
+    # A list is a rotation of secrets, oldest first.
+    return value == secret or (isinstance(value, (list, tuple)) and secret in value)

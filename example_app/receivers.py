@@ -71,7 +71,7 @@ def on_payment_collected(sender: Flask, *, event: PaymentCollected) -> None:
     payment.status = event.status
     # Compare what was paid, not only the status: a customer can pay a
     # different amount than ordered, and the gateway still reports success.
-    if event.succeeded:
+    if event.succeeded and event.amount_matches:
         payment.credited = True
         payment.note = "credited"
     elif event.succeeded:

@@ -238,11 +238,15 @@ class DeliveryStore:
     def dispatch(self, delivery: Delivery, claim: Claim, dispatch: Callable[[], None]) -> None:
         """Run ``dispatch`` inside the transaction that marks the claim done."""
         with self._store_errors(delivery), self._sessions() as session:
-            marked = session.execute(
-                self._sql.mark_done,
-                {**self._key_params(delivery), "p_token": claim.token, "p_now": self._now()},
-            ).first()
-            if marked is None:
+            try:
+                marked = self._mark_done(session, delivery, claim)
+            except SQLAlchemyError as exc:
+                # No receiver ran. Hand the claim back now, or every retry is
+                # refused until the lease runs out although nobody holds it.
+                session.rollback()
+                self._mark_failed(delivery, claim, exc)
+                raise
+            if not marked:
                 session.rollback()
                 raise StoreUnavailable("The claim on this delivery expired; retry later.")
             try:
@@ -264,6 +268,24 @@ class DeliveryStore:
                 session.rollback()
                 self._mark_failed(delivery, claim, exc)
                 raise
+
+    def _mark_done(self, session: Session, delivery: Delivery, claim: Claim) -> bool:
+        """Mark the claim done (uncommitted), waiting out a busy store.
+
+        Retrying is safe here because no receiver has run yet; it matters on
+        SQLite, where another writer's lock otherwise strands the claim.
+        """
+        deadline = time.monotonic() + self.duplicate_wait
+        params = {**self._key_params(delivery), "p_token": claim.token}
+        while True:
+            try:
+                row = session.execute(self._sql.mark_done, {**params, "p_now": self._now()})
+                return row.first() is not None
+            except DBAPIError as exc:
+                if not _is_busy(exc) or time.monotonic() >= deadline:
+                    raise
+                session.rollback()
+                time.sleep(_POLL_INTERVAL)
 
     def _mark_failed(self, delivery: Delivery, claim: Claim, exc: BaseException) -> None:
         error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_LENGTH]
@@ -467,9 +489,11 @@ class _Statements:
             .values(status=DONE, updated_at=sa.bindparam("p_now", type_=when))
             .returning(t.c.attempts)
         )
+        # Fenced by status too: after a COMMIT whose answer was lost, the row
+        # may be done with the receivers' writes committed; it must stay so.
         self.mark_failed = (
             sa.update(t)
-            .where(*key, t.c.claim_token == sa.bindparam("p_token"))
+            .where(*key, t.c.claim_token == sa.bindparam("p_token"), t.c.status == PROCESSING)
             .values(
                 status=FAILED,
                 error=sa.bindparam("p_error"),

@@ -338,3 +338,51 @@ def test_standalone_store_creates_its_sqlite_file_in_wal_mode(tmp_path: Path) ->
         assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
     standalone.engine.dispose()
     assert len(got) == 1
+
+
+def test_a_failure_report_never_overwrites_a_committed_done(recorder: RecorderFactory) -> None:
+    """After a COMMIT whose answer was lost, the worker reports a failure over
+    a row that is in fact done: the report must not reopen it for dispatch."""
+    app, rec = recorder()
+    cb = make("igv", app)
+    with app.app_context():
+        store = app.extensions["orderhooks"].store
+        delivery = read(app, cb)
+        claim = store.claim(delivery)
+        assert claim is not None
+        store.dispatch(delivery, claim, lambda: None)
+        store._mark_failed(delivery, claim, ConnectionError("commit answer lost"))
+    (row,) = rows(app)
+    assert (row.status, row.error) == ("done", None)
+    assert post(app, cb).status_code == 200
+    assert rec.events == []
+
+
+def test_a_busy_sqlite_store_does_not_strand_a_claim(tmp_path: Path) -> None:
+    """Another writer holds SQLite's lock when the dispatch starts: the dispatch
+    waits it out instead of leaving the claim 'processing' until its lease."""
+    app = Flask("busy", instance_path=str(tmp_path))
+    app.config.update(ORDERHOOKS_IGV_SECRET="s" * 32, ORDERHOOKS_DUPLICATE_WAIT=2)
+    # A driver busy timeout shorter than the other writer's hold: the dispatch
+    # itself has to wait it out.
+    hooks = OrderHooks(app, engine_options={"connect_args": {"timeout": 0.05}})
+    cb = make("igv", app)
+    standalone = hooks.state(app).standalone
+    assert standalone is not None
+    with app.app_context():
+        store = hooks.store
+        delivery = read(app, cb)
+        claim = store.claim(delivery)
+        assert claim is not None
+        blocker = standalone.engine.raw_connection()
+        blocker.cursor().execute("BEGIN IMMEDIATE")
+        timer = threading.Timer(0.3, blocker.rollback)
+        timer.start()
+        try:
+            store.dispatch(delivery, claim, lambda: None)
+        finally:
+            timer.join()
+            blocker.close()
+        (row,) = store.get(cb.key)
+    assert (row.status, row.attempts) == ("done", 1)
+    standalone.engine.dispose()

@@ -49,7 +49,15 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 
 
 @pytest.fixture
-def pg_url(postgres_url: str) -> Iterator[str]:
+def _servers() -> list[Server]:
+    """The servers a test started: shared by ``start_server``, which stops
+    them, and ``pg_url``, which must stop them before dropping their schema
+    whichever of the two fixtures is torn down first."""
+    return []
+
+
+@pytest.fixture
+def pg_url(postgres_url: str, _servers: list[Server]) -> Iterator[str]:
     """A URL whose ``search_path`` is a fresh schema, dropped after the test."""
     base = sa.make_url(postgres_url)
     schema = f"orderhooks_sys_{uuid.uuid4().hex[:12]}"
@@ -61,6 +69,8 @@ def pg_url(postgres_url: str) -> Iterator[str]:
             hide_password=False
         )
     finally:
+        for server in _servers:
+            server.stop()
         with admin.begin() as connection:
             # Bounded: a worker left hanging must fail the teardown, not hang it.
             connection.execute(sa.text("SET LOCAL lock_timeout = '20s'"))
@@ -74,14 +84,14 @@ def sqlite_url(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def start_server(tmp_path: Path) -> Iterator[ServerFactory]:
+def start_server(tmp_path: Path, _servers: list[Server]) -> Iterator[ServerFactory]:
     """Start a gunicorn server; every server started is stopped afterwards.
 
     The factory takes the database URL, the receiver behaviour, the worker
     layout and optional ``claim_timeout``, ``duplicate_wait`` and
     ``receiver_delay`` seconds and the host's ``sqlite_timeout``.
     """
-    servers: list[Server] = []
+    servers = _servers
 
     def start(
         database_url: str,
@@ -93,7 +103,6 @@ def start_server(tmp_path: Path) -> Iterator[ServerFactory]:
         duplicate_wait: float | None = None,
         receiver_delay: float | None = None,
         sqlite_timeout: float | None = None,
-        prepare: bool = True,
     ) -> Server:
         number = len(servers)
         control = tmp_path / f"control-{number}"
@@ -114,8 +123,7 @@ def start_server(tmp_path: Path) -> Iterator[ServerFactory]:
             settings[server_app.RECEIVER_DELAY] = str(receiver_delay)
         if sqlite_timeout is not None:
             settings[server_app.SQLITE_TIMEOUT] = str(sqlite_timeout)
-        if prepare:
-            prepare_database(settings)
+        prepare_database(settings)
         server = Server(
             settings=settings,
             control=control,

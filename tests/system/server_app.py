@@ -181,11 +181,18 @@ def build_app(
     if connect_receivers:
         behaviour = settings.get(RECEIVER, "record")
         if behaviour not in RECEIVERS:
-            raise ValueError(f"{RECEIVER} must be one of {', '.join(RECEIVERS)}, not {behaviour!r}.")
+            raise ValueError(
+                f"{RECEIVER} must be one of {', '.join(RECEIVERS)}, not {behaviour!r}."
+            )
         control = Path(settings[CONTROL_DIR]) if CONTROL_DIR in settings else None
         delay = float(settings.get(RECEIVER_DELAY, "0"))
         receiver = _make_receiver(db, behaviour, control, delay)
-        for signal in (order_pending_delivery, payment_collected, payout_finished, game_order_changed):
+        for signal in (
+            order_pending_delivery,
+            payment_collected,
+            payout_finished,
+            game_order_changed,
+        ):
             signal.connect(receiver, app, weak=False)
     return app, db, hooks
 

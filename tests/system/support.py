@@ -113,7 +113,11 @@ def is_busy(provider: str, answer: Answer) -> bool:
     """A 503 in the platform's failure form that tells it to retry."""
     kind, reason = form(provider, answer)
     # The gateway's failure body is "fail" whatever the reason.
-    return kind == "failure" and answer.status == 503 and (provider == "gateway" or reason in BUSY_REASONS)
+    return (
+        kind == "failure"
+        and answer.status == 503
+        and (provider == "gateway" or reason in BUSY_REASONS)
+    )
 
 
 def resend_until_success(
@@ -168,10 +172,6 @@ class Server:
     port: int = 0
     _reader: tuple[Any, Any, Any] | None = field(default=None, repr=False)
 
-    @property
-    def database_url(self) -> str:
-        return self.settings[server_app.DATABASE_URL]
-
     def start(self) -> None:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
@@ -193,6 +193,9 @@ class Server:
                 "--graceful-timeout", "3",
                 "--log-level", "info",
                 "--error-logfile", "-",
+                # gunicorn 27 otherwise shares one control socket in $HOME
+                # between every server on the machine.
+                "--no-control-socket",
                 "--chdir", str(ROOT),
                 "tests.system.server_app:create_app()",
             ]  # fmt: skip
@@ -240,22 +243,20 @@ class Server:
 
     def stop(self) -> None:
         """SIGTERM, a bounded wait, then SIGKILL; then any worker left behind."""
-        process = self.process
-        if process is None:
-            return
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(STOP_TIMEOUT)
-        for pid in self.booted_pids():
-            # A worker orphaned by a killed master: ours, and only by its pid.
-            if _is_gunicorn(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        self.process = None
+        process, self.process = self.process, None
+        if process is not None:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(STOP_TIMEOUT)
+            for pid in self.booted_pids():
+                # A worker orphaned by a killed master: ours, and only by its pid.
+                if _is_gunicorn(pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
         self.close_reader()
 
     # -- reading the outcome from the test process --------------------------------
@@ -318,21 +319,52 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0) ->
 
 # -- a TCP forwarder that can take the database away ------------------------------
 
+# A PostgreSQL simple-protocol Query message carrying COMMIT, as psycopg sends it.
+_COMMIT_QUERY = b"Q\x00\x00\x00\x0bCOMMIT\x00"
+
+
+@dataclass(eq=False)
+class _Link:
+    """One forwarded connection: the app's side and the database's side."""
+
+    client: socket.socket
+    upstream: socket.socket
+    armed: bool = False
+    #: Set once the database's answers must no longer reach the app.
+    muted: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class _Trap:
+    """A one-shot connection cut, triggered by ``marker`` in a statement's text.
+
+    ``commit``: on the connection that sent ``marker``, forward the next COMMIT,
+    then cut before its answer. Otherwise cut instead of forwarding ``marker``.
+    """
+
+    marker: bytes
+    commit: bool
+    committed: Callable[[], bool] | None = None
+    sprung: threading.Event = field(default_factory=threading.Event)
+
 
 class Forwarder:
     """Forwards a loopback port to ``target``; :meth:`stop` makes it vanish.
 
     Stopped means what a database outage looks like from the app: every open
-    connection is cut and new ones are refused.
+    connection is cut and new ones are refused. :meth:`lose_commit_ack` cuts
+    one connection in the worst place: after the database committed, before
+    the app heard that it did.
     """
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
         self.port = 0
         self._listener: socket.socket | None = None
-        self._sockets: set[socket.socket] = set()
+        self._links: set[_Link] = set()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+        self._trap: _Trap | None = None
         self.connections = 0
 
     def start(self) -> None:
@@ -345,6 +377,31 @@ class Forwarder:
         self.port = listener.getsockname()[1]
         self._listener = listener
         self._spawn(self._accept, listener)
+
+    def lose_commit_ack(self, marker: bytes, committed: Callable[[], bool]) -> threading.Event:
+        """Arm a one-shot trap: on the connection that sends ``marker`` (part of
+        a statement's text), forward its next COMMIT, wait until ``committed()``
+        (asked over another connection) says the database ran it, then cut the
+        connection without passing the answer on.
+
+        :returns: an event set once the trap has sprung.
+        """
+        self._trap = _Trap(marker, commit=True, committed=committed)
+        return self._trap.sprung
+
+    def cut_before(self, marker: bytes) -> threading.Event:
+        """Arm a one-shot trap: cut the connection that is about to send
+        ``marker`` to the database, instead of sending it. The database stays
+        reachable: what a dropped connection looks like, not an outage.
+
+        Markers are matched in the statement text, which psycopg sends until
+        it prepares a statement (its fifth run on one connection): arm traps
+        on a fresh server.
+
+        :returns: an event set once the trap has sprung.
+        """
+        self._trap = _Trap(marker, commit=False)
+        return self._trap.sprung
 
     def _spawn(self, target: Callable[..., None], *args: Any) -> None:
         thread = threading.Thread(target=target, args=args, daemon=True)
@@ -366,32 +423,75 @@ class Forwarder:
                 client.close()
                 continue
             upstream.settimeout(None)
+            link = _Link(client, upstream)
             with self._lock:
-                self._sockets.update((client, upstream))
+                self._links.add(link)
                 self.connections += 1
-            self._spawn(self._pump, client, upstream)
-            self._spawn(self._pump, upstream, client)
+            self._spawn(self._to_database, link)
+            self._spawn(self._to_app, link)
 
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+    def _to_database(self, link: _Link) -> None:
         try:
-            while data := source.recv(65536):
-                sink.sendall(data)
+            while data := link.client.recv(65536):
+                trap = self._trap
+                if trap is not None and not trap.sprung.is_set() and self._spring(trap, link, data):
+                    return
+                link.upstream.sendall(data)
         except OSError:
             pass
         finally:
             with contextlib.suppress(OSError):
-                sink.shutdown(socket.SHUT_WR)
+                link.upstream.shutdown(socket.SHUT_WR)
+
+    def _spring(self, trap: _Trap, link: _Link, data: bytes) -> bool:
+        """Cut ``link`` if ``data`` springs ``trap``; whether it did."""
+        if not trap.commit:
+            if trap.marker not in data:
+                return False
+        else:
+            link.armed = link.armed or trap.marker in data
+            if not (link.armed and _COMMIT_QUERY in data):
+                return False
+            link.muted.set()
+            link.upstream.sendall(data)
+            # Cut only once the commit is durable: the app never hears of it.
+            deadline = time.monotonic() + 20
+            while trap.committed is not None and not trap.committed():
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)
+        trap.sprung.set()
+        self._cut(link)
+        return True
+
+    def _to_app(self, link: _Link) -> None:
+        try:
+            while data := link.upstream.recv(65536):
+                if link.muted.is_set():
+                    continue
+                link.client.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                link.client.shutdown(socket.SHUT_WR)
+
+    def _cut(self, link: _Link) -> None:
+        with self._lock:
+            self._links.discard(link)
+        for sock in (link.client, link.upstream):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
 
     def stop(self) -> None:
         listener, self._listener = self._listener, None
         if listener is not None:
             listener.close()
         with self._lock:
-            sockets, self._sockets = self._sockets, set()
-        for sock in sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
+            links, self._links = self._links, set()
+        for link in links:
+            self._cut(link)
         threads, self._threads = self._threads, []
         for thread in threads:
             thread.join(5)

@@ -16,6 +16,7 @@ from typing import Any
 import click
 from flask import current_app
 from flask.cli import with_appcontext
+from sqlalchemy.exc import SQLAlchemyError
 
 from .exc import CallbackError
 from .extension import AppState, get_extension
@@ -51,7 +52,24 @@ def _state() -> AppState:
         raise click.ClickException(str(exc)) from None
 
 
-@click.group("orderhooks")
+def _now(state: AppState) -> datetime:
+    # The extension's clock, not the wall clock: rows are stamped with it.
+    return datetime.fromtimestamp(state.clock(), UTC)
+
+
+class _StoreErrorsGroup(click.Group):
+    """Turns a database that is down into one clear line, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SQLAlchemyError as exc:
+            raise click.ClickException(
+                f"The delivery store is unavailable ({type(exc).__name__}); is the database up?"
+            ) from None
+
+
+@click.group("orderhooks", cls=_StoreErrorsGroup)
 def orderhooks() -> None:
     """Inspect and recover order and payment callbacks."""
 
@@ -68,8 +86,9 @@ def deliveries_command(
     status: str | None, provider: str | None, since: timedelta | None, limit: int
 ) -> None:
     """List stored deliveries, newest first."""
-    store = _state().store
-    cutoff = datetime.now(UTC) - since if since is not None else None
+    state = _state()
+    store = state.store
+    cutoff = _now(state) - since if since is not None else None
     rows = store.list(status=status, provider=provider, since=cutoff, limit=limit)
     if not rows:
         click.echo("No deliveries.")
@@ -202,7 +221,7 @@ def purge_command(
     statuses = (
         (DONE,) + ((FAILED,) if with_failed else ()) + ((PROCESSING,) if with_processing else ())
     )
-    cutoff = datetime.now(UTC) - age
+    cutoff = _now(state) - age
     deleted = 0
     for platform in ("igv", "sud") + (("gateway",) if include_gateway else ()):
         deleted += state.store.purge(older_than=cutoff, statuses=statuses, provider=platform)

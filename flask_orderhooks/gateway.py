@@ -11,8 +11,9 @@ is retried.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any, ClassVar
 
 from flask import Response
@@ -49,19 +50,19 @@ def gateway_signature(fields: Mapping[str, Any], key: str, template: str) -> str
     return hashlib.md5(text.encode("utf-8"), usedforsecurity=False).hexdigest()
 
 
+_AMOUNT = re.compile(r"-?[0-9]{1,30}(\.[0-9]{1,30})?")
+
+
 def _amount(obj: Mapping[str, Any], name: str, *, required: bool) -> Decimal | None:
     value = obj.get(name)
     if value is None and not required:
         return None
     if isinstance(value, JSONDecimal) or (isinstance(value, int) and not isinstance(value, bool)):
         return Decimal(value)
-    if isinstance(value, str):
-        try:
-            amount = Decimal(value)
-        except InvalidOperation:
-            amount = None
-        if amount is not None and amount.is_finite():
-            return amount
+    # Decimal() alone would also take " 100.00 ", "1_000", "+5" or Arabic-Indic
+    # digits: an amount is plain ASCII digits with an optional fraction.
+    if isinstance(value, str) and _AMOUNT.fullmatch(value):
+        return Decimal(value)
     raise MalformedPayload(f"The field {name!r} must be a decimal amount.")
 
 

@@ -66,7 +66,7 @@ class IGVProvider(Provider):
             for secret in secrets.newest_first
         ):
             raise BadSignature("The X-Signature does not match.")
-        timestamp_ms = millisecond_timestamp(timestamp, "X-Timestamp")
+        timestamp_ms = millisecond_timestamp(timestamp, "X-Timestamp header")
         check_age(
             timestamp_ms,
             now,

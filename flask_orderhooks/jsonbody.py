@@ -64,25 +64,47 @@ def parse_object(body: bytes) -> dict[str, Any]:
         value = _decoder.decode(text)
     except json.JSONDecodeError as exc:
         raise MalformedPayload(
-            f"The body is not valid JSON ({exc.msg} at character {exc.pos})."
+            f"The body is not valid JSON ({exc.msg.removesuffix(' at')} at character {exc.pos})."
         ) from None
     except (ValueError, RecursionError):
         # int() refuses numbers past sys.get_int_max_str_digits(); very deep
         # nesting exhausts the recursion limit. Both are hostile, not data.
         raise MalformedPayload("The body is not JSON this service accepts.") from None
     if not isinstance(value, dict):
-        raise MalformedPayload(f"The body must be a JSON object, not a {_json_type(value)}.")
+        raise MalformedPayload(f"The body must be a JSON object, not {_json_type(value)}.")
+    # Strict UTF-8 never decodes to a surrogate; only a "\ud800" escape
+    # does, and no receiver or database can then store that string.
+    if "\\u" in text and _has_lone_surrogate(value):
+        raise MalformedPayload("The body contains a lone surrogate, which is not text.")
     return value
+
+
+def _has_lone_surrogate(value: object) -> bool:
+    # Iterative: the body may nest as deep as the parser allowed.
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _json_type(value: object) -> str:
     if isinstance(value, list):
-        return "array"
+        return "an array"
     if isinstance(value, str):
-        return "string"
+        return "a string"
     if value is None or isinstance(value, bool):
-        return "literal"
-    return "number"
+        return "a literal"
+    return "a number"
 
 
 def render_value(value: object) -> str:

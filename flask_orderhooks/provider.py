@@ -116,9 +116,12 @@ def signature_matches(expected_hex: str, given: str) -> bool:
 
 
 def millisecond_timestamp(value: str, name: str) -> int:
-    """Parse a Unix-milliseconds header value: ASCII digits only."""
+    """Parse a Unix timestamp (a header or a field): ASCII digits only.
+
+    :param name: how to name it in the reason, e.g. ``"X-Timestamp header"``.
+    """
     if not _DIGITS.fullmatch(value):
-        raise MalformedPayload(f"The {name} header is not a Unix timestamp.")
+        raise MalformedPayload(f"The {name} is not a Unix timestamp.")
     return int(value)
 
 

@@ -71,7 +71,7 @@ class SUDProvider(Provider):
             raise BadSignature("The app_id is not configured.")
         notify_id = req_str(data, "notify_id")
         notify_time_text = req_str(data, "notify_time")
-        notify_time = utc_from_ms(millisecond_timestamp(notify_time_text, "notify_time"))
+        notify_time = utc_from_ms(millisecond_timestamp(notify_time_text, "field 'notify_time'"))
         notify_event = req_str(data, "notify_event")
         common = {
             "notify_id": notify_id,
@@ -142,7 +142,7 @@ class SUDProvider(Provider):
             for secret in secrets.newest_first
         ):
             raise BadSignature("The Sud-Signature does not match.")
-        stamp = millisecond_timestamp(timestamp, "Sud-Timestamp")
+        stamp = millisecond_timestamp(timestamp, "Sud-Timestamp header")
         if self.settings.sud_timestamp_unit == "s":
             stamp *= 1000
         check_age(

@@ -18,7 +18,6 @@ from flask import Blueprint, Flask, Response, current_app, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from .exc import (
-    BadSignature,
     CallbackError,
     NoReceiver,
     PayloadTooLarge,
@@ -108,30 +107,39 @@ def _check_source(state: AppState, platform: str) -> None:
         address = ipaddress.ip_address(request.remote_addr or "")
     except ValueError:
         raise SourceForbidden("The client address is not allowed.") from None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        # A dual-stack listener reports IPv4 clients as ::ffff:a.b.c.d.
+        address = address.ipv4_mapped
     if not any(address in network for network in networks):
         raise SourceForbidden("The client address is not allowed.")
 
 
 def _read_body(limit: int) -> bytes:
-    # Werkzeug refuses a larger Content-Length before reading, and stops a
-    # chunked body as soon as it passes the limit.
-    request.max_content_length = limit
+    """The body, refused past ``limit`` bytes without reading it whole."""
+    # Werkzeug refuses a larger Content-Length unread. Without one (chunked),
+    # its stream stops quietly at max_content_length: one byte more than
+    # allowed tells "exactly the limit" from "longer" (a cut body could still
+    # parse, and the rest of it would be lost).
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"The body is larger than {limit} bytes.")
+    request.max_content_length = limit + 1
     try:
-        return request.get_data(cache=True)
+        body = request.get_data(cache=True)
     except RequestEntityTooLarge:
         raise PayloadTooLarge(f"The body is larger than {limit} bytes.") from None
+    if len(body) > limit:
+        raise PayloadTooLarge(f"The body is larger than {limit} bytes.")
+    return body
 
 
 def _signed_headers(provider: Provider) -> dict[str, str]:
-    headers: dict[str, str] = {}
-    for name in provider.signed_headers:
-        values = request.headers.getlist(name)
-        if len(values) > 1:
-            # A signer and a reader could each pick a different copy.
-            raise BadSignature(f"The {name} header is repeated.")
-        if values:
-            headers[name] = values[0]
-    return headers
+    # A repeated header reaches a WSGI app joined with ", " into one value,
+    # which then fails the signature like any other wrong value.
+    return {
+        name: value
+        for name in provider.signed_headers
+        if (value := request.headers.get(name)) is not None
+    }
 
 
 def _key(provider: Provider, delivery: Delivery | None) -> str:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from click.testing import Result
 from flask import Flask
 from werkzeug.serving import make_server
 
+from flask_orderhooks import OrderHooks
 from flask_orderhooks.cli import orderhooks
 from flask_orderhooks.testing import SignedCallback, build
 from tests.conftest import IGV_SECRET, Recorder
@@ -126,7 +128,7 @@ def test_replay_arguments_are_checked(recorder: RecorderFactory) -> None:
 
 
 def test_purge_keeps_the_window_and_unfinished_deliveries(recorder: RecorderFactory) -> None:
-    now = [datetime.now(UTC).timestamp() - 40 * 86400]
+    now = [1_795_000_000.0]
     app, rec = recorder(hooks_options={"clock": lambda: now[0]}, ORDERHOOKS_IGV_MAX_AGE=None)
     refused = run(app, "purge", "--older-than", "30d")
     assert refused.exit_code == 1
@@ -141,7 +143,10 @@ def test_purge_keeps_the_window_and_unfinished_deliveries(recorder: RecorderFact
     assert too_short.exit_code == 1
     assert "--older-than 30m is shorter than the igv timestamp window (3600s)" in too_short.output
     assert run(app, "purge", "--older-than", "thirty").exit_code == 2
+    # Ages are measured with the extension's clock, which stamped the rows.
+    assert "Deleted 0 deliveries" in run(app, "purge", "--older-than", "30d").output
 
+    now[0] += 40 * 86400
     result = run(app, "purge", "--older-than", "30d")
     assert result.exit_code == 0, result.output
     assert "Deleted 1 deliveries (done) older than 30d." in result.output
@@ -151,6 +156,26 @@ def test_purge_keeps_the_window_and_unfinished_deliveries(recorder: RecorderFact
     assert keys == ["old-failed", "old-gateway:60"]
     everything = run(app, "purge", "--older-than", "4w", "--failed", "--include-gateway")
     assert "Deleted 2 deliveries (done, failed) older than 4w." in everything.output
+
+
+def test_commands_report_a_store_that_is_down(tmp_path: Path) -> None:
+    app = Flask("down", instance_path=str(tmp_path))
+    app.config.update(
+        ORDERHOOKS_IGV_SECRET="s" * 32,
+        ORDERHOOKS_DATABASE_URI="postgresql+psycopg://postgres:pw@127.0.0.1:9/test",
+    )
+    OrderHooks(app)
+    for args in (
+        ["deliveries"],
+        ["show", "k"],
+        ["replay", "--failed"],
+        ["purge", "--older-than", "30d"],
+    ):
+        result = run(app, *args)
+        assert result.exit_code == 1
+        assert result.output == (
+            "Error: The delivery store is unavailable (OperationalError); is the database up?\n"
+        )
 
 
 @pytest.fixture

@@ -191,8 +191,8 @@ def malformed(kind: str, app: Flask) -> tuple[SignedCallback, bytes, dict[str, s
 
 MALFORMED_REASONS = {
     "igv": "The field 'sellerOrderStatus' must be an integer.",
-    "collect": "The body must be a JSON object, not a array.",
-    "payout": "The body must be a JSON object, not a array.",
+    "collect": "The body must be a JSON object, not an array.",
+    "payout": "The body must be a JSON object, not an array.",
     "sud": "The field 'app_id' must be a non-empty string.",
 }
 

@@ -13,12 +13,41 @@ import hashlib
 import hmac
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 from werkzeug.test import TestResponse
+
+# -- secrets: explicit, distinctive, and never expected in any output ---------------
+
+NOW = 1_767_225_600  # 2026-01-01T00:00:00Z
+NOW_MS = NOW * 1000
+
+IGV_SECRET = "Qm7vT2xK9pLr4WnB8cYd3FsH6jGa1ZeU"
+IGV_OLD_SECRET = "Ol5dS3crEt7KeyRotatedAway0000xyz"
+MERCHANT_A = 10001
+MERCHANT_B = 10002
+GATEWAY_KEYS = {str(MERCHANT_A): "gw-key-A-7f3c9d21", str(MERCHANT_B): "gw-key-B-0e8b4a56"}
+GATEWAY_OLD_KEY = "gw-key-A-retired-5521"
+SUD_APP_A = "1461564080052506636"
+SUD_APP_B = "1461564080052506999"
+SUD_APPS = {SUD_APP_A: "sud-secret-A-93kd8s", SUD_APP_B: "sud-secret-B-x71mq0"}
+SUD_OLD_SECRET = "sud-secret-A-retired-4k2"
+#: A password in the database URL: trust authentication ignores it, the
+#: secrets test proves it never shows.
+DB_PASSWORD = "Db-Pa55word-9d7e1c"
+
+ALL_SECRETS: tuple[str, ...] = (
+    IGV_SECRET,
+    IGV_OLD_SECRET,
+    *GATEWAY_KEYS.values(),
+    GATEWAY_OLD_KEY,
+    *SUD_APPS.values(),
+    SUD_OLD_SECRET,
+    DB_PASSWORD,
+)
 
 # -- answers ---------------------------------------------------------------------
 
@@ -97,6 +126,54 @@ def gateway_sign(fields: Mapping[str, str | None], key: str) -> str:
     return hashlib.md5(text.encode("utf-8"), usedforsecurity=False).hexdigest()
 
 
+# -- requests with arbitrary bodies, signed the way each platform signs ----------
+
+
+def igv_headers(
+    request_id: str, *, timestamp: str | None = None, secret: str = IGV_SECRET
+) -> dict[str, str]:
+    """Valid iGV headers: the body is not signed, so any body goes with them."""
+    stamp = str(NOW_MS) if timestamp is None else timestamp
+    return {
+        "Content-Type": "application/json",
+        "X-Request-Id": request_id,
+        "X-Timestamp": stamp,
+        "X-Signature": igv_sign(stamp, request_id, secret),
+    }
+
+
+def sud_headers(
+    body: bytes,
+    *,
+    app_id: str = SUD_APP_A,
+    timestamp: str | None = None,
+    nonce: str = "nonce-1",
+    secret: str | None = None,
+) -> dict[str, str]:
+    """SUD headers signing exactly ``body`` (with the app's secret by default)."""
+    stamp = str(NOW_MS) if timestamp is None else timestamp
+    key = SUD_APPS[app_id] if secret is None else secret
+    return {
+        "Content-Type": "application/json",
+        "Sud-AppId": app_id,
+        "Sud-Timestamp": stamp,
+        "Sud-Nonce": nonce,
+        "Sud-Signature": sud_sign(app_id, stamp, nonce, body, key),
+    }
+
+
+def gateway_body(fields: Mapping[str, Any], key: str | None = None) -> bytes:
+    """A gateway body with ``sign`` computed over ``fields`` (values as JSON
+    text: a :class:`Decimal` is written as a number with its own text)."""
+    pairs = [(name, str(v) if isinstance(v, Decimal) else dumps(v)) for name, v in fields.items()]
+    if key is None:
+        key = GATEWAY_KEYS[str(fields["mch_id"])]
+    texts = {
+        name: signed_text(strict_parse(b'{"v":' + raw.encode() + b"}")["v"]) for name, raw in pairs
+    }
+    return join_object([*pairs, ("sign", dumps(gateway_sign(texts, key)))])
+
+
 # -- JSON as text: bodies as (key, raw value text) pairs --------------------------
 
 _WS = re.compile(r"[ \t\n\r]*")
@@ -133,9 +210,7 @@ def split_object(text: str) -> list[tuple[str, str]]:
         index = _WS.match(text, index + 1).end()  # type: ignore[union-attr]
 
 
-def join_object(
-    pairs: Sequence[tuple[str, str]], *, comma: str = ",", colon: str = ":"
-) -> bytes:
+def join_object(pairs: Sequence[tuple[str, str]], *, comma: str = ",", colon: str = ":") -> bytes:
     """Write pairs back as a JSON object (compact unless told otherwise)."""
     inner = comma.join(f"{json.dumps(k, ensure_ascii=False)}{colon}{v}" for k, v in pairs)
     return ("{" + inner + "}").encode("utf-8")
@@ -149,7 +224,7 @@ def dumps(value: object) -> str:
 # -- the oracle -------------------------------------------------------------------
 
 
-class Refusal(Exception):  # noqa: N818 - an outcome, not an error of the suite
+class Refusal(Exception):
     """The specification's answer for a request that must be refused."""
 
     def __init__(self, status: int, reason: str) -> None:
@@ -196,7 +271,10 @@ def strict_parse(body: bytes) -> dict[str, Any]:
     try:
         value = _strict.decode(text)
     except json.JSONDecodeError as exc:
-        raise Refusal(400, f"The body is not valid JSON ({exc.msg} at character {exc.pos}).") from None
+        raise Refusal(
+            400,
+            f"The body is not valid JSON ({exc.msg.removesuffix(' at')} at character {exc.pos}).",
+        ) from None
     except (ValueError, RecursionError):
         raise Refusal(400, "The body is not JSON this service accepts.") from None
     if not isinstance(value, dict):
@@ -268,15 +346,12 @@ def _amount(data: Mapping[str, Any], name: str, *, required: bool) -> Decimal | 
     value = data.get(name)
     if value is None and not required:
         return None
-    if isinstance(value, _Number) or _is_int(value):
+    if isinstance(value, _Number) or (isinstance(value, int) and not isinstance(value, bool)):
         return Decimal(value)
-    if isinstance(value, str):
-        try:
-            amount = Decimal(value)
-        except InvalidOperation:
-            amount = None
-        if amount is not None and amount.is_finite():
-            return amount
+    # As a string, an amount is plain ASCII digits with an optional fraction:
+    # no exponent, sign "+", spaces, underscores or non-ASCII digits.
+    if isinstance(value, str) and re.fullmatch(r"-?[0-9]{1,30}(\.[0-9]{1,30})?", value):
+        return Decimal(value)
     raise Refusal(400, f"The field {name!r} must be a decimal amount.")
 
 
@@ -350,13 +425,11 @@ def check_event(event: object, expected: Mapping[str, Any]) -> None:
     for name, value in expected.items():
         actual = getattr(event, name)
         assert actual == value, (name, actual, value)
-        if isinstance(value, bool | int) and value is not None:
+        if isinstance(value, int):
+            # An exact integer must not arrive as a float or a Decimal.
             assert type(actual) is type(value), (name, type(actual), type(value))
 
 
 def contains_any(haystack: str, needles: Sequence[str]) -> list[str]:
     """The needles found in ``haystack`` (to name the leaked secret)."""
     return [needle for needle in needles if needle and needle in haystack]
-
-
-Mutator = Callable[..., Any]

@@ -76,10 +76,17 @@ class BenchError(Exception):
 class Config:
     kind: Kind
     backend: Backend
+    #: ``--variant NAME=DIR``: the orderhooks app with flask_orderhooks from DIR.
+    variant: str | None = None
+    source: Path | None = None
+
+    @property
+    def label(self) -> str:
+        return self.kind if self.variant is None else f"{self.kind}[{self.variant}]"
 
     @property
     def name(self) -> str:
-        return self.kind if self.backend == "none" else f"{self.kind}/{self.backend}"
+        return self.label if self.backend == "none" else f"{self.label}/{self.backend}"
 
 
 @dataclass
@@ -101,10 +108,18 @@ class PassResult:
     wrk_cpu: float
     workers_cpu: float
     db_cpu: float | None
+    #: CPU seconds the server side (workers + PostgreSQL backends) spent.
+    server_cpu_seconds: float
 
     @property
     def rps(self) -> float:
         return self.requests / self.seconds
+
+    @property
+    def cpu_ms_per_request(self) -> float:
+        # CPU time is what other load on the machine disturbs least: a process
+        # waiting for a core is not charged for the wait.
+        return self.server_cpu_seconds / max(1, self.requests) * 1000
 
     @property
     def non_2xx(self) -> int:
@@ -244,7 +259,7 @@ class Server:
     def __init__(self, config: Config, uri: str | None, workers: int, workdir: Path) -> None:
         self.config = config
         self.workers = workers
-        self.log_path = workdir / f"gunicorn-{config.kind}-{config.backend}.log"
+        self.log_path = workdir / f"gunicorn-{config.name.replace('/', '-')}.log"
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(2048)
@@ -252,6 +267,14 @@ class Server:
         env = dict(os.environ, BENCH_APP=config.kind)
         if uri is not None:
             env["BENCH_DATABASE_URI"] = uri
+        cwd = ROOT
+        if config.source is not None:
+            # gunicorn puts its working directory first on sys.path: the
+            # variant's flask_orderhooks wins, benchmarks.apps comes from here.
+            cwd = config.source
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p
+            )
         gunicorn = Path(sys.executable).parent / "gunicorn"
         fd = self.sock.fileno()
         with self.log_path.open("ab") as log:
@@ -265,7 +288,7 @@ class Server:
                     "--timeout", "60",
                     "benchmarks.apps:create_app()",
                 ],
-                cwd=ROOT,
+                cwd=cwd,
                 env=env,
                 pass_fds=(fd,),
                 stdout=log,
@@ -354,7 +377,7 @@ def run_wrk(
     ids_file: Path,
     mode: str,
     *,
-    seconds: float,
+    seconds: int,
     threads: int,
     connections: int,
     worker_pids: Sequence[int],
@@ -369,7 +392,7 @@ def run_wrk(
         wrk,
         f"-t{threads}",
         f"-c{connections}",
-        f"-d{max(1, round(seconds))}s",
+        f"-d{seconds}s",
         "--latency",
         "--timeout", "10s",
         "-s", str(LUA_SCRIPT),
@@ -416,6 +439,7 @@ def run_wrk(
         wrk_cpu=(usage.ru_utime + usage.ru_stime) / wall,
         workers_cpu=workers_cpu / wall,
         db_cpu=None if db_cpu is None else db_cpu / wall,
+        server_cpu_seconds=workers_cpu + (db_cpu or 0.0),
     )
     return result, output
 
@@ -438,8 +462,8 @@ def settle(count: Callable[[], int], timeout: float = 10.0) -> int:
 
 @dataclass
 class Options:
-    duration: float
-    warmup: float
+    duration: int
+    warmup: int
     repeats: int
     connections: int
     threads: int
@@ -462,7 +486,7 @@ def measure(
         pids = server.wait_ready()
         db_pids = database.backend_pids if config.backend == "postgresql" else None
 
-        def load(ids: Path, mode: str, seconds: float) -> tuple[PassResult, str]:
+        def load(ids: Path, mode: str, seconds: int) -> tuple[PassResult, str]:
             assert server is not None
             return run_wrk(
                 server.url,
@@ -611,9 +635,9 @@ def pct(values: Sequence[float]) -> str:
 
 def results_table(measurements: Sequence[Measurement], configs: Sequence[Config]) -> list[str]:
     lines = [
-        "| configuration | pass | req/s | p50 ms | p99 ms | non-2xx | socket errors "
-        "| wrk CPU | workers CPU | PostgreSQL CPU | peak RSS/worker MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| configuration | pass | req/s | p50 ms | p99 ms | server CPU ms/req | non-2xx "
+        "| socket errors | wrk CPU | workers CPU | PostgreSQL CPU | peak RSS/worker MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for config in configs:
         ms = [m for m in measurements if m.config == config]
@@ -630,6 +654,7 @@ def results_table(measurements: Sequence[Measurement], configs: Sequence[Config]
                 f"| {config.name} | {label} | {spread([r.rps for r in results], '.0f')} "
                 f"| {spread([r.p50_ms for r in results], '.1f')} "
                 f"| {spread([r.p99_ms for r in results], '.1f')} "
+                f"| {spread([r.cpu_ms_per_request for r in results], '.2f')} "
                 f"| {sum(r.non_2xx for r in results)} "
                 f"| {sum(r.socket_errors for r in results)} "
                 f"| {pct([r.wrk_cpu for r in results])} "
@@ -655,83 +680,92 @@ class Ratio:
         return f"| {self.label} | {spread(self.values, self.fmt)} | {self.target} | {verdict} |"
 
 
-def ratios(measurements: Sequence[Measurement], rounds: int) -> list[Ratio]:
+def ratios(
+    measurements: Sequence[Measurement], options: Options, configs: Sequence[Config]
+) -> list[Ratio]:
+    rounds = options.repeats
+
     def get(name: str, r: int) -> Measurement | None:
         return next((m for m in measurements if m.config.name == name and m.round == r), None)
 
-    def per_round(fn: Callable[[int], float | None]) -> list[float]:
+    def per_round(fn: Callable[[Measurement, Measurement | None], float | None],
+                  name: str, other: str | None = None) -> list[float]:
         values = []
         for r in range(rounds):
-            value = fn(r)
+            m = get(name, r)
+            o = get(other, r) if other is not None else None
+            if m is None or (other is not None and o is None):
+                continue
+            value = fn(m, o)
             if value is not None:
                 values.append(value)
         return values
 
-    def rps_ratio(a: str, b: str) -> Callable[[int], float | None]:
-        def fn(r: int) -> float | None:
-            ma, mb = get(a, r), get(b, r)
-            return None if ma is None or mb is None else ma.first.rps / mb.first.rps
+    def rps_ratio(m: Measurement, o: Measurement | None) -> float:
+        assert o is not None
+        return m.first.rps / o.first.rps
 
-        return fn
+    def cpu_ratio(m: Measurement, o: Measurement | None) -> float:
+        assert o is not None
+        return m.first.cpu_ms_per_request / o.first.cpu_ms_per_request
 
-    def dup_ratio(a: str) -> Callable[[int], float | None]:
-        def fn(r: int) -> float | None:
-            m = get(a, r)
-            if m is None or m.duplicate is None:
-                return None
-            return m.duplicate.rps / m.first.rps
+    def dup_ratio(m: Measurement, _: Measurement | None) -> float | None:
+        return None if m.duplicate is None else m.duplicate.rps / m.first.rps
 
-        return fn
+    def p99(m: Measurement, _: Measurement | None) -> float:
+        return m.first.p99_ms
 
-    def p99(a: str) -> Callable[[int], float | None]:
-        def fn(r: int) -> float | None:
-            m = get(a, r)
-            return None if m is None else m.first.p99_ms
+    def rss_delta(m: Measurement, o: Measurement | None) -> float:
+        assert o is not None
+        return m.peak_rss_mb - o.peak_rss_mb
 
-        return fn
-
-    def rss_delta(a: str) -> Callable[[int], float | None]:
-        def fn(r: int) -> float | None:
-            ma, mb = get(a, r), get("bare", r)
-            return None if ma is None or mb is None else ma.peak_rss_mb - mb.peak_rss_mb
-
-        return fn
-
+    hooks = [c for c in configs if c.kind == "orderhooks"]
+    label = {"postgresql": "PostgreSQL", "sqlite": "SQLite"}
     out: list[Ratio] = []
-    for backend, label in (("postgresql", "PostgreSQL"), ("sqlite", "SQLite")):
-        oh, naive = f"orderhooks/{backend}", f"naive/{backend}"
-        out.append(
-            Ratio(f"orderhooks/naive req/s, {label}, first deliveries",
-                  per_round(rps_ratio(oh, naive)), "≥ 0.9", lambda v: v >= 0.9)
-        )
-    for backend, label in (("postgresql", "PostgreSQL"), ("sqlite", "SQLite")):
-        out.append(
-            Ratio(f"orderhooks/bare req/s, {label}, first deliveries",
-                  per_round(rps_ratio(f"orderhooks/{backend}", "bare")), "(context)", None)
-        )
-        out.append(
-            Ratio(f"naive/bare req/s, {label}, first deliveries",
-                  per_round(rps_ratio(f"naive/{backend}", "bare")), "(context)", None)
-        )
-    for backend, label in (("postgresql", "PostgreSQL"), ("sqlite", "SQLite")):
-        out.append(
-            Ratio(f"orderhooks duplicates/first deliveries req/s, {label}",
-                  per_round(dup_ratio(f"orderhooks/{backend}")), "≥ 1.0", lambda v: v >= 1.0)
-        )
-        out.append(
-            Ratio(f"naive duplicates/first deliveries req/s, {label}",
-                  per_round(dup_ratio(f"naive/{backend}")), "(context)", None)
-        )
-    out.append(
-        Ratio("orderhooks p99 ms, PostgreSQL, first deliveries",
-              per_round(p99("orderhooks/postgresql")), "< 25 ms", lambda v: v < 25, ".1f")
-    )
-    for backend, label in (("postgresql", "PostgreSQL"), ("sqlite", "SQLite")):
-        out.append(
-            Ratio(f"orderhooks - bare peak RSS/worker MB, {label}",
-                  per_round(rss_delta(f"orderhooks/{backend}")), "≤ 15 MB",
-                  lambda v: v <= 15, ".1f")
-        )
+    for c in hooks:
+        out.append(Ratio(
+            f"{c.label}/naive req/s, {label[c.backend]}, first deliveries",
+            per_round(rps_ratio, c.name, f"naive/{c.backend}"), ">= 0.9", lambda v: v >= 0.9,
+        ))
+    for c in hooks:
+        out.append(Ratio(
+            f"{c.label}/naive server CPU per request, {label[c.backend]}, first deliveries",
+            per_round(cpu_ratio, c.name, f"naive/{c.backend}"), "(context)", None,
+        ))
+    for c in hooks:
+        out.append(Ratio(
+            f"{c.label} duplicates/first deliveries req/s, {label[c.backend]}",
+            per_round(dup_ratio, c.name), ">= 1.0", lambda v: v >= 1.0,
+        ))
+    for c in hooks:
+        if c.backend == "postgresql":
+            out.append(Ratio(
+                f"{c.label} p99 ms, PostgreSQL, first deliveries, "
+                f"{options.connections} connections",
+                per_round(p99, c.name), "< 25 ms", lambda v: v < 25, ".1f",
+            ))
+    for c in hooks:
+        out.append(Ratio(
+            f"{c.label} - bare peak RSS/worker MB, {label[c.backend]}",
+            per_round(rss_delta, c.name, "bare"), "<= 15 MB", lambda v: v <= 15, ".1f",
+        ))
+    for c in hooks:
+        out.append(Ratio(
+            f"{c.label} - naive peak RSS/worker MB, {label[c.backend]}",
+            per_round(rss_delta, c.name, f"naive/{c.backend}"), "(context)", None, ".1f",
+        ))
+    for c in configs:
+        if c.kind != "bare":
+            out.append(Ratio(
+                f"{c.label}/bare req/s, {label[c.backend]}, first deliveries",
+                per_round(rps_ratio, c.name, "bare"), "(context)", None,
+            ))
+    for c in configs:
+        if c.kind == "naive":
+            out.append(Ratio(
+                f"naive duplicates/first deliveries req/s, {label[c.backend]}",
+                per_round(dup_ratio, c.name), "(context)", None,
+            ))
     return out
 
 
@@ -774,6 +808,34 @@ def versions(options: Options, backends: set[str]) -> str:
     return ", ".join(parts)
 
 
+def roundtrip_tables(configs: Sequence[Config], backends: set[str]) -> list[str]:
+    """benchmarks.roundtrips, run for the checkout and for every variant."""
+    runs: list[tuple[Path, list[str]]] = [(ROOT, ["--kinds", "naive,orderhooks"])]
+    seen: set[str] = set()
+    for c in configs:
+        if c.variant is not None and c.source is not None and c.variant not in seen:
+            seen.add(c.variant)
+            runs.append((c.source, ["--kinds", "orderhooks", "--label", c.variant]))
+    rows: list[str] = []
+    problems: list[str] = []
+    for cwd, extra in runs:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
+        probe = subprocess.run(
+            [sys.executable, "-m", "benchmarks.roundtrips", "--markdown",
+             "--backends", ",".join(sorted(backends)), *extra],
+            cwd=cwd, env=env, capture_output=True, text=True, check=False,
+        )
+        table = probe.stdout.strip().splitlines()
+        if probe.returncode != 0 or len(table) < 3:
+            problems.append(
+                f"(round trips could not be counted in {cwd}: {probe.stderr.strip()[-500:]})"
+            )
+            continue
+        rows += table if not rows else table[2:]
+    return rows + ([""] if rows and problems else []) + problems
+
+
 def cpu_model() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -793,6 +855,7 @@ def report(
     load_after: tuple[float, float, float],
     version_line: str,
     note: str | None,
+    roundtrips: Sequence[str],
 ) -> str:
     cpus = os.cpu_count() or 0
     busy = load_before[0] > 0.25 * cpus
@@ -818,8 +881,12 @@ def report(
     lines += [
         "",
         "Values are the median over the rounds, with the min-max spread in brackets. "
-        "CPU columns are the share of one core over the pass (workers: both gunicorn workers "
-        "together; PostgreSQL: the server backends of the workers' connections).",
+        "Server CPU ms/req is the CPU time of both gunicorn workers and their PostgreSQL "
+        "backends divided by the requests answered: the cost of a request, which other load "
+        "on the machine disturbs far less than req/s (SQLite's fsync waits are not CPU, so "
+        "it understates SQLite commits). The other CPU columns are the share of one core over "
+        "the pass (workers: both together; PostgreSQL: the backends of the workers' "
+        "connections).",
         "",
         *results_table(measurements, configs),
         "",
@@ -830,7 +897,16 @@ def report(
         "",
         "| measure | value | target | verdict |",
         "|---|---|---|---|",
-        *(r.row() for r in ratios(measurements, options.repeats)),
+        *(r.row() for r in ratios(measurements, options, configs)),
+        "",
+        "## SQL per request",
+        "",
+        "Counted in-process by `python -m benchmarks.roundtrips` (PostgreSQL: libpq protocol "
+        "trace, one round trip per ReadyForQuery; SQLite: statements and transactions). "
+        "\"dup. among firsts\": a duplicate arriving after first deliveries, when psycopg has "
+        "prepared statements that a ROLLBACK makes it deallocate.",
+        "",
+        *(roundtrips or ["(not counted: --no-roundtrips)"]),
         "",
         "## Load generator",
         "",
@@ -839,8 +915,9 @@ def report(
         "## Correctness checks",
         "",
     ]
-    failures = [f for m in measurements for f in m.failures]
-    checks = [c for m in measurements for c in m.checks]
+    ordered = sorted(measurements, key=lambda m: (configs.index(m.config), m.round))
+    failures = [f"round {m.round + 1}: {f}" for m in ordered for f in m.failures]
+    checks = [f"round {m.round + 1}: {c}" for m in ordered for c in m.checks]
     lines += [f"- FAILED: {f}" for f in failures]
     lines += [f"- {c}" for c in checks]
     return "\n".join(lines) + "\n"
@@ -864,8 +941,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         description="Benchmark bare Flask, a hand-written iGV callback and flask-orderhooks "
         "under gunicorn with wrk, on SQLite and PostgreSQL.",
     )
-    parser.add_argument("--duration", type=float, default=8.0, help="seconds per pass [8]")
-    parser.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds [2]")
+    parser.add_argument("--duration", type=int, default=8, help="seconds per pass [8]")
+    parser.add_argument("--warmup", type=int, default=2, help="warm-up seconds [2]")
     parser.add_argument("--repeats", type=int, default=3, help="rounds to take medians of [3]")
     parser.add_argument("--connections", type=int, default=16, help="wrk connections [16]")
     parser.add_argument("--threads", type=int, default=2, help="wrk threads [2]")
@@ -890,7 +967,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--output", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md",
         help="where to write the markdown results [benchmarks/RESULTS.md]",
     )
+    parser.add_argument(
+        "--variant", action="append", default=[], metavar="NAME=DIR",
+        help="also run the orderhooks app with the flask_orderhooks package found in DIR "
+        "(a checkout with a proposed change), side by side; repeatable",
+    )
     parser.add_argument("--no-output", action="store_true", help="print only, write no file")
+    parser.add_argument("--no-roundtrips", action="store_true",
+                        help="skip counting SQL round trips per request")
     parser.add_argument("--note", help="a line to add to RESULTS.md (e.g. machine conditions)")
     parser.add_argument("--keep-temp", action="store_true", help="keep the temp dir (logs, ids)")
     parser.add_argument("-v", "--verbose", action="store_true", help="print wrk's own output")
@@ -933,6 +1017,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 2
     configs = [c for c in ALL_CONFIGS if c.backend == "none" or c.backend in backends]
+    for spec in args.variant:
+        name, _, directory = spec.partition("=")
+        source = Path(directory).resolve()
+        if not name or not (source / "flask_orderhooks" / "__init__.py").is_file():
+            print(f"--variant {spec}: give NAME=DIR, DIR holding flask_orderhooks/.",
+                  file=sys.stderr)
+            return 2
+        configs += [
+            Config("orderhooks", c.backend, name, source)
+            for c in ALL_CONFIGS
+            if c.kind == "orderhooks" and c.backend in backends
+        ]
     command = os.environ.get("BENCH_COMMAND") or " ".join(
         ["python -m benchmarks.harness", *sys.argv[1:]]
     )
@@ -973,6 +1069,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"temp files kept in {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+    roundtrips = [] if args.no_roundtrips else roundtrip_tables(configs, backends)
     text = report(
         measurements,
         configs,
@@ -983,6 +1080,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         load_after=os.getloadavg(),
         version_line=version_line,
         note=args.note,
+        roundtrips=roundtrips,
     )
     print()
     print(text)

@@ -1,0 +1,343 @@
+"""Count the SQL round trips of one first delivery and one duplicate.
+
+    .venv/bin/python -m benchmarks.roundtrips [--backends postgresql,sqlite]
+
+PostgreSQL: counted on the wire. libpq's protocol trace (``PQtrace``, through
+psycopg's ``pgconn.trace()``) records every message; each
+``ReadyForQuery`` from the server ends one round trip, whatever the client
+sent (a simple ``Query`` such as ``BEGIN``, or ``Parse/Bind/Execute/Sync``).
+Transaction control that psycopg skips (a COMMIT with no transaction open)
+costs nothing and is not counted. SQLite has no round trips; the statements
+the driver runs and the transactions are counted instead (SQLAlchemy's
+``before_cursor_execute``, ``commit`` and ``rollback`` events).
+
+Each path is measured on several requests after a warm-up of the same path
+(connections open, statements prepared); the counts must be the same every
+time. A third line measures a duplicate that arrives among first deliveries:
+psycopg forgets its prepared statements at every ROLLBACK and says so to the
+server (``DEALLOCATE ALL``), so a path that ends in ROLLBACK can cost a round
+trip more in a mixed workload than alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import sqlalchemy as sa
+from flask import Flask
+from flask_sqlalchemy import SQLAlchemy
+
+from flask_orderhooks.testing import SignedCallback, igv_order_status
+
+from .apps import PATH, SECRET, Kind, create_tables, make_app
+from .harness import DEFAULT_PG_URL
+
+# A traced message: direction, length, type, then its fields; SQL text keeps
+# its newlines, so a message can span several lines.
+# More executions than psycopg's prepare_threshold (5).
+PREPARE_WARMUP = 6
+_MESSAGE_START = re.compile(r"^[FB]\t\d+\t")
+_SQL_MESSAGE = re.compile(r'^F\t\d+\t(Query|Parse)\t (?:"([^"]*)" )?"(.*)"', re.DOTALL)
+_BIND_MESSAGE = re.compile(r'^F\t\d+\tBind\t "[^"]*" "([^"]*)"')
+
+
+def _messages(lines: list[str]) -> Iterator[str]:
+    current: list[str] = []
+    for line in lines:
+        if _MESSAGE_START.match(line) and current:
+            yield "\n".join(current)
+            current = []
+        current.append(line)
+    if current:
+        yield "\n".join(current)
+
+
+@dataclass
+class Recorder:
+    """Everything an engine did, from SQLAlchemy's events and libpq's trace."""
+
+    statements: list[str] = field(default_factory=list)
+    commits: int = 0
+    rollbacks: int = 0
+    trace_path: Path | None = None
+    trace_fd: int | None = None
+    connections: list[Any] = field(default_factory=list)
+    prepared: dict[str, str] = field(default_factory=dict)
+    offset: int = 0
+
+    def attach(self, engine: sa.Engine) -> None:
+        sa.event.listen(engine, "before_cursor_execute", self._on_execute)
+        sa.event.listen(engine, "commit", self._on_commit)
+        sa.event.listen(engine, "rollback", self._on_rollback)
+        if engine.dialect.name == "postgresql":
+            handle, name = tempfile.mkstemp(prefix="orderhooks-pqtrace-", suffix=".txt")
+            self.trace_fd, self.trace_path = handle, Path(name)
+            sa.event.listen(engine, "connect", self._on_connect)
+
+    def _on_execute(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        self.statements.append(" ".join(statement.split()))
+
+    def _on_commit(self, conn: Any) -> None:
+        self.commits += 1
+
+    def _on_rollback(self, conn: Any) -> None:
+        self.rollbacks += 1
+
+    def _on_connect(self, dbapi_connection: Any, record: Any) -> None:
+        self.connections.append(dbapi_connection)
+        self._trace(dbapi_connection)
+
+    def _trace(self, dbapi_connection: Any) -> None:
+        assert self.trace_fd is not None
+        # libpq takes a FILE* of its own (fdopen) on a duplicate of our fd.
+        dbapi_connection.pgconn.trace(os.dup(self.trace_fd))
+        dbapi_connection.pgconn.set_trace_flags(
+            psycopg.pq.Trace.SUPPRESS_TIMESTAMPS | psycopg.pq.Trace.REGRESS_MODE
+        )
+
+    def _flush(self) -> None:
+        # PQuntrace flushes libpq's buffered stream; tracing starts again at once.
+        for connection in self.connections:
+            if not connection.closed:
+                connection.pgconn.untrace()
+                self._trace(connection)
+
+    def start(self) -> None:
+        self.statements.clear()
+        self.commits = self.rollbacks = 0
+        if self.trace_path is not None:
+            self._flush()
+            self.offset = self.trace_path.stat().st_size
+
+    def wire(self) -> list[str]:
+        """The round trips since :meth:`start`, each named by its first SQL."""
+        if self.trace_path is None:
+            return []
+        self._flush()
+        with self.trace_path.open() as file:
+            earlier = file.read(self.offset).splitlines()
+            lines = file.read().splitlines()
+        # A statement prepared earlier is only named in this request's trace.
+        for message in _messages(earlier):
+            sql = _SQL_MESSAGE.match(message)
+            if sql is not None and sql.group(2):
+                self.prepared[sql.group(2)] = " ".join(sql.group(3).split())
+        trips: list[str] = []
+        current: str | None = None
+        for message in _messages(lines):
+            sql = _SQL_MESSAGE.match(message)
+            bind = _BIND_MESSAGE.match(message)
+            if sql is not None:
+                _, name, text = sql.groups()
+                if name:
+                    self.prepared[name] = " ".join(text.split())
+                current = current or " ".join(text.split())
+            elif bind is not None and bind.group(1) and current is None:
+                name = bind.group(1)
+                current = f"(prepared) {self.prepared.get(name, name)}"
+            elif message.startswith("B") and "\tReadyForQuery\t" in message:
+                trips.append(current or "?")
+                current = None
+        return trips
+
+    def close(self) -> None:
+        if self.trace_fd is not None:
+            os.close(self.trace_fd)
+        if self.trace_path is not None:
+            self.trace_path.unlink(missing_ok=True)
+
+
+@contextmanager
+def database(backend: str, pg_url: str) -> Iterator[str]:
+    if backend == "sqlite":
+        with tempfile.TemporaryDirectory(prefix="orderhooks-roundtrips-") as tmp:
+            yield f"sqlite:///{Path(tmp) / 'roundtrips.sqlite3'}"
+        return
+    schema = f"orderhooks_roundtrips_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(pg_url)
+    with admin.begin() as connection:
+        connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        url = sa.make_url(pg_url).update_query_dict({"options": f"-csearch_path={schema}"})
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as connection:
+            connection.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@dataclass
+class PathCount:
+    label: str
+    round_trips: list[int]
+    statements: list[int]
+    transactions: list[str]
+    example_wire: list[str]
+    example_statements: list[str]
+
+
+def _shorten(sql: str, width: int = 70) -> str:
+    return sql if len(sql) <= width else sql[: width - 3] + "..."
+
+
+def measure(kind: Kind, uri: str, samples: int) -> list[PathCount]:
+    create_tables(kind, uri)
+    app: Flask = make_app(kind, uri)
+    recorder = Recorder()
+    with app.app_context():
+        db = app.extensions["sqlalchemy"]
+        assert isinstance(db, SQLAlchemy)
+        recorder.attach(db.engine)
+    client = app.test_client()
+    prefix = uuid.uuid4().int % 10**6
+
+    def callback(i: int) -> SignedCallback:
+        return igv_order_status(SECRET, request_id=f"{prefix:06d}{i:013d}")
+
+    counter = iter(range(10**9))
+
+    def fresh(n: int) -> list[SignedCallback]:
+        return [callback(next(counter)) for _ in range(n)]
+
+    def post(cb: SignedCallback) -> None:
+        response = client.post(PATH, data=cb.body, headers=cb.headers)
+        if response.status_code != 200:
+            raise SystemExit(f"{kind}: answered {response.status_code}: {response.text}")
+
+    def record(label: str, batch: list[SignedCallback]) -> PathCount:
+        count = PathCount(label, [], [], [], [], [])
+        for cb in batch:
+            recorder.start()
+            post(cb)
+            count.example_wire = recorder.wire()
+            count.example_statements = list(recorder.statements)
+            count.round_trips.append(len(count.example_wire))
+            count.statements.append(len(count.example_statements))
+            count.transactions.append(f"{recorder.commits} commit, {recorder.rollbacks} rollback")
+        return count
+
+    counts = []
+    try:
+        # Each path is measured in its steady state: psycopg prepares a
+        # statement at its 5th execution on a connection, and every ROLLBACK
+        # forgets them all (DEALLOCATE ALL), so the warm-up repeats the path.
+        done = fresh(PREPARE_WARMUP + samples)
+        for cb in done[:PREPARE_WARMUP]:
+            post(cb)
+        counts.append(record("first delivery", done[PREPARE_WARMUP:]))
+        for cb in done[:PREPARE_WARMUP]:
+            post(cb)
+        counts.append(record("duplicate", done[PREPARE_WARMUP:]))
+        # A retry among first deliveries: what a real mix costs.
+        mixed = PathCount("dup. among firsts", [], [], [], [], [])
+        for cb in done[:samples]:
+            for first in fresh(PREPARE_WARMUP):
+                post(first)
+            one = record("", [cb])
+            mixed.round_trips += one.round_trips
+            mixed.statements += one.statements
+            mixed.transactions += one.transactions
+            mixed.example_wire, mixed.example_statements = one.example_wire, one.example_statements
+        counts.append(mixed)
+    finally:
+        recorder.close()
+        with app.app_context():
+            db.engine.dispose()
+    return counts
+
+
+def _spread(values: list[int]) -> str:
+    low, high = min(values), max(values)
+    return str(low) if low == high else f"{low}-{high} (UNSTABLE)"
+
+
+def markdown(results: dict[str, dict[str, list[PathCount]]], kinds: Sequence[str]) -> str:
+    """One table: round trips on PostgreSQL, statements and transactions on SQLite."""
+    lines = [
+        "| app | path | PostgreSQL round trips | PostgreSQL statements | SQLite statements "
+        "| SQLite transactions |",
+        "|---|---|---|---|---|---|",
+    ]
+    pg, lite = results.get("postgresql", {}), results.get("sqlite", {})
+    for kind in kinds:
+        pg_counts, lite_counts = pg.get(kind, []), lite.get(kind, [])
+        labels = [c.label for c in (pg_counts or lite_counts)]
+        for i, label in enumerate(labels):
+            p = pg_counts[i] if pg_counts else None
+            q = lite_counts[i] if lite_counts else None
+            lines.append(
+                f"| {kind} | {label} "
+                f"| {_spread(p.round_trips) if p else '-'} "
+                f"| {_spread(p.statements) if p else '-'} "
+                f"| {_spread(q.statements) if q else '-'} "
+                f"| {q.transactions[0] if q else '-'} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.roundtrips", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backends", default="postgresql,sqlite")
+    parser.add_argument("--kinds", default="naive,orderhooks")
+    parser.add_argument("--samples", type=int, default=5, help="requests per path [5]")
+    parser.add_argument("--markdown", action="store_true",
+                        help="print one markdown table instead of the statement listing")
+    parser.add_argument("--label", help="name the orderhooks rows (markdown)")
+    parser.add_argument("--pg-url", default=os.environ.get(
+        "ORDERHOOKS_BENCH_POSTGRES_URL",
+        os.environ.get("ORDERHOOKS_TEST_POSTGRES_URL", DEFAULT_PG_URL)))
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    kinds: list[Kind] = [k for k in ("naive", "orderhooks") if k in args.kinds.split(",")]
+    results: dict[str, dict[str, list[PathCount]]] = {}
+    status = 0
+    for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
+        title = {
+            "postgresql": "PostgreSQL: round trips on the wire (libpq trace)",
+            "sqlite": "SQLite: statements run by the driver (no network)",
+        }[backend]
+        if not args.markdown:
+            print(f"\n== {title}")
+        for kind in kinds:
+            with database(backend, args.pg_url) as uri:
+                counts = measure(kind, uri, args.samples)
+            results.setdefault(backend, {})[kind] = counts
+            for c in counts:
+                stable = len(set(c.round_trips)) <= 1 and len(set(c.statements)) <= 1
+                if not stable:
+                    status = 1
+                if args.markdown:
+                    continue
+                if backend == "postgresql":
+                    print(f"{kind:>10} {c.label:<18} {c.round_trips[0]} round trips, "
+                          f"{c.statements[0]} statement(s), {c.transactions[0]}"
+                          + ("" if stable else f"  UNSTABLE: {c.round_trips}"))
+                    for i, trip in enumerate(c.example_wire, 1):
+                        print(f"{'':>30}{i}. {_shorten(trip)}")
+                else:
+                    print(f"{kind:>10} {c.label:<18} {c.statements[0]} statement(s), "
+                          f"{c.transactions[0]}"
+                          + ("" if stable else f"  UNSTABLE: {c.statements}"))
+                    for i, sql in enumerate(c.example_statements, 1):
+                        print(f"{'':>30}{i}. {_shorten(sql)}")
+    if args.markdown:
+        table = markdown(results, kinds)
+        if args.label:
+            table = table.replace("| orderhooks |", f"| orderhooks[{args.label}] |")
+        print(table)
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -60,6 +60,7 @@ STATUSES = (PROCESSING, DONE, FAILED)
 
 # SQLSTATE of PostgreSQL's lock_timeout expiring.
 _PG_LOCK_NOT_AVAILABLE = "55P03"
+_SET_LOCK_TIMEOUT = sa.text("SELECT set_config('lock_timeout', :p_ms, true)")
 # How often a duplicate re-reads a delivery that another worker has claimed
 # but not yet locked for dispatch (a window of one round trip).
 _POLL_INTERVAL = 0.02
@@ -197,8 +198,10 @@ class DeliveryStore:
                 if self.dialect == "postgresql":
                     # Bounds the wait behind another worker's dispatch of this
                     # key (ON CONFLICT waits for its row lock, unbounded by default).
+                    # One statement text with a bound value: a literal that
+                    # changes every time would churn psycopg's prepared cache.
                     wait_ms = max(1, int(remaining * 1000))
-                    session.execute(sa.text(f"SET LOCAL lock_timeout = {wait_ms}"))
+                    session.execute(_SET_LOCK_TIMEOUT, {"p_ms": f"{wait_ms}ms"})
                 now = self._now()
                 row = session.execute(
                     self._sql.claim,

@@ -60,7 +60,16 @@ STATUSES = (PROCESSING, DONE, FAILED)
 
 # SQLSTATE of PostgreSQL's lock_timeout expiring.
 _PG_LOCK_NOT_AVAILABLE = "55P03"
-_SET_LOCK_TIMEOUT = sa.text("SELECT set_config('lock_timeout', :p_ms, true)")
+# For the claim transaction only (``is_local``). lock_timeout bounds the wait
+# behind another worker's dispatch of the key. synchronous_commit=off lets the
+# claim's COMMIT return before its WAL is flushed: the dispatch's COMMIT is
+# synchronous and PostgreSQL flushes WAL in order, so by the time a delivery
+# is answered "done" its claim is on disk too, and a server crash before then
+# loses only an unanswered claim, which the platform sends again.
+_PREPARE_CLAIM = sa.text(
+    "SELECT set_config('lock_timeout', :p_ms, true), "
+    "set_config('synchronous_commit', 'off', true)"
+)
 # How often a duplicate re-reads a delivery that another worker has claimed
 # but not yet locked for dispatch (a window of one round trip).
 _POLL_INTERVAL = 0.02
@@ -196,12 +205,11 @@ class DeliveryStore:
             remaining = deadline - time.monotonic()
             with self._store_errors(delivery), self._sessions() as session:
                 if self.dialect == "postgresql":
-                    # Bounds the wait behind another worker's dispatch of this
-                    # key (ON CONFLICT waits for its row lock, unbounded by default).
-                    # One statement text with a bound value: a literal that
-                    # changes every time would churn psycopg's prepared cache.
+                    # ON CONFLICT waits for another worker's row lock, unbounded
+                    # by default. A bound value, not a literal that changes every
+                    # time and would churn psycopg's prepared-statement cache.
                     wait_ms = max(1, int(remaining * 1000))
-                    session.execute(_SET_LOCK_TIMEOUT, {"p_ms": f"{wait_ms}ms"})
+                    session.execute(_PREPARE_CLAIM, {"p_ms": f"{wait_ms}ms"})
                 now = self._now()
                 row = session.execute(
                     self._sql.claim,

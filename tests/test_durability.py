@@ -386,3 +386,21 @@ def test_a_busy_sqlite_store_does_not_strand_a_claim(tmp_path: Path) -> None:
         (row,) = store.get(cb.key)
     assert (row.status, row.attempts) == ("done", 1)
     standalone.engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "backend", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+)
+def test_postgres_dispatch_commits_synchronously(recorder: RecorderFactory) -> None:
+    """The claim's COMMIT may skip the WAL flush; the dispatch's, which makes
+    the receivers' writes and the done mark durable, never does."""
+    app, rec = recorder()
+    seen: list[str] = []
+
+    def check(_event: object) -> None:
+        assert rec.db is not None
+        seen.append(str(rec.db.session.execute(sa.text("SHOW synchronous_commit")).scalar()))
+
+    rec.hook = check
+    assert post(app, make("igv", app)).status_code == 200
+    assert seen == ["on"]

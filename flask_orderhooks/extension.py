@@ -12,13 +12,19 @@ from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary
 
 from flask import Flask, current_app
-from sqlalchemy.orm import Session
+from sqlalchemy.engine import Engine
 
 from .config import DEFAULTS, PLATFORMS, Settings, load_settings
 from .gateway import GatewayProvider
 from .igv import IGVProvider
 from .provider import Provider
-from .store import DeliveryStore, StandaloneDatabase, deliveries_table
+from .store import (
+    DeliveryStore,
+    SessionTransaction,
+    StandaloneDatabase,
+    Transaction,
+    deliveries_table,
+)
 from .sud import SUDProvider
 from .views import make_blueprint
 
@@ -102,9 +108,9 @@ class OrderHooks:
         else:
             standalone = self._standalone(app, settings)
             store = DeliveryStore(
-                sessions=standalone.session,
+                engine=standalone.engine,
+                dispatch_transaction=standalone.transaction,
                 table=standalone.table,
-                dialect=standalone.engine.dialect.name,
                 duplicate_wait=settings.duplicate_wait,
                 claim_timeout=settings.claim_timeout,
                 clock=self.clock,
@@ -139,20 +145,20 @@ class OrderHooks:
         table = deliveries_table(db.metadata)
 
         @contextmanager
-        def host_session() -> Iterator[Session]:
+        def host_transaction() -> Iterator[Transaction]:
             session = db.session()
             try:
-                yield session
+                yield SessionTransaction(session)
             except BaseException:
                 session.rollback()
                 raise
 
-        def dialect() -> str:
-            return db.engine.dialect.name
+        def engine() -> Engine:
+            return db.engine
 
         return DeliveryStore(
-            dialect=dialect,
-            sessions=host_session,
+            engine=engine,
+            dispatch_transaction=host_transaction,
             table=table,
             duplicate_wait=settings.duplicate_wait,
             claim_timeout=settings.claim_timeout,

@@ -31,16 +31,16 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from .exc import CallbackError, KeyConflict, MalformedPayload, ReceiverFailed, StoreUnavailable
 from .provider import Delivery
@@ -67,8 +67,7 @@ _PG_LOCK_NOT_AVAILABLE = "55P03"
 # is answered "done" its claim is on disk too, and a server crash before then
 # loses only an unanswered claim, which the platform sends again.
 _PREPARE_CLAIM = sa.text(
-    "SELECT set_config('lock_timeout', :p_ms, true), "
-    "set_config('synchronous_commit', 'off', true)"
+    "SELECT set_config('lock_timeout', :p_ms, true), set_config('synchronous_commit', 'off', true)"
 )
 # How often a duplicate re-reads a delivery that another worker has claimed
 # but not yet locked for dispatch (a window of one round trip).
@@ -128,6 +127,36 @@ class StoredDelivery:
 Outcome = Literal["dispatched", "duplicate"]
 
 
+class Transaction(Protocol):
+    """What the dispatch needs of the transaction receivers write in: a
+    SQLAlchemy :class:`~sqlalchemy.engine.Connection` has exactly this."""
+
+    def execute(self, statement: Any, parameters: Any = ..., /) -> Any: ...
+
+    def commit(self) -> None: ...
+
+    def rollback(self) -> None: ...
+
+
+class SessionTransaction:
+    """The host's ``db.session`` as the dispatch's :class:`Transaction`: the
+    store's statements run on its connection, receivers use the session, and
+    one ``commit()`` flushes and commits both."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def execute(self, statement: Any, parameters: Any = None, /) -> Any:
+        # Core on the session's connection: the ORM's execute path costs more.
+        return self.session.connection().execute(statement, parameters)
+
+    def commit(self) -> None:
+        self.session.commit()
+
+    def rollback(self) -> None:
+        self.session.rollback()
+
+
 def _utc(value: datetime) -> datetime:
     # SQLite hands back naive datetimes; everything stored is UTC.
     return value if value.tzinfo else value.replace(tzinfo=UTC)
@@ -136,38 +165,47 @@ def _utc(value: datetime) -> datetime:
 class DeliveryStore:
     """Claims, dispatches and records deliveries in one SQL table.
 
-    :param sessions: a context manager factory yielding the session to use:
-        the host's ``db.session`` or the store's own.
+    The store's own statements run on plain connections of ``engine`` (no ORM
+    session: it costs more CPU than the statements). Only the dispatch runs in
+    ``dispatch_transaction``, the transaction receivers write in.
+
+    :param engine: the engine, or a callable returning it (the host's engine
+        is only known inside an app context).
+    :param dispatch_transaction: a context manager factory yielding the
+        dispatch's :class:`Transaction`: the host's ``db.session``, or a
+        connection of ``engine``.
     :param table: the deliveries table.
-    :param dialect: ``"postgresql"`` or ``"sqlite"``, or a callable that
-        returns it (the host's engine is only known inside an app context).
     :param clock: Unix time in seconds (injectable for tests).
     """
 
     def __init__(
         self,
         *,
-        sessions: Callable[[], Any],
+        engine: Engine | Callable[[], Engine],
+        dispatch_transaction: Callable[[], AbstractContextManager[Transaction]],
         table: sa.Table,
-        dialect: str | Callable[[], str],
         duplicate_wait: float,
         claim_timeout: float,
         clock: Callable[[], float] = time.time,
         prepare: Callable[[], None] | None = None,
     ) -> None:
-        self._sessions = sessions
+        self._engine = engine
+        self._dispatch_transaction = dispatch_transaction
         self.table = table
-        self._dialect = dialect
         self.duplicate_wait = duplicate_wait
         self.claim_timeout = claim_timeout
         self._clock = clock
         self._prepare = prepare
 
     @property
+    def engine(self) -> Engine:
+        if not isinstance(self._engine, Engine):
+            self._engine = self._engine()
+        return self._engine
+
+    @property
     def dialect(self) -> str:
-        if callable(self._dialect):
-            self._dialect = self._dialect()
-        return self._dialect
+        return self.engine.dialect.name
 
     def __repr__(self) -> str:
         return f"<DeliveryStore {self.dialect} table={self.table.name!r}>"
@@ -203,15 +241,15 @@ class DeliveryStore:
         deadline = time.monotonic() + self.duplicate_wait
         while True:
             remaining = deadline - time.monotonic()
-            with self._store_errors(delivery), self._sessions() as session:
+            with self._store_errors(delivery), self.engine.connect() as connection:
                 if self.dialect == "postgresql":
                     # ON CONFLICT waits for another worker's row lock, unbounded
                     # by default. A bound value, not a literal that changes every
                     # time and would churn psycopg's prepared-statement cache.
                     wait_ms = max(1, int(remaining * 1000))
-                    session.execute(_PREPARE_CLAIM, {"p_ms": f"{wait_ms}ms"})
+                    connection.execute(_PREPARE_CLAIM, {"p_ms": f"{wait_ms}ms"})
                 now = self._now()
-                row = session.execute(
+                row = connection.execute(
                     self._sql.claim,
                     {
                         **self._key_params(delivery),
@@ -225,10 +263,10 @@ class DeliveryStore:
                     },
                 ).first()
                 if row is not None and row.claim_token == token:
-                    session.commit()
+                    connection.commit()
                     return Claim(token=token, attempt=row.attempts)
-                current = session.execute(self._sql.state, self._key_params(delivery)).first()
-                session.rollback()
+                current = connection.execute(self._sql.state, self._key_params(delivery)).first()
+                connection.rollback()
             if current is None:
                 pass  # purged between the two statements: claim again
             elif current.status == DONE:
@@ -248,7 +286,7 @@ class DeliveryStore:
 
     def dispatch(self, delivery: Delivery, claim: Claim, dispatch: Callable[[], None]) -> None:
         """Run ``dispatch`` inside the transaction that marks the claim done."""
-        with self._store_errors(delivery), self._sessions() as session:
+        with self._store_errors(delivery), self._dispatch_transaction() as session:
             try:
                 marked = self._mark_done(session, delivery, claim)
             except SQLAlchemyError as exc:
@@ -280,7 +318,7 @@ class DeliveryStore:
                 self._mark_failed(delivery, claim, exc)
                 raise
 
-    def _mark_done(self, session: Session, delivery: Delivery, claim: Claim) -> bool:
+    def _mark_done(self, session: Transaction, delivery: Delivery, claim: Claim) -> bool:
         """Mark the claim done (uncommitted), waiting out a busy store.
 
         Retrying is safe here because no receiver has run yet; it matters on
@@ -301,7 +339,7 @@ class DeliveryStore:
     def _mark_failed(self, delivery: Delivery, claim: Claim, exc: BaseException) -> None:
         error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_LENGTH]
         try:
-            with self._sessions() as session:
+            with self.engine.connect() as session:
                 session.execute(
                     self._sql.mark_failed,
                     {
@@ -416,17 +454,16 @@ class DeliveryStore:
             query = query.where(t.c.provider == provider)
         if self._prepare is not None:
             self._prepare()
-        with self._sessions() as session:
-            deleted = session.execute(query.returning(t.c.key)).all()
-            session.commit()
+        with self.engine.connect() as connection:
+            deleted = connection.execute(query.returning(t.c.key)).all()
+            connection.commit()
         return len(deleted)
 
     def _rows(self, query: Any) -> builtins.list[StoredDelivery]:
         if self._prepare is not None:
             self._prepare()
-        with self._sessions() as session:
-            rows = session.execute(query).all()
-            session.rollback()
+        with self.engine.connect() as connection:
+            rows = connection.execute(query).all()
         return [
             StoredDelivery(
                 provider=r.provider,
@@ -550,14 +587,14 @@ class StandaloneDatabase:
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         self.metadata = sa.MetaData()
         self.table = deliveries_table(self.metadata)
-        self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
         self._ready = False
         self._lock = threading.Lock()
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
-        with self.sessionmaker() as session:
-            yield session
+    def transaction(self) -> Iterator[Transaction]:
+        """A connection for the dispatch: receivers' writes are their own."""
+        with self.engine.connect() as connection:
+            yield connection
 
     def ensure_table(self) -> None:
         if self._ready:

@@ -60,15 +60,6 @@ STATUSES = (PROCESSING, DONE, FAILED)
 
 # SQLSTATE of PostgreSQL's lock_timeout expiring.
 _PG_LOCK_NOT_AVAILABLE = "55P03"
-# For the claim transaction only (``is_local``). lock_timeout bounds the wait
-# behind another worker's dispatch of the key. synchronous_commit=off lets the
-# claim's COMMIT return before its WAL is flushed: the dispatch's COMMIT is
-# synchronous and PostgreSQL flushes WAL in order, so by the time a delivery
-# is answered "done" its claim is on disk too, and a server crash before then
-# loses only an unanswered claim, which the platform sends again.
-_PREPARE_CLAIM = sa.text(
-    "SELECT set_config('lock_timeout', :p_ms, true), set_config('synchronous_commit', 'off', true)"
-)
 # How often a duplicate re-reads a delivery that another worker has claimed
 # but not yet locked for dispatch (a window of one round trip).
 _POLL_INTERVAL = 0.02
@@ -242,12 +233,6 @@ class DeliveryStore:
         while True:
             remaining = deadline - time.monotonic()
             with self._store_errors(delivery), self.engine.connect() as connection:
-                if self.dialect == "postgresql":
-                    # ON CONFLICT waits for another worker's row lock, unbounded
-                    # by default. A bound value, not a literal that changes every
-                    # time and would churn psycopg's prepared-statement cache.
-                    wait_ms = max(1, int(remaining * 1000))
-                    connection.execute(_PREPARE_CLAIM, {"p_ms": f"{wait_ms}ms"})
                 now = self._now()
                 row = connection.execute(
                     self._sql.claim,
@@ -260,13 +245,20 @@ class DeliveryStore:
                         "p_headers": json.dumps(dict(delivery.headers), sort_keys=True),
                         "p_now": now,
                         "p_takeover": DONE if force else FAILED,
+                        # PostgreSQL's lock_timeout: ON CONFLICT waits for
+                        # another worker's row lock, unbounded by default.
+                        "p_ms": f"{max(1, int(remaining * 1000))}ms",
                     },
                 ).first()
                 if row is not None and row.claim_token == token:
                     connection.commit()
                     return Claim(token=token, attempt=row.attempts)
                 current = connection.execute(self._sql.state, self._key_params(delivery)).first()
-                connection.rollback()
+                # COMMIT, not ROLLBACK: nothing was written, and psycopg drops
+                # its prepared statements after a ROLLBACK (one more round trip,
+                # and re-preparing). On PostgreSQL this COMMIT skips the WAL
+                # flush too (synchronous_commit is off in this transaction).
+                connection.commit()
             if current is None:
                 pass  # purged between the two statements: claim again
             elif current.status == DONE:
@@ -492,20 +484,44 @@ class _Statements:
             t.c.callback == sa.bindparam("p_callback"),
             t.c.key == sa.bindparam("p_key"),
         )
-        insert = _dialect_insert(dialect)(t).values(
-            provider=sa.bindparam("p_provider"),
-            callback=sa.bindparam("p_callback"),
-            key=sa.bindparam("p_key"),
-            status=PROCESSING,
-            attempts=1,
-            claim_token=sa.bindparam("p_token"),
-            lease_expires_at=sa.bindparam("p_lease", type_=when),
-            body=sa.bindparam("p_body", type_=sa.LargeBinary),
-            body_sha256=sa.bindparam("p_digest"),
-            headers=sa.bindparam("p_headers"),
-            created_at=sa.bindparam("p_now", type_=when),
-            updated_at=sa.bindparam("p_now", type_=when),
-        )
+        row = {
+            "provider": sa.bindparam("p_provider", type_=t.c.provider.type),
+            "callback": sa.bindparam("p_callback", type_=t.c.callback.type),
+            "key": sa.bindparam("p_key", type_=t.c.key.type),
+            "status": sa.literal(PROCESSING, t.c.status.type),
+            "attempts": sa.literal(1, sa.Integer),
+            "claim_token": sa.bindparam("p_token", type_=t.c.claim_token.type),
+            "lease_expires_at": sa.bindparam("p_lease", type_=when),
+            "body": sa.bindparam("p_body", type_=sa.LargeBinary),
+            "body_sha256": sa.bindparam("p_digest", type_=t.c.body_sha256.type),
+            "headers": sa.bindparam("p_headers", type_=t.c.headers.type),
+            "created_at": sa.bindparam("p_now", type_=when),
+            "updated_at": sa.bindparam("p_now", type_=when),
+        }
+        insert = _dialect_insert(dialect)(t)
+        if dialect == "postgresql":
+            # The claim transaction's settings ride in the INSERT itself, which
+            # saves a round trip: its row comes from a sub-select that sets
+            # them (is_local: for this transaction only) before the conflict
+            # check can wait. lock_timeout bounds that wait; with
+            # synchronous_commit off the claim's COMMIT skips the WAL flush,
+            # which is safe because the dispatch's COMMIT is synchronous and
+            # PostgreSQL flushes WAL in order: when a delivery is answered
+            # "done" its claim is on disk too, and a server crash before then
+            # loses only an unanswered claim, which the platform sends again.
+            settings = sa.select(
+                sa.func.set_config("lock_timeout", sa.bindparam("p_ms"), True).label("lt"),
+                sa.func.set_config("synchronous_commit", "off", True).label("sc"),
+            ).subquery("claim_settings")
+            source = (
+                sa.select(*row.values())
+                .select_from(settings)
+                # Referenced, so the planner cannot drop the sub-select.
+                .where(settings.c.lt.is_not(None), settings.c.sc.is_not(None))
+            )
+            insert = insert.from_select(list(row), source)
+        else:
+            insert = insert.values(row)
         # Taken over: a failed attempt, a claim whose worker died (lease
         # over), or a done one when replay is forced; never another body.
         takeover = sa.and_(

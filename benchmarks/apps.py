@@ -173,9 +173,7 @@ def stored_keys(kind: Kind, database_uri: str) -> list[str]:
                 rows = connection.execute(sa.select(ReceivedCallback.request_id))
             else:
                 table = deliveries_table(sa.MetaData())
-                rows = connection.execute(
-                    sa.select(table.c.key).where(table.c.status == "done")
-                )
+                rows = connection.execute(sa.select(table.c.key).where(table.c.status == "done"))
             return [str(row[0]) for row in rows]
     finally:
         engine.dispose()

@@ -25,6 +25,7 @@ import math
 import os
 import platform
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -281,11 +282,16 @@ class Server:
             self.process = subprocess.Popen(
                 [
                     str(gunicorn),
-                    "--workers", str(workers),
-                    "--worker-class", "sync",
-                    "--bind", f"fd://{fd}",
-                    "--log-level", "warning",
-                    "--timeout", "60",
+                    "--workers",
+                    str(workers),
+                    "--worker-class",
+                    "sync",
+                    "--bind",
+                    f"fd://{fd}",
+                    "--log-level",
+                    "warning",
+                    "--timeout",
+                    "60",
                     "benchmarks.apps:create_app()",
                 ],
                 cwd=cwd,
@@ -394,10 +400,15 @@ def run_wrk(
         f"-c{connections}",
         f"-d{seconds}s",
         "--latency",
-        "--timeout", "10s",
-        "-s", str(LUA_SCRIPT),
+        "--timeout",
+        "10s",
+        "-s",
+        str(LUA_SCRIPT),
         url,
-        "--", str(ids_file), mode, str(threads),
+        "--",
+        str(ids_file),
+        mode,
+        str(threads),
     ]
     db_before = {pid: cpu_seconds(pid) for pid in (db_pids() if db_pids else [])}
     workers_before = sum(cpu_seconds(pid) for pid in worker_pids)
@@ -688,8 +699,11 @@ def ratios(
     def get(name: str, r: int) -> Measurement | None:
         return next((m for m in measurements if m.config.name == name and m.round == r), None)
 
-    def per_round(fn: Callable[[Measurement, Measurement | None], float | None],
-                  name: str, other: str | None = None) -> list[float]:
+    def per_round(
+        fn: Callable[[Measurement, Measurement | None], float | None],
+        name: str,
+        other: str | None = None,
+    ) -> list[float]:
         values = []
         for r in range(rounds):
             m = get(name, r)
@@ -723,49 +737,84 @@ def ratios(
     label = {"postgresql": "PostgreSQL", "sqlite": "SQLite"}
     out: list[Ratio] = []
     for c in hooks:
-        out.append(Ratio(
-            f"{c.label}/naive req/s, {label[c.backend]}, first deliveries",
-            per_round(rps_ratio, c.name, f"naive/{c.backend}"), ">= 0.9", lambda v: v >= 0.9,
-        ))
+        out.append(
+            Ratio(
+                f"{c.label}/naive req/s, {label[c.backend]}, first deliveries",
+                per_round(rps_ratio, c.name, f"naive/{c.backend}"),
+                ">= 0.9",
+                lambda v: v >= 0.9,
+            )
+        )
     for c in hooks:
-        out.append(Ratio(
-            f"{c.label}/naive server CPU per request, {label[c.backend]}, first deliveries",
-            per_round(cpu_ratio, c.name, f"naive/{c.backend}"), "(context)", None,
-        ))
+        out.append(
+            Ratio(
+                f"{c.label}/naive server CPU per request, {label[c.backend]}, first deliveries",
+                per_round(cpu_ratio, c.name, f"naive/{c.backend}"),
+                "(context)",
+                None,
+            )
+        )
     for c in hooks:
-        out.append(Ratio(
-            f"{c.label} duplicates/first deliveries req/s, {label[c.backend]}",
-            per_round(dup_ratio, c.name), ">= 1.0", lambda v: v >= 1.0,
-        ))
+        out.append(
+            Ratio(
+                f"{c.label} duplicates/first deliveries req/s, {label[c.backend]}",
+                per_round(dup_ratio, c.name),
+                ">= 1.0",
+                lambda v: v >= 1.0,
+            )
+        )
     for c in hooks:
         if c.backend == "postgresql":
-            out.append(Ratio(
-                f"{c.label} p99 ms, PostgreSQL, first deliveries, "
-                f"{options.connections} connections",
-                per_round(p99, c.name), "< 25 ms", lambda v: v < 25, ".1f",
-            ))
+            out.append(
+                Ratio(
+                    f"{c.label} p99 ms, PostgreSQL, first deliveries, "
+                    f"{options.connections} connections",
+                    per_round(p99, c.name),
+                    "< 25 ms",
+                    lambda v: v < 25,
+                    ".1f",
+                )
+            )
     for c in hooks:
-        out.append(Ratio(
-            f"{c.label} - bare peak RSS/worker MB, {label[c.backend]}",
-            per_round(rss_delta, c.name, "bare"), "<= 15 MB", lambda v: v <= 15, ".1f",
-        ))
+        out.append(
+            Ratio(
+                f"{c.label} - bare peak RSS/worker MB, {label[c.backend]}",
+                per_round(rss_delta, c.name, "bare"),
+                "<= 15 MB",
+                lambda v: v <= 15,
+                ".1f",
+            )
+        )
     for c in hooks:
-        out.append(Ratio(
-            f"{c.label} - naive peak RSS/worker MB, {label[c.backend]}",
-            per_round(rss_delta, c.name, f"naive/{c.backend}"), "(context)", None, ".1f",
-        ))
+        out.append(
+            Ratio(
+                f"{c.label} - naive peak RSS/worker MB, {label[c.backend]}",
+                per_round(rss_delta, c.name, f"naive/{c.backend}"),
+                "(context)",
+                None,
+                ".1f",
+            )
+        )
     for c in configs:
         if c.kind != "bare":
-            out.append(Ratio(
-                f"{c.label}/bare req/s, {label[c.backend]}, first deliveries",
-                per_round(rps_ratio, c.name, "bare"), "(context)", None,
-            ))
+            out.append(
+                Ratio(
+                    f"{c.label}/bare req/s, {label[c.backend]}, first deliveries",
+                    per_round(rps_ratio, c.name, "bare"),
+                    "(context)",
+                    None,
+                )
+            )
     for c in configs:
         if c.kind == "naive":
-            out.append(Ratio(
-                f"naive duplicates/first deliveries req/s, {label[c.backend]}",
-                per_round(dup_ratio, c.name), "(context)", None,
-            ))
+            out.append(
+                Ratio(
+                    f"naive duplicates/first deliveries req/s, {label[c.backend]}",
+                    per_round(dup_ratio, c.name),
+                    "(context)",
+                    None,
+                )
+            )
     return out
 
 
@@ -819,12 +868,27 @@ def roundtrip_tables(configs: Sequence[Config], backends: set[str]) -> list[str]
     rows: list[str] = []
     problems: list[str] = []
     for cwd, extra in runs:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
+        env = dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join(
+                p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
+            ),
+        )
         probe = subprocess.run(
-            [sys.executable, "-m", "benchmarks.roundtrips", "--markdown",
-             "--backends", ",".join(sorted(backends)), *extra],
-            cwd=cwd, env=env, capture_output=True, text=True, check=False,
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.roundtrips",
+                "--markdown",
+                "--backends",
+                ",".join(sorted(backends)),
+                *extra,
+            ],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         table = probe.stdout.strip().splitlines()
         if probe.returncode != 0 or len(table) < 3:
@@ -903,7 +967,7 @@ def report(
         "",
         "Counted in-process by `python -m benchmarks.roundtrips` (PostgreSQL: libpq protocol "
         "trace, one round trip per ReadyForQuery; SQLite: statements and transactions). "
-        "\"dup. among firsts\": a duplicate arriving after first deliveries, when psycopg has "
+        '"dup. among firsts": a duplicate arriving after first deliveries, when psycopg has '
         "prepared statements that a ROLLBACK makes it deallocate.",
         "",
         *(roundtrips or ["(not counted: --no-roundtrips)"]),
@@ -948,11 +1012,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="wrk threads [2]")
     parser.add_argument("--workers", type=int, default=2, help="gunicorn sync workers [2]")
     parser.add_argument(
-        "--id-margin", type=float, default=2.0,
+        "--id-margin",
+        type=float,
+        default=2.0,
         help="pre-signed ids = best rate seen x duration x this, + 1000 [2.0]",
     )
     parser.add_argument(
-        "--backends", default="sqlite,postgresql",
+        "--backends",
+        default="sqlite,postgresql",
         help="comma-separated backends to run naive and orderhooks on [sqlite,postgresql]",
     )
     parser.add_argument(
@@ -964,17 +1031,23 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="PostgreSQL URL; every measurement uses a schema of its own, dropped afterwards",
     )
     parser.add_argument(
-        "--output", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md",
+        "--output",
+        type=Path,
+        default=Path(__file__).resolve().parent / "RESULTS.md",
         help="where to write the markdown results [benchmarks/RESULTS.md]",
     )
     parser.add_argument(
-        "--variant", action="append", default=[], metavar="NAME=DIR",
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
         help="also run the orderhooks app with the flask_orderhooks package found in DIR "
         "(a checkout with a proposed change), side by side; repeatable",
     )
     parser.add_argument("--no-output", action="store_true", help="print only, write no file")
-    parser.add_argument("--no-roundtrips", action="store_true",
-                        help="skip counting SQL round trips per request")
+    parser.add_argument(
+        "--no-roundtrips", action="store_true", help="skip counting SQL round trips per request"
+    )
     parser.add_argument("--note", help="a line to add to RESULTS.md (e.g. machine conditions)")
     parser.add_argument("--keep-temp", action="store_true", help="keep the temp dir (logs, ids)")
     parser.add_argument("-v", "--verbose", action="store_true", help="print wrk's own output")
@@ -1021,17 +1094,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         name, _, directory = spec.partition("=")
         source = Path(directory).resolve()
         if not name or not (source / "flask_orderhooks" / "__init__.py").is_file():
-            print(f"--variant {spec}: give NAME=DIR, DIR holding flask_orderhooks/.",
-                  file=sys.stderr)
+            print(
+                f"--variant {spec}: give NAME=DIR, DIR holding flask_orderhooks/.", file=sys.stderr
+            )
             return 2
         configs += [
             Config("orderhooks", c.backend, name, source)
             for c in ALL_CONFIGS
             if c.kind == "orderhooks" and c.backend in backends
         ]
-    command = os.environ.get("BENCH_COMMAND") or " ".join(
-        ["python -m benchmarks.harness", *sys.argv[1:]]
-    )
+    entry = os.environ.get("BENCH_ENTRY", "python -m benchmarks.harness")
+    command = " ".join([entry, shlex.join(sys.argv[1:] if argv is None else list(argv))]).strip()
     started = datetime.now(UTC)
     load_before = os.getloadavg()
     version_line = versions(options, backends)

@@ -61,8 +61,12 @@ class Timing:
 
 
 def time_op(
-    label: str, make_inputs: Callable[[int], Sequence[object]], op: Callable[[object], object],
-    *, number: int, rounds: int,
+    label: str,
+    make_inputs: Callable[[int], Sequence[object]],
+    op: Callable[[object], object],
+    *,
+    number: int,
+    rounds: int,
 ) -> Timing:
     """Run ``op`` over ``number`` fresh inputs per round; µs per operation."""
     walls: list[float] = []
@@ -102,10 +106,12 @@ BUILDERS: dict[str, tuple[str, Callable[[], SignedCallback]]] = {
     "gateway collect": ("collect", lambda: gateway_collect(GATEWAY_KEY)),
     "gateway payout": ("payout", lambda: gateway_payout(GATEWAY_KEY)),
     "sud order-changed": (
-        "order-changed", lambda: sud_order_changed(SUD_SECRET, app_id=SUD_APP_ID)
+        "order-changed",
+        lambda: sud_order_changed(SUD_SECRET, app_id=SUD_APP_ID),
     ),
     "sud batch (2 orders)": (
-        "order-changed", lambda: sud_order_batch_changed(SUD_SECRET, app_id=SUD_APP_ID)
+        "order-changed",
+        lambda: sud_order_batch_changed(SUD_SECRET, app_id=SUD_APP_ID),
     ),
 }
 
@@ -123,13 +129,16 @@ def bench_providers(number: int, rounds: int) -> Iterator[Timing]:
         provider = providers[cb.provider]
         now = time.time()
 
-        def read(_: object, provider: Provider = provider, cb: SignedCallback = cb,
-                 callback: str = callback, now: float = now) -> object:
+        def read(
+            _: object,
+            provider: Provider = provider,
+            cb: SignedCallback = cb,
+            callback: str = callback,
+            now: float = now,
+        ) -> object:
             return provider.read(callback, cb.body, cb.headers, now=now)
 
-        yield time_op(
-            f"read() {label}", range, read, number=number * 5, rounds=rounds
-        )
+        yield time_op(f"read() {label}", range, read, number=number * 5, rounds=rounds)
 
 
 def _in_memory_app(kind: Kind) -> Flask:
@@ -153,9 +162,7 @@ def bench_store(number: int, rounds: int) -> Iterator[Timing]:
     now = time.time()
 
     def deliveries(n: int) -> list[object]:
-        return [
-            provider.read("order-status", cb.body, cb.headers, now=now) for cb in _signed(n)
-        ]
+        return [provider.read("order-status", cb.body, cb.headers, now=now) for cb in _signed(n)]
 
     done: list[object] = []
 
@@ -164,15 +171,15 @@ def bench_store(number: int, rounds: int) -> Iterator[Timing]:
         return state.store.deliver(delivery, _noop)  # type: ignore[arg-type]
 
     with app.app_context():
-        yield time_op("store.deliver() first delivery", deliveries, deliver,
-                      number=number, rounds=rounds)
+        yield time_op(
+            "store.deliver() first delivery", deliveries, deliver, number=number, rounds=rounds
+        )
         seen = list(done)
 
         def replays(n: int) -> list[object]:
             return [seen[i % len(seen)] for i in range(n)]
 
-        yield time_op("store.deliver() duplicate", replays, deliver,
-                      number=number, rounds=rounds)
+        yield time_op("store.deliver() duplicate", replays, deliver, number=number, rounds=rounds)
 
 
 def _noop() -> None:
@@ -185,8 +192,12 @@ def bench_requests(number: int, rounds: int) -> Iterator[Timing]:
         client: FlaskClient = app.test_client()
         sent: list[SignedCallback] = []
 
-        def post(cb: object, client: FlaskClient = client, sent: list[SignedCallback] = sent,
-                 kind: str = kind) -> object:
+        def post(
+            cb: object,
+            client: FlaskClient = client,
+            sent: list[SignedCallback] = sent,
+            kind: str = kind,
+        ) -> object:
             assert isinstance(cb, SignedCallback)
             response = client.post(PATH, data=cb.body, headers=cb.headers)
             if response.status_code != 200:
@@ -194,8 +205,7 @@ def bench_requests(number: int, rounds: int) -> Iterator[Timing]:
             sent.append(cb)
             return response
 
-        yield time_op(f"POST {kind}: first delivery", _signed, post,
-                      number=number, rounds=rounds)
+        yield time_op(f"POST {kind}: first delivery", _signed, post, number=number, rounds=rounds)
         if kind == "bare":
             continue
         seen = list(sent)
@@ -207,8 +217,11 @@ def bench_requests(number: int, rounds: int) -> Iterator[Timing]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.micro", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.micro",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--number", type=int, default=500, help="operations per round [500]")
     parser.add_argument("--rounds", type=int, default=5, help="rounds [5]")
     parser.add_argument("--quick", action="store_true", help="100 operations, 3 rounds")
@@ -217,8 +230,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{'operation':<40} {'best us':>9} {'median us':>10} {'cpu us':>8}")
     for group in (bench_providers, bench_store, bench_requests):
         for t in group(number, rounds):
-            print(f"{t.label:<40} {t.best_us:>9.1f} {t.median_us:>10.1f} {t.cpu_us:>8.1f}",
-                  flush=True)
+            print(
+                f"{t.label:<40} {t.best_us:>9.1f} {t.median_us:>10.1f} {t.cpu_us:>8.1f}", flush=True
+            )
     return 0
 
 

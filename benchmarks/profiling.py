@@ -15,6 +15,7 @@ The PostgreSQL store lives in a schema of its own, dropped at the end.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import tempfile
 import uuid
@@ -33,10 +34,14 @@ from flask_orderhooks.testing import SignedCallback, igv_order_status
 from .apps import KINDS, PATH, SECRET, Kind, create_tables, make_app
 from .harness import DEFAULT_PG_URL
 
-try:
-    from pyinstrument import Profiler
-except ImportError:  # pragma: no cover - an optional tool
-    Profiler = None  # type: ignore[assignment,misc]
+
+def _profiler_class() -> Any:
+    # Imported by name: pyinstrument is an optional tool, and a plain import
+    # would fail the type check of a venv that lacks it.
+    try:
+        return importlib.import_module("pyinstrument").Profiler
+    except ImportError:
+        return None
 
 
 @contextmanager
@@ -77,9 +82,7 @@ def build_app(kind: Kind, uri: str) -> Flask:
 
 def callbacks(n: int) -> list[SignedCallback]:
     prefix = uuid.uuid4().int % 10**6
-    return [
-        igv_order_status(SECRET, request_id=f"{prefix:06d}{i:013d}") for i in range(n)
-    ]
+    return [igv_order_status(SECRET, request_id=f"{prefix:06d}{i:013d}") for i in range(n)]
 
 
 # Component of a frame's own time: the package, or the C function for built-ins
@@ -151,21 +154,31 @@ def top(values: dict[str, float], n: int) -> list[tuple[str, float]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.profiling", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backend", choices=("sqlite", "sqlite-file", "postgresql"),
-                        default="sqlite", help="sqlite = in memory [sqlite]")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.profiling",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--backend",
+        choices=("sqlite", "sqlite-file", "postgresql"),
+        default="sqlite",
+        help="sqlite = in memory [sqlite]",
+    )
     parser.add_argument("--kind", choices=KINDS, default="orderhooks")
-    parser.add_argument("--duplicates", action="store_true",
-                        help="profile the duplicate path (the ids are sent once first)")
+    parser.add_argument(
+        "--duplicates",
+        action="store_true",
+        help="profile the duplicate path (the ids are sent once first)",
+    )
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--top", type=int, default=25, help="lines of the flat list [25]")
     parser.add_argument("--tree", action="store_true", help="print the call tree too")
     parser.add_argument("--pg-url", default=DEFAULT_PG_URL)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    Profiler = _profiler_class()
     if Profiler is None:
-        print("pyinstrument is not installed: .venv/bin/pip install pyinstrument",
-              file=sys.stderr)
+        print("pyinstrument is not installed: .venv/bin/pip install pyinstrument", file=sys.stderr)
         return 2
     kind: Kind = args.kind
     with database(args.backend, args.pg_url) as uri:
@@ -189,8 +202,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         session = profiler.stop()
     what = "duplicates" if args.duplicates else "first deliveries"
     per_request = session.duration / args.requests * 1e6
-    print(f"{kind} on {args.backend}, {args.requests} {what}: {per_request:.0f} us per request "
-          f"(wall, profiler on)\n")
+    print(
+        f"{kind} on {args.backend}, {args.requests} {what}: {per_request:.0f} us per request "
+        f"(wall, profiler on)\n"
+    )
     root = session.root_frame()
     if root is None:
         print("no samples", file=sys.stderr)

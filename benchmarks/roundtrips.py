@@ -287,17 +287,27 @@ def markdown(results: dict[str, dict[str, list[PathCount]]], kinds: Sequence[str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.roundtrips", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.roundtrips",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--backends", default="postgresql,sqlite")
     parser.add_argument("--kinds", default="naive,orderhooks")
     parser.add_argument("--samples", type=int, default=5, help="requests per path [5]")
-    parser.add_argument("--markdown", action="store_true",
-                        help="print one markdown table instead of the statement listing")
+    parser.add_argument(
+        "--markdown",
+        action="store_true",
+        help="print one markdown table instead of the statement listing",
+    )
     parser.add_argument("--label", help="name the orderhooks rows (markdown)")
-    parser.add_argument("--pg-url", default=os.environ.get(
-        "ORDERHOOKS_BENCH_POSTGRES_URL",
-        os.environ.get("ORDERHOOKS_TEST_POSTGRES_URL", DEFAULT_PG_URL)))
+    parser.add_argument(
+        "--pg-url",
+        default=os.environ.get(
+            "ORDERHOOKS_BENCH_POSTGRES_URL",
+            os.environ.get("ORDERHOOKS_TEST_POSTGRES_URL", DEFAULT_PG_URL),
+        ),
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     kinds: list[Kind] = [k for k in ("naive", "orderhooks") if k in args.kinds.split(",")]
     results: dict[str, dict[str, list[PathCount]]] = {}
@@ -320,15 +330,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if args.markdown:
                     continue
                 if backend == "postgresql":
-                    print(f"{kind:>10} {c.label:<18} {c.round_trips[0]} round trips, "
-                          f"{c.statements[0]} statement(s), {c.transactions[0]}"
-                          + ("" if stable else f"  UNSTABLE: {c.round_trips}"))
+                    print(
+                        f"{kind:>10} {c.label:<18} {c.round_trips[0]} round trips, "
+                        f"{c.statements[0]} statement(s), {c.transactions[0]}"
+                        + ("" if stable else f"  UNSTABLE: {c.round_trips}")
+                    )
                     for i, trip in enumerate(c.example_wire, 1):
                         print(f"{'':>30}{i}. {_shorten(trip)}")
                 else:
-                    print(f"{kind:>10} {c.label:<18} {c.statements[0]} statement(s), "
-                          f"{c.transactions[0]}"
-                          + ("" if stable else f"  UNSTABLE: {c.statements}"))
+                    print(
+                        f"{kind:>10} {c.label:<18} {c.statements[0]} statement(s), "
+                        f"{c.transactions[0]}" + ("" if stable else f"  UNSTABLE: {c.statements}")
+                    )
                     for i, sql in enumerate(c.example_statements, 1):
                         print(f"{'':>30}{i}. {_shorten(sql)}")
     if args.markdown:

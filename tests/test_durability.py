@@ -404,3 +404,33 @@ def test_postgres_dispatch_commits_synchronously(recorder: RecorderFactory) -> N
     rec.hook = check
     assert post(app, make("igv", app)).status_code == 200
     assert seen == ["on"]
+
+
+def test_sqlite_claim_relaxes_sync_only_for_itself(tmp_path: Path) -> None:
+    """In WAL mode the claim commits at synchronous=NORMAL; the connection goes
+    back to the pool at its own level, so the dispatch's commit stays FULL."""
+    app = Flask("sync", instance_path=str(tmp_path))
+    app.config.update(ORDERHOOKS_IGV_SECRET="s" * 32)
+    hooks = OrderHooks(app, engine_options={"poolclass": sa.pool.StaticPool})
+    levels: list[int] = []
+    standalone = hooks.state(app).standalone
+    assert standalone is not None
+    hooks.create_all(app)
+
+    @sa.event.listens_for(standalone.engine, "commit")
+    def record_level(connection: sa.Connection) -> None:
+        levels.append(int(connection.exec_driver_sql("PRAGMA synchronous").scalar() or 0))
+
+    def receiver(sender: Flask, *, event: object) -> None:
+        pass
+
+    order_pending_delivery.connect(receiver, app)
+    try:
+        assert post(app, make("igv", app)).status_code == 200
+    finally:
+        order_pending_delivery.disconnect(receiver, app)
+    with standalone.engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 2
+    standalone.engine.dispose()
+    assert levels == [1, 2], "claim at NORMAL, dispatch at FULL"

@@ -79,15 +79,13 @@ def _now_ms(timestamp_ms: int | str | None, app: Flask | None) -> str:
     return str(int(clock() * 1000))
 
 
-def _configured(secret: str | None, app: Flask | None, pick: str) -> str:
+def _igv_secret(secret: str | None, app: Flask | None) -> str:
     if secret is not None:
         return secret
-    settings = _settings(app)
-    if pick == "igv":
-        if settings.igv_secrets is None:
-            raise LookupError("ORDERHOOKS_IGV_SECRET is not configured; pass secret=.")
-        return settings.igv_secrets.newest.decode("utf-8")
-    raise LookupError(pick)  # pragma: no cover - callers pass known picks
+    secrets = _settings(app).igv_secrets
+    if secrets is None:
+        raise LookupError("ORDERHOOKS_IGV_SECRET is not configured; pass secret=.")
+    return secrets.newest.decode("utf-8")
 
 
 def igv_order_status(
@@ -104,7 +102,7 @@ def igv_order_status(
     app: Flask | None = None,
 ) -> SignedCallback:
     """An iGV order status callback (``X-Signature`` over timestamp and id)."""
-    key = _configured(secret, app, "igv")
+    key = _igv_secret(secret, app)
     request_id = request_id or str(_random.randbelow(10**19))
     timestamp = _now_ms(timestamp_ms, app)
     body = {

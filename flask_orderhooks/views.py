@@ -39,12 +39,8 @@ def make_blueprint(state: AppState) -> Blueprint:
     blueprint = Blueprint("orderhooks", __name__)
     for provider in state.providers.values():
         for callback, rule in provider.routes.items():
-            blueprint.add_url_rule(
-                rule,
-                endpoint=f"{provider.name}_{callback.replace('-', '_')}",
-                view_func=_view(state, provider, callback),
-                methods=["POST"],
-            )
+            view = _view(state, provider, callback)
+            blueprint.add_url_rule(rule, endpoint=view.__name__, view_func=view, methods=["POST"])
     return blueprint
 
 
@@ -52,6 +48,7 @@ def _view(state: AppState, provider: Provider, callback: str) -> Callable[[], Re
     def view() -> Response:
         return handle(state, provider, callback)
 
+    # Also the endpoint name, e.g. "orderhooks.gateway_collect".
     view.__name__ = f"{provider.name}_{callback.replace('-', '_')}"
     return view
 

@@ -38,7 +38,8 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import version
@@ -52,6 +53,25 @@ from .apps import PATH, SECRET, Kind, create_tables, stored_count, stored_keys
 ROOT = Path(__file__).resolve().parent.parent
 LUA_SCRIPT = Path(__file__).resolve().parent / "callbacks.lua"
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+@contextmanager
+def private_schema(pg_url: str, prefix: str) -> Iterator[str]:
+    """A URL whose connections use a fresh schema, dropped afterwards: the
+    server is shared with other runs."""
+    schema = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(pg_url)
+    with admin.begin() as connection:
+        connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        url = sa.make_url(pg_url).update_query_dict({"options": f"-csearch_path={schema}"})
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as connection:
+            connection.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
 WRK_INSTALL_HINT = (
     "wrk is not installed. Install it with `apt-get install -y wrk` (Debian/Ubuntu; run "
     "`apt-get update` first), `brew install wrk` (macOS), or build it from "

@@ -25,14 +25,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 
 from flask_orderhooks.testing import SignedCallback, igv_order_status
 
 from .apps import KINDS, PATH, SECRET, Kind, create_tables, make_app
-from .harness import DEFAULT_PG_URL
+from .harness import DEFAULT_PG_URL, private_schema
 
 
 def _profiler_class() -> Any:
@@ -53,17 +52,8 @@ def database(backend: str, pg_url: str) -> Iterator[str]:
         with tempfile.TemporaryDirectory(prefix="orderhooks-profile-") as tmp:
             yield f"sqlite:///{Path(tmp) / 'profile.sqlite3'}"
     else:
-        schema = f"orderhooks_profile_{uuid.uuid4().hex[:10]}"
-        admin = sa.create_engine(pg_url)
-        with admin.begin() as connection:
-            connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-        try:
-            url = sa.make_url(pg_url).update_query_dict({"options": f"-csearch_path={schema}"})
-            yield url.render_as_string(hide_password=False)
-        finally:
-            with admin.begin() as connection:
-                connection.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-            admin.dispose()
+        with private_schema(pg_url, "orderhooks_profile") as url:
+            yield url
 
 
 def build_app(kind: Kind, uri: str) -> Flask:

@@ -41,7 +41,7 @@ from flask_sqlalchemy import SQLAlchemy
 from flask_orderhooks.testing import SignedCallback, igv_order_status
 
 from .apps import PATH, SECRET, Kind, create_tables, make_app
-from .harness import DEFAULT_PG_URL
+from .harness import DEFAULT_PG_URL, private_schema
 
 # A traced message: direction, length, type, then its fields; SQL text keeps
 # its newlines, so a message can span several lines.
@@ -164,17 +164,8 @@ def database(backend: str, pg_url: str) -> Iterator[str]:
         with tempfile.TemporaryDirectory(prefix="orderhooks-roundtrips-") as tmp:
             yield f"sqlite:///{Path(tmp) / 'roundtrips.sqlite3'}"
         return
-    schema = f"orderhooks_roundtrips_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(pg_url)
-    with admin.begin() as connection:
-        connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        url = sa.make_url(pg_url).update_query_dict({"options": f"-csearch_path={schema}"})
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with admin.begin() as connection:
-            connection.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    with private_schema(pg_url, "orderhooks_roundtrips") as url:
+        yield url
 
 
 @dataclass

@@ -3,18 +3,19 @@
 One row per ``(provider, callback, key)``. A delivery moves through two short
 transactions:
 
-1. **Claim** (committed at once): an upsert that inserts the delivery as
-   ``processing`` with a lease, or takes over a ``failed`` row or one whose
-   lease ran out (its worker died). The raw body and signed headers are
-   stored here, before any receiver runs, so nothing verified is ever lost.
+1. **Claim** (committed at once): one upsert, run alone in autocommit mode,
+   that inserts the delivery as ``processing`` with a lease, or takes over a
+   ``failed`` row or one whose lease ran out (its worker died). The raw body
+   and signed headers are stored here, before any receiver runs, so nothing
+   verified is ever lost.
 2. **Dispatch**: its *first* statement marks the row ``done`` (fenced by the
    claim's token); then the receivers run in the same transaction; then one
    commit makes their writes and the ``done`` mark durable together. That
    first statement takes the row lock (PostgreSQL) or the write lock (SQLite),
    so a concurrent duplicate's claim waits for the outcome instead of polling.
 
-A receiver that raises rolls everything back and a third statement records
-the failure, so the platform's retry (or ``flask orderhooks replay``)
+A receiver that raises rolls everything back and a third statement (also in
+autocommit mode) records the failure, so the platform's retry (or ``flask orderhooks replay``)
 dispatches again. Claims use the dialect's ``INSERT … ON CONFLICT`` with
 ``RETURNING``: never check-then-insert, never ``rowcount`` (psycopg 3 reports
 -1 for it under SQLAlchemy 2.1).
@@ -194,6 +195,15 @@ class DeliveryStore:
             self._engine = self._engine()
         return self._engine
 
+    @functools.cached_property
+    def _autocommit_engine(self) -> Engine:
+        # The claim and the failure record are single statements: run alone,
+        # each is its own transaction, so no BEGIN and no COMMIT travel to the
+        # server (on PostgreSQL three round trips become one). The engine's
+        # pool is shared; the isolation level is restored when a connection
+        # goes back to it.
+        return self.engine.execution_options(isolation_level="AUTOCOMMIT")
+
     @property
     def dialect(self) -> str:
         return self.engine.dialect.name
@@ -234,7 +244,7 @@ class DeliveryStore:
             remaining = deadline - time.monotonic()
             with (
                 self._store_errors(delivery),
-                self.engine.connect() as connection,
+                self._autocommit_engine.connect() as connection,
                 _relaxed_sqlite_sync(connection),
             ):
                 now = self._now()
@@ -255,14 +265,8 @@ class DeliveryStore:
                     },
                 ).first()
                 if row is not None and row.claim_token == token:
-                    connection.commit()
                     return Claim(token=token, attempt=row.attempts)
                 current = connection.execute(self._sql.state, self._key_params(delivery)).first()
-                # COMMIT, not ROLLBACK: nothing was written, and psycopg drops
-                # its prepared statements after a ROLLBACK (one more round trip,
-                # and re-preparing). On PostgreSQL this COMMIT skips the WAL
-                # flush too (synchronous_commit is off in this transaction).
-                connection.commit()
             if current is None:
                 pass  # purged between the two statements: claim again
             elif current.status == DONE:
@@ -335,8 +339,8 @@ class DeliveryStore:
     def _mark_failed(self, delivery: Delivery, claim: Claim, exc: BaseException) -> None:
         error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_LENGTH]
         try:
-            with self.engine.connect() as session:
-                session.execute(
+            with self._autocommit_engine.connect() as connection:
+                connection.execute(
                     self._sql.mark_failed,
                     {
                         **self._key_params(delivery),
@@ -345,7 +349,6 @@ class DeliveryStore:
                         "p_now": self._now(),
                     },
                 )
-                session.commit()
         except SQLAlchemyError:
             # The lease still expires, so the next delivery takes it over.
             logger.exception(
@@ -504,11 +507,11 @@ class _Statements:
         }
         insert = _dialect_insert(dialect)(t)
         if dialect == "postgresql":
-            # The claim transaction's settings ride in the INSERT itself, which
-            # saves a round trip: its row comes from a sub-select that sets
-            # them (is_local: for this transaction only) before the conflict
-            # check can wait. lock_timeout bounds that wait; with
-            # synchronous_commit off the claim's COMMIT skips the WAL flush,
+            # The claim's settings ride in the INSERT itself, which saves a
+            # round trip: its row comes from a sub-select that sets them
+            # (is_local: for the statement's own transaction only) before the
+            # conflict check can wait. lock_timeout bounds that wait; with
+            # synchronous_commit off the claim's commit skips the WAL flush,
             # which is safe because the dispatch's COMMIT is synchronous and
             # PostgreSQL flushes WAL in order: when a delivery is answered
             # "done" its claim is on disk too, and a server crash before then

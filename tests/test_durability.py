@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -412,14 +413,25 @@ def test_sqlite_claim_relaxes_sync_only_for_itself(tmp_path: Path) -> None:
     app = Flask("sync", instance_path=str(tmp_path))
     app.config.update(ORDERHOOKS_IGV_SECRET="s" * 32)
     hooks = OrderHooks(app, engine_options={"poolclass": sa.pool.StaticPool})
-    levels: list[int] = []
+    levels: list[tuple[str, int]] = []
     standalone = hooks.state(app).standalone
     assert standalone is not None
     hooks.create_all(app)
 
+    def level(dbapi_connection: sqlite3.Connection) -> int:
+        return int(dbapi_connection.execute("PRAGMA synchronous").fetchone()[0])
+
+    # The claim is one statement in autocommit mode: it commits as it runs.
+    @sa.event.listens_for(standalone.engine, "before_cursor_execute")
+    def record_write(
+        conn: sa.Connection, cursor: sqlite3.Cursor, statement: str, *args: object
+    ) -> None:
+        if statement.startswith(("INSERT", "UPDATE")):
+            levels.append((statement.split(maxsplit=1)[0], level(cursor.connection)))
+
     @sa.event.listens_for(standalone.engine, "commit")
-    def record_level(connection: sa.Connection) -> None:
-        levels.append(int(connection.exec_driver_sql("PRAGMA synchronous").scalar() or 0))
+    def record_commit(connection: sa.Connection) -> None:
+        levels.append(("COMMIT", level(connection.connection.driver_connection)))
 
     def receiver(sender: Flask, *, event: object) -> None:
         pass
@@ -433,4 +445,6 @@ def test_sqlite_claim_relaxes_sync_only_for_itself(tmp_path: Path) -> None:
         assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 2
     standalone.engine.dispose()
-    assert levels == [1, 2], "claim at NORMAL, dispatch at FULL"
+    assert levels == [("INSERT", 1), ("UPDATE", 2), ("COMMIT", 2)], (
+        "claim at NORMAL, dispatch at FULL"
+    )

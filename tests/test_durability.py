@@ -431,7 +431,9 @@ def test_sqlite_claim_relaxes_sync_only_for_itself(tmp_path: Path) -> None:
 
     @sa.event.listens_for(standalone.engine, "commit")
     def record_commit(connection: sa.Connection) -> None:
-        levels.append(("COMMIT", level(connection.connection.driver_connection)))
+        driver = connection.connection.driver_connection
+        assert isinstance(driver, sqlite3.Connection)
+        levels.append(("COMMIT", level(driver)))
 
     def receiver(sender: Flask, *, event: object) -> None:
         pass

@@ -39,10 +39,11 @@ from typing import Any, Literal, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from .driver_statement import DriverStatement
 from .exc import CallbackError, KeyConflict, MalformedPayload, ReceiverFailed, StoreUnavailable
 from .provider import Delivery
 
@@ -120,10 +121,11 @@ Outcome = Literal["dispatched", "duplicate"]
 
 
 class Transaction(Protocol):
-    """What the dispatch needs of the transaction receivers write in: a
-    SQLAlchemy :class:`~sqlalchemy.engine.Connection` has exactly this."""
+    """What the dispatch needs of the transaction receivers write in."""
 
-    def execute(self, statement: Any, parameters: Any = ..., /) -> Any: ...
+    def connection(self) -> Connection:
+        """The transaction's connection, its transaction begun."""
+        ...
 
     def commit(self) -> None: ...
 
@@ -138,15 +140,35 @@ class SessionTransaction:
     def __init__(self, session: Session) -> None:
         self.session = session
 
-    def execute(self, statement: Any, parameters: Any = None, /) -> Any:
-        # Core on the session's connection: the ORM's execute path costs more.
-        return self.session.connection().execute(statement, parameters)
+    def connection(self) -> Connection:
+        return self.session.connection()
 
     def commit(self) -> None:
         self.session.commit()
 
     def rollback(self) -> None:
         self.session.rollback()
+
+
+class ConnectionTransaction:
+    """A plain :class:`~sqlalchemy.engine.Connection` as the dispatch's
+    :class:`Transaction` (the store's own database)."""
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+
+    def connection(self) -> Connection:
+        # Begun explicitly: the store's statements bypass Connection.execute,
+        # so nothing else would, and commit() would then commit nothing.
+        if not self._connection.in_transaction():
+            self._connection.begin()
+        return self._connection
+
+    def commit(self) -> None:
+        self._connection.commit()
+
+    def rollback(self) -> None:
+        self._connection.rollback()
 
 
 def _utc(value: datetime) -> datetime:
@@ -248,8 +270,8 @@ class DeliveryStore:
                 _relaxed_sqlite_sync(connection),
             ):
                 now = self._now()
-                row = connection.execute(
-                    self._sql.claim,
+                row = self._sql.claim.first(
+                    connection,
                     {
                         **self._key_params(delivery),
                         "p_token": token,
@@ -263,23 +285,26 @@ class DeliveryStore:
                         # another worker's row lock, unbounded by default.
                         "p_ms": f"{max(1, int(remaining * 1000))}ms",
                     },
-                ).first()
-                if row is not None and row.claim_token == token:
-                    return Claim(token=token, attempt=row.attempts)
-                current = connection.execute(self._sql.state, self._key_params(delivery)).first()
-            if current is None:
-                pass  # purged between the two statements: claim again
-            elif current.status == DONE:
-                if current.body_sha256 != digest:
-                    logger.warning(
-                        "%s %s %s: already done; a resend with a different body was ignored",
-                        delivery.provider,
-                        delivery.callback,
-                        delivery.key,
-                    )
-                return None
-            elif current.body_sha256 != digest:
-                raise KeyConflict("This key is stored with a different body.")
+                )
+                if row is not None:
+                    stored_token, attempts = row
+                    if stored_token == token:
+                        return Claim(token=token, attempt=attempts)
+                current = self._sql.state.first(connection, self._key_params(delivery))
+            # None: purged between the two statements, so claim again.
+            if current is not None:
+                status, stored_digest = current
+                if status == DONE:
+                    if stored_digest != digest:
+                        logger.warning(
+                            "%s %s %s: already done; a resend with a different body was ignored",
+                            delivery.provider,
+                            delivery.callback,
+                            delivery.key,
+                        )
+                    return None
+                if stored_digest != digest:
+                    raise KeyConflict("This key is stored with a different body.")
             if time.monotonic() >= deadline:
                 raise StoreUnavailable("Another worker is handling this delivery; retry later.")
             time.sleep(min(_POLL_INTERVAL, max(0.0, deadline - time.monotonic())))
@@ -328,8 +353,10 @@ class DeliveryStore:
         params = {**self._key_params(delivery), "p_token": claim.token}
         while True:
             try:
-                row = session.execute(self._sql.mark_done, {**params, "p_now": self._now()})
-                return row.first() is not None
+                row = self._sql.mark_done.first(
+                    session.connection(), {**params, "p_now": self._now()}
+                )
+                return row is not None
             except DBAPIError as exc:
                 if not _is_busy(exc) or time.monotonic() >= deadline:
                     raise
@@ -340,8 +367,8 @@ class DeliveryStore:
         error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_LENGTH]
         try:
             with self._autocommit_engine.connect() as connection:
-                connection.execute(
-                    self._sql.mark_failed,
+                self._sql.mark_failed.first(
+                    connection,
                     {
                         **self._key_params(delivery),
                         "p_token": claim.token,
@@ -363,7 +390,7 @@ class DeliveryStore:
     def _sql(self) -> _Statements:
         # Built once: constructing these per request costs more CPU than the
         # round trips they make on a local PostgreSQL.
-        return _Statements(self.table, self.dialect)
+        return _Statements(self.table, self.engine.dialect)
 
     @staticmethod
     def _key_params(delivery: Delivery) -> dict[str, Any]:
@@ -484,7 +511,8 @@ class DeliveryStore:
 class _Statements:
     """The store's statements, with bound parameters named ``p_*``."""
 
-    def __init__(self, t: sa.Table, dialect: str) -> None:
+    def __init__(self, t: sa.Table, engine_dialect: Dialect) -> None:
+        dialect = engine_dialect.name
         when = sa.DateTime(timezone=True)
         key = (
             t.c.provider == sa.bindparam("p_provider"),
@@ -542,7 +570,7 @@ class _Statements:
             ),
             t.c.body_sha256 == insert.excluded.body_sha256,
         )
-        self.claim = insert.on_conflict_do_update(
+        claim = insert.on_conflict_do_update(
             index_elements=[t.c.provider, t.c.callback, t.c.key],
             set_={
                 "status": PROCESSING,
@@ -553,8 +581,8 @@ class _Statements:
             },
             where=takeover,
         ).returning(t.c.claim_token, t.c.attempts)
-        self.state = sa.select(t.c.status, t.c.body_sha256).where(*key)
-        self.mark_done = (
+        state = sa.select(t.c.status, t.c.body_sha256).where(*key)
+        mark_done = (
             sa.update(t)
             .where(*key, t.c.claim_token == sa.bindparam("p_token"), t.c.status == PROCESSING)
             .values(status=DONE, updated_at=sa.bindparam("p_now", type_=when))
@@ -562,7 +590,7 @@ class _Statements:
         )
         # Fenced by status too: after a COMMIT whose answer was lost, the row
         # may be done with the receivers' writes committed; it must stay so.
-        self.mark_failed = (
+        mark_failed = (
             sa.update(t)
             .where(*key, t.c.claim_token == sa.bindparam("p_token"), t.c.status == PROCESSING)
             .values(
@@ -571,6 +599,13 @@ class _Statements:
                 updated_at=sa.bindparam("p_now", type_=when),
             )
         )
+        #: Rows: (claim_token, attempts) when this claim won, else none.
+        self.claim = DriverStatement(claim, engine_dialect)
+        #: Rows: (status, body_sha256).
+        self.state = DriverStatement(state, engine_dialect)
+        #: Rows: (attempts,) when the claim was still this worker's.
+        self.mark_done = DriverStatement(mark_done, engine_dialect)
+        self.mark_failed = DriverStatement(mark_failed, engine_dialect)
 
 
 @contextmanager
@@ -660,7 +695,7 @@ class StandaloneDatabase:
     def transaction(self) -> Iterator[Transaction]:
         """A connection for the dispatch: receivers' writes are their own."""
         with self.engine.connect() as connection:
-            yield connection
+            yield ConnectionTransaction(connection)
 
     def ensure_table(self) -> None:
         if self._ready:

@@ -413,27 +413,17 @@ def test_sqlite_claim_relaxes_sync_only_for_itself(tmp_path: Path) -> None:
     app = Flask("sync", instance_path=str(tmp_path))
     app.config.update(ORDERHOOKS_IGV_SECRET="s" * 32)
     hooks = OrderHooks(app, engine_options={"poolclass": sa.pool.StaticPool})
-    levels: list[tuple[str, int]] = []
     standalone = hooks.state(app).standalone
     assert standalone is not None
     hooks.create_all(app)
-
-    def level(dbapi_connection: sqlite3.Connection) -> int:
-        return int(dbapi_connection.execute("PRAGMA synchronous").fetchone()[0])
-
-    # The claim is one statement in autocommit mode: it commits as it runs.
-    @sa.event.listens_for(standalone.engine, "before_cursor_execute")
-    def record_write(
-        conn: sa.Connection, cursor: sqlite3.Cursor, statement: str, *args: object
-    ) -> None:
-        if statement.startswith(("INSERT", "UPDATE")):
-            levels.append((statement.split(maxsplit=1)[0], level(cursor.connection)))
-
-    @sa.event.listens_for(standalone.engine, "commit")
-    def record_commit(connection: sa.Connection) -> None:
-        driver = connection.connection.driver_connection
-        assert isinstance(driver, sqlite3.Connection)
-        levels.append(("COMMIT", level(driver)))
+    statements: list[str] = []
+    # StaticPool: the store's one connection, traced by SQLite itself (the
+    # store's statements bypass SQLAlchemy's execute events).
+    proxy = standalone.engine.raw_connection()
+    driver = proxy.driver_connection
+    assert isinstance(driver, sqlite3.Connection)
+    driver.set_trace_callback(statements.append)
+    proxy.close()
 
     def receiver(sender: Flask, *, event: object) -> None:
         pass
@@ -443,10 +433,19 @@ def test_sqlite_claim_relaxes_sync_only_for_itself(tmp_path: Path) -> None:
         assert post(app, make("igv", app)).status_code == 200
     finally:
         order_pending_delivery.disconnect(receiver, app)
+        driver.set_trace_callback(None)
     with standalone.engine.connect() as connection:
         assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 2
     standalone.engine.dispose()
-    assert levels == [("INSERT", 1), ("UPDATE", 2), ("COMMIT", 2)], (
-        "claim at NORMAL, dispatch at FULL"
-    )
+    wanted = ("PRAGMA synchronous", "INSERT", "BEGIN", "UPDATE", "COMMIT")
+    kinds = [" ".join(sql.split()[:4]) for sql in statements if sql.startswith(wanted)]
+    assert kinds == [
+        "PRAGMA synchronous",
+        "PRAGMA synchronous = 1",
+        "INSERT INTO orderhooks_deliveries (provider,",
+        "PRAGMA synchronous = 2",
+        "BEGIN",
+        "UPDATE orderhooks_deliveries SET status='done',",
+        "COMMIT",
+    ], "claim at NORMAL, dispatch at FULL"

@@ -1,0 +1,97 @@
+"""Run a SQLAlchemy statement, compiled once, on the driver's cursor.
+
+``Connection.execute()`` spends more CPU on a statement than a PostgreSQL
+round trip on the same machine costs: it computes the statement's cache key
+(about 100 µs for the claim's upsert), processes parameters, dispatches
+events and wraps the result, on every call. The delivery store runs the same
+three statements for every callback, so it compiles each once for the
+engine's dialect and runs it on the connection's DB-API cursor
+(``benchmarks/RESULTS.md`` has the measurements).
+
+What stays SQLAlchemy's: the SQL (the dialect's compiler writes it, with its
+upserts, casts and quoting), the parameter conversions (each bind's type
+processor), the connection, its pool and its transaction, and the exceptions
+(driver errors are raised as SQLAlchemy's :class:`~sqlalchemy.exc.DBAPIError`
+subclasses, and a connection the dialect sees as disconnected is invalidated).
+What does not pass through SQLAlchemy: its ``before_cursor_execute`` /
+``after_cursor_execute`` events, so ``echo`` and query recording don't list
+these statements.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from contextlib import suppress
+from typing import Any
+
+from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.expression import ClauseElement
+
+
+class DriverStatement:
+    """``statement`` compiled for ``dialect``, run with :meth:`first`.
+
+    Parameters are passed by bind name; binds with a value in the statement
+    (literals) are converted once, here.
+    """
+
+    def __init__(self, statement: ClauseElement, dialect: Dialect) -> None:
+        compiled = statement.compile(dialect=dialect)
+        if not isinstance(compiled, SQLCompiler):
+            raise TypeError(f"Not a SQL statement: {statement!r}")
+        if compiled.post_compile_params or compiled.literal_execute_params:
+            # Their SQL text depends on the values: not compiled once.
+            raise ValueError("Statements with expanding parameters cannot be precompiled.")
+        self.sql = compiled.string
+        self._dialect = dialect
+        self._error = dialect.loaded_dbapi.Error
+        self._defaults: dict[str, Any] = {}
+        self._required: list[tuple[str, Callable[[Any], Any] | None]] = []
+        for bind, name in compiled.bind_names.items():
+            process = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            if bind.required:
+                self._required.append((name, process))
+            else:
+                value = bind.effective_value
+                self._defaults[name] = process(value) if process else value
+        self._order = tuple(compiled.positiontup or ()) if compiled.positional else None
+
+    def first(
+        self, connection: Connection, parameters: Mapping[str, Any]
+    ) -> tuple[Any, ...] | None:
+        """Execute on ``connection``'s cursor; the first row, if any."""
+        values = dict(self._defaults)
+        for name, process in self._required:
+            value = parameters[name]
+            values[name] = process(value) if process else value
+        arguments: Any = values if self._order is None else [values[n] for n in self._order]
+        proxy = connection.connection
+        cursor = proxy.cursor()
+        try:
+            cursor.execute(self.sql, arguments)
+            rows = cursor.fetchall() if cursor.description is not None else []
+        except self._error as exc:
+            gone = self._dialect.is_disconnect(exc, proxy.dbapi_connection, cursor)
+            if gone:
+                connection.invalidate(exc)
+            # Parameters hidden: they hold bodies and signed headers, and this
+            # text is logged and stored as a failed attempt's error.
+            raise DBAPIError.instance(
+                self.sql,
+                None,
+                exc,
+                self._error,
+                hide_parameters=True,
+                connection_invalidated=gone,
+                dialect=self._dialect,
+            ) from exc
+        finally:
+            # The statement's own outcome is what matters.
+            with suppress(self._error):
+                cursor.close()
+        return tuple(rows[0]) if rows else None
+
+    def __repr__(self) -> str:
+        return f"<DriverStatement {self.sql[:40]!r}...>"

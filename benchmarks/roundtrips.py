@@ -8,8 +8,13 @@ psycopg's ``pgconn.trace()``) records every message; each
 sent (a simple ``Query`` such as ``BEGIN``, or ``Parse/Bind/Execute/Sync``).
 Transaction control that psycopg skips (a COMMIT with no transaction open)
 costs nothing and is not counted. SQLite has no round trips; the statements
-the driver runs and the transactions are counted instead (SQLAlchemy's
-``before_cursor_execute``, ``commit`` and ``rollback`` events).
+the driver runs are counted instead (``sqlite3``'s trace callback). Both are
+read from the driver, not from SQLAlchemy's events: the store runs its
+statements on the driver's cursor, which those events don't see.
+
+Transactions are counted from the same statements: a ``COMMIT`` or
+``ROLLBACK`` that reached the database, and a write run outside ``BEGIN``
+(autocommit mode: it commits on its own).
 
 Each path is measured on several requests after a warm-up of the same path
 (connections open, statements prepared); the counts must be the same every
@@ -63,13 +68,42 @@ def _messages(lines: list[str]) -> Iterator[str]:
         yield "\n".join(current)
 
 
+_CONTROL = ("BEGIN", "COMMIT", "ROLLBACK", "DEALLOCATE")
+_WRITES = ("INSERT", "UPDATE", "DELETE")
+
+
+def transactions(sqls: list[str]) -> str:
+    """Commits (autocommitted writes included) and rollbacks in ``sqls``."""
+    commits = autocommits = rollbacks = 0
+    open_ = False
+    for sql in sqls:
+        word = sql.removeprefix("(prepared) ").split(maxsplit=1)[0].upper() if sql else ""
+        if word == "BEGIN":
+            open_ = True
+        elif word in ("COMMIT", "ROLLBACK"):
+            commits += word == "COMMIT"
+            rollbacks += word == "ROLLBACK"
+            open_ = False
+        elif word in _WRITES and not open_:
+            autocommits += 1
+    extra = f" ({autocommits} autocommit)" if autocommits else ""
+    return f"{commits + autocommits} commit{extra}, {rollbacks} rollback"
+
+
+def statements_only(sqls: list[str]) -> list[str]:
+    """``sqls`` without transaction control."""
+    return [
+        sql
+        for sql in sqls
+        if not sql.removeprefix("(prepared) ").upper().startswith(_CONTROL)
+    ]
+
+
 @dataclass
 class Recorder:
-    """Everything an engine did, from SQLAlchemy's events and libpq's trace."""
+    """What the driver ran: libpq's trace (PostgreSQL), the trace callback (SQLite)."""
 
-    statements: list[str] = field(default_factory=list)
-    commits: int = 0
-    rollbacks: int = 0
+    sqlite_sql: list[str] = field(default_factory=list)
     trace_path: Path | None = None
     trace_fd: int | None = None
     connections: list[Any] = field(default_factory=list)
@@ -77,22 +111,17 @@ class Recorder:
     offset: int = 0
 
     def attach(self, engine: sa.Engine) -> None:
-        sa.event.listen(engine, "before_cursor_execute", self._on_execute)
-        sa.event.listen(engine, "commit", self._on_commit)
-        sa.event.listen(engine, "rollback", self._on_rollback)
         if engine.dialect.name == "postgresql":
             handle, name = tempfile.mkstemp(prefix="orderhooks-pqtrace-", suffix=".txt")
             self.trace_fd, self.trace_path = handle, Path(name)
             sa.event.listen(engine, "connect", self._on_connect)
+        else:
+            sa.event.listen(engine, "connect", self._on_sqlite_connect)
 
-    def _on_execute(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        self.statements.append(" ".join(statement.split()))
-
-    def _on_commit(self, conn: Any) -> None:
-        self.commits += 1
-
-    def _on_rollback(self, conn: Any) -> None:
-        self.rollbacks += 1
+    def _on_sqlite_connect(self, dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.set_trace_callback(
+            lambda sql: self.sqlite_sql.append(" ".join(sql.split()))
+        )
 
     def _on_connect(self, dbapi_connection: Any, record: Any) -> None:
         self.connections.append(dbapi_connection)
@@ -114,11 +143,15 @@ class Recorder:
                 self._trace(connection)
 
     def start(self) -> None:
-        self.statements.clear()
-        self.commits = self.rollbacks = 0
+        self.sqlite_sql.clear()
         if self.trace_path is not None:
             self._flush()
             self.offset = self.trace_path.stat().st_size
+
+    def sql(self) -> list[str]:
+        """What ran since :meth:`start`: each PostgreSQL round trip named by
+        its first SQL, or each statement SQLite ran."""
+        return self.wire() if self.trace_path is not None else list(self.sqlite_sql)
 
     def wire(self) -> list[str]:
         """The round trips since :meth:`start`, each named by its first SQL."""
@@ -211,11 +244,12 @@ def measure(kind: Kind, uri: str, samples: int) -> list[PathCount]:
         for cb in batch:
             recorder.start()
             post(cb)
+            ran = recorder.sql()
             count.example_wire = recorder.wire()
-            count.example_statements = list(recorder.statements)
+            count.example_statements = ran
             count.round_trips.append(len(count.example_wire))
-            count.statements.append(len(count.example_statements))
-            count.transactions.append(f"{recorder.commits} commit, {recorder.rollbacks} rollback")
+            count.statements.append(len(statements_only(ran)))
+            count.transactions.append(transactions(ran))
         return count
 
     counts = []

@@ -1,0 +1,125 @@
+"""DriverStatement: SQLAlchemy's SQL, parameters, exceptions and invalidation,
+without Connection.execute()."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import pytest
+import sqlalchemy as sa
+
+from flask_orderhooks.driver_statement import DriverStatement
+
+SECRET_BODY = b"body-that-must-not-appear-in-errors"
+
+metadata = sa.MetaData()
+things = sa.Table(
+    f"driver_things_{uuid.uuid4().hex[:8]}",
+    metadata,
+    sa.Column("key", sa.String(40), primary_key=True),
+    sa.Column("kind", sa.String(20), nullable=False),
+    sa.Column("seen_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("body", sa.LargeBinary, nullable=False),
+)
+insert = things.insert().values(
+    key=sa.bindparam("p_key"),
+    # A literal: converted once, when the statement is compiled.
+    kind=sa.literal("thing", sa.String(20)),
+    seen_at=sa.bindparam("p_at", type_=sa.DateTime(timezone=True)),
+    body=sa.bindparam("p_body", type_=sa.LargeBinary),
+)
+select_kind = sa.select(things.c.kind, things.c.body).where(things.c.key == sa.bindparam("p_key"))
+
+
+@pytest.fixture
+def engine(database_uri: str) -> Iterator[sa.Engine]:
+    engine = sa.create_engine(database_uri)
+    metadata.create_all(engine)
+    try:
+        yield engine
+    finally:
+        metadata.drop_all(engine)
+        engine.dispose()
+
+
+def test_runs_with_the_dialects_conversions(engine: sa.Engine) -> None:
+    """Values written through the driver read back through SQLAlchemy exactly
+    as if SQLAlchemy had written them (SQLite stores datetimes as text)."""
+    at = datetime(2026, 11, 21, 22, 30, 15, 123456, tzinfo=UTC)
+    statement = DriverStatement(insert, engine.dialect)
+    with engine.connect() as connection:
+        connection.begin()
+        assert (
+            statement.first(connection, {"p_key": "a", "p_at": at, "p_body": b"\x00\xff"}) is None
+        )
+        connection.commit()
+        row = connection.execute(sa.select(things)).one()
+        # SQLAlchemy's own comparison against the stored text must match too.
+        found = connection.execute(
+            sa.select(things.c.key).where(things.c.seen_at == at)
+        ).scalar_one()
+    assert found == "a"
+    assert (row.key, row.kind, bytes(row.body)) == ("a", "thing", b"\x00\xff")
+    assert row.seen_at.replace(tzinfo=UTC) == at
+    with engine.connect() as connection:
+        kind_and_body = DriverStatement(select_kind, engine.dialect).first(
+            connection, {"p_key": "a"}
+        )
+        missing = DriverStatement(select_kind, engine.dialect).first(connection, {"p_key": "zz"})
+    assert kind_and_body is not None
+    assert (kind_and_body[0], bytes(kind_and_body[1])) == ("thing", b"\x00\xff")
+    assert missing is None
+
+
+def test_driver_errors_are_sqlalchemys_with_parameters_hidden(engine: sa.Engine) -> None:
+    statement = DriverStatement(insert, engine.dialect)
+    params = {"p_key": "dup", "p_at": datetime.now(UTC), "p_body": SECRET_BODY}
+    with engine.connect() as connection:
+        connection.begin()
+        statement.first(connection, params)
+        with pytest.raises(sa.exc.IntegrityError) as caught:
+            statement.first(connection, params)
+        connection.rollback()
+    error = caught.value
+    assert isinstance(error.orig, engine.dialect.loaded_dbapi.Error)
+    assert not error.connection_invalidated
+    assert "INSERT INTO" in str(error)
+    # No parameters at all: bodies and signed headers stay out of logs.
+    assert "body-that-must-not" not in str(error)
+    assert "body-that-must-not" not in repr(error)
+    assert error.params is None
+
+
+@pytest.mark.parametrize(
+    "backend", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+)
+def test_a_lost_connection_is_invalidated(engine: sa.Engine) -> None:
+    """As Connection.execute() would: the pool never hands the dead one out again."""
+    statement = DriverStatement(select_kind, engine.dialect)
+    with engine.connect() as connection:
+        pid = connection.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+        connection.rollback()
+        with engine.connect() as other:
+            other.execute(sa.select(sa.func.pg_terminate_backend(pid)))
+        with pytest.raises(sa.exc.OperationalError) as caught:
+            statement.first(connection, {"p_key": "a"})
+        assert caught.value.connection_invalidated
+        assert connection.invalidated
+    with engine.connect() as connection:
+        assert connection.exec_driver_sql("SELECT 1").scalar_one() == 1
+
+
+def test_refuses_what_cannot_be_compiled_once(engine: sa.Engine) -> None:
+    expanding = sa.select(things.c.key).where(
+        things.c.key.in_(sa.bindparam("keys", expanding=True))
+    )
+    with pytest.raises(ValueError, match="expanding"):
+        DriverStatement(expanding, engine.dialect)
+    with pytest.raises(TypeError, match="Not a SQL statement"):
+        DriverStatement(sa.schema.CreateTable(things), engine.dialect)
+
+
+def test_repr_shows_the_sql_not_parameters(engine: sa.Engine) -> None:
+    assert repr(DriverStatement(insert, engine.dialect)).startswith("<DriverStatement 'INSERT INTO")

@@ -217,13 +217,35 @@ class DeliveryStore:
             self._engine = self._engine()
         return self._engine
 
+    @contextmanager
+    def _own_transaction(self) -> Iterator[Connection]:
+        """A connection for the store's statements outside the dispatch (the
+        claim, the failure record), committed when the block ends.
+
+        On PostgreSQL it is in autocommit mode: each of those statements is
+        its own transaction, so no BEGIN and no COMMIT travel to the server
+        (three round trips become one). On SQLite there is no round trip to
+        save, and switching the isolation level costs more than the BEGIN
+        and COMMIT, so it is one plain transaction, at ``synchronous=NORMAL``
+        in WAL mode (see :func:`_relaxed_sqlite_sync`).
+        """
+        if self.dialect == "postgresql":
+            with self._autocommit_engine.connect() as connection:
+                yield connection
+            return
+        with self.engine.connect() as connection, _relaxed_sqlite_sync(connection):
+            # Begun explicitly (the PRAGMAs may have autobegun it): the
+            # statements bypass Connection.execute(), and commit() would
+            # otherwise have nothing to commit.
+            if not connection.in_transaction():
+                connection.begin()
+            yield connection
+            connection.commit()
+
     @functools.cached_property
     def _autocommit_engine(self) -> Engine:
-        # The claim and the failure record are single statements: run alone,
-        # each is its own transaction, so no BEGIN and no COMMIT travel to the
-        # server (on PostgreSQL three round trips become one). The engine's
-        # pool is shared; the isolation level is restored when a connection
-        # goes back to it.
+        # Shares the engine's pool; the isolation level is restored when a
+        # connection goes back to it.
         return self.engine.execution_options(isolation_level="AUTOCOMMIT")
 
     @property
@@ -264,11 +286,7 @@ class DeliveryStore:
         deadline = time.monotonic() + self.duplicate_wait
         while True:
             remaining = deadline - time.monotonic()
-            with (
-                self._store_errors(delivery),
-                self._autocommit_engine.connect() as connection,
-                _relaxed_sqlite_sync(connection),
-            ):
+            with self._store_errors(delivery), self._own_transaction() as connection:
                 now = self._now()
                 row = self._sql.claim.first(
                     connection,
@@ -366,7 +384,7 @@ class DeliveryStore:
     def _mark_failed(self, delivery: Delivery, claim: Claim, exc: BaseException) -> None:
         error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_LENGTH]
         try:
-            with self._autocommit_engine.connect() as connection:
+            with self._own_transaction() as connection:
                 self._sql.mark_failed.first(
                     connection,
                     {

@@ -443,7 +443,9 @@ def test_sqlite_claim_relaxes_sync_only_for_itself(tmp_path: Path) -> None:
     assert kinds == [
         "PRAGMA synchronous",
         "PRAGMA synchronous = 1",
+        "BEGIN",
         "INSERT INTO orderhooks_deliveries (provider,",
+        "COMMIT",
         "PRAGMA synchronous = 2",
         "BEGIN",
         "UPDATE orderhooks_deliveries SET status='done',",

@@ -92,11 +92,7 @@ def transactions(sqls: list[str]) -> str:
 
 def statements_only(sqls: list[str]) -> list[str]:
     """``sqls`` without transaction control."""
-    return [
-        sql
-        for sql in sqls
-        if not sql.removeprefix("(prepared) ").upper().startswith(_CONTROL)
-    ]
+    return [sql for sql in sqls if not sql.removeprefix("(prepared) ").upper().startswith(_CONTROL)]
 
 
 @dataclass

@@ -48,14 +48,16 @@ class DriverStatement:
         self._dialect = dialect
         self._error = dialect.loaded_dbapi.Error
         self._defaults: dict[str, Any] = {}
-        self._required: list[tuple[str, Callable[[Any], Any] | None]] = []
+        # By name: a parameter used several times (p_now) is converted once.
+        required: dict[str, Callable[[Any], Any] | None] = {}
         for bind, name in compiled.bind_names.items():
             process = bind.type.dialect_impl(dialect).bind_processor(dialect)
             if bind.required:
-                self._required.append((name, process))
+                required[name] = process
             else:
                 value = bind.effective_value
                 self._defaults[name] = process(value) if process else value
+        self._required = tuple(required.items())
         self._order = tuple(compiled.positiontup or ()) if compiled.positional else None
 
     def first(

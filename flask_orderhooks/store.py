@@ -158,17 +158,25 @@ class ConnectionTransaction:
         self._connection = connection
 
     def connection(self) -> Connection:
-        # Begun explicitly: the store's statements bypass Connection.execute,
-        # so nothing else would, and commit() would then commit nothing.
-        if not self._connection.in_transaction():
-            self._connection.begin()
-        return self._connection
+        return _begun(self._connection)
 
     def commit(self) -> None:
         self._connection.commit()
 
     def rollback(self) -> None:
         self._connection.rollback()
+
+
+def _begun(connection: Connection) -> Connection:
+    """``connection`` with its SQLAlchemy transaction begun.
+
+    The store's statements run on the driver cursor, which does not autobegin
+    one; without it ``commit()`` would commit nothing. (It may be begun
+    already: by the host's session, or by a PRAGMA run through SQLAlchemy.)
+    """
+    if not connection.in_transaction():
+        connection.begin()
+    return connection
 
 
 def _utc(value: datetime) -> datetime:
@@ -234,12 +242,7 @@ class DeliveryStore:
                 yield connection
             return
         with self.engine.connect() as connection, _relaxed_sqlite_sync(connection):
-            # Begun explicitly (the PRAGMAs may have autobegun it): the
-            # statements bypass Connection.execute(), and commit() would
-            # otherwise have nothing to commit.
-            if not connection.in_transaction():
-                connection.begin()
-            yield connection
+            yield _begun(connection)
             connection.commit()
 
     @functools.cached_property
@@ -638,9 +641,6 @@ def _relaxed_sqlite_sync(connection: Connection) -> Iterator[None]:
     before it goes back to the pool (it may be the host's engine). Outside WAL
     mode NORMAL can corrupt on power loss, so nothing changes there.
     """
-    if connection.dialect.name != "sqlite":
-        yield
-        return
     wal = connection.info.get(_WAL_KEY)
     if wal is None:
         mode = connection.exec_driver_sql("PRAGMA journal_mode").scalar()

@@ -143,6 +143,24 @@ def _orderhooks_app(database_uri: str) -> Flask:
     return app
 
 
+def ready_app(kind: Kind, database_uri: str) -> Flask:
+    """:func:`make_app` with its table in place.
+
+    A file or server database gets it from :func:`create_tables` first; an
+    in-memory SQLite database only exists on the app's own connection, so
+    the table is created there.
+    """
+    if database_uri != "sqlite://" or kind == "bare":
+        create_tables(kind, database_uri)
+        return make_app(kind, database_uri)
+    app = make_app(kind, database_uri)
+    with app.app_context():
+        db = app.extensions["sqlalchemy"]
+        assert isinstance(db, SQLAlchemy)
+        db.create_all()
+    return app
+
+
 def create_tables(kind: Kind, database_uri: str) -> None:
     """Create the app's table before gunicorn starts, so that no worker races
     another to create it."""

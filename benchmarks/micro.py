@@ -26,9 +26,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from flask import Flask
 from flask.testing import FlaskClient
-from flask_sqlalchemy import SQLAlchemy
 
 from flask_orderhooks.config import DEFAULTS, load_settings
 from flask_orderhooks.extension import get_extension
@@ -45,7 +43,7 @@ from flask_orderhooks.testing import (
     sud_order_changed,
 )
 
-from .apps import PATH, SECRET, Kind, make_app
+from .apps import PATH, SECRET, ready_app
 
 GATEWAY_KEY = "merchant-key"
 SUD_APP_ID = "1461564080052506636"
@@ -141,22 +139,12 @@ def bench_providers(number: int, rounds: int) -> Iterator[Timing]:
         yield time_op(f"read() {label}", range, read, number=number * 5, rounds=rounds)
 
 
-def _in_memory_app(kind: Kind) -> Flask:
-    app = make_app(kind, "sqlite://")
-    if kind != "bare":
-        with app.app_context():
-            db = app.extensions["sqlalchemy"]
-            assert isinstance(db, SQLAlchemy)
-            db.create_all()
-    return app
-
-
 def _signed(n: int) -> list[SignedCallback]:
     return [igv_order_status(SECRET, request_id=_fresh_id()) for _ in range(n)]
 
 
 def bench_store(number: int, rounds: int) -> Iterator[Timing]:
-    app = _in_memory_app("orderhooks")
+    app = ready_app("orderhooks", "sqlite://")
     state = get_extension(app).state(app)
     provider = state.providers["igv"]
     now = time.time()
@@ -188,7 +176,7 @@ def _noop() -> None:
 
 def bench_requests(number: int, rounds: int) -> Iterator[Timing]:
     for kind in ("bare", "naive", "orderhooks"):
-        app = _in_memory_app(kind)
+        app = ready_app(kind, "sqlite://")
         client: FlaskClient = app.test_client()
         sent: list[SignedCallback] = []
 

@@ -25,12 +25,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from flask import Flask
-from flask_sqlalchemy import SQLAlchemy
-
 from flask_orderhooks.testing import SignedCallback, igv_order_status
 
-from .apps import KINDS, PATH, SECRET, Kind, create_tables, make_app
+from .apps import KINDS, PATH, SECRET, Kind, ready_app
 from .harness import DEFAULT_PG_URL, private_schema
 
 
@@ -54,20 +51,6 @@ def database(backend: str, pg_url: str) -> Iterator[str]:
     else:
         with private_schema(pg_url, "orderhooks_profile") as url:
             yield url
-
-
-def build_app(kind: Kind, uri: str) -> Flask:
-    if uri == "sqlite://" or kind == "bare":
-        app = make_app(kind, uri)
-        if kind != "bare":
-            # In-memory: the app's own (static) connection must hold the table.
-            with app.app_context():
-                db = app.extensions["sqlalchemy"]
-                assert isinstance(db, SQLAlchemy)
-                db.create_all()
-        return app
-    create_tables(kind, uri)
-    return make_app(kind, uri)
 
 
 def callbacks(n: int) -> list[SignedCallback]:
@@ -172,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     kind: Kind = args.kind
     with database(args.backend, args.pg_url) as uri:
-        app = build_app(kind, uri)
+        app = ready_app(kind, uri)
         client = app.test_client()
         batch = callbacks(args.requests)
         # Warm-up: imports, compiled-statement caches, connections.

@@ -45,7 +45,7 @@ from flask_sqlalchemy import SQLAlchemy
 
 from flask_orderhooks.testing import SignedCallback, igv_order_status
 
-from .apps import PATH, SECRET, Kind, create_tables, make_app
+from .apps import PATH, SECRET, Kind, ready_app
 from .harness import DEFAULT_PG_URL, private_schema
 
 # A traced message: direction, length, type, then its fields; SQL text keeps
@@ -212,8 +212,7 @@ def _shorten(sql: str, width: int = 70) -> str:
 
 
 def measure(kind: Kind, uri: str, samples: int) -> list[PathCount]:
-    create_tables(kind, uri)
-    app: Flask = make_app(kind, uri)
+    app: Flask = ready_app(kind, uri)
     recorder = Recorder()
     with app.app_context():
         db = app.extensions["sqlalchemy"]

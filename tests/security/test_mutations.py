@@ -562,6 +562,26 @@ def _bad_signature(c: Chooser, signature: str) -> str:
     return _replace_char(c, signature, "ghijklmnopqrstuvwxyzGHIJKLMNOPQRSTUVWXYZ-_.")
 
 
+def _claimed_timestamp(c: Chooser) -> int:
+    """A millisecond timestamp around now, sometimes in seconds instead."""
+    stamp = NOW_MS + c.offset()
+    if c.flag():
+        stamp //= 1000  # seconds where milliseconds are expected
+    return stamp
+
+
+def _missing_header(
+    c: Chooser, headers: list[tuple[str, str]], mutation: str, names: Sequence[str]
+) -> tuple[list[tuple[str, str]], Refusal]:
+    """``drop_header`` / ``empty_header``: one of the signed ``names`` gone or blank."""
+    name = c.pick(names)
+    if mutation == "drop_header":
+        headers = [(n, v) for n, v in headers if n != name]
+    else:
+        headers = _set_header(headers, name, "")
+    return headers, Refusal(401, f"The {name} header is missing or empty.")
+
+
 def _window(timestamp: int, what: str) -> Refusal | None:
     age = NOW_MS - timestamp
     if age > MAX_AGE_MS:
@@ -587,7 +607,8 @@ def _igv_expect(body: bytes, request_id: str, timestamp: str) -> Refusal | list[
     return [Accepted(outcome.signal, fields)]
 
 
-IGV_MUTATIONS = [
+# The mutations of a protocol that signs headers (iGV and SUD).
+HEADER_SIGNED_MUTATIONS = [
     "none",
     "replace_body_byte",
     "replace_header_char",
@@ -598,8 +619,10 @@ IGV_MUTATIONS = [
     "repeat_header",
     "wrong_secret",
     "timestamp",
-    *BODY_EDITS,
 ]
+
+IGV_MUTATIONS = [*HEADER_SIGNED_MUTATIONS, *BODY_EDITS]
+IGV_HEADERS = ("X-Timestamp", "X-Request-Id", "X-Signature")
 
 
 def igv_case(c: Chooser, base: Base, mutation: str) -> Case:
@@ -616,7 +639,7 @@ def igv_case(c: Chooser, base: Base, mutation: str) -> Case:
         body = _replace_byte(c, body)
         expect = _igv_expect(body, request_id, timestamp)
     elif mutation == "replace_header_char":
-        name = c.pick(["X-Timestamp", "X-Request-Id"])
+        name = c.pick(IGV_HEADERS[:2])
         headers = _set_header(headers, name, _replace_char(c, cb.headers[name], HEADER_CHARS))
         expect = mismatch
     elif mutation == "bad_signature":
@@ -626,14 +649,9 @@ def igv_case(c: Chooser, base: Base, mutation: str) -> Case:
         headers = _set_header(headers, "X-Signature", cb.headers["X-Signature"].upper())
         expect = _igv_expect(body, request_id, timestamp)
     elif mutation in ("drop_header", "empty_header"):
-        name = c.pick(["X-Timestamp", "X-Request-Id", "X-Signature"])
-        if mutation == "drop_header":
-            headers = [(n, v) for n, v in headers if n != name]
-        else:
-            headers = _set_header(headers, name, "")
-        expect = Refusal(401, f"The {name} header is missing or empty.")
+        headers, expect = _missing_header(c, headers, mutation, IGV_HEADERS)
     elif mutation == "repeat_header":
-        name = c.pick(["X-Timestamp", "X-Request-Id", "X-Signature"])
+        name = c.pick(IGV_HEADERS)
         again = c.pick([cb.headers[name], *TOKENS])
         headers = [*headers, (name, again)]
         expect = mismatch
@@ -644,9 +662,7 @@ def igv_case(c: Chooser, base: Base, mutation: str) -> Case:
         headers = _set_header(headers, "X-Signature", igv_sign(timestamp, request_id, secret))
         expect = mismatch
     elif mutation == "timestamp":
-        stamp = NOW_MS + c.offset()
-        if c.flag():
-            stamp //= 1000  # seconds where milliseconds are expected
+        stamp = _claimed_timestamp(c)
         timestamp = str(stamp)
         headers = _set_header(headers, "X-Timestamp", timestamp)
         headers = _set_header(headers, "X-Signature", igv_sign(timestamp, request_id, IGV_SECRET))
@@ -809,21 +825,7 @@ def _sud_events(body: bytes) -> list[Accepted]:
 
 SUD_HEADERS = ("Sud-AppId", "Sud-Timestamp", "Sud-Nonce", "Sud-Signature")
 
-SUD_MUTATIONS = [
-    "none",
-    "replace_body_byte",
-    "replace_header_char",
-    "bad_signature",
-    "upper_signature",
-    "drop_header",
-    "empty_header",
-    "repeat_header",
-    "wrong_secret",
-    "timestamp",
-    "app_mismatch",
-    "resigned_edit",
-    *BODY_EDITS,
-]
+SUD_MUTATIONS = [*HEADER_SIGNED_MUTATIONS, "app_mismatch", "resigned_edit", *BODY_EDITS]
 
 
 def sud_case(c: Chooser, base: Base, mutation: str) -> Case:
@@ -861,12 +863,7 @@ def sud_case(c: Chooser, base: Base, mutation: str) -> Case:
         headers = _set_header(headers, "Sud-Signature", value.upper())
         expect = mismatch if value.upper() != value else _sud_events(body)
     elif mutation in ("drop_header", "empty_header"):
-        name = c.pick(SUD_HEADERS)
-        if mutation == "drop_header":
-            headers = [(n, v) for n, v in headers if n != name]
-        else:
-            headers = _set_header(headers, name, "")
-        expect = Refusal(401, f"The {name} header is missing or empty.")
+        headers, expect = _missing_header(c, headers, mutation, SUD_HEADERS)
     elif mutation == "repeat_header":
         name = c.pick(SUD_HEADERS)
         again = c.pick([_header(headers, name), *TOKENS])
@@ -879,9 +876,7 @@ def sud_case(c: Chooser, base: Base, mutation: str) -> Case:
         headers = signed(body, secret)
         expect = mismatch
     elif mutation == "timestamp":
-        stamp = NOW_MS + c.offset()
-        if c.flag():
-            stamp //= 1000
+        stamp = _claimed_timestamp(c)
         timestamp = str(stamp)
         headers = signed(body)
         expect = _window(stamp, "Sud-Timestamp") or _sud_events(body)

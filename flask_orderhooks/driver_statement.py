@@ -44,6 +44,8 @@ class DriverStatement:
         if compiled.post_compile_params or compiled.literal_execute_params:
             # Their SQL text depends on the values: not compiled once.
             raise ValueError("Statements with expanding parameters cannot be precompiled.")
+        #: What was compiled, and the SQL the driver runs.
+        self.statement = statement
         self.sql = compiled.string
         self._dialect = dialect
         self._error = dialect.loaded_dbapi.Error

@@ -1,0 +1,177 @@
+"""Paired in-process comparison: ``orderhooks`` against ``naive``, same process.
+
+    .venv/bin/python -m benchmarks.paired [--backend postgresql] [--rounds 30]
+
+The server benchmark's req/s ratio moves by ±25 % with whatever else the
+machine does. This one is built to show a change of a few per cent: both apps
+live in one process on the same database server, and every round sends one
+batch of fresh, signed first deliveries through each app's Flask test client,
+in alternating order, so slow phases of the machine hit both sides alike.
+Each round gives one ratio per measure; the median over the rounds and the
+quartiles are printed.
+
+Measures per request: wall time; CPU = this process plus every PostgreSQL
+server process (the backends, and the WAL writer that flushes their commits),
+read from ``/proc``. On SQLite, fsync waits are wall time, not CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flask import Flask
+from flask.testing import FlaskClient
+
+from flask_orderhooks.testing import SignedCallback, igv_order_status
+
+from .apps import PATH, SECRET, Kind, ready_app, stored_count
+from .harness import DEFAULT_PG_URL, cpu_seconds, postgres_problem, private_schema
+
+SIDES: tuple[Kind, Kind] = ("naive", "orderhooks")
+
+
+def postgres_cpu_seconds() -> float:
+    """CPU time of every process named ``postgres`` (needs to read their /proc)."""
+    total = 0.0
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() == "postgres":
+                total += cpu_seconds(int(comm.parent.name))
+        except OSError:
+            continue
+    return total
+
+
+@dataclass
+class Side:
+    kind: Kind
+    uri: str
+    app: Flask
+    client: FlaskClient
+    wall: list[float] = field(default_factory=list)
+    own_cpu: list[float] = field(default_factory=list)
+    server_cpu: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+    sent: int = 0
+
+    def run(self, batch: Sequence[SignedCallback], server_cpu: Callable[[], float]) -> None:
+        cpu0, server0 = time.process_time(), server_cpu()
+        start = time.perf_counter()
+        for cb in batch:
+            response = self.client.post(PATH, data=cb.body, headers=cb.headers)
+            if response.status_code != 200:
+                raise SystemExit(f"{self.kind}: answered {response.status_code}: {response.text}")
+        wall = time.perf_counter() - start
+        client, server = time.process_time() - cpu0, server_cpu() - server0
+        for values, seconds in (
+            (self.wall, wall),
+            (self.own_cpu, client),
+            (self.server_cpu, server),
+            (self.cpu, client + server),
+        ):
+            values.append(seconds / len(batch) * 1e6)
+        self.sent += len(batch)
+
+
+_counter = 0
+
+
+def signed(n: int) -> list[SignedCallback]:
+    global _counter  # noqa: PLW0603 - ids unique across the whole run
+    batch = []
+    for _ in range(n):
+        _counter += 1
+        batch.append(igv_order_status(SECRET, request_id=f"8{_counter:018d}"))
+    return batch
+
+
+@contextmanager
+def database(backend: str, pg_url: str, kind: Kind) -> Iterator[str]:
+    if backend == "postgresql":
+        with private_schema(pg_url, f"orderhooks_paired_{kind}") as uri:
+            yield uri
+        return
+    with tempfile.TemporaryDirectory(prefix="orderhooks-paired-") as tmp:
+        yield f"sqlite:///{Path(tmp) / 'bench.db'}"
+
+
+def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
+    q1, median, q3 = statistics.quantiles(values, n=4)
+    return q1, median, q3
+
+
+def compare(backend: str, pg_url: str, rounds: int, batch: int, warmup: int) -> None:
+    server_cpu = postgres_cpu_seconds if backend == "postgresql" else (lambda: 0.0)
+    with ExitStack() as stack:
+        sides = []
+        for kind in SIDES:
+            uri = stack.enter_context(database(backend, pg_url, kind))
+            app = ready_app(kind, uri)
+            sides.append(Side(kind, uri, app, app.test_client()))
+        for side in sides:
+            side.run(signed(warmup), server_cpu)
+            for values in (side.wall, side.own_cpu, side.server_cpu, side.cpu):
+                values.clear()
+        for r in range(rounds):
+            # Alternate who goes first: a machine slowing down mid-round
+            # would otherwise always charge the same side.
+            for side in sides if r % 2 == 0 else reversed(sides):
+                side.run(signed(batch), server_cpu)
+        naive, orderhooks = sides
+        for side in sides:
+            stored = stored_count(side.kind, side.uri)
+            if stored != side.sent:
+                raise SystemExit(f"{side.kind}: {side.sent} requests answered 200, {stored} rows")
+    print(f"\n{backend}: {rounds} rounds x {batch} first deliveries per app (after {warmup})")
+    print(f"{'measure':<34} {'naive us':>9} {'orderhooks us':>14} {'ratio (q1-q3)':>20}")
+    measures = [("wall per request", "wall"), ("CPU per request: this process", "own_cpu")]
+    if backend == "postgresql":
+        measures += [
+            ("CPU per request: PostgreSQL", "server_cpu"),
+            ("CPU per request: both", "cpu"),
+        ]
+    for name, attr in measures:
+        a, b = getattr(naive, attr), getattr(orderhooks, attr)
+        ratios = [y / x for x, y in zip(a, b, strict=True) if x > 0]
+        q1, med, q3 = quartiles(ratios)
+        print(
+            f"{name:<34} {statistics.median(a):>9.0f} {statistics.median(b):>14.0f} "
+            f"{med:>8.3f} ({q1:.3f}-{q3:.3f})"
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.paired",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--backend", choices=("postgresql", "sqlite"), action="append", help="[both]"
+    )
+    parser.add_argument("--rounds", type=int, default=30, help="paired rounds [30]")
+    parser.add_argument("--batch", type=int, default=60, help="requests per app per round [60]")
+    parser.add_argument("--warmup", type=int, default=200, help="requests per app first [200]")
+    parser.add_argument("--pg-url", default=DEFAULT_PG_URL)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    backends = args.backend or ["sqlite", "postgresql"]
+    for backend in backends:
+        if backend == "postgresql":
+            problem = postgres_problem(args.pg_url)
+            if problem:
+                print(f"postgresql: skipped: {problem}")
+                continue
+        compare(backend, args.pg_url, args.rounds, args.batch, args.warmup)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -76,8 +76,7 @@ def on_payment_collected(sender: Flask, *, event: PaymentCollected) -> None:
         payment.note = "credited"
     elif event.succeeded:
         payment.note = (
-            f"amount mismatch: paid {payment.payed_amount} of {payment.order_amount}; "
-            "not credited"
+            f"amount mismatch: paid {payment.payed_amount} of {payment.order_amount}; not credited"
         )
     else:
         payment.note = f"not paid yet (gateway status {event.status})"

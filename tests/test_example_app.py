@@ -113,9 +113,7 @@ def test_collect_paid_in_full_is_credited(app: Flask, orderhooks: OrderHooksClie
     assert payment_state(app) == [("C1", "SHOP-1", "100.00", "100.00", 60, True, "credited")]
 
 
-def test_collect_amount_mismatch_is_not_credited(
-    app: Flask, orderhooks: OrderHooksClient
-) -> None:
+def test_collect_amount_mismatch_is_not_credited(app: Flask, orderhooks: OrderHooksClient) -> None:
     response = orderhooks.deliver(
         "collect", id="C1", trans_id="SHOP-1", order_amount="100.00", payed_amount="90.00"
     )
@@ -166,9 +164,7 @@ def test_a_credited_payment_is_final(app: Flask, orderhooks: OrderHooksClient) -
     assert sorted(d.key for d in deliveries(app)) == ["C1:20", "C1:60"]
 
 
-def test_duplicate_collect_is_not_credited_twice(
-    app: Flask, orderhooks: OrderHooksClient
-) -> None:
+def test_duplicate_collect_is_not_credited_twice(app: Flask, orderhooks: OrderHooksClient) -> None:
     with orderhooks.captured() as events:
         first, retry = orderhooks.deliver_twice("collect", id="C1", trans_id="SHOP-1")
 
@@ -226,9 +222,7 @@ def game_state(app: Flask) -> list[tuple[Any, ...]]:
 _OK = {"ret_code": 0, "ret_msg": "SUCCESS"}
 
 
-def test_sud_order_changed_records_the_game_order(
-    app: Flask, orderhooks: OrderHooksClient
-) -> None:
+def test_sud_order_changed_records_the_game_order(app: Flask, orderhooks: OrderHooksClient) -> None:
     response = orderhooks.deliver(
         "sud", notify_id="N-1", order_id="G-1", out_order_id="OUT-1", cmd="gift", value=5
     )
@@ -338,9 +332,7 @@ def test_index_page_without_deliveries(app: Flask) -> None:
     assert "No payments yet." in page
 
 
-def test_index_page_shows_deliveries_and_records(
-    app: Flask, orderhooks: OrderHooksClient
-) -> None:
+def test_index_page_shows_deliveries_and_records(app: Flask, orderhooks: OrderHooksClient) -> None:
     def payout_down(sender: Flask, **_: Any) -> None:
         raise RuntimeError("payout ledger <locked>")
 
@@ -358,9 +350,9 @@ def test_index_page_shows_deliveries_and_records(
     assert response.status_code == 200
     page = response.get_data(as_text=True)
     for fragment in (
-        '<td>gateway</td><td>collect</td><td><code>C1:60</code></td>\n'
+        "<td>gateway</td><td>collect</td><td><code>C1:60</code></td>\n"
         '    <td class="done">done</td><td>1</td><td></td>',
-        '<td>gateway</td><td>payout</td><td><code>P1:60</code></td>\n'
+        "<td>gateway</td><td>payout</td><td><code>P1:60</code></td>\n"
         '    <td class="failed">failed</td><td>1</td>'
         "<td>RuntimeError: payout ledger &lt;locked&gt;</td>",
         "<td>SO42</td><td>42</td>",

@@ -22,6 +22,7 @@ from .exc import (
     RequestRefused,
     SignatureExpired,
     SourceForbidden,
+    StaleSnapshot,
     StoreUnavailable,
 )
 from .extension import OrderHooks, get_extension
@@ -51,6 +52,7 @@ __all__ = [
     "RequestRefused",
     "SignatureExpired",
     "SourceForbidden",
+    "StaleSnapshot",
     "StoreUnavailable",
     "UnhandledCallback",
     "callback_unhandled",

@@ -100,3 +100,9 @@ class StoreUnavailable(CallbackError):
     or another worker holds this delivery. The platform should retry."""
 
     status = 503
+
+
+class StaleSnapshot(StoreUnavailable):
+    """The host's database session began a REPEATABLE READ or SERIALIZABLE
+    transaction and wrote before the callback view: its snapshot cannot see
+    the delivery's claim. The delivery is kept as failed for the retry."""

@@ -44,7 +44,14 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from .driver_statement import DriverStatement
-from .exc import CallbackError, KeyConflict, MalformedPayload, ReceiverFailed, StoreUnavailable
+from .exc import (
+    CallbackError,
+    KeyConflict,
+    MalformedPayload,
+    ReceiverFailed,
+    StaleSnapshot,
+    StoreUnavailable,
+)
 from .provider import Delivery
 
 logger = logging.getLogger("flask_orderhooks")
@@ -334,8 +341,9 @@ class DeliveryStore:
         """Run ``dispatch`` inside the transaction that marks the claim done."""
         with self._store_errors(delivery), self._dispatch_transaction() as session:
             try:
+                self._see_the_claim(session, delivery)
                 marked = self._mark_done(session, delivery, claim)
-            except SQLAlchemyError as exc:
+            except (SQLAlchemyError, StaleSnapshot) as exc:
                 # No receiver ran. Hand the claim back now, or every retry is
                 # refused until the lease runs out although nobody holds it.
                 session.rollback()
@@ -363,6 +371,52 @@ class DeliveryStore:
                 session.rollback()
                 self._mark_failed(delivery, claim, exc)
                 raise
+
+    def _see_the_claim(self, session: Transaction, delivery: Delivery) -> None:
+        """Make sure the dispatch transaction can see the committed claim.
+
+        The host's session may have begun its transaction before the callback
+        view (a ``before_request`` hook that reads). At READ COMMITTED every
+        statement sees what was committed before it; at REPEATABLE READ and
+        SERIALIZABLE the whole transaction keeps the snapshot of its first
+        statement, which predates the claim, so the done mark would find no
+        row, on every retry. A transaction that has only read is rolled back
+        (nothing is lost: the session's objects are expired and reload); one
+        that has written is refused, because committing or rolling it back
+        here would change what the host wrote. This costs a round trip only
+        when the session's transaction had already begun. (On SQLite the
+        stale snapshot makes the done mark fail as busy, and its retry rolls
+        the session back.)
+        """
+        if self.dialect != "postgresql":
+            return
+        connection = session.connection()
+        info = getattr(connection.connection.dbapi_connection, "info", None)
+        # psycopg and psycopg2 both report libpq's status; 0 is IDLE.
+        if getattr(info, "transaction_status", 0) == 0:
+            return
+        level, wrote = connection.exec_driver_sql(
+            "SELECT current_setting('transaction_isolation'),"
+            " pg_current_xact_id_if_assigned() IS NOT NULL"
+        ).one()
+        if level in ("read committed", "read uncommitted"):
+            return
+        if not wrote:
+            session.rollback()
+            return
+        logger.warning(
+            "%s %s %s: db.session began a %s transaction and wrote before the callback "
+            "view; its snapshot cannot see the delivery's claim. Commit (or don't write) "
+            "before the view runs, or use READ COMMITTED for it.",
+            delivery.provider,
+            delivery.callback,
+            delivery.key,
+            level.upper(),
+        )
+        raise StaleSnapshot(
+            f"The app's database session began a {level} transaction before this "
+            "callback; the delivery was kept for retry."
+        )
 
     def _mark_done(self, session: Transaction, delivery: Delivery, claim: Claim) -> bool:
         """Mark the claim done (uncommitted), waiting out a busy store.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -67,15 +68,26 @@ def postgres_url() -> Iterator[str]:
             pytest.fail("ORDERHOOKS_REQUIRE_POSTGRES=1: " + message, pytrace=False)
         _skipped_postgres.append(message)
         pytest.skip(message)
-    schema = f"orderhooks_test_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(PG_URL)
+    with private_schema(PG_URL, "orderhooks_test") as url:
+        yield url
+
+
+@contextmanager
+def private_schema(base_url: str, prefix: str) -> Iterator[str]:
+    """``base_url`` with its connections' ``search_path`` on a fresh schema,
+    dropped afterwards: the server is shared with every other test."""
+    base = sa.make_url(base_url)
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(base.difference_update_query(["options"]))
     with admin.begin() as connection:
         connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    url = sa.make_url(PG_URL).update_query_dict({"options": f"-csearch_path={schema}"})
     try:
+        url = base.update_query_dict({"options": f"-csearch_path={schema}"})
         yield url.render_as_string(hide_password=False)
     finally:
         with admin.begin() as connection:
+            # Bounded: a connection left hanging must fail the teardown, not hang it.
+            connection.execute(sa.text("SET LOCAL lock_timeout = '20s'"))
             connection.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
 

@@ -14,20 +14,19 @@ the custom plan and in the generic plan PostgreSQL caches later.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
 import pytest
-import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from flask_orderhooks.driver_statement import DriverStatement
 from flask_orderhooks.provider import Delivery
 from flask_orderhooks.store import TABLE_NAME, DeliveryStore, StandaloneDatabase
+from tests.conftest import private_schema
 
 pytestmark = pytest.mark.postgres
 
@@ -38,32 +37,25 @@ DELIVERIES = 1500
 @pytest.fixture
 def analyzed_store(postgres_url: str) -> Iterator[DeliveryStore]:
     """A store in a schema of its own, after many deliveries and an ANALYZE."""
-    schema = f"orderhooks_plans_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(postgres_url)
-    with admin.begin() as connection:
-        connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    url = sa.make_url(postgres_url).update_query_dict({"options": f"-csearch_path={schema}"})
-    database = StandaloneDatabase(url.render_as_string(False), busy_timeout=5, engine_options={})
-    store = DeliveryStore(
-        engine=database.engine,
-        dispatch_transaction=database.transaction,
-        table=database.table,
-        duplicate_wait=5,
-        claim_timeout=30,
-        prepare=database.ensure_table,
-    )
-    try:
-        for n in range(DELIVERIES):
-            delivery = Delivery("igv", "order-status", f"{n:019d}", b"{}", {}, ())
-            assert store.deliver(delivery, lambda: None) == "dispatched"
-        with database.engine.begin() as connection:
-            connection.exec_driver_sql(f"ANALYZE {TABLE_NAME}")
-        yield store
-    finally:
-        database.engine.dispose()
-        with admin.begin() as connection:
-            connection.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    with private_schema(postgres_url, "orderhooks_plans") as url:
+        database = StandaloneDatabase(url, busy_timeout=5, engine_options={})
+        store = DeliveryStore(
+            engine=database.engine,
+            dispatch_transaction=database.transaction,
+            table=database.table,
+            duplicate_wait=5,
+            claim_timeout=30,
+            prepare=database.ensure_table,
+        )
+        try:
+            for n in range(DELIVERIES):
+                delivery = Delivery("igv", "order-status", f"{n:019d}", b"{}", {}, ())
+                assert store.deliver(delivery, lambda: None) == "dispatched"
+            with database.engine.begin() as connection:
+                connection.exec_driver_sql(f"ANALYZE {TABLE_NAME}")
+            yield store
+        finally:
+            database.engine.dispose()
 
 
 def _parameters(n: int) -> dict[str, Any]:

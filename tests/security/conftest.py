@@ -9,6 +9,7 @@ requests wrote and nothing from a refused one.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
@@ -38,6 +39,7 @@ from flask_orderhooks import (
 )
 from flask_orderhooks.store import DeliveryStore, StoredDelivery
 from flask_orderhooks.testing import SignedCallback
+from tests.conftest import private_schema
 
 from .support import (
     DB_PASSWORD,
@@ -261,19 +263,12 @@ TargetFactory = Callable[..., Target]
 
 def _pg_schema_url(base_url: str) -> tuple[str, Callable[[], None]]:
     """A URL on a fresh schema of our own, and the function that drops it."""
-    base = sa.make_url(base_url).difference_update_query(["options"])
-    schema = f"orderhooks_sec_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(base)
-    with admin.begin() as connection:
-        connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-
-    def drop() -> None:
-        with admin.begin() as connection:
-            connection.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
-
-    url = base.set(password=DB_PASSWORD).update_query_dict({"options": f"-csearch_path={schema}"})
-    return url.render_as_string(hide_password=False), drop
+    with_password = sa.make_url(base_url).set(password=DB_PASSWORD)
+    stack = contextlib.ExitStack()
+    url = stack.enter_context(
+        private_schema(with_password.render_as_string(hide_password=False), "orderhooks_sec")
+    )
+    return url, stack.close
 
 
 BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]

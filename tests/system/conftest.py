@@ -8,15 +8,13 @@ leaves nothing behind for the rest of the suite.
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 
-from tests.conftest import BASE_CONFIG
+from tests.conftest import BASE_CONFIG, private_schema
 
 from . import server_app
 from .support import Server, prepare_database
@@ -59,23 +57,12 @@ def _servers() -> list[Server]:
 @pytest.fixture
 def pg_url(postgres_url: str, _servers: list[Server]) -> Iterator[str]:
     """A URL whose ``search_path`` is a fresh schema, dropped after the test."""
-    base = sa.make_url(postgres_url)
-    schema = f"orderhooks_sys_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(base)
-    with admin.begin() as connection:
-        connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        yield base.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
-            hide_password=False
-        )
-    finally:
-        for server in _servers:
-            server.stop()
-        with admin.begin() as connection:
-            # Bounded: a worker left hanging must fail the teardown, not hang it.
-            connection.execute(sa.text("SET LOCAL lock_timeout = '20s'"))
-            connection.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    with private_schema(postgres_url, "orderhooks_sys") as url:
+        try:
+            yield url
+        finally:
+            for server in _servers:
+                server.stop()
 
 
 @pytest.fixture

@@ -34,6 +34,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from flask_orderhooks import OrderHooks, order_pending_delivery
 from flask_orderhooks.store import TABLE_NAME, deliveries_table
+from flask_orderhooks.testing import SignedCallback, igv_order_status
 
 Kind = Literal["bare", "naive", "orderhooks"]
 KINDS: tuple[Kind, ...] = ("bare", "naive", "orderhooks")
@@ -69,6 +70,21 @@ order_received = _naive_signals.signal("naive.order-received")
 
 def _noop(sender: Flask, **kwargs: Any) -> None:
     pass
+
+
+_signed_count = 0
+
+
+def fresh_id() -> str:
+    """An iGV request id no other call in this process returned."""
+    global _signed_count  # noqa: PLW0603 - ids unique across the whole run
+    _signed_count += 1
+    return f"9{_signed_count:018d}"
+
+
+def signed(n: int) -> list[SignedCallback]:
+    """``n`` iGV callbacks, each a first delivery, signed with :data:`SECRET`."""
+    return [igv_order_status(SECRET, request_id=fresh_id()) for _ in range(n)]
 
 
 def make_app(kind: Kind, database_uri: str | None = None) -> Flask:

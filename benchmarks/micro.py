@@ -43,7 +43,7 @@ from flask_orderhooks.testing import (
     sud_order_changed,
 )
 
-from .apps import PATH, SECRET, ready_app
+from .apps import PATH, SECRET, fresh_id, ready_app, signed
 
 GATEWAY_KEY = "merchant-key"
 SUD_APP_ID = "1461564080052506636"
@@ -80,15 +80,6 @@ def time_op(
     return Timing(label, min(walls), statistics.median(walls), min(cpus))
 
 
-_counter = 0
-
-
-def _fresh_id() -> str:
-    global _counter  # noqa: PLW0603 - ids unique across the whole run
-    _counter += 1
-    return f"9{_counter:018d}"
-
-
 def _settings_config() -> dict[str, object]:
     config: dict[str, object] = dict(DEFAULTS)
     config.update(
@@ -100,7 +91,7 @@ def _settings_config() -> dict[str, object]:
 
 
 BUILDERS: dict[str, tuple[str, Callable[[], SignedCallback]]] = {
-    "igv order-status": ("order-status", lambda: igv_order_status(SECRET, request_id=_fresh_id())),
+    "igv order-status": ("order-status", lambda: igv_order_status(SECRET, request_id=fresh_id())),
     "gateway collect": ("collect", lambda: gateway_collect(GATEWAY_KEY)),
     "gateway payout": ("payout", lambda: gateway_payout(GATEWAY_KEY)),
     "sud order-changed": (
@@ -139,10 +130,6 @@ def bench_providers(number: int, rounds: int) -> Iterator[Timing]:
         yield time_op(f"read() {label}", range, read, number=number * 5, rounds=rounds)
 
 
-def _signed(n: int) -> list[SignedCallback]:
-    return [igv_order_status(SECRET, request_id=_fresh_id()) for _ in range(n)]
-
-
 def bench_store(number: int, rounds: int) -> Iterator[Timing]:
     app = ready_app("orderhooks", "sqlite://")
     state = get_extension(app).state(app)
@@ -150,7 +137,7 @@ def bench_store(number: int, rounds: int) -> Iterator[Timing]:
     now = time.time()
 
     def deliveries(n: int) -> list[object]:
-        return [provider.read("order-status", cb.body, cb.headers, now=now) for cb in _signed(n)]
+        return [provider.read("order-status", cb.body, cb.headers, now=now) for cb in signed(n)]
 
     done: list[object] = []
 
@@ -193,7 +180,7 @@ def bench_requests(number: int, rounds: int) -> Iterator[Timing]:
             sent.append(cb)
             return response
 
-        yield time_op(f"POST {kind}: first delivery", _signed, post, number=number, rounds=rounds)
+        yield time_op(f"POST {kind}: first delivery", signed, post, number=number, rounds=rounds)
         if kind == "bare":
             continue
         seen = list(sent)

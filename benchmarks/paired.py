@@ -30,9 +30,9 @@ from pathlib import Path
 from flask import Flask
 from flask.testing import FlaskClient
 
-from flask_orderhooks.testing import SignedCallback, igv_order_status
+from flask_orderhooks.testing import SignedCallback
 
-from .apps import PATH, SECRET, Kind, ready_app, stored_count
+from .apps import PATH, Kind, ready_app, signed, stored_count
 from .harness import DEFAULT_PG_URL, cpu_seconds, postgres_problem, private_schema
 
 SIDES: tuple[Kind, Kind] = ("naive", "orderhooks")
@@ -79,18 +79,6 @@ class Side:
         ):
             values.append(seconds / len(batch) * 1e6)
         self.sent += len(batch)
-
-
-_counter = 0
-
-
-def signed(n: int) -> list[SignedCallback]:
-    global _counter  # noqa: PLW0603 - ids unique across the whole run
-    batch = []
-    for _ in range(n):
-        _counter += 1
-        batch.append(igv_order_status(SECRET, request_id=f"8{_counter:018d}"))
-    return batch
 
 
 @contextmanager

@@ -76,7 +76,7 @@ def start_server(tmp_path: Path, _servers: list[Server]) -> Iterator[ServerFacto
 
     The factory takes the database URL, the receiver behaviour, the worker
     layout and optional ``claim_timeout``, ``duplicate_wait`` and
-    ``receiver_delay`` seconds and the host's ``sqlite_timeout``.
+    ``receiver_delay`` and ``dispatch_delay`` seconds and the host's ``sqlite_timeout``.
     """
     servers = _servers
 
@@ -90,6 +90,7 @@ def start_server(tmp_path: Path, _servers: list[Server]) -> Iterator[ServerFacto
         duplicate_wait: float | None = None,
         receiver_delay: float | None = None,
         sqlite_timeout: float | None = None,
+        dispatch_delay: float | None = None,
     ) -> Server:
         number = len(servers)
         control = tmp_path / f"control-{number}"
@@ -110,6 +111,8 @@ def start_server(tmp_path: Path, _servers: list[Server]) -> Iterator[ServerFacto
             settings[server_app.RECEIVER_DELAY] = str(receiver_delay)
         if sqlite_timeout is not None:
             settings[server_app.SQLITE_TIMEOUT] = str(sqlite_timeout)
+        if dispatch_delay is not None:
+            settings[server_app.DISPATCH_DELAY] = str(dispatch_delay)
         prepare_database(settings)
         server = Server(
             settings=settings,

@@ -55,6 +55,7 @@ from flask_orderhooks.events import (
     PaymentCollected,
     PayoutFinished,
 )
+from flask_orderhooks.store import DeliveryStore
 
 DATABASE_URL = "ORDERHOOKS_SYSTEM_DATABASE_URL"
 RECEIVER = "ORDERHOOKS_SYSTEM_RECEIVER"
@@ -63,6 +64,11 @@ CONTROL_DIR = "ORDERHOOKS_SYSTEM_CONTROL_DIR"
 #: transaction: holds the row lock (PostgreSQL) or the write lock (SQLite) long
 #: enough for duplicates to pile up behind it.
 RECEIVER_DELAY = "ORDERHOOKS_SYSTEM_RECEIVER_DELAY"
+#: Seconds between a delivery's claim (committed) and its dispatch, which takes
+#: the lock: widens the window in which a duplicate finds the delivery claimed
+#: but not yet locked, so it polls and is answered busy. On a fast machine that
+#: window is one statement wide and a storm may never hit it.
+DISPATCH_DELAY = "ORDERHOOKS_SYSTEM_DISPATCH_DELAY"
 #: The host's SQLite busy timeout in seconds (the driver's default is 5): a
 #: short one turns lock waits into "database is locked" errors.
 SQLITE_TIMEOUT = "ORDERHOOKS_SYSTEM_SQLITE_TIMEOUT"
@@ -178,6 +184,8 @@ def build_app(
             app.config[name] = json.loads(settings[name])
     db = SQLAlchemy(app, model_class=Base)
     hooks = OrderHooks(app, db=db)
+    if DISPATCH_DELAY in settings:
+        _delay_dispatch(hooks.state(app).store, float(settings[DISPATCH_DELAY]))
     if connect_receivers:
         behaviour = settings.get(RECEIVER, "record")
         if behaviour not in RECEIVERS:
@@ -195,6 +203,16 @@ def build_app(
         ):
             signal.connect(receiver, app, weak=False)
     return app, db, hooks
+
+
+def _delay_dispatch(store: DeliveryStore, seconds: float) -> None:
+    dispatch = store.dispatch
+
+    def delayed(*args: Any, **kwargs: Any) -> None:
+        time.sleep(seconds)
+        dispatch(*args, **kwargs)
+
+    store.dispatch = delayed  # type: ignore[method-assign]
 
 
 def create_app() -> Flask:

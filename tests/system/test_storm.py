@@ -113,10 +113,14 @@ class Profile:
     """How hard the duplicates fight.
 
     ``default``: the library's waits and instant receivers. ``contended``:
-    receivers that hold their transaction 30 ms and a 10 ms duplicate wait, so
-    that many duplicates get the busy answer and must be resent; on SQLite also
-    a 20 ms busy timeout, so that "database is locked" really happens, and a
-    2 s lease, so that a claim left behind by it is retaken within the resends.
+    receivers that hold their transaction 30 ms, a 10 ms duplicate wait and
+    20 ms between a claim and its dispatch (on SQLite a duplicate otherwise
+    waits behind the dispatch's write lock and only meets a claimed, unlocked
+    delivery in a window one statement wide), so that many duplicates get the
+    busy answer and must be resent. ``contended+locked`` (SQLite): the same
+    receivers and duplicate wait, no dispatch delay, a 20 ms busy timeout, so
+    that "database is locked" really happens, and a 2 s lease, so that a claim
+    left behind by it is retaken within the resends.
     """
 
     name: str
@@ -124,10 +128,11 @@ class Profile:
     receiver_delay: float | None = None
     sqlite_timeout: float | None = None
     claim_timeout: float | None = None
+    dispatch_delay: float | None = None
 
 
 DEFAULT = Profile("default")
-CONTENDED = Profile("contended", duplicate_wait=0.01, receiver_delay=0.03)
+CONTENDED = Profile("contended", duplicate_wait=0.01, receiver_delay=0.03, dispatch_delay=0.02)
 SQLITE_LOCKED = Profile(
     "contended+locked", duplicate_wait=0.01, receiver_delay=0.03, sqlite_timeout=0.02,
     claim_timeout=2.0,
@@ -143,6 +148,7 @@ def start(start_server: ServerFactory, url: str, profile: Profile) -> Server:
         receiver_delay=profile.receiver_delay,
         sqlite_timeout=profile.sqlite_timeout,
         claim_timeout=profile.claim_timeout,
+        dispatch_delay=profile.dispatch_delay,
     )
 
 

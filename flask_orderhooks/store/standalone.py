@@ -1,0 +1,68 @@
+"""The extension's own database, for ``OrderHooks(app)`` without ``db=``."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from .sqlite import sqlite_pragmas
+from .table import TABLE_NAME, deliveries_table
+from .transactions import ConnectionTransaction, Transaction
+
+
+class StandaloneDatabase:
+    """The store's own engine, for ``OrderHooks(app)`` without ``db=``.
+
+    The table is created on first use, not at start-up: an app must boot (and
+    answer 503, so platforms retry) while its database is down, and several
+    workers creating it at once must not crash each other.
+    """
+
+    def __init__(self, uri: str, *, busy_timeout: float, engine_options: Mapping[str, Any]) -> None:
+        options = dict(engine_options)
+        url = sa.make_url(uri)
+        if url.get_backend_name() == "sqlite":
+            connect_args = dict(options.pop("connect_args", {}))
+            connect_args.setdefault("timeout", busy_timeout)
+            options["connect_args"] = connect_args
+        self.engine: Engine = sa.create_engine(url, **options)
+        if self.engine.dialect.name == "sqlite":
+            sa.event.listen(self.engine, "connect", sqlite_pragmas)
+        self.metadata = sa.MetaData()
+        self.table = deliveries_table(self.metadata)
+        self._ready = False
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        """A connection for the dispatch: receivers' writes are their own."""
+        with self.engine.connect() as connection:
+            yield ConnectionTransaction(connection)
+
+    def ensure_table(self) -> None:
+        if self._ready:
+            return
+        with self._lock:
+            if self._ready:
+                return
+            try:
+                with self.engine.begin() as connection:
+                    if self.engine.dialect.name == "postgresql":
+                        # Serialises concurrent create_all() across processes.
+                        connection.execute(sa.select(sa.func.pg_advisory_xact_lock(0x0DE7_1FE5)))
+                    self.metadata.create_all(connection, checkfirst=True)
+            except SQLAlchemyError:
+                # Another process may have won a race SQLite cannot serialise;
+                # if the table is there now, that is all we needed.
+                if not sa.inspect(self.engine).has_table(TABLE_NAME):
+                    raise
+            self._ready = True
+
+    def __repr__(self) -> str:
+        return f"<StandaloneDatabase {self.engine.url!r}>"

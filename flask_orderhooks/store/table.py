@@ -1,0 +1,73 @@
+"""The deliveries table: its columns, its statuses, and the rows read from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+import sqlalchemy as sa
+
+TABLE_NAME = "orderhooks_deliveries"
+#: Longest idempotency key stored; fits a unique index on every backend.
+MAX_KEY_LENGTH = 191
+#: Longest error text kept for a failed attempt.
+MAX_ERROR_LENGTH = 2000
+
+PROCESSING = "processing"
+DONE = "done"
+FAILED = "failed"
+STATUSES = (PROCESSING, DONE, FAILED)
+
+
+def deliveries_table(metadata: sa.MetaData) -> sa.Table:
+    """The ``orderhooks_deliveries`` table in ``metadata`` (created once)."""
+    existing = metadata.tables.get(TABLE_NAME)
+    if existing is not None:
+        return existing
+    return sa.Table(
+        TABLE_NAME,
+        metadata,
+        sa.Column("provider", sa.String(16), primary_key=True),
+        sa.Column("callback", sa.String(32), primary_key=True),
+        sa.Column("key", sa.String(MAX_KEY_LENGTH), primary_key=True),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("attempts", sa.Integer, nullable=False),
+        sa.Column("claim_token", sa.String(32), nullable=False),
+        sa.Column("lease_expires_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("body", sa.LargeBinary, nullable=False),
+        sa.Column("body_sha256", sa.String(64), nullable=False),
+        sa.Column("headers", sa.Text, nullable=False),
+        sa.Column("error", sa.Text, nullable=True),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Index("ix_orderhooks_deliveries_status_updated", "status", "updated_at"),
+    )
+
+
+@dataclass(frozen=True)
+class Claim:
+    """This worker owns a delivery's current attempt."""
+
+    token: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class StoredDelivery:
+    """A row of the store, as the CLI and tests read it."""
+
+    provider: str
+    callback: str
+    key: str
+    status: str
+    attempts: int
+    body: bytes
+    headers: dict[str, str]
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+    lease_expires_at: datetime
+
+
+Outcome = Literal["dispatched", "duplicate"]

@@ -28,6 +28,8 @@ from .exc import (
 from .extension import OrderHooks, get_extension
 from .signals import (
     callback_unhandled,
+    delivery_dead,
+    delivery_failed,
     game_order_changed,
     order_pending_delivery,
     payment_collected,
@@ -56,6 +58,8 @@ __all__ = [
     "StoreUnavailable",
     "UnhandledCallback",
     "callback_unhandled",
+    "delivery_dead",
+    "delivery_failed",
     "game_order_changed",
     "get_extension",
     "order_pending_delivery",

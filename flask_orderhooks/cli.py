@@ -6,6 +6,7 @@ minutes); these commands let an operator finish by hand what they gave up on.
 
 from __future__ import annotations
 
+import os
 import re
 import urllib.error
 import urllib.parse
@@ -20,9 +21,10 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from .exc import CallbackError
 from .extension import AppState, get_extension
-from .store import DONE, FAILED, PROCESSING, STATUSES, StoredDelivery
+from .store import DEAD, DONE, FAILED, PROCESSING, STATUSES, StoredDelivery
 from .testing import KINDS, build
 from .views import send as send_signals
+from .worker import Worker, process_due
 
 _DURATION = re.compile(r"(\d+)\s*([smhdw])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -118,7 +120,8 @@ def deliveries_command(
 @with_appcontext
 def show_command(key: str) -> None:
     """Show every delivery stored under KEY, with its body and last error."""
-    rows = _state().store.get(key)
+    state = _state()
+    rows = state.store.get(key)
     if not rows:
         raise click.ClickException(f"No delivery is stored under the key {key!r}.")
     for r in rows:
@@ -127,8 +130,7 @@ def show_command(key: str) -> None:
         click.echo(f"  attempts: {r.attempts}")
         click.echo(f"  created:  {r.created_at.isoformat()}")
         click.echo(f"  updated:  {r.updated_at.isoformat()}")
-        if r.status == PROCESSING:
-            click.echo(f"  lease:    until {r.lease_expires_at.isoformat()}")
+        click.echo(f"  next:     {_next_attempt(state, r)}")
         click.echo(f"  error:    {r.error or '-'}")
         for name, value in sorted(r.headers.items()):
             click.echo(f"  header:   {name}: {value}")
@@ -138,23 +140,30 @@ def show_command(key: str) -> None:
 @orderhooks.command("replay")
 @click.argument("key", required=False)
 @click.option("--failed", "all_failed", is_flag=True, help="Replay every failed delivery.")
+@click.option("--dead", "all_dead", is_flag=True, help="Replay every dead delivery.")
 @click.option("--force", is_flag=True, help="Replay deliveries that are already done.")
 @with_appcontext
-def replay_command(key: str | None, all_failed: bool, force: bool) -> None:
-    """Dispatch stored deliveries again: KEY, or every failed one with --failed.
+def replay_command(key: str | None, all_failed: bool, all_dead: bool, force: bool) -> None:
+    """Dispatch stored deliveries now: KEY, or every failed (--failed) or
+    dead (--dead) one.
 
     Each is verified again with the configured secrets (without the timestamp
     window), sent to the same signals in one transaction, and marked done or
-    failed again.
+    failed again. Attempts keep counting: a replayed dead delivery that fails
+    again is dead again at once (replay it once its cause is fixed).
     """
-    if (key is None) == (not all_failed):
-        raise click.UsageError("Give a KEY or --failed, not both and not neither.")
+    statuses = [s for s, on in ((FAILED, all_failed), (DEAD, all_dead)) if on]
+    if (key is None) == (not statuses):
+        raise click.UsageError("Give a KEY, or --failed and/or --dead, not both and not neither.")
     state = _state()
-    rows = state.store.list(status=FAILED) if all_failed else state.store.get(key or "")
+    if statuses:
+        rows = [row for status in statuses for row in state.store.list(status=status)]
+    else:
+        rows = state.store.get(key or "")
     if not rows:
         raise click.ClickException(
-            "No failed deliveries."
-            if all_failed
+            f"No {' or '.join(statuses)} deliveries."
+            if statuses
             else f"No delivery is stored under the key {key!r}."
         )
     failures = 0
@@ -188,9 +197,59 @@ def _replay_one(state: AppState, row: StoredDelivery, *, force: bool) -> bool:
     return True
 
 
+@orderhooks.command("worker")
+@click.option("--once", is_flag=True, help="Dispatch what is due now, then exit.")
+@click.option(
+    "--poll-interval",
+    type=click.FloatRange(min=0.01),
+    help="Seconds between looks when idle (default: ORDERHOOKS_WORKER_POLL_INTERVAL).",
+)
+@with_appcontext
+def worker_command(once: bool, poll_interval: float | None) -> None:
+    """Dispatch deliveries as they fall due, until SIGTERM or SIGINT.
+
+    Due: stored by deferred dispatch, failed with its retry delay over, or
+    held by a worker that died (its lease ran out). On SIGTERM or SIGINT the
+    delivery in hand is finished, then the worker exits 0. Run as many as you
+    like, on as many hosts: on PostgreSQL they never take the same delivery
+    and never wait for one another's.
+    """
+    state = _state()
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    if once:
+        result = process_due(app, state)
+        click.echo(f"Dispatched {result.attempted} deliveries, {result.failed} failed.")
+        return
+    interval = poll_interval or state.settings.worker_poll_interval
+    worker = Worker(app, state, poll_interval=interval)
+    click.echo(
+        f"Worker {os.getpid()} started: {state.store.dialect} store, "
+        f"looking for due deliveries every {interval:g}s when idle.",
+    )
+    total = worker.run()
+    click.echo(
+        f"Worker {os.getpid()} stopped: dispatched {total.attempted} deliveries, "
+        f"{total.failed} failed."
+    )
+
+
+def _next_attempt(state: AppState, row: StoredDelivery) -> str:
+    if row.next_attempt_at is None:
+        if row.status == FAILED:
+            # Stored by 0.1, which planned no attempts.
+            return "- (none planned: replay it)"
+        return "-"
+    seconds = (row.next_attempt_at - _now(state)).total_seconds()
+    when = f"in {_human(timedelta(seconds=int(seconds)))}" if seconds > 0 else "due now"
+    what = " (lease end)" if row.status == PROCESSING else ""
+    return f"{row.next_attempt_at.isoformat()}{what}, {when}"
+
+
 @orderhooks.command("purge")
 @click.option("--older-than", "age", type=Duration(), required=True, help="e.g. 30d.")
-@click.option("--failed", "with_failed", is_flag=True, help="Also delete failed deliveries.")
+@click.option(
+    "--failed", "with_failed", is_flag=True, help="Also delete failed and dead deliveries."
+)
 @click.option("--processing", "with_processing", is_flag=True, help="Also delete processing ones.")
 @click.option(
     "--include-gateway",
@@ -219,7 +278,9 @@ def purge_command(
                 f"({window:g}s): a purged key could be replayed inside it. Purge refused."
             )
     statuses = (
-        (DONE,) + ((FAILED,) if with_failed else ()) + ((PROCESSING,) if with_processing else ())
+        (DONE,)
+        + ((FAILED, DEAD) if with_failed else ())
+        + ((PROCESSING,) if with_processing else ())
     )
     cutoff = _now(state) - age
     deleted = 0

@@ -35,7 +35,16 @@ DEFAULTS: dict[str, Any] = {
     "ORDERHOOKS_CLAIM_TIMEOUT": 30.0,
     "ORDERHOOKS_MAX_BODY": 64 * 1024,
     "ORDERHOOKS_ALLOWED_IPS": None,
+    "ORDERHOOKS_DISPATCH": "inline",
+    # 10 s, 1 min, 5 min, 30 min, 2 h, 12 h: seven attempts over about 15
+    # hours, well past every platform's own retries (the gateway's 60 s,
+    # iGV's 35 minutes), so a receiver's outage of an evening is survived.
+    "ORDERHOOKS_RETRY_DELAYS": [10, 60, 300, 1800, 7200, 43200],
+    "ORDERHOOKS_WORKER_POLL_INTERVAL": 0.5,
 }
+
+#: The dispatch modes: receivers run in the platform's request, or on a worker.
+DISPATCH_MODES = ("inline", "deferred")
 
 
 class Secrets:
@@ -86,6 +95,13 @@ class Settings:
     claim_timeout: float
     max_body: int
     allowed_ips: Mapping[str, tuple[IPNetwork, ...]] = field(default_factory=dict)
+    dispatch: str = "inline"
+    retry_delays: tuple[float, ...] = ()
+    worker_poll_interval: float = 0.5
+
+    @property
+    def deferred(self) -> bool:
+        return self.dispatch == "deferred"
 
     @property
     def gateway_enabled(self) -> bool:
@@ -147,7 +163,38 @@ def load_settings(config: Mapping[str, Any]) -> Settings:
         claim_timeout=_required_seconds("ORDERHOOKS_CLAIM_TIMEOUT", config, positive=True),
         max_body=_max_body(config["ORDERHOOKS_MAX_BODY"]),
         allowed_ips=_allowed_ips(config["ORDERHOOKS_ALLOWED_IPS"]),
+        dispatch=_dispatch(config["ORDERHOOKS_DISPATCH"]),
+        retry_delays=_retry_delays(config["ORDERHOOKS_RETRY_DELAYS"]),
+        worker_poll_interval=_required_seconds(
+            "ORDERHOOKS_WORKER_POLL_INTERVAL", config, positive=True
+        ),
     )
+
+
+def _dispatch(value: object) -> str:
+    if value not in DISPATCH_MODES:
+        raise ConfigurationError(
+            "ORDERHOOKS_DISPATCH", f'must be "inline" or "deferred", not {value!r}.'
+        )
+    return str(value)
+
+
+def _retry_delays(value: object) -> tuple[float, ...]:
+    key = "ORDERHOOKS_RETRY_DELAYS"
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise ConfigurationError(
+            key, "must be a list of seconds, such as [10, 60, 300] (an empty list: no retries)."
+        )
+    delays = []
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, (int, float)):
+            raise ConfigurationError(key, f"every delay must be a number of seconds, not {item!r}.")
+        if not math.isfinite(item) or item < 0:
+            raise ConfigurationError(
+                key, "every delay must be a finite number of seconds, zero or more."
+            )
+        delays.append(float(item))
+    return tuple(delays)
 
 
 def _secrets(key: str, value: object) -> Secrets:

@@ -61,6 +61,16 @@ class DriverStatement:
                 self._defaults[name] = process(value) if process else value
         self._required = tuple(required.items())
         self._order = tuple(compiled.positiontup or ()) if compiled.positional else None
+        # Result conversions (SQLite's datetimes arrive as text), only where a
+        # type has one: the store's hot statements return strings and ints.
+        described = getattr(statement, "returning_column_descriptions", None)
+        types = (
+            [d["type"] for d in described]
+            if described is not None
+            else [c.type for c in getattr(statement, "selected_columns", ())]
+        )
+        processors = [t.dialect_impl(dialect).result_processor(dialect, None) for t in types]
+        self._results = tuple(processors) if any(processors) else None
 
     def first(
         self, connection: Connection, parameters: Mapping[str, Any]
@@ -95,7 +105,14 @@ class DriverStatement:
             # The statement's own outcome is what matters.
             with suppress(self._error):
                 cursor.close()
-        return tuple(rows[0]) if rows else None
+        if not rows:
+            return None
+        if self._results is None:
+            return tuple(rows[0])
+        return tuple(
+            process(value) if process is not None and value is not None else value
+            for process, value in zip(self._results, rows[0], strict=True)
+        )
 
     def __repr__(self) -> str:
         return f"<DriverStatement {self.sql[:40]!r}...>"

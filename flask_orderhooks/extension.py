@@ -18,20 +18,30 @@ from .config import DEFAULTS, PLATFORMS, Settings, load_settings
 from .gateway import GatewayProvider
 from .igv import IGVProvider
 from .provider import Provider
+from .signals import delivery_dead, delivery_failed
 from .store import (
+    DEAD,
+    FAILED,
     DeliveryStore,
+    RetrySchedule,
     SessionTransaction,
     StandaloneDatabase,
+    StoredDelivery,
     Transaction,
     deliveries_table,
 )
 from .sud import SUDProvider
 from .views import make_blueprint
+from .worker import process_due
 
 if TYPE_CHECKING:
     from flask_sqlalchemy import SQLAlchemy
 
 logger = logging.getLogger("flask_orderhooks")
+
+#: ``(provider, callback, key, countdown seconds)``: hands a delivery to a
+#: queue such as Celery; see :attr:`OrderHooks.enqueuer`.
+Enqueuer = Callable[[str, str, str, float], None]
 
 _PROVIDERS: dict[str, type[Provider]] = {
     "igv": IGVProvider,
@@ -49,6 +59,8 @@ class AppState:
     providers: Mapping[str, Provider]
     clock: Callable[[], float]
     standalone: StandaloneDatabase | None
+    #: Hands a stored delivery to the enqueuer, if any (never raises).
+    enqueue: Callable[[str, str, str, float], None]
 
 
 class OrderHooks:
@@ -64,9 +76,21 @@ class OrderHooks:
     :param engine_options: extra :func:`sqlalchemy.create_engine` options for
         the extension's own store (ignored with ``db=``).
     :param clock: Unix time in seconds; replace it in tests to freeze time.
+        Every stored time, due times included, comes from it.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+        Deferred dispatch, local retries and workers: :meth:`process_due`,
+        :meth:`dispatch_due`, :attr:`enqueuer`.
     """
+
+    #: Set by :func:`flask_orderhooks.celery.init_celery` (or by a host for
+    #: another queue): called with ``(provider, callback, key, countdown)``
+    #: right after a deferred delivery is stored (countdown 0) and after a
+    #: failed attempt that has a next one (countdown: seconds until it is
+    #: due). The store stays the source of truth: an enqueuer that raises is
+    #: logged at WARNING, and workers or a sweep find the delivery anyway.
+    enqueuer: Enqueuer | None = None
 
     def __init__(
         self,
@@ -79,6 +103,7 @@ class OrderHooks:
         self.db = db
         self.engine_options = dict(engine_options or {})
         self.clock = clock
+        self.enqueuer = None
         self._states: WeakKeyDictionary[Flask, AppState] = WeakKeyDictionary()
         if app is not None:
             self.init_app(app)
@@ -113,8 +138,10 @@ class OrderHooks:
                 table=standalone.table,
                 duplicate_wait=settings.duplicate_wait,
                 claim_timeout=settings.claim_timeout,
+                retries=RetrySchedule.of(settings.retry_delays),
                 clock=self.clock,
                 prepare=standalone.ensure_table,
+                on_failure=self._failed,
             )
         providers = {name: _PROVIDERS[name](settings) for name in settings.enabled_platforms}
         state = AppState(
@@ -123,6 +150,7 @@ class OrderHooks:
             providers=providers,
             clock=self.clock,
             standalone=standalone,
+            enqueue=self._enqueue,
         )
         self._states[app] = state
         app.extensions["orderhooks"] = self
@@ -162,7 +190,9 @@ class OrderHooks:
             table=table,
             duplicate_wait=settings.duplicate_wait,
             claim_timeout=settings.claim_timeout,
+            retries=RetrySchedule.of(settings.retry_delays),
             clock=self.clock,
+            on_failure=self._failed,
         )
 
     def _standalone(self, app: Flask, settings: Settings) -> StandaloneDatabase:
@@ -187,6 +217,70 @@ class OrderHooks:
                 "OrderHooks is not registered on this app. Call hooks.init_app(app) "
                 "(or pass the app to OrderHooks(app))."
             ) from None
+
+    def process_due(self, limit: int | None = None) -> int:
+        """Dispatch every delivery due now, inside an app context: one pass
+        of a worker, for cron, Celery beat and tests.
+
+        Due: stored by deferred dispatch, failed with its retry delay over, or
+        claimed by a worker that died (its lease ran out).
+
+        :param limit: attempt at most this many deliveries.
+        :returns: how many deliveries it attempted (done or failed).
+        :raises StoreUnavailable: the store failed while looking for work.
+
+        .. versionadded:: 0.2
+        """
+        app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
+        return process_due(app, self.state(app), limit=limit).attempted
+
+    def dispatch_due(self, provider: str, callback: str, key: str) -> bool:
+        """Dispatch one delivery if it is due now (else do nothing), inside
+        an app context. What the Celery task ``orderhooks.dispatch`` runs.
+
+        :returns: whether it was attempted.
+
+        .. versionadded:: 0.2
+        """
+        app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
+        return process_due(app, self.state(app), key=(provider, callback, key)).attempted > 0
+
+    def _enqueue(self, provider: str, callback: str, key: str, countdown: float) -> None:
+        enqueuer = self.enqueuer
+        if enqueuer is None:
+            return
+        try:
+            enqueuer(provider, callback, key, countdown)
+        except Exception as exc:
+            # Never fails the request or the worker: the row is stored, and
+            # a worker or the sweep finds it.
+            logger.warning(
+                "%s %s %s: could not enqueue (%s: %s); a worker or the sweep will find it",
+                provider,
+                callback,
+                key,
+                type(exc).__name__,
+                exc,
+            )
+
+    def _failed(self, delivery: StoredDelivery, error: str) -> None:
+        """The store recorded a failed attempt: tell operators, plan the retry."""
+        app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
+        next_attempt = delivery.next_attempt_at if delivery.status == FAILED else None
+        delivery_failed.send(app, delivery=delivery, error=error, next_attempt_at=next_attempt)
+        if delivery.status == DEAD:
+            logger.error(
+                "%s %s %s: dead after %d attempts: %s",
+                delivery.provider,
+                delivery.callback,
+                delivery.key,
+                delivery.attempts,
+                error,
+            )
+            delivery_dead.send(app, delivery=delivery, error=error)
+        elif next_attempt is not None:
+            countdown = max(0.0, next_attempt.timestamp() - self.clock())
+            self._enqueue(delivery.provider, delivery.callback, delivery.key, countdown)
 
     @property
     def store(self) -> DeliveryStore:

@@ -24,3 +24,17 @@ payout_finished = _signals.signal("orderhooks.payout-finished")
 game_order_changed = _signals.signal("orderhooks.game-order-changed")
 #: A verified delivery no other signal covers. ``event``: :class:`~.events.UnhandledCallback`.
 callback_unhandled = _signals.signal("orderhooks.callback-unhandled")
+
+# Operators' signals: sent after the store recorded what happened, never
+# inside the delivery's transaction, so a receiver that raises (a chat
+# webhook that is down) changes nothing about the delivery; it is logged.
+
+#: An attempt failed. Keywords: ``delivery`` (the stored
+#: :class:`~flask_orderhooks.store.StoredDelivery`, as recorded), ``error``
+#: (the error text), ``next_attempt_at`` (aware UTC ``datetime``, or ``None``
+#: when no local attempt is left).
+delivery_failed = _signals.signal("orderhooks.delivery-failed")
+#: The last local attempt failed: the delivery is ``dead`` until a platform's
+#: resend or ``flask orderhooks replay`` revives it. Keywords: ``delivery``,
+#: ``error``. Sent once each time a delivery gives up.
+delivery_dead = _signals.signal("orderhooks.delivery-dead")

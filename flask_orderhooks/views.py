@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from blinker import NamedSignal
 from flask import Blueprint, Flask, Response, current_app, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
@@ -62,7 +63,14 @@ def handle(state: AppState, provider: Provider, callback: str) -> Response:
         body = _read_body(state.settings.max_body)
         headers = _signed_headers(provider)
         delivery = provider.read(callback, body, headers, now=state.clock())
-        outcome = state.store.deliver(delivery, lambda: send(app, delivery))
+        if state.settings.deferred and missing_receiver(app, delivery) is None:
+            outcome = state.store.accept(delivery)
+            if outcome == "accepted":
+                state.enqueue(delivery.provider, delivery.callback, delivery.key, 0.0)
+        else:
+            # Inline, or deferred with a signal nobody listens to: then the
+            # inline path keeps it as failed and answers 503, in both modes.
+            outcome = state.store.deliver(delivery, lambda: send(app, delivery))
     except CallbackError as exc:
         _log_failure(provider, callback, delivery, exc)
         return provider.answer(exc.status, exc.reason)
@@ -82,6 +90,15 @@ def send(app: Flask, delivery: Delivery) -> None:
     A delivery that only specific signals cover is refused (and kept as
     failed) when nothing is connected to them: acknowledging it would lose it.
     """
+    missing = missing_receiver(app, delivery)
+    if missing is not None:
+        raise NoReceiver(f"No receiver is connected to {missing.name}; the delivery was kept.")
+    for dispatch in delivery.dispatches:
+        dispatch.signal.send(app, event=dispatch.event)
+
+
+def missing_receiver(app: Flask, delivery: Delivery) -> NamedSignal | None:
+    """A signal ``delivery`` needs that has no receiver connected for ``app``."""
     for dispatch in delivery.dispatches:
         # Not has_receivers_for(): it answers "probably", and stays True after
         # the last receiver of a sender disconnects.
@@ -89,11 +106,8 @@ def send(app: Flask, delivery: Delivery) -> None:
             dispatch.signal is not callback_unhandled
             and next(iter(dispatch.signal.receivers_for(app)), None) is None
         ):
-            raise NoReceiver(
-                f"No receiver is connected to {dispatch.signal.name}; the delivery was kept."
-            )
-    for dispatch in delivery.dispatches:
-        dispatch.signal.send(app, event=dispatch.event)
+            return dispatch.signal
+    return None
 
 
 def _check_source(state: AppState, platform: str) -> None:

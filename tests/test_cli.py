@@ -155,7 +155,7 @@ def test_purge_keeps_the_window_and_unfinished_deliveries(recorder: RecorderFact
         keys = sorted(r.key for r in app.extensions["orderhooks"].store.list())
     assert keys == ["old-failed", "old-gateway:60"]
     everything = run(app, "purge", "--older-than", "4w", "--failed", "--include-gateway")
-    assert "Deleted 2 deliveries (done, failed) older than 4w." in everything.output
+    assert "Deleted 2 deliveries (done, failed, dead) older than 4w." in everything.output
 
 
 def test_commands_report_a_store_that_is_down(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 
 from flask_orderhooks.driver_statement import DriverStatement
 from flask_orderhooks.provider import Delivery
-from flask_orderhooks.store import TABLE_NAME, DeliveryStore, StandaloneDatabase
+from flask_orderhooks.store import DUE_INDEX, TABLE_NAME, DeliveryStore, StandaloneDatabase
 from tests.conftest import private_schema
 
 pytestmark = pytest.mark.postgres
@@ -74,6 +74,9 @@ def _parameters(n: int) -> dict[str, Any]:
         "p_takeover": "failed",
         "p_error": "error",
         "p_ms": "1000ms",
+        "p_status": "failed",
+        "p_next": now,
+        "p_lost_token": "1" * 32,
     }
 
 
@@ -128,3 +131,26 @@ def test_per_delivery_statements_find_the_row_by_primary_key(
         "force_custom_plan": [f"Index Scan {PRIMARY_KEY}"],
         "force_generic_plan": [f"Index Scan {PRIMARY_KEY}"],
     }
+
+
+def test_the_due_query_reads_the_due_index(analyzed_store: DeliveryStore) -> None:
+    """A worker's search for the next due delivery reads the index on
+    ``next_attempt_at``, where done rows hold NULL: its cost does not grow
+    with the done deliveries a shop keeps."""
+    plans = _plans(analyzed_store, "claim_due")
+    assert plans == {
+        "force_custom_plan": [f"Index Scan {DUE_INDEX}", f"Index Scan {PRIMARY_KEY}"],
+        "force_generic_plan": [f"Index Scan {DUE_INDEX}", f"Index Scan {PRIMARY_KEY}"],
+    }
+
+
+def test_the_due_query_for_one_delivery_reads_indexes_only(
+    analyzed_store: DeliveryStore,
+) -> None:
+    """The Celery task's claim of one given delivery: its row by the primary
+    key (or the small due index), then the update by the primary key."""
+    plans = _plans(analyzed_store, "claim_due_key")
+    for mode in ("force_custom_plan", "force_generic_plan"):
+        assert len(plans[mode]) == 2, plans
+        assert plans[mode][0] in (f"Index Scan {DUE_INDEX}", f"Index Scan {PRIMARY_KEY}"), plans
+        assert plans[mode][1] == f"Index Scan {PRIMARY_KEY}", plans

@@ -23,13 +23,17 @@ on its own like the claim, records the failure, so the platform's retry (or
 
 from __future__ import annotations
 
-from .delivery_store import DeliveryStore
+from .delivery_store import DeliveryStore, DueClaim
+from .retries import NO_RETRIES, RetrySchedule
 from .standalone import StandaloneDatabase
 from .table import (
+    DEAD,
     DONE,
+    DUE_INDEX,
     FAILED,
     MAX_ERROR_LENGTH,
     MAX_KEY_LENGTH,
+    PENDING,
     PROCESSING,
     STATUSES,
     TABLE_NAME,
@@ -41,17 +45,23 @@ from .table import (
 from .transactions import ConnectionTransaction, SessionTransaction, Transaction
 
 __all__ = [
+    "DEAD",
     "DONE",
+    "DUE_INDEX",
     "FAILED",
     "MAX_ERROR_LENGTH",
     "MAX_KEY_LENGTH",
+    "NO_RETRIES",
+    "PENDING",
     "PROCESSING",
     "STATUSES",
     "TABLE_NAME",
     "Claim",
     "ConnectionTransaction",
     "DeliveryStore",
+    "DueClaim",
     "Outcome",
+    "RetrySchedule",
     "SessionTransaction",
     "StandaloneDatabase",
     "StoredDelivery",

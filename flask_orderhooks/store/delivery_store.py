@@ -11,8 +11,9 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -28,8 +29,9 @@ from ..exc import (
 )
 from ..provider import Delivery
 from .errors import is_busy
+from .retries import NO_RETRIES, RetrySchedule
 from .sqlite import relaxed_sqlite_sync
-from .statements import Statements
+from .statements import ROW_COLUMNS, Statements
 from .table import (
     DONE,
     FAILED,
@@ -66,7 +68,11 @@ class DeliveryStore:
         dispatch's :class:`Transaction`: the host's ``db.session``, or a
         connection of ``engine``.
     :param table: the deliveries table.
+    :param retries: when a failed attempt is due again, and when to give up.
     :param clock: Unix time in seconds (injectable for tests).
+    :param on_failure: called with the stored row and the error text after
+        each failed attempt is recorded (the extension sends
+        ``delivery_failed`` / ``delivery_dead`` from it).
     """
 
     def __init__(
@@ -77,16 +83,20 @@ class DeliveryStore:
         table: sa.Table,
         duplicate_wait: float,
         claim_timeout: float,
+        retries: RetrySchedule = NO_RETRIES,
         clock: Callable[[], float] = time.time,
         prepare: Callable[[], None] | None = None,
+        on_failure: Callable[[StoredDelivery, str], None] | None = None,
     ) -> None:
         self._engine = engine
         self._dispatch_transaction = dispatch_transaction
         self.table = table
         self.duplicate_wait = duplicate_wait
         self.claim_timeout = claim_timeout
+        self.retries = retries
         self._clock = clock
         self._prepare = prepare
+        self.on_failure = on_failure
 
     @property
     def engine(self) -> Engine:
@@ -95,9 +105,14 @@ class DeliveryStore:
         return self._engine
 
     @contextmanager
-    def _own_transaction(self) -> Iterator[Connection]:
+    def _own_transaction(self, *, durable: bool = False) -> Iterator[Connection]:
         """A connection for the store's statements outside the dispatch (the
         claim, the failure record), committed when the block ends.
+
+        ``durable``: the commit must reach the disk before the block ends (a
+        deferred delivery's acceptance: no later commit of the request makes
+        it durable). On PostgreSQL the statement itself decides (the claim
+        turns ``synchronous_commit`` off for itself, the acceptance does not).
 
         On PostgreSQL it is in autocommit mode: each of those statements is
         its own transaction, so no BEGIN and no COMMIT travel to the server
@@ -110,9 +125,14 @@ class DeliveryStore:
             with self._autocommit_engine.connect() as connection:
                 yield connection
             return
-        with self.engine.connect() as connection, relaxed_sqlite_sync(connection):
-            yield begun(connection)
-            connection.commit()
+        with self.engine.connect() as connection:
+            if durable:
+                yield begun(connection)
+                connection.commit()
+                return
+            with relaxed_sqlite_sync(connection):
+                yield begun(connection)
+                connection.commit()
 
     @functools.cached_property
     def _autocommit_engine(self) -> Engine:
@@ -144,6 +164,64 @@ class DeliveryStore:
             return "duplicate"
         self.dispatch(delivery, claim, dispatch)
         return "dispatched"
+
+    def accept(self, delivery: Delivery) -> Outcome:
+        """Store ``delivery`` as pending for a worker (deferred dispatch).
+
+        Committed synchronously before it returns. A resend of a failed or
+        dead delivery makes it due now; a resend of any other stored one is a
+        duplicate: it is stored, and a worker carries it to done.
+
+        :returns: ``"accepted"`` (stored or revived now) or ``"duplicate"``.
+        :raises KeyConflict: the key is stored, not done, with another body.
+        :raises StoreUnavailable: the store failed.
+        """
+        if len(delivery.key) > MAX_KEY_LENGTH:
+            raise MalformedPayload(f"The idempotency key is longer than {MAX_KEY_LENGTH}.")
+        if self._prepare is not None:
+            with self._store_errors(delivery):
+                self._prepare()
+        digest = hashlib.sha256(delivery.body).hexdigest()
+        token = secrets.token_hex(16)
+        try:
+            with self._store_errors(delivery), self._own_transaction(durable=True) as connection:
+                row = self._sql.accept.first(
+                    connection,
+                    {
+                        **self._key_params(delivery),
+                        "p_token": token,
+                        "p_body": delivery.body,
+                        "p_digest": digest,
+                        "p_headers": json.dumps(dict(delivery.headers), sort_keys=True),
+                        "p_now": self._now(),
+                        "p_ms": f"{max(1, int(self.duplicate_wait * 1000))}ms",
+                    },
+                )
+        except StoreUnavailable as exc:
+            # Busy: a worker is dispatching this key right now (PostgreSQL's
+            # ON CONFLICT waits for its row lock). It is stored, then, and a
+            # plain read, which waits for nobody, tells whether it is this body.
+            if not isinstance(exc.__cause__, DBAPIError) or not is_busy(exc.__cause__):
+                raise
+            row = None
+        if row is not None and row[0] == token:
+            return "accepted"
+        with self._store_errors(delivery), self._own_transaction() as connection:
+            current = self._sql.state.first(connection, self._key_params(delivery))
+        if current is None:
+            # Purged in between: store it again.
+            return self.accept(delivery)
+        status, stored_digest = current
+        if stored_digest != digest:
+            if status != DONE:
+                raise KeyConflict("This key is stored with a different body.")
+            logger.warning(
+                "%s %s %s: already done; a resend with a different body was ignored",
+                delivery.provider,
+                delivery.callback,
+                delivery.key,
+            )
+        return "duplicate"
 
     def claim(self, delivery: Delivery, *, force: bool = False) -> Claim | None:
         """Take the delivery's next attempt, or ``None`` if it is already done.
@@ -300,17 +378,31 @@ class DeliveryStore:
                 session.rollback()
                 time.sleep(_POLL_INTERVAL)
 
-    def _mark_failed(self, delivery: Delivery, claim: Claim, exc: BaseException) -> None:
-        error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_LENGTH]
+    def _mark_failed(self, delivery: Keyed, claim: Claim, exc: BaseException) -> None:
+        self.record_failure(delivery, claim, f"{type(exc).__name__}: {exc}")
+
+    def record_failure(self, delivery: Keyed, claim: Claim, error: str) -> None:
+        """Record that ``claim``'s attempt failed with ``error``.
+
+        The retry schedule decides: failed with the next attempt's due time,
+        or dead after the last attempt. Then :attr:`on_failure` hears of it.
+        Nothing is recorded if the claim is no longer this worker's, or the
+        delivery is done (a COMMIT whose answer was lost).
+        """
+        error = error[:MAX_ERROR_LENGTH]
+        now = self._now()
+        status, next_attempt = self.retries.after_failure(claim.attempt, now)
         try:
             with self._own_transaction() as connection:
-                self._sql.mark_failed.first(
+                row = self._sql.mark_failed.first(
                     connection,
                     {
                         **self._key_params(delivery),
                         "p_token": claim.token,
+                        "p_status": status,
                         "p_error": error,
-                        "p_now": self._now(),
+                        "p_next": next_attempt,
+                        "p_now": now,
                     },
                 )
         except SQLAlchemyError:
@@ -322,6 +414,54 @@ class DeliveryStore:
                 delivery.key,
                 claim.attempt,
             )
+            return
+        if row is None or self.on_failure is None:
+            return
+        try:
+            self.on_failure(_stored(row), error)
+        except Exception:
+            # Alerting must never change what happened to the delivery.
+            logger.exception(
+                "%s %s %s: a delivery_failed/delivery_dead receiver raised",
+                delivery.provider,
+                delivery.callback,
+                delivery.key,
+            )
+
+    # -- workers -----------------------------------------------------------------
+
+    def claim_due(self, key: tuple[str, str, str] | None = None) -> DueClaim | None:
+        """Claim the delivery due soonest (or ``key``, only if it is due).
+
+        :returns: the claimed row and its claim, or ``None`` if nothing is due.
+        :raises StoreUnavailable: the store failed.
+        """
+        where = _Where(*key) if key is not None else _Where("-", "-", "-")
+        if self._prepare is not None:
+            with self._store_errors(where):
+                self._prepare()
+        token, lost_token = secrets.token_hex(16), secrets.token_hex(16)
+        now = self._now()
+        params: dict[str, Any] = {
+            "p_token": token,
+            "p_lost_token": lost_token,
+            "p_lease": now + timedelta(seconds=self.claim_timeout),
+            "p_now": now,
+        }
+        statement = self._sql.claim_due
+        if key is not None:
+            statement = self._sql.claim_due_key
+            params.update(p_provider=key[0], p_callback=key[1], p_key=key[2])
+        with self._store_errors(where), self._own_transaction() as connection:
+            row = statement.first(connection, params)
+        if row is None:
+            return None
+        stored = _stored(row)
+        return DueClaim(
+            delivery=stored,
+            claim=Claim(token=stored_token(row), attempt=stored.attempts),
+            lease_lost=stored_token(row) == lost_token,
+        )
 
     @functools.cached_property
     def _sql(self) -> Statements:
@@ -330,7 +470,7 @@ class DeliveryStore:
         return Statements(self.table, self.engine.dialect)
 
     @staticmethod
-    def _key_params(delivery: Delivery) -> dict[str, Any]:
+    def _key_params(delivery: Keyed) -> dict[str, Any]:
         return {
             "p_provider": delivery.provider,
             "p_callback": delivery.callback,
@@ -341,7 +481,7 @@ class DeliveryStore:
         return datetime.fromtimestamp(self._clock(), tz=UTC)
 
     @contextmanager
-    def _store_errors(self, delivery: Delivery) -> Iterator[None]:
+    def _store_errors(self, delivery: Keyed) -> Iterator[None]:
         """Turn database errors into :class:`StoreUnavailable` (503: retry)."""
         try:
             yield
@@ -440,6 +580,66 @@ class DeliveryStore:
                 created_at=utc(r.created_at),
                 updated_at=utc(r.updated_at),
                 lease_expires_at=utc(r.lease_expires_at),
+                next_attempt_at=utc(r.next_attempt_at) if r.next_attempt_at else None,
             )
             for r in rows
         ]
+
+
+class Keyed(Protocol):
+    """Anything that names a delivery: a :class:`Delivery` or a stored row."""
+
+    @property
+    def provider(self) -> str: ...
+    @property
+    def callback(self) -> str: ...
+    @property
+    def key(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class _Where:
+    """A delivery's name, for log lines about it."""
+
+    provider: str
+    callback: str
+    key: str
+
+
+@dataclass(frozen=True)
+class DueClaim:
+    """A due delivery a worker claimed, with its claim.
+
+    :param lease_lost: the row was still processing: the worker of the
+        previous attempt died and its lease ran out (that attempt failed).
+    """
+
+    delivery: StoredDelivery
+    claim: Claim
+    lease_lost: bool
+
+
+_TOKEN = ROW_COLUMNS.index("claim_token")
+
+
+def stored_token(row: tuple[Any, ...]) -> str:
+    return str(row[_TOKEN])
+
+
+def _stored(row: tuple[Any, ...]) -> StoredDelivery:
+    """A :class:`StoredDelivery` from a whole row (``ROW_COLUMNS``)."""
+    r = dict(zip(ROW_COLUMNS, row, strict=True))
+    return StoredDelivery(
+        provider=r["provider"],
+        callback=r["callback"],
+        key=r["key"],
+        status=r["status"],
+        attempts=r["attempts"],
+        body=bytes(r["body"]),
+        headers=json.loads(r["headers"]),
+        error=r["error"],
+        created_at=utc(r["created_at"]),
+        updated_at=utc(r["updated_at"]),
+        lease_expires_at=utc(r["lease_expires_at"]),
+        next_attempt_at=utc(r["next_attempt_at"]) if r["next_attempt_at"] else None,
+    )

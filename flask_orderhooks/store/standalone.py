@@ -12,8 +12,9 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from .sqlite import sqlite_pragmas
-from .table import TABLE_NAME, deliveries_table
+from .table import DUE_INDEX, TABLE_NAME, deliveries_table
 from .transactions import ConnectionTransaction, Transaction
+from .upgrade import upgrade_table
 
 
 class StandaloneDatabase:
@@ -46,23 +47,38 @@ class StandaloneDatabase:
             yield ConnectionTransaction(connection)
 
     def ensure_table(self) -> None:
+        """Create the table, or upgrade one an older version made, once."""
         if self._ready:
             return
         with self._lock:
             if self._ready:
                 return
             try:
-                with self.engine.begin() as connection:
-                    if self.engine.dialect.name == "postgresql":
-                        # Serialises concurrent create_all() across processes.
-                        connection.execute(sa.select(sa.func.pg_advisory_xact_lock(0x0DE7_1FE5)))
-                    self.metadata.create_all(connection, checkfirst=True)
+                self._create_or_upgrade()
             except SQLAlchemyError:
-                # Another process may have won a race SQLite cannot serialise;
-                # if the table is there now, that is all we needed.
-                if not sa.inspect(self.engine).has_table(TABLE_NAME):
+                # Another process may have won a race SQLite cannot serialise
+                # (its DDL runs outside transactions): if the table is whole
+                # now, that is all we needed.
+                if not self._is_current():
                     raise
             self._ready = True
+
+    def _create_or_upgrade(self) -> None:
+        with self.engine.begin() as connection:
+            if self.engine.dialect.name == "postgresql":
+                # Serialises concurrent create_all() and upgrades across
+                # processes; released at commit.
+                connection.execute(sa.select(sa.func.pg_advisory_xact_lock(0x0DE7_1FE5)))
+            self.metadata.create_all(connection, checkfirst=True)
+            upgrade_table(connection, self.table)
+
+    def _is_current(self) -> bool:
+        inspector = sa.inspect(self.engine)
+        if not inspector.has_table(TABLE_NAME):
+            return False
+        columns = {column["name"] for column in inspector.get_columns(TABLE_NAME)}
+        indexes = {index["name"] for index in inspector.get_indexes(TABLE_NAME)}
+        return "next_attempt_at" in columns and DUE_INDEX in indexes
 
     def __repr__(self) -> str:
         return f"<StandaloneDatabase {self.engine.url!r}>"

@@ -10,7 +10,24 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 
 from ..driver_statement import DriverStatement
-from .table import DONE, FAILED, PROCESSING
+from .table import DEAD, DONE, FAILED, PENDING, PROCESSING
+
+#: What the failure record and the due claim hand back: a whole row.
+ROW_COLUMNS = (
+    "provider",
+    "callback",
+    "key",
+    "status",
+    "attempts",
+    "claim_token",
+    "body",
+    "headers",
+    "error",
+    "created_at",
+    "updated_at",
+    "lease_expires_at",
+    "next_attempt_at",
+)
 
 
 class Statements:
@@ -24,68 +41,68 @@ class Statements:
             t.c.callback == sa.bindparam("p_callback"),
             t.c.key == sa.bindparam("p_key"),
         )
-        row = {
-            "provider": sa.bindparam("p_provider", type_=t.c.provider.type),
-            "callback": sa.bindparam("p_callback", type_=t.c.callback.type),
-            "key": sa.bindparam("p_key", type_=t.c.key.type),
-            "status": sa.literal(PROCESSING, t.c.status.type),
-            "attempts": sa.literal(1, sa.Integer),
-            "claim_token": sa.bindparam("p_token", type_=t.c.claim_token.type),
-            "lease_expires_at": sa.bindparam("p_lease", type_=when),
-            "body": sa.bindparam("p_body", type_=sa.LargeBinary),
-            "body_sha256": sa.bindparam("p_digest", type_=t.c.body_sha256.type),
-            "headers": sa.bindparam("p_headers", type_=t.c.headers.type),
-            "created_at": sa.bindparam("p_now", type_=when),
-            "updated_at": sa.bindparam("p_now", type_=when),
-        }
-        insert = dialect_insert(dialect)(t)
-        if dialect == "postgresql":
-            # The claim's settings ride in the INSERT itself, which saves a
-            # round trip: its row comes from a sub-select that sets them
-            # (is_local: for the statement's own transaction only) before the
-            # conflict check can wait. lock_timeout bounds that wait; with
-            # synchronous_commit off the claim's commit skips the WAL flush,
-            # which is safe because the dispatch's COMMIT is synchronous and
-            # PostgreSQL flushes WAL in order: when a delivery is answered
-            # "done" its claim is on disk too, and a server crash before then
-            # loses only an unanswered claim, which the platform sends again.
-            settings = sa.select(
-                sa.func.set_config("lock_timeout", sa.bindparam("p_ms"), True).label("lt"),
-                sa.func.set_config("synchronous_commit", "off", True).label("sc"),
-            ).subquery("claim_settings")
-            source = (
-                sa.select(*row.values())
-                .select_from(settings)
-                # Referenced, so the planner cannot drop the sub-select.
-                .where(settings.c.lt.is_not(None), settings.c.sc.is_not(None))
-            )
-            insert = insert.from_select(list(row), source)
-        else:
-            insert = insert.values(row)
-        # Taken over: a failed attempt, a claim whose worker died (lease
-        # over), or a done one when replay is forced; never another body.
+        whole_row = [t.c[name] for name in ROW_COLUMNS]
+        insert = dialect_insert(dialect)
+        # The claim (inline dispatch): inserted as processing, its lease
+        # being when a worker should look again if this one dies.
+        claim_insert = insert(t)
+        claim_insert = _with_row(
+            claim_insert,
+            dialect,
+            _new_row(t, status=PROCESSING, attempts=1, lease="p_lease", due="p_lease"),
+            relax_commit=True,
+        )
+        # Taken over: a failed, dead or pending delivery, a claim whose worker
+        # died (lease over), or a done one when replay is forced; never
+        # another body.
         takeover = sa.and_(
             sa.or_(
                 t.c.status == FAILED,
+                t.c.status == DEAD,
+                t.c.status == PENDING,
                 t.c.status == sa.bindparam("p_takeover"),
                 sa.and_(
                     t.c.status == PROCESSING,
                     t.c.lease_expires_at < sa.bindparam("p_now", type_=when),
                 ),
             ),
-            t.c.body_sha256 == insert.excluded.body_sha256,
+            t.c.body_sha256 == claim_insert.excluded.body_sha256,
         )
-        claim = insert.on_conflict_do_update(
+        claim = claim_insert.on_conflict_do_update(
             index_elements=[t.c.provider, t.c.callback, t.c.key],
             set_={
                 "status": PROCESSING,
                 "attempts": t.c.attempts + 1,
-                "claim_token": insert.excluded.claim_token,
-                "lease_expires_at": insert.excluded.lease_expires_at,
-                "updated_at": insert.excluded.updated_at,
+                "claim_token": claim_insert.excluded.claim_token,
+                "lease_expires_at": claim_insert.excluded.lease_expires_at,
+                "next_attempt_at": claim_insert.excluded.next_attempt_at,
+                "updated_at": claim_insert.excluded.updated_at,
             },
             where=takeover,
         ).returning(t.c.claim_token, t.c.attempts)
+        # The acceptance (deferred dispatch): inserted as pending and due now.
+        # Its commit is synchronous, unlike the claim's: no later commit of
+        # this request makes it durable, and the answer says "done".
+        accept_insert = _with_row(
+            insert(t),
+            dialect,
+            _new_row(t, status=PENDING, attempts=0, lease="p_now", due="p_now"),
+            relax_commit=False,
+        )
+        # A platform's resend of a failed or dead delivery makes it due now.
+        accept = accept_insert.on_conflict_do_update(
+            index_elements=[t.c.provider, t.c.callback, t.c.key],
+            set_={
+                "status": PENDING,
+                "claim_token": accept_insert.excluded.claim_token,
+                "next_attempt_at": accept_insert.excluded.next_attempt_at,
+                "updated_at": accept_insert.excluded.updated_at,
+            },
+            where=sa.and_(
+                sa.or_(t.c.status == FAILED, t.c.status == DEAD),
+                t.c.body_sha256 == accept_insert.excluded.body_sha256,
+            ),
+        ).returning(t.c.claim_token)
         state = sa.select(t.c.status, t.c.body_sha256).where(*key)
         # The two fences below hold no "status = <value>" condition, on
         # purpose: once autoanalyze has seen that almost no row is
@@ -98,29 +115,144 @@ class Statements:
         mark_done = (
             sa.update(t)
             .where(*key, t.c.claim_token == sa.bindparam("p_token"))
-            .values(status=DONE, updated_at=sa.bindparam("p_now", type_=when))
+            .values(
+                status=DONE,
+                next_attempt_at=None,
+                updated_at=sa.bindparam("p_now", type_=when),
+            )
             .returning(t.c.attempts)
         )
         # Fenced by status too: after a COMMIT whose answer was lost, the row
         # may be done with the receivers' writes committed; it must stay so.
         # ("<> done" rather than "= processing": the same thing for a row
-        # that still holds this token, and no index can serve it.)
+        # that still holds this token, and no index can serve it.) The
+        # status (failed or dead) and the next attempt come from the retry
+        # schedule.
         mark_failed = (
             sa.update(t)
             .where(*key, t.c.claim_token == sa.bindparam("p_token"), t.c.status != DONE)
             .values(
-                status=FAILED,
+                status=sa.bindparam("p_status", type_=t.c.status.type),
                 error=sa.bindparam("p_error"),
+                next_attempt_at=sa.bindparam("p_next", type_=when),
                 updated_at=sa.bindparam("p_now", type_=when),
             )
+            .returning(*whole_row)
         )
         #: Rows: (claim_token, attempts) when this claim won, else none.
         self.claim = DriverStatement(claim, engine_dialect)
+        #: Rows: (claim_token,) when this request stored (or revived) it.
+        self.accept = DriverStatement(accept, engine_dialect)
         #: Rows: (status, body_sha256).
         self.state = DriverStatement(state, engine_dialect)
         #: Rows: (attempts,) when the claim was still this worker's.
         self.mark_done = DriverStatement(mark_done, engine_dialect)
+        #: Rows: the whole row (ROW_COLUMNS) when the claim was still this worker's.
         self.mark_failed = DriverStatement(mark_failed, engine_dialect)
+        #: Rows: the claimed row (ROW_COLUMNS), if any delivery was due.
+        self.claim_due = DriverStatement(_claim_due(t, only_key=False), engine_dialect)
+        #: The same for one given delivery.
+        self.claim_due_key = DriverStatement(_claim_due(t, only_key=True), engine_dialect)
+
+
+def _claim_due(t: sa.Table, *, only_key: bool) -> Any:
+    """Take the delivery due soonest (or the given one, if due) for this worker.
+
+    One statement: the sub-select finds the row and, on PostgreSQL, locks it
+    with ``FOR UPDATE SKIP LOCKED``, so workers on many hosts never wait on
+    one another's rows and never take the same one; the update claims it
+    (committed alone, like the request's claim). SQLite has one writer at a
+    time, which serialises workers instead.
+
+    Done and dead rows hold no due time, so the index on ``next_attempt_at``
+    serves the search whatever the table's size. A processing row is due when
+    its lease ran out: its worker died, and that attempt counts as failed.
+    The token tells the two cases apart afterwards (``SET`` reads the old
+    row): ``p_lost_token`` when the row was processing, else ``p_token``.
+    """
+    when = sa.DateTime(timezone=True)
+    due = sa.select(t.c.provider, t.c.callback, t.c.key).where(
+        t.c.next_attempt_at <= sa.bindparam("p_now", type_=when)
+    )
+    if only_key:
+        due = due.where(
+            t.c.provider == sa.bindparam("p_provider"),
+            t.c.callback == sa.bindparam("p_callback"),
+            t.c.key == sa.bindparam("p_key"),
+        )
+    found = (
+        due.order_by(t.c.next_attempt_at)
+        # Written into the SQL: a LIMIT parameter leaves PostgreSQL's generic
+        # plan guessing how many rows come back, and it then hashed them and
+        # scanned the whole table for the update.
+        .limit(sa.literal_column("1", sa.Integer))
+        .with_for_update(skip_locked=True)
+        .subquery("due")
+    )
+    return (
+        sa.update(t)
+        .where(
+            t.c.provider == found.c.provider,
+            t.c.callback == found.c.callback,
+            t.c.key == found.c.key,
+        )
+        .values(
+            status=PROCESSING,
+            attempts=t.c.attempts + 1,
+            claim_token=sa.case(
+                (t.c.status == PROCESSING, sa.bindparam("p_lost_token")),
+                else_=sa.bindparam("p_token"),
+            ),
+            lease_expires_at=sa.bindparam("p_lease", type_=when),
+            next_attempt_at=sa.bindparam("p_lease", type_=when),
+            updated_at=sa.bindparam("p_now", type_=when),
+        )
+        .returning(*[t.c[name] for name in ROW_COLUMNS])
+    )
+
+
+def _new_row(t: sa.Table, *, status: str, attempts: int, lease: str, due: str) -> dict[str, Any]:
+    when = sa.DateTime(timezone=True)
+    return {
+        "provider": sa.bindparam("p_provider", type_=t.c.provider.type),
+        "callback": sa.bindparam("p_callback", type_=t.c.callback.type),
+        "key": sa.bindparam("p_key", type_=t.c.key.type),
+        "status": sa.literal(status, t.c.status.type),
+        "attempts": sa.literal(attempts, sa.Integer),
+        "claim_token": sa.bindparam("p_token", type_=t.c.claim_token.type),
+        "lease_expires_at": sa.bindparam(lease, type_=when),
+        "body": sa.bindparam("p_body", type_=sa.LargeBinary),
+        "body_sha256": sa.bindparam("p_digest", type_=t.c.body_sha256.type),
+        "headers": sa.bindparam("p_headers", type_=t.c.headers.type),
+        "created_at": sa.bindparam("p_now", type_=when),
+        "updated_at": sa.bindparam("p_now", type_=when),
+        "next_attempt_at": sa.bindparam(due, type_=when),
+    }
+
+
+def _with_row(insert: Any, dialect: str, row: dict[str, Any], *, relax_commit: bool) -> Any:
+    if dialect != "postgresql":
+        return insert.values(row)
+    # The statement's settings ride in the INSERT itself, which saves a round
+    # trip: its row comes from a sub-select that sets them (is_local: for the
+    # statement's own transaction only) before the conflict check can wait.
+    # lock_timeout bounds that wait. With synchronous_commit off (the claim
+    # only) the commit skips the WAL flush, which is safe because the
+    # dispatch's COMMIT is synchronous and PostgreSQL flushes WAL in order:
+    # when a delivery is answered "done" its claim is on disk too, and a
+    # server crash before then loses only an unanswered claim, which the
+    # platform sends again.
+    settings = [sa.func.set_config("lock_timeout", sa.bindparam("p_ms"), True).label("lt")]
+    if relax_commit:
+        settings.append(sa.func.set_config("synchronous_commit", "off", True).label("sc"))
+    sub = sa.select(*settings).subquery("claim_settings")
+    source = (
+        sa.select(*row.values())
+        .select_from(sub)
+        # Referenced, so the planner cannot drop the sub-select.
+        .where(*[column.is_not(None) for column in sub.c])
+    )
+    return insert.from_select(list(row), source)
 
 
 def dialect_insert(dialect: str) -> Callable[[sa.Table], Any]:

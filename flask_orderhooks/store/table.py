@@ -14,10 +14,20 @@ MAX_KEY_LENGTH = 191
 #: Longest error text kept for a failed attempt.
 MAX_ERROR_LENGTH = 2000
 
+#: Stored, waiting for a worker (deferred dispatch).
+PENDING = "pending"
+#: Claimed by a worker until ``lease_expires_at``.
 PROCESSING = "processing"
+#: Every receiver returned and their writes committed with the mark.
 DONE = "done"
+#: An attempt failed; the next one is due at ``next_attempt_at``.
 FAILED = "failed"
-STATUSES = (PROCESSING, DONE, FAILED)
+#: Every local attempt failed; only a platform's resend or a replay revives it.
+DEAD = "dead"
+STATUSES = (PENDING, PROCESSING, DONE, FAILED, DEAD)
+
+#: The index a worker's due query reads; done and dead rows hold NULL there.
+DUE_INDEX = "ix_orderhooks_deliveries_due"
 
 
 def deliveries_table(metadata: sa.MetaData) -> sa.Table:
@@ -41,7 +51,13 @@ def deliveries_table(metadata: sa.MetaData) -> sa.Table:
         sa.Column("error", sa.Text, nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        # When a worker should next look at the row: a pending or failed
+        # delivery's next attempt, a processing one's lease end (its worker
+        # may have died). NULL once done or dead, and on rows stored by 0.1,
+        # which is why it is nullable: adding it keeps every old row.
+        sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=True),
         sa.Index("ix_orderhooks_deliveries_status_updated", "status", "updated_at"),
+        sa.Index(DUE_INDEX, "next_attempt_at"),
     )
 
 
@@ -68,6 +84,11 @@ class StoredDelivery:
     created_at: datetime
     updated_at: datetime
     lease_expires_at: datetime
+    #: When the next attempt is due (a processing row: its lease end), or
+    #: ``None`` when no attempt is planned (done, dead, or stored by 0.1).
+    next_attempt_at: datetime | None = None
 
 
-Outcome = Literal["dispatched", "duplicate"]
+#: What the request path did: ran the receivers, found the delivery done (or,
+#: deferred, already stored), or stored it for a worker.
+Outcome = Literal["dispatched", "duplicate", "accepted"]

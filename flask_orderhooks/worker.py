@@ -1,0 +1,172 @@
+"""Workers: carry every stored delivery to done, outside the platform's request.
+
+A pass claims the delivery due soonest (a deferred one, a failed one whose
+retry delay is over, or one whose worker died and whose lease ran out),
+rebuilds its events from the stored raw body, and dispatches it through the
+same store transaction as the request path: receivers cannot tell the two
+apart, except that a worker runs them in an app context without a request.
+
+``flask orderhooks worker`` loops over passes until SIGTERM or SIGINT;
+:meth:`~flask_orderhooks.OrderHooks.process_due` runs one pass (cron, Celery
+beat, tests); the Celery task dispatches one given delivery.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import FrameType
+from typing import TYPE_CHECKING
+
+from flask import Flask
+
+from .exc import CallbackError, ReceiverFailed, StoreUnavailable
+from .store import FAILED, DueClaim
+from .views import send
+
+if TYPE_CHECKING:
+    from .extension import AppState
+
+logger = logging.getLogger("flask_orderhooks")
+
+
+@dataclass
+class PassResult:
+    """What one pass did: deliveries attempted, and how each attempt ended."""
+
+    attempted: int = 0
+    done: int = 0
+    failed: int = 0
+
+
+def process_due(
+    app: Flask,
+    state: AppState,
+    *,
+    limit: int | None = None,
+    key: tuple[str, str, str] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> PassResult:
+    """Dispatch deliveries due now, one at a time, until none is left.
+
+    :param limit: attempt at most this many.
+    :param key: only this delivery ``(provider, callback, key)``, if it is due.
+    :param should_stop: checked before each claim (a worker told to stop
+        finishes the delivery in hand, and takes no other).
+    :raises StoreUnavailable: the store failed while looking for work.
+    """
+    result = PassResult()
+    while (limit is None or result.attempted < limit) and not should_stop():
+        due = state.store.claim_due(key)
+        if due is None:
+            break
+        result.attempted += 1
+        # A context of its own per delivery, as a request would have: a fresh
+        # db.session (Flask-SQLAlchemy scopes it to the context) and ``g``.
+        with app.app_context():
+            succeeded = attempt(app, state, due)
+        if succeeded:
+            result.done += 1
+        else:
+            result.failed += 1
+        if key is not None:
+            break
+    return result
+
+
+def attempt(app: Flask, state: AppState, due: DueClaim) -> bool:
+    """Dispatch one claimed delivery; ``True`` when it is done."""
+    stored, claim, store = due.delivery, due.claim, state.store
+    name = f"{stored.provider} {stored.callback} {stored.key}"
+    if due.lease_lost:
+        lost = claim.attempt - 1
+        error = (
+            f"LeaseExpired: attempt {lost} did not finish within ORDERHOOKS_CLAIM_TIMEOUT "
+            "(its worker died or hung)."
+        )
+        logger.warning("%s: %s", name, error)
+        if lost >= store.retries.max_attempts:
+            # That was the last attempt: this claim only records that.
+            store.record_failure(stored, dataclasses.replace(claim, attempt=lost), error)
+            return False
+        if store.on_failure is not None:
+            # The lost attempt failed; the next one is this one, now.
+            failed = dataclasses.replace(
+                stored, status=FAILED, attempts=lost, next_attempt_at=stored.updated_at
+            )
+            try:
+                store.on_failure(failed, error)
+            except Exception:
+                logger.exception("%s: a delivery_failed receiver raised", name)
+    provider = state.providers.get(stored.provider)
+    if provider is None:
+        store.record_failure(
+            stored,
+            claim,
+            f"NotConfigured: the {stored.provider} platform has no credentials configured.",
+        )
+        logger.warning("%s: not dispatched: the platform is not configured", name)
+        return False
+    try:
+        # Verified again with the configured secrets, without the timestamp
+        # window, exactly as a replay is: the events are rebuilt from the raw
+        # body that was verified when it arrived.
+        delivery = provider.read(stored.callback, stored.body, stored.headers, now=None)
+    except CallbackError as exc:
+        store.record_failure(stored, claim, f"{type(exc).__name__}: {exc.reason}")
+        logger.warning("%s: the stored delivery no longer verifies: %s", name, exc.reason)
+        return False
+    try:
+        store.dispatch(delivery, claim, lambda: send(app, delivery))
+    except ReceiverFailed as exc:
+        logger.error(
+            "%s: attempt %d: %s", name, claim.attempt, exc.reason, exc_info=exc.__cause__ or exc
+        )
+        return False
+    except CallbackError as exc:
+        logger.warning("%s: attempt %d: %s", name, claim.attempt, exc.reason)
+        return False
+    logger.info("%s: attempt %d: done", name, claim.attempt)
+    return True
+
+
+class Worker:
+    """``flask orderhooks worker``: passes until told to stop.
+
+    An idle worker looks for due deliveries every ``poll_interval`` seconds;
+    after a pass that found work it looks again at once. SIGTERM and SIGINT
+    set a flag: the delivery in hand is finished, then :meth:`run` returns.
+    """
+
+    def __init__(self, app: Flask, state: AppState, *, poll_interval: float) -> None:
+        self.app = app
+        self.state = state
+        self.poll_interval = poll_interval
+        self.total = PassResult()
+        self._stop = threading.Event()
+
+    def stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
+        if signum is not None:
+            logger.info("worker: %s received; finishing the delivery in hand", signum)
+        self._stop.set()
+
+    def run(self) -> PassResult:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.stop)
+            signal.signal(signal.SIGINT, self.stop)
+        while not self._stop.is_set():
+            try:
+                result = process_due(self.app, self.state, should_stop=self._stop.is_set)
+            except StoreUnavailable as exc:
+                logger.warning("worker: the store is unavailable (%s); looking again", exc.reason)
+                result = PassResult()
+            self.total.attempted += result.attempted
+            self.total.done += result.done
+            self.total.failed += result.failed
+            if not result.attempted:
+                self._stop.wait(self.poll_interval)
+        return self.total

@@ -1,4 +1,5 @@
-"""Fixtures of the system tests: databases of their own and gunicorn servers.
+"""Fixtures of the system tests: databases of their own, gunicorn servers and
+``flask orderhooks worker`` processes.
 
 Every PostgreSQL test gets a schema of its own, next to the session's one
 from ``postgres_url``, and drops it afterwards: a test that kills workers
@@ -17,9 +18,10 @@ import pytest
 from tests.conftest import BASE_CONFIG, private_schema
 
 from . import server_app
-from .support import Server, prepare_database
+from .support import Server, Worker, prepare_database
 
 ServerFactory = Callable[..., Server]
+WorkerFactory = Callable[..., Worker]
 ReportFn = Callable[[str], None]
 
 #: One line per system test: the counts the issue note quotes.
@@ -55,12 +57,20 @@ def _servers() -> list[Server]:
 
 
 @pytest.fixture
-def pg_url(postgres_url: str, _servers: list[Server]) -> Iterator[str]:
+def _workers() -> list[Worker]:
+    """The delivery workers a test started: shared like ``_servers``."""
+    return []
+
+
+@pytest.fixture
+def pg_url(postgres_url: str, _servers: list[Server], _workers: list[Worker]) -> Iterator[str]:
     """A URL whose ``search_path`` is a fresh schema, dropped after the test."""
     with private_schema(postgres_url, "orderhooks_sys") as url:
         try:
             yield url
         finally:
+            for worker in _workers:
+                worker.stop()
             for server in _servers:
                 server.stop()
 
@@ -77,6 +87,10 @@ def start_server(tmp_path: Path, _servers: list[Server]) -> Iterator[ServerFacto
     The factory takes the database URL, the receiver behaviour, the worker
     layout and optional ``claim_timeout``, ``duplicate_wait`` and
     ``receiver_delay`` and ``dispatch_delay`` seconds and the host's ``sqlite_timeout``.
+    For deferred dispatch: ``dispatch="deferred"``, ``retry_delays`` (a list
+    of seconds), the workers' ``poll_interval``, and ``clock=True`` for a
+    clock file (``server.settings[server_app.CLOCK_FILE]``, offset 0) that
+    every process of the server and its workers runs on.
     """
     servers = _servers
 
@@ -91,6 +105,10 @@ def start_server(tmp_path: Path, _servers: list[Server]) -> Iterator[ServerFacto
         receiver_delay: float | None = None,
         sqlite_timeout: float | None = None,
         dispatch_delay: float | None = None,
+        dispatch: str | None = None,
+        retry_delays: list[float] | None = None,
+        poll_interval: float | None = None,
+        clock: bool = False,
     ) -> Server:
         number = len(servers)
         control = tmp_path / f"control-{number}"
@@ -113,6 +131,16 @@ def start_server(tmp_path: Path, _servers: list[Server]) -> Iterator[ServerFacto
             settings[server_app.SQLITE_TIMEOUT] = str(sqlite_timeout)
         if dispatch_delay is not None:
             settings[server_app.DISPATCH_DELAY] = str(dispatch_delay)
+        if dispatch is not None:
+            settings["ORDERHOOKS_DISPATCH"] = json.dumps(dispatch)
+        if retry_delays is not None:
+            settings["ORDERHOOKS_RETRY_DELAYS"] = json.dumps(retry_delays)
+        if poll_interval is not None:
+            settings["ORDERHOOKS_WORKER_POLL_INTERVAL"] = json.dumps(poll_interval)
+        if clock:
+            clock_file = control / "clock-offset"
+            server_app.set_clock_offset(clock_file, 0.0)
+            settings[server_app.CLOCK_FILE] = str(clock_file)
         prepare_database(settings)
         server = Server(
             settings=settings,
@@ -130,3 +158,31 @@ def start_server(tmp_path: Path, _servers: list[Server]) -> Iterator[ServerFacto
     finally:
         for server in servers:
             server.stop()
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path, _workers: list[Worker]) -> Iterator[WorkerFactory]:
+    """Start ``flask orderhooks worker`` with a server's settings; every
+    worker started is stopped afterwards (SIGTERM, a bounded wait, SIGKILL).
+
+    The factory takes the :class:`Server` and an optional ``poll_interval``
+    (the ``--poll-interval`` option); it returns once the worker printed its
+    start line.
+    """
+    workers = _workers
+
+    def start(server: Server, *, poll_interval: float | None = None) -> Worker:
+        worker = Worker(
+            settings=server.settings,
+            log_path=tmp_path / f"worker-{len(workers)}.log",
+            poll_interval=poll_interval,
+        )
+        workers.append(worker)
+        worker.start()
+        return worker
+
+    try:
+        yield start
+    finally:
+        for worker in workers:
+            worker.stop()

@@ -23,6 +23,22 @@ all workers through files in ``ORDERHOOKS_SYSTEM_CONTROL_DIR``:
     the first attempt of a key writes and flushes a row, writes the worker's
     pid to ``<control>/<marker>.pid``, then waits until ``<control>/release``
     exists (bounded); later attempts write the row.
+``fail-twice``
+    the first two attempts of a key write and flush a row, then raise; the
+    third and later attempts write the row.
+``fail-always``
+    every attempt writes and flushes a row, then raises.
+
+Deferred dispatch (``ORDERHOOKS_DISPATCH="deferred"``) runs the receivers in
+``flask --app tests.system.server_app:create_app orderhooks worker``
+processes started with the same environment; the behaviours above are then
+decided across the worker processes. With a control directory, every
+``delivery_failed`` and ``delivery_dead`` signal, in whichever process, leaves
+one JSON file in ``<control>/signals`` (see :func:`signal_records`).
+
+``ORDERHOOKS_SYSTEM_CLOCK_FILE`` names a file holding a number of seconds:
+every process's extension then runs on real time plus that offset, so a test
+moves the retry schedule forward in all of them at once by rewriting it.
 """
 
 from __future__ import annotations
@@ -33,7 +49,8 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Mapping
+import uuid
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +61,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from flask_orderhooks import (
     OrderHooks,
+    delivery_dead,
+    delivery_failed,
     game_order_changed,
     order_pending_delivery,
     payment_collected,
@@ -55,7 +74,7 @@ from flask_orderhooks.events import (
     PaymentCollected,
     PayoutFinished,
 )
-from flask_orderhooks.store import DeliveryStore
+from flask_orderhooks.store import DeliveryStore, StoredDelivery
 
 DATABASE_URL = "ORDERHOOKS_SYSTEM_DATABASE_URL"
 RECEIVER = "ORDERHOOKS_SYSTEM_RECEIVER"
@@ -72,6 +91,9 @@ DISPATCH_DELAY = "ORDERHOOKS_SYSTEM_DISPATCH_DELAY"
 #: The host's SQLite busy timeout in seconds (the driver's default is 5): a
 #: short one turns lock waits into "database is locked" errors.
 SQLITE_TIMEOUT = "ORDERHOOKS_SYSTEM_SQLITE_TIMEOUT"
+#: A file holding the seconds every process adds to the real time: the
+#: extension's clock (see the module docstring).
+CLOCK_FILE = "ORDERHOOKS_SYSTEM_CLOCK_FILE"
 #: Config keys read from the environment as JSON values.
 JSON_CONFIG_KEYS = (
     "ORDERHOOKS_IGV_SECRET",
@@ -79,13 +101,23 @@ JSON_CONFIG_KEYS = (
     "ORDERHOOKS_SUD_APPS",
     "ORDERHOOKS_CLAIM_TIMEOUT",
     "ORDERHOOKS_DUPLICATE_WAIT",
+    "ORDERHOOKS_DISPATCH",
+    "ORDERHOOKS_RETRY_DELAYS",
+    "ORDERHOOKS_WORKER_POLL_INTERVAL",
 )
-RECEIVERS = ("record", "fail-once", "block-once")
+RECEIVERS = ("record", "fail-once", "block-once", "fail-twice", "fail-always")
+#: How many attempts of a key ``fail-twice`` fails.
+FAIL_TWICE = 2
 #: Longest a blocked receiver waits for the release file. Shorter than
 #: gunicorn's --timeout, so gunicorn never kills the worker before the test does.
 BLOCK_LIMIT = 40.0
 #: The error text of a planned failure, with the key appended.
 PLANNED_FAILURE = "planned failure of the first attempt for"
+#: The error text of ``fail-twice``'s and ``fail-always``'s failures: the
+#: attempt's number (as the receivers counted it) and the key are appended.
+PLANNED_ATTEMPT_FAILURE = "planned failure of attempt"
+#: The subdirectory of the control directory that holds the signal records.
+SIGNALS = "signals"
 
 
 class Base(DeclarativeBase):
@@ -132,6 +164,24 @@ def _first_attempt(control: Path, key: str) -> bool:
     return True
 
 
+def _attempt_number(control: Path, key: str) -> int:
+    """The number of this attempt of ``key``, counted across every process.
+
+    Each attempt creates the next ``<marker>.attempt-<n>`` with ``O_EXCL``:
+    two attempts can never get the same number.
+    """
+    number = 1
+    while True:
+        path = control / f"{marker(key)}.attempt-{number}"
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            number += 1
+            continue
+        os.close(fd)
+        return number
+
+
 def _write_pid(control: Path, key: str) -> None:
     # Written whole then renamed: the test never reads half a pid.
     final = control / f"{marker(key)}.pid"
@@ -146,6 +196,17 @@ def _make_receiver(db: SQLAlchemy, behaviour: str, control: Path | None, delay: 
         if delay:
             time.sleep(delay)
         effect = Effect(provider=provider, callback=callback, key=key, pid=os.getpid())
+        if behaviour in {"fail-twice", "fail-always"} and control is not None:
+            number = _attempt_number(control, key)
+            if behaviour == "fail-always" or number <= FAIL_TWICE:
+                effect.note = f"attempt {number}"
+                db.session.add(effect)
+                # Flushed, then rolled back by the failure: never committed.
+                db.session.flush()
+                raise RuntimeError(f"{PLANNED_ATTEMPT_FAILURE} {number} for {key}")
+            effect.note = "committed"
+            db.session.add(effect)
+            return
         if behaviour == "record" or control is None or not _first_attempt(control, key):
             effect.note = "committed"
             db.session.add(effect)
@@ -163,6 +224,90 @@ def _make_receiver(db: SQLAlchemy, behaviour: str, control: Path | None, delay: 
             time.sleep(0.05)
 
     return receive
+
+
+def _write_json(path: Path, record: Mapping[str, Any]) -> None:
+    # Written whole then renamed: a reader never sees half a record.
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(record), "utf-8")
+    os.replace(partial, path)
+
+
+def _delivery_record(
+    name: str, delivery: StoredDelivery, extra: Mapping[str, Any]
+) -> dict[str, Any]:
+    return {
+        "signal": name,
+        "pid": os.getpid(),
+        "provider": delivery.provider,
+        "callback": delivery.callback,
+        "key": delivery.key,
+        "status": delivery.status,
+        "attempts": delivery.attempts,
+        "error": delivery.error,
+        "next_attempt_at": (
+            None if delivery.next_attempt_at is None else delivery.next_attempt_at.isoformat()
+        ),
+        **extra,
+    }
+
+
+def _connect_signal_records(app: Flask, control: Path) -> None:
+    """Leave one file per ``delivery_failed`` and ``delivery_dead`` signal."""
+    folder = control / SIGNALS
+    folder.mkdir(exist_ok=True)
+
+    def failed(
+        sender: Flask,
+        *,
+        delivery: StoredDelivery,
+        error: str,
+        next_attempt_at: Any,
+        **_: Any,
+    ) -> None:
+        nxt = None if next_attempt_at is None else next_attempt_at.isoformat()
+        record = _delivery_record(
+            "delivery_failed", delivery, {"signal_error": error, "signal_next_attempt_at": nxt}
+        )
+        _write_json(folder / f"failed-{marker(delivery.key)}-{uuid.uuid4().hex}.json", record)
+
+    def dead(sender: Flask, *, delivery: StoredDelivery, error: str, **_: Any) -> None:
+        record = _delivery_record("delivery_dead", delivery, {"signal_error": error})
+        _write_json(folder / f"dead-{marker(delivery.key)}-{uuid.uuid4().hex}.json", record)
+
+    delivery_failed.connect(failed, app, weak=False)
+    delivery_dead.connect(dead, app, weak=False)
+
+
+def signal_records(control: Path, name: str) -> list[dict[str, Any]]:
+    """Every record of signal ``name`` (``"delivery_failed"`` or
+    ``"delivery_dead"``) sent by any process of one server and its workers."""
+    prefix = {"delivery_failed": "failed-", "delivery_dead": "dead-"}[name]
+    folder = control / SIGNALS
+    if not folder.exists():
+        return []
+    records = [
+        json.loads(path.read_text("utf-8"))
+        for path in folder.iterdir()
+        if path.name.startswith(prefix) and path.suffix == ".json"
+    ]
+    return sorted(records, key=lambda r: (r["provider"], r["callback"], r["key"], r["attempts"]))
+
+
+def offset_clock(path: Path) -> Callable[[], float]:
+    """Real time plus the seconds in ``path``, read at every call."""
+
+    def clock() -> float:
+        return time.time() + float(path.read_text("utf-8"))
+
+    return clock
+
+
+def set_clock_offset(path: Path, seconds: float) -> None:
+    """Move every process's clock to real time plus ``seconds``."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(repr(float(seconds)), "utf-8")
+    os.replace(partial, path)
 
 
 def build_app(
@@ -183,7 +328,10 @@ def build_app(
         if name in settings:
             app.config[name] = json.loads(settings[name])
     db = SQLAlchemy(app, model_class=Base)
-    hooks = OrderHooks(app, db=db)
+    if CLOCK_FILE in settings:
+        hooks = OrderHooks(app, db=db, clock=offset_clock(Path(settings[CLOCK_FILE])))
+    else:
+        hooks = OrderHooks(app, db=db)
     if DISPATCH_DELAY in settings:
         _delay_dispatch(hooks.state(app).store, float(settings[DISPATCH_DELAY]))
     if connect_receivers:
@@ -202,6 +350,8 @@ def build_app(
             game_order_changed,
         ):
             signal.connect(receiver, app, weak=False)
+        if control is not None:
+            _connect_signal_records(app, control)
     return app, db, hooks
 
 

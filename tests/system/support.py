@@ -1,4 +1,5 @@
-"""Helpers of the system tests: a gunicorn server, a TCP forwarder, answers.
+"""Helpers of the system tests: a gunicorn server, ``flask orderhooks worker``
+processes, a TCP forwarder, answers.
 
 Kept out of ``conftest.py`` so that test modules import them by name.
 """
@@ -286,6 +287,112 @@ class Server:
             with app.app_context():
                 db.engine.dispose()
             self._reader = None
+
+
+# -- delivery workers ----------------------------------------------------------------
+
+#: ``flask`` run with the app that gunicorn serves, from the repository root.
+FLASK_COMMAND = (sys.executable, "-m", "flask", "--app", "tests.system.server_app:create_app")
+_STARTED = re.compile(r"^Worker (\d+) started", re.MULTILINE)
+
+
+def flask_command(
+    settings: Mapping[str, str], *args: str, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    """Run ``flask <args>`` with the server's environment, bounded by ``timeout``."""
+    return subprocess.run(
+        [*FLASK_COMMAND, *args],
+        cwd=ROOT,
+        env={**os.environ, **settings, "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@dataclass
+class Worker:
+    """One ``flask orderhooks worker`` process with a server's settings."""
+
+    settings: dict[str, str]
+    log_path: Path
+    poll_interval: float | None = None
+    process: subprocess.Popen[bytes] | None = None
+    #: The exit code once the process was reaped (negative: killed by a signal).
+    returncode: int | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None, "the worker was never started"
+        return self.process.pid
+
+    def start(self) -> None:
+        command = [*FLASK_COMMAND, "orderhooks", "worker"]
+        if self.poll_interval is not None:
+            command += ["--poll-interval", str(self.poll_interval)]
+        env = {**os.environ, **self.settings, "PYTHONUNBUFFERED": "1"}
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env
+            )
+        self.wait_started()
+
+    def log(self) -> str:
+        return self.log_path.read_text("utf-8", "replace")
+
+    def wait_started(self) -> None:
+        """Wait for the one line a worker prints when it starts, naming its pid."""
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while not (started := _STARTED.search(self.log())):
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"the worker exited with {self.process.returncode}:\n{self.log()}"
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the worker did not start:\n{self.log()}")
+            time.sleep(0.05)
+        assert int(started[1]) == self.pid, self.log()
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def terminate(self) -> None:
+        """Send SIGTERM, and return at once."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+
+    def kill(self) -> int:
+        """SIGKILL, and reap it; its exit code (``-SIGKILL``)."""
+        assert self.process is not None
+        self.process.kill()
+        return self.wait()
+
+    def wait(self, timeout: float = STOP_TIMEOUT) -> int:
+        """Reap the process, waiting at most ``timeout``; its exit code.
+
+        :raises subprocess.TimeoutExpired: it is still running.
+        """
+        assert self.process is not None
+        self.returncode = self.process.wait(timeout)
+        return self.returncode
+
+    def stop(self) -> int | None:
+        """SIGTERM, a bounded wait, then SIGKILL; the exit code (``None``:
+        never started). Safe to call again."""
+        process = self.process
+        if process is None:
+            return None
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(STOP_TIMEOUT)
+        self.returncode = process.returncode
+        return self.returncode
 
 
 def _is_gunicorn(pid: int) -> bool:

@@ -21,11 +21,13 @@ from flask_orderhooks import (
     PayoutFinished,
     UnhandledCallback,
     callback_unhandled,
+    delivery_dead,
     game_order_changed,
     order_pending_delivery,
     payment_collected,
     payout_finished,
 )
+from flask_orderhooks.store import StoredDelivery
 
 from .models import READY_FOR_DELIVERY, Base, GameOrder, Order, Payment, Payout, db
 
@@ -140,6 +142,23 @@ def on_callback_unhandled(sender: Flask, *, event: UnhandledCallback) -> None:
     )
 
 
+def on_delivery_dead(sender: Flask, *, delivery: StoredDelivery, error: str) -> None:
+    """Every local attempt failed: a person must look. A real shop pages
+    someone here (Sentry, chat, mail); the delivery waits in the store, and
+    ``flask orderhooks replay KEY`` dispatches it once the cause is fixed.
+    Runs after the failure was recorded, outside the delivery's transaction."""
+    logger.error(
+        "ALERT: %s %s %s is dead after %d attempts (%s); fix the cause, then "
+        "`flask orderhooks replay %s`",
+        delivery.provider,
+        delivery.callback,
+        delivery.key,
+        delivery.attempts,
+        error,
+        delivery.key,
+    )
+
+
 def register_receivers(app: Flask) -> None:
     """Connect the shop's receivers to the OrderHooks signals sent by ``app``."""
     # Module-level functions stay alive, so blinker's weak references hold.
@@ -148,3 +167,4 @@ def register_receivers(app: Flask) -> None:
     payout_finished.connect(on_payout_finished, app)
     game_order_changed.connect(on_game_order_changed, app)
     callback_unhandled.connect(on_callback_unhandled, app)
+    delivery_dead.connect(on_delivery_dead, app)

@@ -218,7 +218,7 @@ def worker_command(once: bool, poll_interval: float | None) -> None:
     app = current_app._get_current_object()  # type: ignore[attr-defined]
     if once:
         result = process_due(app, state)
-        click.echo(f"Dispatched {result.attempted} deliveries, {result.failed} failed.")
+        click.echo(f"Dispatched {_deliveries(result.attempted)}, {result.failed} failed.")
         return
     interval = poll_interval or state.settings.worker_poll_interval
     worker = Worker(app, state, poll_interval=interval)
@@ -228,9 +228,13 @@ def worker_command(once: bool, poll_interval: float | None) -> None:
     )
     total = worker.run()
     click.echo(
-        f"Worker {os.getpid()} stopped: dispatched {total.attempted} deliveries, "
+        f"Worker {os.getpid()} stopped: dispatched {_deliveries(total.attempted)}, "
         f"{total.failed} failed."
     )
+
+
+def _deliveries(count: int) -> str:
+    return f"{count} delivery" if count == 1 else f"{count} deliveries"
 
 
 def _next_attempt(state: AppState, row: StoredDelivery) -> str:

@@ -26,6 +26,7 @@ from flask import Flask
 
 from .exc import CallbackError, ReceiverFailed, StoreUnavailable
 from .store import FAILED, DueClaim
+from .store.statements import LEASE_LOST
 from .views import send
 
 if TYPE_CHECKING:
@@ -84,11 +85,8 @@ def attempt(app: Flask, state: AppState, due: DueClaim) -> bool:
     name = f"{stored.provider} {stored.callback} {stored.key}"
     if due.lease_lost:
         lost = claim.attempt - 1
-        error = (
-            f"LeaseExpired: attempt {lost} did not finish within ORDERHOOKS_CLAIM_TIMEOUT "
-            "(its worker died or hung)."
-        )
-        logger.warning("%s: %s", name, error)
+        error = LEASE_LOST
+        logger.warning("%s: attempt %d: %s", name, lost, error)
         if lost >= store.retries.max_attempts:
             # That was the last attempt: this claim only records that.
             store.record_failure(stored, dataclasses.replace(claim, attempt=lost), error)

@@ -512,3 +512,37 @@ def test_demo_ignores_a_database_url_in_the_environment(
     assert demo.main() == 0
     assert not os.path.exists(elsewhere)
     capsys.readouterr()
+
+
+def test_a_dead_delivery_raises_the_shops_alert(
+    database_uri: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = create_app(
+        {"TESTING": True, "SQLALCHEMY_DATABASE_URI": database_uri, "ORDERHOOKS_RETRY_DELAYS": []},
+        instance_path=tmp_path / "instance",
+    )
+
+    def outage(_sender: Flask, **_kw: Any) -> None:
+        raise ConnectionError("the ledger service is down")
+
+    payout_finished.connect(outage, app, weak=False)
+    try:
+        with app.app_context():
+            callback = build("payout", app=app, id="W9")
+        with caplog.at_level(logging.ERROR, "example_app"):
+            response = app.test_client().post(
+                callback.url(), data=callback.body, headers=callback.headers
+            )
+    finally:
+        payout_finished.disconnect(outage, app)
+        with app.app_context():
+            stored = get_extension(app).state(app).store.list()
+            db.drop_all()
+            db.engine.dispose()
+    assert response.status_code == 500
+    assert [(d.key, d.status) for d in stored] == [("W9:60", "dead")]
+    assert (
+        "ALERT: gateway payout W9:60 is dead after 1 attempts "
+        "(ConnectionError: the ledger service is down); fix the cause, then "
+        "`flask orderhooks replay W9:60`" in caplog.text
+    )

@@ -30,6 +30,13 @@ ROW_COLUMNS = (
 )
 
 
+#: The error of an attempt whose worker never came back.
+LEASE_LOST = (
+    "LeaseExpired: the attempt did not finish within ORDERHOOKS_CLAIM_TIMEOUT "
+    "(its worker died or hung)."
+)
+
+
 class Statements:
     """The store's statements, with bound parameters named ``p_*``."""
 
@@ -202,6 +209,11 @@ def _claim_due(t: sa.Table, *, only_key: bool) -> Any:
             claim_token=sa.case(
                 (t.c.status == PROCESSING, sa.bindparam("p_lost_token")),
                 else_=sa.bindparam("p_token"),
+            ),
+            # The lost attempt's error, kept like any failed attempt's.
+            error=sa.case(
+                (t.c.status == PROCESSING, sa.literal(LEASE_LOST, t.c.error.type)),
+                else_=t.c.error,
             ),
             lease_expires_at=sa.bindparam("p_lease", type_=when),
             next_attempt_at=sa.bindparam("p_lease", type_=when),

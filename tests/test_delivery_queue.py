@@ -605,3 +605,46 @@ def test_next_attempt_times_are_utc(recorder: RecorderFactory, clock: Clock) -> 
     assert row.next_attempt_at is not None
     assert row.next_attempt_at.utcoffset() == timedelta(0)
     assert row.next_attempt_at - row.updated_at == timedelta(seconds=10)
+
+
+def test_a_deferred_resend_never_waits_for_a_dispatch_in_progress(
+    make_app: Any, clock: Clock
+) -> None:
+    """A worker's dispatch holds the row (PostgreSQL) or the write lock
+    (SQLite) while receivers run. A resend of that delivery must still be
+    answered without waiting for the receivers: on PostgreSQL it is, after a
+    short lock wait and a plain read. On SQLite it waits for the writer."""
+    app, _hooks, _db = make_app(
+        hooks_options={"clock": clock},
+        ORDERHOOKS_DISPATCH="deferred",
+        ORDERHOOKS_DUPLICATE_WAIT=30,
+        ORDERHOOKS_IGV_MAX_AGE=None,
+    )
+    inside, release = threading.Event(), threading.Event()
+
+    def receive(_sender: Flask, **_kw: Any) -> None:
+        inside.set()
+        assert release.wait(20)
+
+    order_pending_delivery.connect(receive, app, weak=False)
+    cb = make("igv", app)
+    try:
+        assert post(app, cb).status_code == 200
+        with ThreadPoolExecutor(2) as pool:
+            worker = pool.submit(process_due, app)
+            assert inside.wait(20)
+            resend = pool.submit(post, app, cb)
+            with app.app_context():
+                dialect = app.extensions["orderhooks"].store.dialect
+            if dialect == "postgresql":
+                # Answered while the receiver is still inside.
+                assert resend.result(timeout=15).status_code == 200
+                assert not worker.done()
+            release.set()
+            assert worker.result(timeout=20) == 1
+            assert resend.result(timeout=20).status_code == 200
+    finally:
+        release.set()
+        order_pending_delivery.disconnect(receive, app)
+    (row,) = rows(app)
+    assert (row.status, row.attempts) == ("done", 1)

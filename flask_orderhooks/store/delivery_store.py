@@ -48,6 +48,9 @@ logger = logging.getLogger("flask_orderhooks")
 # How often a duplicate re-reads a delivery that another worker has claimed
 # but not yet locked for dispatch (a window of one round trip).
 _POLL_INTERVAL = 0.02
+# How long a deferred acceptance waits for a row another worker has locked
+# before reading it instead (seconds).
+_ACCEPT_LOCK_WAIT = 0.1
 
 
 def utc(value: datetime) -> datetime:
@@ -183,34 +186,20 @@ class DeliveryStore:
                 self._prepare()
         digest = hashlib.sha256(delivery.body).hexdigest()
         token = secrets.token_hex(16)
-        try:
-            with self._store_errors(delivery), self._own_transaction(durable=True) as connection:
-                row = self._sql.accept.first(
-                    connection,
-                    {
-                        **self._key_params(delivery),
-                        "p_token": token,
-                        "p_body": delivery.body,
-                        "p_digest": digest,
-                        "p_headers": json.dumps(dict(delivery.headers), sort_keys=True),
-                        "p_now": self._now(),
-                        "p_ms": f"{max(1, int(self.duplicate_wait * 1000))}ms",
-                    },
-                )
-        except StoreUnavailable as exc:
-            # Busy: a worker is dispatching this key right now (PostgreSQL's
-            # ON CONFLICT waits for its row lock). It is stored, then, and a
-            # plain read, which waits for nobody, tells whether it is this body.
-            if not isinstance(exc.__cause__, DBAPIError) or not is_busy(exc.__cause__):
-                raise
-            row = None
-        if row is not None and row[0] == token:
-            return "accepted"
-        with self._store_errors(delivery), self._own_transaction() as connection:
-            current = self._sql.state.first(connection, self._key_params(delivery))
-        if current is None:
-            # Purged in between: store it again.
-            return self.accept(delivery)
+        deadline = time.monotonic() + self.duplicate_wait
+        while True:
+            row = self._try_accept(delivery, token, digest)
+            if row is not None and row[0] == token:
+                return "accepted"
+            with self._store_errors(delivery), self._own_transaction() as connection:
+                current = self._sql.state.first(connection, self._key_params(delivery))
+            if current is not None:
+                break
+            # Not visible yet (another copy's insert, not yet committed, made
+            # this one wait past its short lock wait) or purged in between.
+            if time.monotonic() >= deadline:
+                raise StoreUnavailable("Another worker is handling this delivery; retry later.")
+            time.sleep(_POLL_INTERVAL)
         status, stored_digest = current
         if stored_digest != digest:
             if status != DONE:
@@ -222,6 +211,39 @@ class DeliveryStore:
                 delivery.key,
             )
         return "duplicate"
+
+    def _try_accept(self, delivery: Delivery, token: str, digest: str) -> tuple[Any, ...] | None:
+        """The acceptance's upsert; ``None`` when its row lock was busy.
+
+        On PostgreSQL, ``ON CONFLICT DO UPDATE`` locks the existing row even
+        when its condition then fails, so a resend arriving while a worker
+        dispatches that key would wait for the receivers. The wait is kept
+        short (``_ACCEPT_LOCK_WAIT``): a row that is locked is stored, and a
+        plain read, which waits for nobody, tells whether it holds this body.
+        """
+        lock_wait = min(self.duplicate_wait, _ACCEPT_LOCK_WAIT)
+        try:
+            with self._own_transaction(durable=True) as connection:
+                return self._sql.accept.first(
+                    connection,
+                    {
+                        **self._key_params(delivery),
+                        "p_token": token,
+                        "p_body": delivery.body,
+                        "p_digest": digest,
+                        "p_headers": json.dumps(dict(delivery.headers), sort_keys=True),
+                        "p_now": self._now(),
+                        "p_ms": f"{max(1, int(lock_wait * 1000))}ms",
+                    },
+                )
+        except DBAPIError as exc:
+            if is_busy(exc):
+                return None
+            with self._store_errors(delivery):
+                raise
+        except SQLAlchemyError:
+            with self._store_errors(delivery):
+                raise
 
     def claim(self, delivery: Delivery, *, force: bool = False) -> Claim | None:
         """Take the delivery's next attempt, or ``None`` if it is already done.

@@ -648,3 +648,28 @@ def test_a_deferred_resend_never_waits_for_a_dispatch_in_progress(
         order_pending_delivery.disconnect(receive, app)
     (row,) = rows(app)
     assert (row.status, row.attempts) == ("done", 1)
+
+
+def test_sqlite_due_query_reads_the_partial_due_index(tmp_path: Path) -> None:
+    from flask_orderhooks.store import DUE_INDEX, StandaloneDatabase
+    from flask_orderhooks.store.statements import Statements
+
+    database = StandaloneDatabase(
+        f"sqlite:///{tmp_path / 'plan.sqlite3'}", busy_timeout=1, engine_options={}
+    )
+    try:
+        database.ensure_table()
+        statement = Statements(database.table, database.engine.dialect).claim_due
+        with database.engine.connect() as connection:
+            plan = connection.exec_driver_sql(
+                "EXPLAIN QUERY PLAN " + statement.sql, ("x",) * statement.sql.count("?")
+            ).all()
+            (ddl,) = connection.exec_driver_sql(
+                "SELECT sql FROM sqlite_master WHERE name = ?", (DUE_INDEX,)
+            ).one()
+    finally:
+        database.engine.dispose()
+    details = [row[3] for row in plan]
+    assert any(f"USING INDEX {DUE_INDEX} (next_attempt_at<?)" in d for d in details), details
+    assert not any(d.startswith("SCAN orderhooks_deliveries") for d in details), details
+    assert ddl.endswith("WHERE next_attempt_at IS NOT NULL")

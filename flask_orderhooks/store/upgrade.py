@@ -37,7 +37,14 @@ def upgrade_table(connection: Connection, table: sa.Table) -> list[str]:
         operations.add_column(table.name, sa.Column(column.name, column.type, nullable=True))
         done.append("next_attempt_at")
     if DUE_INDEX not in indexes:
-        operations.create_index(DUE_INDEX, table.name, ["next_attempt_at"])
+        where = sa.column("next_attempt_at").is_not(None)
+        operations.create_index(
+            DUE_INDEX,
+            table.name,
+            ["next_attempt_at"],
+            postgresql_where=where,
+            sqlite_where=where,
+        )
         done.append(DUE_INDEX)
     if done:
         logger.warning("OrderHooks: upgraded the table %s: added %s", table.name, ", ".join(done))

@@ -20,7 +20,7 @@ these statements.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from typing import Any
 
@@ -76,6 +76,24 @@ class DriverStatement:
         self, connection: Connection, parameters: Mapping[str, Any]
     ) -> tuple[Any, ...] | None:
         """Execute on ``connection``'s cursor; the first row, if any."""
+        rows, _count = self._run(connection, parameters)
+        if not rows:
+            return None
+        if self._results is None:
+            return tuple(rows[0])
+        return tuple(
+            process(value) if process is not None and value is not None else value
+            for process, value in zip(self._results, rows[0], strict=True)
+        )
+
+    def rowcount(self, connection: Connection, parameters: Mapping[str, Any]) -> int:
+        """Execute on ``connection``'s cursor; the rows it matched (for
+        databases whose ``UPDATE`` has no ``RETURNING``)."""
+        return self._run(connection, parameters)[1]
+
+    def _run(
+        self, connection: Connection, parameters: Mapping[str, Any]
+    ) -> tuple[Sequence[Any], int]:
         values = dict(self._defaults)
         for name, process in self._required:
             value = parameters[name]
@@ -86,6 +104,7 @@ class DriverStatement:
         try:
             cursor.execute(self.sql, arguments)
             rows = cursor.fetchall() if cursor.description is not None else []
+            count = cursor.rowcount
         except self._error as exc:
             gone = self._dialect.is_disconnect(exc, proxy.dbapi_connection, cursor)
             if gone:
@@ -105,14 +124,7 @@ class DriverStatement:
             # The statement's own outcome is what matters.
             with suppress(self._error):
                 cursor.close()
-        if not rows:
-            return None
-        if self._results is None:
-            return tuple(rows[0])
-        return tuple(
-            process(value) if process is not None and value is not None else value
-            for process, value in zip(self._results, rows[0], strict=True)
-        )
+        return rows, count
 
     def __repr__(self) -> str:
         return f"<DriverStatement {self.sql[:40]!r}...>"

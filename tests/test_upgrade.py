@@ -527,17 +527,21 @@ _WHERE = (
     "postgresql_where=sa.text('next_attempt_at IS NOT NULL'), "
     "sqlite_where=sa.text('next_attempt_at IS NOT NULL')"
 )
+#: The new column's type: microseconds on MySQL and MariaDB (store/table.py:
+#: WHEN_COLUMN), rendered with SQLAlchemy's own types only.
+_TYPE = (
+    "sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), 'mariadb')"
+    ".with_variant(mysql.DATETIME(fsp=6), 'mysql')"
+)
 _UPGRADE_OPS = {
     # Flask-Migrate's default (render_as_batch=True).
     True: [
         f"with op.batch_alter_table('{TABLE_NAME}', schema=None) as batch_op:",
-        "batch_op.add_column(sa.Column('next_attempt_at', sa.DateTime(timezone=True), "
-        "nullable=True))",
+        f"batch_op.add_column(sa.Column('next_attempt_at', {_TYPE}, nullable=True))",
         f"batch_op.create_index('{DUE_INDEX}', ['next_attempt_at'], unique=False, {_WHERE})",
     ],
     False: [
-        f"op.add_column('{TABLE_NAME}', sa.Column('next_attempt_at', "
-        "sa.DateTime(timezone=True), nullable=True))",
+        f"op.add_column('{TABLE_NAME}', sa.Column('next_attempt_at', {_TYPE}, nullable=True))",
         f"op.create_index('{DUE_INDEX}', '{TABLE_NAME}', ['next_attempt_at'], unique=False, "
         f"{_WHERE})",
     ],

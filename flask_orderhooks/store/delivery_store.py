@@ -28,7 +28,8 @@ from ..exc import (
     StoreUnavailable,
 )
 from ..provider import Delivery
-from .errors import is_busy
+from .errors import is_busy, mysql_lock_wait
+from .mysql import MySQLStatements
 from .retries import NO_RETRIES, RetrySchedule
 from .sqlite import relaxed_sqlite_sync
 from .statements import ROW_COLUMNS, Statements
@@ -37,6 +38,8 @@ from .table import (
     FAILED,
     MAX_ERROR_LENGTH,
     MAX_KEY_LENGTH,
+    MYSQL,
+    WHEN,
     Claim,
     Outcome,
     StoredDelivery,
@@ -108,7 +111,9 @@ class DeliveryStore:
         return self._engine
 
     @contextmanager
-    def _own_transaction(self, *, durable: bool = False) -> Iterator[Connection]:
+    def _own_transaction(
+        self, *, durable: bool = False, lock_wait: float | None = None
+    ) -> Iterator[Connection]:
         """A connection for the store's statements outside the dispatch (the
         claim, the failure record), committed when the block ends.
 
@@ -122,11 +127,18 @@ class DeliveryStore:
         (three round trips become one). On SQLite there is no round trip to
         save, and switching the isolation level costs more than the BEGIN
         and COMMIT, so it is one plain transaction, at ``synchronous=NORMAL``
-        in WAL mode (see :func:`relaxed_sqlite_sync`).
+        in WAL mode (see :func:`relaxed_sqlite_sync`). On MySQL it is one
+        plain transaction too; ``lock_wait`` bounds its row-lock waits
+        (PostgreSQL's statements carry their own ``lock_timeout``).
         """
         if self.dialect == "postgresql":
             with self._autocommit_engine.connect() as connection:
                 yield connection
+            return
+        if self.dialect in MYSQL:
+            with self.engine.connect() as connection, mysql_lock_wait(connection, lock_wait):
+                yield begun(connection)
+                connection.commit()
             return
         with self.engine.connect() as connection:
             if durable:
@@ -223,7 +235,7 @@ class DeliveryStore:
         """
         lock_wait = min(self.duplicate_wait, _ACCEPT_LOCK_WAIT)
         try:
-            with self._own_transaction(durable=True) as connection:
+            with self._own_transaction(durable=True, lock_wait=lock_wait) as connection:
                 return self._sql.accept.first(
                     connection,
                     {
@@ -258,29 +270,17 @@ class DeliveryStore:
         deadline = time.monotonic() + self.duplicate_wait
         while True:
             remaining = deadline - time.monotonic()
-            with self._store_errors(delivery), self._own_transaction() as connection:
-                now = self._now()
-                row = self._sql.claim.first(
-                    connection,
-                    {
-                        **self._key_params(delivery),
-                        "p_token": token,
-                        "p_lease": now + timedelta(seconds=self.claim_timeout),
-                        "p_body": delivery.body,
-                        "p_digest": digest,
-                        "p_headers": json.dumps(dict(delivery.headers), sort_keys=True),
-                        "p_now": now,
-                        "p_takeover": DONE if force else FAILED,
-                        # PostgreSQL's lock_timeout: ON CONFLICT waits for
-                        # another worker's row lock, unbounded by default.
-                        "p_ms": f"{max(1, int(remaining * 1000))}ms",
-                    },
-                )
-                if row is not None:
-                    stored_token, attempts = row
-                    if stored_token == token:
-                        return Claim(token=token, attempt=attempts)
-                current = self._sql.state.first(connection, self._key_params(delivery))
+            try:
+                row, current = self._claim_once(delivery, token, digest, remaining, force=force)
+            except StoreUnavailable as exc:
+                # Busy (a lock wait ran out, a MySQL deadlock was broken):
+                # nothing was claimed, so trying again is safe while time is left.
+                if not _busy_cause(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(_POLL_INTERVAL)
+                continue
+            if row is not None and row[0] == token:
+                return Claim(token=token, attempt=int(row[1]))
             # None: purged between the two statements, so claim again.
             if current is not None:
                 status, stored_digest = current
@@ -298,6 +298,36 @@ class DeliveryStore:
             if time.monotonic() >= deadline:
                 raise StoreUnavailable("Another worker is handling this delivery; retry later.")
             time.sleep(min(_POLL_INTERVAL, max(0.0, deadline - time.monotonic())))
+
+    def _claim_once(
+        self, delivery: Delivery, token: str, digest: str, remaining: float, *, force: bool
+    ) -> tuple[tuple[Any, ...] | None, tuple[Any, ...] | None]:
+        """One claim statement: (its row, or None) and, when it did not win,
+        the delivery's (status, digest) as it is now."""
+        with (
+            self._store_errors(delivery),
+            self._own_transaction(lock_wait=remaining) as connection,
+        ):
+            now = self._now()
+            row = self._sql.claim.first(
+                connection,
+                {
+                    **self._key_params(delivery),
+                    "p_token": token,
+                    "p_lease": now + timedelta(seconds=self.claim_timeout),
+                    "p_body": delivery.body,
+                    "p_digest": digest,
+                    "p_headers": json.dumps(dict(delivery.headers), sort_keys=True),
+                    "p_now": now,
+                    "p_takeover": DONE if force else FAILED,
+                    # PostgreSQL's lock_timeout: ON CONFLICT waits for
+                    # another worker's row lock, unbounded by default.
+                    "p_ms": f"{max(1, int(remaining * 1000))}ms",
+                },
+            )
+            if row is not None and row[0] == token:
+                return row, None
+            return row, self._sql.state.first(connection, self._key_params(delivery))
 
     def dispatch(self, delivery: Delivery, claim: Claim, dispatch: Callable[[], None]) -> None:
         """Run ``dispatch`` inside the transaction that marks the claim done."""
@@ -489,6 +519,9 @@ class DeliveryStore:
     def _sql(self) -> Statements:
         # Built once: constructing these per request costs more CPU than the
         # round trips they make on a local PostgreSQL.
+        if self.dialect in MYSQL:
+            # Same operations and rows, several statements each.
+            return MySQLStatements(self.table, self.engine.dialect)  # type: ignore[return-value]
         return Statements(self.table, self.engine.dialect)
 
     @staticmethod
@@ -559,7 +592,7 @@ class DeliveryStore:
         if provider is not None:
             query = query.where(t.c.provider == provider)
         if since is not None:
-            query = query.where(t.c.updated_at >= since)
+            query = query.where(t.c.updated_at >= sa.bindparam("since", since, type_=WHEN))
         query = query.order_by(t.c.updated_at.desc(), t.c.key)
         if limit is not None:
             query = query.limit(limit)
@@ -574,15 +607,22 @@ class DeliveryStore:
     ) -> int:
         """Delete deliveries in ``statuses`` last updated before ``older_than``."""
         t = self.table
-        query = sa.delete(t).where(t.c.status.in_(statuses), t.c.updated_at < older_than)
+        query = sa.delete(t).where(
+            t.c.status.in_(statuses),
+            t.c.updated_at < sa.bindparam("older_than", older_than, type_=WHEN),
+        )
         if provider is not None:
             query = query.where(t.c.provider == provider)
         if self._prepare is not None:
             self._prepare()
         with self.engine.connect() as connection:
-            deleted = connection.execute(query.returning(t.c.key)).all()
+            if self.dialect in MYSQL:
+                # MySQL's DELETE has no RETURNING; PyMySQL's count is exact.
+                deleted = connection.execute(query).rowcount
+            else:
+                deleted = len(connection.execute(query.returning(t.c.key)).all())
             connection.commit()
-        return len(deleted)
+        return deleted
 
     def _rows(self, query: Any) -> builtins.list[StoredDelivery]:
         if self._prepare is not None:
@@ -642,6 +682,11 @@ class DueClaim:
 
 
 _TOKEN = ROW_COLUMNS.index("claim_token")
+
+
+def _busy_cause(exc: StoreUnavailable) -> bool:
+    cause = exc.__cause__
+    return isinstance(cause, DBAPIError) and is_busy(cause)
 
 
 def stored_token(row: tuple[Any, ...]) -> str:

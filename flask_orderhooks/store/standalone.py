@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -12,9 +13,14 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from .sqlite import sqlite_pragmas
-from .table import DUE_INDEX, TABLE_NAME, deliveries_table
+from .table import DUE_INDEX, MYSQL, TABLE_NAME, deliveries_table
 from .transactions import ConnectionTransaction, Transaction
 from .upgrade import upgrade_table
+
+_MYSQL_LOCK = "SELECT GET_LOCK(%s, %s)"
+
+#: Tries at creating or upgrading the table while other processes do the same.
+_DDL_ATTEMPTS = 5
 
 
 class StandaloneDatabase:
@@ -53,24 +59,42 @@ class StandaloneDatabase:
         with self._lock:
             if self._ready:
                 return
-            try:
-                self._create_or_upgrade()
-            except SQLAlchemyError:
-                # Another process may have won a race SQLite cannot serialise
-                # (its DDL runs outside transactions): if the table is whole
-                # now, that is all we needed.
-                if not self._is_current():
-                    raise
+            for attempt in range(1, _DDL_ATTEMPTS + 1):
+                try:
+                    self._create_or_upgrade()
+                    break
+                except SQLAlchemyError:
+                    # Another process may be half-way through the same steps
+                    # (SQLite runs DDL outside transactions and cannot
+                    # serialise them): if the table is whole now, that is all
+                    # we needed; if not, each step is checked again.
+                    if self._is_current():
+                        break
+                    if attempt == _DDL_ATTEMPTS:
+                        raise
+                    time.sleep(0.05 * attempt)
             self._ready = True
 
     def _create_or_upgrade(self) -> None:
         with self.engine.begin() as connection:
-            if self.engine.dialect.name == "postgresql":
+            dialect = self.engine.dialect.name
+            if dialect == "postgresql":
                 # Serialises concurrent create_all() and upgrades across
                 # processes; released at commit.
                 connection.execute(sa.select(sa.func.pg_advisory_xact_lock(0x0DE7_1FE5)))
-            self.metadata.create_all(connection, checkfirst=True)
-            upgrade_table(connection, self.table)
+            # MySQL commits each DDL statement on its own: a named lock, held
+            # by this session until released, serialises instead.
+            elif (
+                dialect in MYSQL
+                and connection.exec_driver_sql(_MYSQL_LOCK, ("orderhooks_ddl", 60)).scalar() != 1
+            ):
+                raise sa.exc.OperationalError(_MYSQL_LOCK, None, TimeoutError("no DDL lock"))
+            try:
+                self.metadata.create_all(connection, checkfirst=True)
+                upgrade_table(connection, self.table)
+            finally:
+                if dialect in MYSQL:
+                    connection.exec_driver_sql("SELECT RELEASE_LOCK(%s)", ("orderhooks_ddl",))
 
     def _is_current(self) -> bool:
         inspector = sa.inspect(self.engine)

@@ -10,7 +10,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 
 from ..driver_statement import DriverStatement
-from .table import DEAD, DONE, FAILED, PENDING, PROCESSING
+from .table import BODY, DEAD, DONE, FAILED, PENDING, PROCESSING, WHEN
 
 #: What the failure record and the due claim hand back: a whole row.
 ROW_COLUMNS = (
@@ -42,7 +42,7 @@ class Statements:
 
     def __init__(self, t: sa.Table, engine_dialect: Dialect) -> None:
         dialect = engine_dialect.name
-        when = sa.DateTime(timezone=True)
+        when = WHEN
         key = (
             t.c.provider == sa.bindparam("p_provider"),
             t.c.callback == sa.bindparam("p_callback"),
@@ -56,7 +56,7 @@ class Statements:
         claim_insert = _with_row(
             claim_insert,
             dialect,
-            _new_row(t, status=PROCESSING, attempts=1, lease="p_lease", due="p_lease"),
+            new_row(t, status=PROCESSING, attempts=1, lease="p_lease", due="p_lease"),
             relax_commit=True,
         )
         # Taken over: a failed, dead or pending delivery, a claim whose worker
@@ -93,7 +93,7 @@ class Statements:
         accept_insert = _with_row(
             insert(t),
             dialect,
-            _new_row(t, status=PENDING, attempts=0, lease="p_now", due="p_now"),
+            new_row(t, status=PENDING, attempts=0, lease="p_now", due="p_now"),
             relax_commit=False,
         )
         # A platform's resend of a failed or dead delivery makes it due now.
@@ -105,8 +105,17 @@ class Statements:
                 "next_attempt_at": accept_insert.excluded.next_attempt_at,
                 "updated_at": accept_insert.excluded.updated_at,
             },
+            # ...and so does one whose worker died (its lease ran out): a row
+            # stored by 0.1 has no due time, so no worker would ever find it.
             where=sa.and_(
-                sa.or_(t.c.status == FAILED, t.c.status == DEAD),
+                sa.or_(
+                    t.c.status == FAILED,
+                    t.c.status == DEAD,
+                    sa.and_(
+                        t.c.status == PROCESSING,
+                        t.c.lease_expires_at < sa.bindparam("p_now", type_=when),
+                    ),
+                ),
                 t.c.body_sha256 == accept_insert.excluded.body_sha256,
             ),
         ).returning(t.c.claim_token)
@@ -177,7 +186,7 @@ def _claim_due(t: sa.Table, *, only_key: bool) -> Any:
     The token tells the two cases apart afterwards (``SET`` reads the old
     row): ``p_lost_token`` when the row was processing, else ``p_token``.
     """
-    when = sa.DateTime(timezone=True)
+    when = WHEN
     due = sa.select(t.c.provider, t.c.callback, t.c.key).where(
         t.c.next_attempt_at <= sa.bindparam("p_now", type_=when)
     )
@@ -223,8 +232,8 @@ def _claim_due(t: sa.Table, *, only_key: bool) -> Any:
     )
 
 
-def _new_row(t: sa.Table, *, status: str, attempts: int, lease: str, due: str) -> dict[str, Any]:
-    when = sa.DateTime(timezone=True)
+def new_row(t: sa.Table, *, status: str, attempts: int, lease: str, due: str) -> dict[str, Any]:
+    when = WHEN
     return {
         "provider": sa.bindparam("p_provider", type_=t.c.provider.type),
         "callback": sa.bindparam("p_callback", type_=t.c.callback.type),
@@ -233,7 +242,7 @@ def _new_row(t: sa.Table, *, status: str, attempts: int, lease: str, due: str) -
         "attempts": sa.literal(attempts, sa.Integer),
         "claim_token": sa.bindparam("p_token", type_=t.c.claim_token.type),
         "lease_expires_at": sa.bindparam(lease, type_=when),
-        "body": sa.bindparam("p_body", type_=sa.LargeBinary),
+        "body": sa.bindparam("p_body", type_=BODY),
         "body_sha256": sa.bindparam("p_digest", type_=t.c.body_sha256.type),
         "headers": sa.bindparam("p_headers", type_=t.c.headers.type),
         "created_at": sa.bindparam("p_now", type_=when),

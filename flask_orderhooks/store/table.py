@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Literal
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
+from sqlalchemy.engine import Dialect
 
 TABLE_NAME = "orderhooks_deliveries"
 #: Longest idempotency key stored; fits a unique index on every backend.
@@ -30,6 +32,50 @@ STATUSES = (PENDING, PROCESSING, DONE, FAILED, DEAD)
 DUE_INDEX = "ix_orderhooks_deliveries_due"
 
 
+MYSQL = ("mysql", "mariadb")
+
+
+class _UTCDateTime(sa.types.TypeDecorator[datetime]):
+    """MySQL's and MariaDB's ``DATETIME(6)``, holding UTC.
+
+    Their ``DATETIME`` has no time zone, and PyMySQL would write an aware
+    value's ``+00:00`` into the literal, which MariaDB refuses: values go in
+    as naive UTC and come back aware.
+    """
+
+    impl = mysql.DATETIME(fsp=6)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is not None:
+            value = value.astimezone(UTC).replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return value.replace(tzinfo=UTC) if value is not None else None
+
+
+#: The type of the stored times: microseconds on MySQL too (its DATETIME
+#: rounds to whole seconds by default). A plain type, so that a host's
+#: Flask-Migrate migration renders it without importing this package.
+WHEN_COLUMN = sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), *MYSQL)
+#: The type of the store's time parameters: aware UTC in (SQLite and MySQL
+#: keep them naive; rows are read back aware by :func:`~.delivery_store.utc`).
+WHEN = sa.DateTime(timezone=True).with_variant(_UTCDateTime(), *MYSQL)
+#: The raw body: MySQL's BLOB stops at 65,535 bytes, one short of the default
+#: ORDERHOOKS_MAX_BODY.
+BODY = sa.LargeBinary().with_variant(mysql.MEDIUMBLOB(), *MYSQL)
+
+
+def exact_string(length: int) -> sa.types.TypeEngine[str]:
+    """A string compared byte for byte: MySQL's default collations are case-
+    and trailing-space-insensitive, which would merge request ids that
+    differ only in case into one delivery."""
+    return sa.String(length).with_variant(
+        mysql.VARCHAR(length, charset="utf8mb4", collation="utf8mb4_bin"), *MYSQL
+    )
+
+
 def deliveries_table(metadata: sa.MetaData) -> sa.Table:
     """The ``orderhooks_deliveries`` table in ``metadata`` (created once)."""
     existing = metadata.tables.get(TABLE_NAME)
@@ -38,26 +84,29 @@ def deliveries_table(metadata: sa.MetaData) -> sa.Table:
     return sa.Table(
         TABLE_NAME,
         metadata,
-        sa.Column("provider", sa.String(16), primary_key=True),
-        sa.Column("callback", sa.String(32), primary_key=True),
-        sa.Column("key", sa.String(MAX_KEY_LENGTH), primary_key=True),
+        sa.Column("provider", exact_string(16), primary_key=True),
+        sa.Column("callback", exact_string(32), primary_key=True),
+        sa.Column("key", exact_string(MAX_KEY_LENGTH), primary_key=True),
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("attempts", sa.Integer, nullable=False),
-        sa.Column("claim_token", sa.String(32), nullable=False),
-        sa.Column("lease_expires_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("body", sa.LargeBinary, nullable=False),
+        sa.Column("claim_token", exact_string(32), nullable=False),
+        sa.Column("lease_expires_at", WHEN_COLUMN, nullable=False),
+        sa.Column("body", BODY, nullable=False),
         sa.Column("body_sha256", sa.String(64), nullable=False),
         sa.Column("headers", sa.Text, nullable=False),
         sa.Column("error", sa.Text, nullable=True),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("created_at", WHEN_COLUMN, nullable=False),
+        sa.Column("updated_at", WHEN_COLUMN, nullable=False),
         # When a worker should next look at the row: a pending or failed
         # delivery's next attempt, a processing one's lease end (its worker
         # may have died). NULL once done or dead, and on rows stored by 0.1,
         # which is why it is nullable: adding it keeps every old row.
-        sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("next_attempt_at", WHEN_COLUMN, nullable=True),
         sa.Index("ix_orderhooks_deliveries_status_updated", "status", "updated_at"),
         due_index(),
+        # MySQL and MariaDB: transactions, and keys whatever their characters.
+        mysql_engine="InnoDB",
+        mysql_charset="utf8mb4",
     )
 
 

@@ -1,0 +1,218 @@
+"""Celery as the wake-up channel of deferred dispatch.
+
+:func:`init_celery` registers two tasks on a Celery app and makes the
+extension enqueue one of them for every delivery it stores:
+
+``orderhooks.dispatch`` (``provider, callback, key``)
+    dispatches that one delivery if it is due, through
+    :meth:`~flask_orderhooks.OrderHooks.dispatch_due`. Enqueued right after a
+    deferred delivery is stored, and again, with a countdown, after a failed
+    attempt that has a next one.
+``orderhooks.process_due``
+    one pass over everything due now,
+    :meth:`~flask_orderhooks.OrderHooks.process_due`; returns how many
+    deliveries it attempted. Run it from Celery beat every 30 to 60 seconds.
+
+The database row, not the message, decides whether a delivery is done, when
+it is due and who holds it. A message that is lost (the broker was down or
+restarted without persistence, a worker died holding it) costs latency until
+the next ``orderhooks.process_due``; a message that arrives twice, or for a
+delivery that is already done, dispatches nothing. That is why the beat
+schedule is not optional.
+
+.. versionadded:: 0.2
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+from weakref import WeakKeyDictionary
+
+from flask import Flask, has_app_context
+
+from .store import FAILED, PENDING
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from .extension import Enqueuer, OrderHooks
+
+#: The name of the task that dispatches one delivery if it is due.
+DISPATCH_TASK = "orderhooks.dispatch"
+#: The name of the task that dispatches everything due now (the sweep).
+PROCESS_DUE_TASK = "orderhooks.process_due"
+
+#: The OrderHooks each Celery app's tasks were registered for: a second
+#: registration would otherwise silently keep the first one's tasks, since
+#: Celery returns the existing task for a name it already knows.
+_registered: WeakKeyDictionary[Any, OrderHooks] = WeakKeyDictionary()
+
+
+def init_celery(celery_app: Celery, hooks: OrderHooks, *, app: Flask | None = None) -> None:
+    """Dispatch ``hooks``' deferred deliveries on ``celery_app``'s workers.
+
+    Registers the tasks ``orderhooks.dispatch`` and ``orderhooks.process_due``
+    and sets :attr:`~flask_orderhooks.OrderHooks.enqueuer`, so that every
+    delivery stored with ``ORDERHOOKS_DISPATCH = "deferred"`` is enqueued
+    at once, and every failed attempt that has a next one is enqueued with a
+    countdown of its retry delay. Call it where the Celery app is built, in
+    the web processes (which enqueue) and in the workers (which run the
+    tasks) alike::
+
+        celery_app = Celery(__name__, broker="redis://...")
+        init_celery(celery_app, hooks)
+        celery_app.conf.beat_schedule = {
+            "orderhooks-sweep": {"task": "orderhooks.process_due", "schedule": 30.0},
+        }
+
+    The tasks run in a Flask app context: the one already active (Flask's
+    ``FlaskTask`` pattern pushes one around every task), else ``app``'s,
+    else that of the one app ``hooks`` is registered on (now, or, if it is
+    registered on none yet, when the task runs).
+
+    Enqueuing publishes without Celery's publish retries
+    (``apply_async(retry=False)``): a request that stores a delivery while
+    the broker is down must not wait on it. The extension logs the failure
+    at WARNING and answers the platform success all the same; the delivery
+    stays due in the store for ``orderhooks.process_due``. Celery still
+    reconnects inside that call for up to ``broker_connection_timeout``
+    (4 s by default, about 6 s with its retry interval: longer than the
+    payment gateway waits for an answer). Bound it in the Celery config of
+    the web processes::
+
+        broker_connection_timeout = 1
+        broker_transport_options = {
+            "max_retries": 1, "interval_start": 0, "interval_step": 0.2,
+            "interval_max": 0.2,
+            "socket_connect_timeout": 1, "socket_timeout": 2,  # Redis
+        }
+
+    and keep ``broker_connection_retry`` on (the default) with
+    ``broker_connection_max_retries = None`` in the workers, so that they
+    reconnect after an outage however long it lasts.
+
+    A retry's countdown becomes the message's ETA, and Celery workers hold
+    ETA messages in memory until then. On Redis a message not acknowledged
+    within the transport's ``visibility_timeout`` (1 h by default, shorter
+    than the default retry delays of 2 h and 12 h) is delivered again: the
+    delivery is still dispatched once (the row decides), and the sweep
+    would find it anyway. With ``task_always_eager`` the dispatch runs inside the
+    request that stored the delivery.
+
+    :param celery_app: the :class:`celery.Celery` application.
+    :param hooks: the :class:`~flask_orderhooks.OrderHooks` whose deliveries
+        its workers dispatch.
+    :param app: the Flask app to run the tasks in when no app context is
+        active; needed when ``hooks`` is registered on several apps.
+    :raises RuntimeError: ``init_celery`` was already called for
+        ``celery_app``, or ``hooks`` already has an enqueuer.
+
+    .. versionadded:: 0.2
+    """
+    if celery_app in _registered:
+        raise RuntimeError(
+            "init_celery() was already called for this Celery app: its tasks "
+            f"{DISPATCH_TASK} and {PROCESS_DUE_TASK} can serve one OrderHooks. "
+            "Call init_celery() once per Celery app."
+        )
+    if hooks.enqueuer is not None:
+        raise RuntimeError(
+            "This OrderHooks already has an enqueuer (hooks.enqueuer): its "
+            "deliveries are handed to one queue. Call init_celery() once per OrderHooks."
+        )
+
+    if app is None and len(hooks._states) == 1:
+        # Held here: OrderHooks holds its apps weakly, and a worker module
+        # that builds the app in a factory and keeps only the Celery app
+        # would lose it at the next garbage collection.
+        [app] = list(hooks._states)
+
+    def dispatch(provider: str, callback: str, key: str) -> bool:
+        with _app_context(hooks, app):
+            if hooks.dispatch_due(provider, callback, key):
+                return True
+            _enqueue_when_due(hooks, enqueue, provider, callback, key)
+            return False
+
+    def process_due() -> int:
+        with _app_context(hooks, app):
+            return hooks.process_due()
+
+    dispatch.__doc__ = "Dispatch one stored delivery if it is due; whether it was attempted."
+    process_due.__doc__ = "Dispatch every delivery due now; how many were attempted."
+    # shared=False: a shared task would be added to every Celery app created
+    # later in the process, bound to this OrderHooks. One result per delivery
+    # would only fill a result backend nobody reads.
+    dispatch_task = celery_app.task(name=DISPATCH_TASK, shared=False, ignore_result=True)(dispatch)
+    celery_app.task(name=PROCESS_DUE_TASK, shared=False)(process_due)
+
+    def enqueue(provider: str, callback: str, key: str, countdown: float) -> None:
+        # retry=False: no publish retries inside the platform's request; a
+        # failure here is logged by the extension and left to the sweep.
+        dispatch_task.apply_async(
+            (provider, callback, key),
+            # No countdown for "now": an ETA task is held in the worker's
+            # memory, outside its prefetch limit, until it falls due.
+            countdown=countdown if countdown > 0 else None,
+            retry=False,
+        )
+
+    _registered[celery_app] = hooks
+    hooks.enqueuer = enqueue
+
+
+def _enqueue_when_due(
+    hooks: OrderHooks, enqueue: Enqueuer, provider: str, callback: str, key: str
+) -> None:
+    """Enqueue a delivery that is still waiting again, when it is worth
+    looking at it again: its message found it not due, or held.
+
+    - Not due by this host's clock: a deferred delivery is due from the web
+      host's clock at the moment it was stored, and its message reaches a
+      worker within milliseconds, so a worker whose clock is a few
+      milliseconds behind finds it "not due yet". Enqueued for then.
+    - Due, but locked by another transaction at that instant: the due claim
+      skips locked rows (``SKIP LOCKED``), and a duplicate callback of the
+      delivery, arriving while it is claimed, locks the row for the length
+      of its statement. Enqueued again after
+      ``ORDERHOOKS_WORKER_POLL_INTERVAL``, as a worker would look again.
+
+    Either way the message would otherwise be spent and the delivery left
+    to the sweep. Done, dead and claimed deliveries are left alone: their
+    message has nothing more to do.
+    """
+    for stored in hooks.store.get(key, provider, callback):
+        if stored.status in {PENDING, FAILED} and stored.next_attempt_at is not None:
+            countdown = stored.next_attempt_at.timestamp() - hooks.clock()
+            if countdown <= 0:
+                countdown = hooks.state().settings.worker_poll_interval
+            enqueue(provider, callback, key, countdown)
+
+
+@contextmanager
+def _app_context(hooks: OrderHooks, app: Flask | None) -> Iterator[None]:
+    if has_app_context():
+        yield
+        return
+    target = app if app is not None else _only_app(hooks)
+    with target.app_context():
+        yield
+
+
+def _only_app(hooks: OrderHooks) -> Flask:
+    apps = list(hooks._states)
+    if not apps:
+        raise RuntimeError(
+            "The orderhooks Celery tasks need a Flask app, and this OrderHooks is not "
+            "registered on any: call hooks.init_app(app) in the worker too, or pass the "
+            "app: init_celery(celery_app, hooks, app=app)."
+        )
+    if len(apps) > 1:
+        raise RuntimeError(
+            f"The orderhooks Celery tasks need a Flask app, and this OrderHooks is "
+            f"registered on {len(apps)} apps. Pass the app: init_celery(celery_app, "
+            "hooks, app=app), or run the tasks in an app context (Flask's FlaskTask)."
+        )
+    return apps[0]

@@ -1,0 +1,215 @@
+"""The store's SQL for MySQL and MariaDB (InnoDB).
+
+They have ``INSERT … ON DUPLICATE KEY UPDATE`` but no ``RETURNING`` on it
+(MariaDB's ``INSERT … RETURNING`` is its own, MySQL has none), so each
+operation is a few statements in one short transaction, written so that both
+MySQL 8 and MariaDB ≥ 10.6 accept them. Each exposes ``first(connection,
+params)`` with the same rows as :class:`~.statements.Statements`, so the
+state machine in :mod:`.delivery_store` is the same for every database.
+
+Two MySQL rules shape the SQL:
+
+- ``ON DUPLICATE KEY UPDATE`` assigns left to right, and a later assignment
+  sees the earlier ones' new values. The first assignment decides (the claim
+  token changes only on a takeover); every later one asks "is the token now
+  mine?", and ``status`` and ``lease_expires_at``, which the decision reads,
+  change last.
+- ``UPDATE`` and locking reads act on the latest committed row whatever the
+  transaction's snapshot, so REPEATABLE READ (the default) never hides a
+  claim from the done mark.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
+from sqlalchemy.engine import Connection, Dialect
+
+from ..driver_statement import DriverStatement
+from .statements import LEASE_LOST, ROW_COLUMNS, new_row
+from .table import DEAD, DONE, FAILED, PENDING, PROCESSING, WHEN
+
+
+class MySQLStatements:
+    """The store's operations on MySQL and MariaDB."""
+
+    def __init__(self, t: sa.Table, dialect: Dialect) -> None:
+        key = (
+            t.c.provider == sa.bindparam("p_provider"),
+            t.c.callback == sa.bindparam("p_callback"),
+            t.c.key == sa.bindparam("p_key"),
+        )
+        mine = t.c.claim_token == sa.bindparam("p_token")
+
+        def then(value: Any, column: sa.Column[Any]) -> Any:
+            return sa.case((mine, value), else_=column)
+
+        same_body = t.c.body_sha256 == sa.bindparam("p_digest")
+        claim_takeover = sa.and_(
+            sa.or_(
+                t.c.status == FAILED,
+                t.c.status == DEAD,
+                t.c.status == PENDING,
+                t.c.status == sa.bindparam("p_takeover"),
+                sa.and_(
+                    t.c.status == PROCESSING,
+                    t.c.lease_expires_at < sa.bindparam("p_now", type_=WHEN),
+                ),
+            ),
+            same_body,
+        )
+        lease = sa.bindparam("p_lease", type_=WHEN)
+        now = sa.bindparam("p_now", type_=WHEN)
+        claim = (
+            mysql.insert(t)
+            .values(new_row(t, status=PROCESSING, attempts=1, lease="p_lease", due="p_lease"))
+            .on_duplicate_key_update(
+                [
+                    (
+                        "claim_token",
+                        sa.case((claim_takeover, sa.bindparam("p_token")), else_=t.c.claim_token),
+                    ),
+                    ("attempts", then(t.c.attempts + 1, t.c.attempts)),
+                    ("next_attempt_at", then(lease, t.c.next_attempt_at)),
+                    ("updated_at", then(now, t.c.updated_at)),
+                    ("lease_expires_at", then(lease, t.c.lease_expires_at)),
+                    ("status", then(PROCESSING, t.c.status)),
+                ]
+            )
+        )
+        accept_takeover = sa.and_(
+            sa.or_(
+                t.c.status == FAILED,
+                t.c.status == DEAD,
+                sa.and_(
+                    t.c.status == PROCESSING,
+                    t.c.lease_expires_at < sa.bindparam("p_now", type_=WHEN),
+                ),
+            ),
+            same_body,
+        )
+        accept = (
+            mysql.insert(t)
+            .values(new_row(t, status=PENDING, attempts=0, lease="p_now", due="p_now"))
+            .on_duplicate_key_update(
+                [
+                    (
+                        "claim_token",
+                        sa.case((accept_takeover, sa.bindparam("p_token")), else_=t.c.claim_token),
+                    ),
+                    ("next_attempt_at", then(now, t.c.next_attempt_at)),
+                    ("updated_at", then(now, t.c.updated_at)),
+                    ("status", then(PENDING, t.c.status)),
+                ]
+            )
+        )
+        token_and_attempts = sa.select(t.c.claim_token, t.c.attempts).where(*key)
+        whole_row = sa.select(*[t.c[name] for name in ROW_COLUMNS]).where(*key)
+        mark_done = (
+            sa.update(t).where(*key, mine).values(status=DONE, next_attempt_at=None, updated_at=now)
+        )
+        mark_failed = (
+            sa.update(t)
+            .where(*key, mine, t.c.status != DONE)
+            .values(
+                status=sa.bindparam("p_status", type_=t.c.status.type),
+                error=sa.bindparam("p_error"),
+                next_attempt_at=sa.bindparam("p_next", type_=WHEN),
+                updated_at=now,
+            )
+        )
+        was_processing = t.c.status == PROCESSING
+        take_due = (
+            sa.update(t)
+            .where(*key)
+            .ordered_values(
+                (
+                    t.c.claim_token,
+                    sa.case(
+                        (was_processing, sa.bindparam("p_lost_token")),
+                        else_=sa.bindparam("p_token"),
+                    ),
+                ),
+                (
+                    t.c.error,
+                    sa.case(
+                        (was_processing, sa.literal(LEASE_LOST, t.c.error.type)),
+                        else_=t.c.error,
+                    ),
+                ),
+                (t.c.attempts, t.c.attempts + 1),
+                (t.c.lease_expires_at, lease),
+                (t.c.next_attempt_at, lease),
+                (t.c.updated_at, now),
+                (t.c.status, PROCESSING),
+            )
+        )
+        self.claim = _UpsertThenRead(
+            DriverStatement(claim, dialect), DriverStatement(token_and_attempts, dialect)
+        )
+        self.accept = _UpsertThenRead(
+            DriverStatement(accept, dialect),
+            DriverStatement(sa.select(t.c.claim_token).where(*key), dialect),
+        )
+        self.state = DriverStatement(sa.select(t.c.status, t.c.body_sha256).where(*key), dialect)
+        self.mark_done = _UpdateThenRead(DriverStatement(mark_done, dialect), None)
+        self.mark_failed = _UpdateThenRead(
+            DriverStatement(mark_failed, dialect), DriverStatement(whole_row, dialect)
+        )
+        found = sa.select(t.c.provider, t.c.callback, t.c.key).order_by(t.c.next_attempt_at)
+        due = found.where(t.c.next_attempt_at <= now)
+        self.claim_due = _TakeDue(
+            DriverStatement(due.limit(1).with_for_update(skip_locked=True), dialect),
+            DriverStatement(take_due, dialect),
+            DriverStatement(whole_row, dialect),
+        )
+        self.claim_due_key = _TakeDue(
+            DriverStatement(due.where(*key).limit(1).with_for_update(skip_locked=True), dialect),
+            DriverStatement(take_due, dialect),
+            DriverStatement(whole_row, dialect),
+        )
+
+
+class _UpsertThenRead:
+    """The upsert, then the row as it is now (the transaction's own write)."""
+
+    def __init__(self, upsert: DriverStatement, read: DriverStatement) -> None:
+        self.upsert = upsert
+        self.read = read
+
+    def first(self, connection: Connection, params: dict[str, Any]) -> tuple[Any, ...] | None:
+        self.upsert.rowcount(connection, params)
+        return self.read.first(connection, params)
+
+
+class _UpdateThenRead:
+    """An update fenced by the claim token; the row (or ``(1,)``) if it matched."""
+
+    def __init__(self, update: DriverStatement, read: DriverStatement | None) -> None:
+        self.update = update
+        self.read = read
+
+    def first(self, connection: Connection, params: dict[str, Any]) -> tuple[Any, ...] | None:
+        # PyMySQL reports matched rows (SQLAlchemy sets CLIENT.FOUND_ROWS).
+        if not self.update.rowcount(connection, params):
+            return None
+        return (1,) if self.read is None else self.read.first(connection, params)
+
+
+class _TakeDue:
+    """``SELECT … FOR UPDATE SKIP LOCKED``, then the claim, then the row."""
+
+    def __init__(self, find: DriverStatement, take: DriverStatement, read: DriverStatement) -> None:
+        self.find = find
+        self.take = take
+        self.read = read
+
+    def first(self, connection: Connection, params: dict[str, Any]) -> tuple[Any, ...] | None:
+        found = self.find.first(connection, params)
+        if found is None:
+            return None
+        where = {**params, "p_provider": found[0], "p_callback": found[1], "p_key": found[2]}
+        self.take.rowcount(connection, where)
+        return self.read.first(connection, where)

@@ -28,6 +28,10 @@ PG_URL = os.environ.get(
     "ORDERHOOKS_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 REQUIRE_POSTGRES = os.environ.get("ORDERHOOKS_REQUIRE_POSTGRES") == "1"
+MARIADB_URL = os.environ.get(
+    "ORDERHOOKS_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test?charset=utf8mb4"
+)
+REQUIRE_MARIADB = os.environ.get("ORDERHOOKS_REQUIRE_MARIADB") == "1"
 
 IGV_SECRET = "aBcDeFgHiJkLmNoPqRsTuVwXyZ012345"
 GATEWAY_KEYS = {"10001": "merchant-key"}
@@ -42,11 +46,12 @@ BASE_CONFIG: dict[str, Any] = {
 }
 
 _skipped_postgres: list[str] = []
+_skipped_mariadb: list[str] = []
 
 
-def _postgres_error() -> str | None:
+def _server_error(url: str) -> str | None:
     try:
-        engine = sa.create_engine(PG_URL)
+        engine = sa.create_engine(url)
         with engine.connect() as connection:
             connection.execute(sa.text("SELECT 1"))
         engine.dispose()
@@ -58,7 +63,7 @@ def _postgres_error() -> str | None:
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A PostgreSQL URL whose connections use a schema of their own."""
-    error = _postgres_error()
+    error = _server_error(PG_URL)
     if error is not None:
         message = (
             f"PostgreSQL is NOT AVAILABLE at {PG_URL} ({error}); the PostgreSQL half of the "
@@ -92,10 +97,47 @@ def private_schema(base_url: str, prefix: str) -> Iterator[str]:
         admin.dispose()
 
 
+@pytest.fixture(scope="session")
+def mariadb_url() -> Iterator[str]:
+    """A MariaDB (or MySQL) URL on a database of its own, dropped afterwards."""
+    error = _server_error(MARIADB_URL)
+    if error is not None:
+        message = (
+            f"MariaDB is NOT AVAILABLE at {MARIADB_URL} ({error}); the MariaDB third of the "
+            "suite did not run. Start MariaDB or set ORDERHOOKS_TEST_MARIADB_URL."
+        )
+        if REQUIRE_MARIADB:
+            pytest.fail("ORDERHOOKS_REQUIRE_MARIADB=1: " + message, pytrace=False)
+        _skipped_mariadb.append(message)
+        pytest.skip(message)
+    with private_database(MARIADB_URL, "orderhooks_test") as url:
+        yield url
+
+
+@contextmanager
+def private_database(base_url: str, prefix: str) -> Iterator[str]:
+    """``base_url`` on a fresh MariaDB/MySQL database, dropped afterwards."""
+    base = sa.make_url(base_url)
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(base)
+    with admin.begin() as connection:
+        connection.exec_driver_sql(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+    try:
+        yield base.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as connection:
+            connection.exec_driver_sql("SET SESSION lock_wait_timeout = 20")
+            connection.exec_driver_sql(f"DROP DATABASE `{name}`")
+        admin.dispose()
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if _skipped_postgres:
         terminalreporter.write_sep("!", "POSTGRESQL TESTS SKIPPED", red=True, bold=True)
         terminalreporter.write_line(_skipped_postgres[0], red=True)
+    if _skipped_mariadb:
+        terminalreporter.write_sep("!", "MARIADB TESTS SKIPPED", red=True, bold=True)
+        terminalreporter.write_line(_skipped_mariadb[0], red=True)
 
 
 class Base(DeclarativeBase):
@@ -111,7 +153,11 @@ class Credit(Base):
     note: Mapped[str] = mapped_column(sa.String(200), default="")
 
 
-BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+BACKENDS = [
+    "sqlite",
+    pytest.param("postgresql", marks=pytest.mark.postgres),
+    pytest.param("mariadb", marks=pytest.mark.mariadb),
+]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -123,6 +169,8 @@ def backend(request: pytest.FixtureRequest) -> str:
 def database_uri(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
     if backend == "postgresql":
         return str(request.getfixturevalue("postgres_url"))
+    if backend == "mariadb":
+        return str(request.getfixturevalue("mariadb_url"))
     return f"sqlite:///{tmp_path / 'host.sqlite3'}"
 
 

@@ -237,6 +237,14 @@ def test_the_deferred_acceptance_is_never_relaxed(recorder: RecorderFactory, clo
     app, _rec = deferred(recorder, clock)
     with app.app_context():
         store = app.extensions["orderhooks"].store
+        if store.dialect in ("mysql", "mariadb"):
+            # InnoDB's commit is durable when the server flushes its log at
+            # each commit, and no store statement changes that.
+            with store.engine.connect() as connection:
+                flush = connection.exec_driver_sql("SELECT @@innodb_flush_log_at_trx_commit")
+                assert flush.scalar() == 1
+            assert post(app, make("igv", app)).status_code == 200
+            return
         if store.dialect == "postgresql":
             # The setting's name is a literal bind of the compiled statement.
             assert "synchronous_commit" in store._sql.claim._defaults.values()

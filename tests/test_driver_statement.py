@@ -11,6 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from flask_orderhooks.driver_statement import DriverStatement
+from flask_orderhooks.store.table import BODY, WHEN, WHEN_COLUMN
 
 SECRET_BODY = b"body-that-must-not-appear-in-errors"
 
@@ -20,15 +21,16 @@ things = sa.Table(
     metadata,
     sa.Column("key", sa.String(40), primary_key=True),
     sa.Column("kind", sa.String(20), nullable=False),
-    sa.Column("seen_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("body", sa.LargeBinary, nullable=False),
+    # The store's own types: microseconds and large bodies on MySQL too.
+    sa.Column("seen_at", WHEN_COLUMN, nullable=False),
+    sa.Column("body", BODY, nullable=False),
 )
 insert = things.insert().values(
     key=sa.bindparam("p_key"),
     # A literal: converted once, when the statement is compiled.
     kind=sa.literal("thing", sa.String(20)),
-    seen_at=sa.bindparam("p_at", type_=sa.DateTime(timezone=True)),
-    body=sa.bindparam("p_body", type_=sa.LargeBinary),
+    seen_at=sa.bindparam("p_at", type_=WHEN),
+    body=sa.bindparam("p_body", type_=BODY),
 )
 select_kind = sa.select(things.c.kind, things.c.body).where(things.c.key == sa.bindparam("p_key"))
 
@@ -58,7 +60,7 @@ def test_runs_with_the_dialects_conversions(engine: sa.Engine) -> None:
         row = connection.execute(sa.select(things)).one()
         # SQLAlchemy's own comparison against the stored text must match too.
         found = connection.execute(
-            sa.select(things.c.key).where(things.c.seen_at == at)
+            sa.select(things.c.key).where(things.c.seen_at == sa.bindparam("at", at, type_=WHEN))
         ).scalar_one()
     assert found == "a"
     assert (row.key, row.kind, bytes(row.body)) == ("a", "thing", b"\x00\xff")

@@ -25,6 +25,7 @@ schedule is not optional.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -50,7 +51,13 @@ PROCESS_DUE_TASK = "orderhooks.process_due"
 _registered: WeakKeyDictionary[Any, OrderHooks] = WeakKeyDictionary()
 
 
-def init_celery(celery_app: Celery, hooks: OrderHooks, *, app: Flask | None = None) -> None:
+def init_celery(
+    celery_app: Celery,
+    hooks: OrderHooks,
+    *,
+    app: Flask | None = None,
+    broker_cooldown: float = 10.0,
+) -> None:
     """Dispatch ``hooks``' deferred deliveries on ``celery_app``'s workers.
 
     Registers the tasks ``orderhooks.dispatch`` and ``orderhooks.process_due``
@@ -79,8 +86,11 @@ def init_celery(celery_app: Celery, hooks: OrderHooks, *, app: Flask | None = No
     stays due in the store for ``orderhooks.process_due``. Celery still
     reconnects inside that call for up to ``broker_connection_timeout``
     (4 s by default, about 6 s with its retry interval: longer than the
-    payment gateway waits for an answer). Bound it in the Celery config of
-    the web processes::
+    payment gateway waits for an answer). So after a failed publish the
+    enqueuer does not try the broker again for ``broker_cooldown`` seconds:
+    the requests in between are answered at once (each still logs its
+    WARNING) and the sweep dispatches what they stored. Bound the first
+    failure too, in the Celery config of the web processes::
 
         broker_connection_timeout = 1
         broker_transport_options = {
@@ -106,6 +116,8 @@ def init_celery(celery_app: Celery, hooks: OrderHooks, *, app: Flask | None = No
         its workers dispatch.
     :param app: the Flask app to run the tasks in when no app context is
         active; needed when ``hooks`` is registered on several apps.
+    :param broker_cooldown: seconds without publishing after a publish
+        failed (0: try every time).
     :raises RuntimeError: ``init_celery`` was already called for
         ``celery_app``, or ``hooks`` already has an enqueuer.
 
@@ -148,19 +160,33 @@ def init_celery(celery_app: Celery, hooks: OrderHooks, *, app: Flask | None = No
     dispatch_task = celery_app.task(name=DISPATCH_TASK, shared=False, ignore_result=True)(dispatch)
     celery_app.task(name=PROCESS_DUE_TASK, shared=False)(process_due)
 
+    broker_down_until = [0.0]
+
     def enqueue(provider: str, callback: str, key: str, countdown: float) -> None:
-        # retry=False: no publish retries inside the platform's request; a
-        # failure here is logged by the extension and left to the sweep.
-        dispatch_task.apply_async(
-            (provider, callback, key),
-            # No countdown for "now": an ETA task is held in the worker's
-            # memory, outside its prefetch limit, until it falls due.
-            countdown=countdown if countdown > 0 else None,
-            retry=False,
-        )
+        if time.monotonic() < broker_down_until[0]:
+            raise BrokerCoolingDown(
+                f"the broker failed less than {broker_cooldown:g}s ago; not tried"
+            )
+        try:
+            # retry=False: no publish retries inside the platform's request;
+            # a failure here is logged by the extension and left to the sweep.
+            dispatch_task.apply_async(
+                (provider, callback, key),
+                # No countdown for "now": an ETA task is held in the worker's
+                # memory, outside its prefetch limit, until it falls due.
+                countdown=countdown if countdown > 0 else None,
+                retry=False,
+            )
+        except Exception:
+            broker_down_until[0] = time.monotonic() + broker_cooldown
+            raise
 
     _registered[celery_app] = hooks
     hooks.enqueuer = enqueue
+
+
+class BrokerCoolingDown(ConnectionError):
+    """A publish failed within ``broker_cooldown`` seconds: not tried now."""
 
 
 def _enqueue_when_due(

@@ -424,7 +424,13 @@ def test_concurrent_workers_dispatch_each_delivery_once(
     assert {r.status for r in rows(app)} == {"done"}
 
 
-@pytest.mark.parametrize("backend", [pytest.param("postgresql", marks=pytest.mark.postgres)])
+@pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param("postgresql", marks=pytest.mark.postgres),
+        pytest.param("mariadb", marks=pytest.mark.mariadb),
+    ],
+)
 def test_a_busy_delivery_never_holds_up_another_worker(make_app: Any) -> None:
     """SKIP LOCKED: while one worker is inside a slow receiver, another worker
     dispatches every other due delivery. (SQLite has one writer: there the

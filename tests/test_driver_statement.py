@@ -95,16 +95,28 @@ def test_driver_errors_are_sqlalchemys_with_parameters_hidden(engine: sa.Engine)
 
 
 @pytest.mark.parametrize(
-    "backend", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+    "backend",
+    [
+        pytest.param("postgresql", marks=pytest.mark.postgres),
+        pytest.param("mariadb", marks=pytest.mark.mariadb),
+    ],
+    indirect=True,
 )
 def test_a_lost_connection_is_invalidated(engine: sa.Engine) -> None:
-    """As Connection.execute() would: the pool never hands the dead one out again."""
+    """As Connection.execute() would: the pool never hands the dead one out again
+    (MySQL's 2006/2013 "server has gone away" / "lost connection")."""
     statement = DriverStatement(select_kind, engine.dialect)
+    postgres = engine.dialect.name == "postgresql"
     with engine.connect() as connection:
-        pid = connection.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+        pid = connection.exec_driver_sql(
+            "SELECT pg_backend_pid()" if postgres else "SELECT CONNECTION_ID()"
+        ).scalar_one()
         connection.rollback()
         with engine.connect() as other:
-            other.execute(sa.select(sa.func.pg_terminate_backend(pid)))
+            if postgres:
+                other.execute(sa.select(sa.func.pg_terminate_backend(pid)))
+            else:
+                other.exec_driver_sql(f"KILL CONNECTION {int(pid)}")
         with pytest.raises(sa.exc.OperationalError) as caught:
             statement.first(connection, {"p_key": "a"})
         assert caught.value.connection_invalidated

@@ -289,10 +289,17 @@ def test_pitfall_postgres_claim_does_not_trust_rowcount(postgres_url: str, tmp_p
         standalone.engine.dispose()
 
 
-@pytest.mark.postgres
-def test_pitfall_concurrent_create_all_on_postgres(postgres_url: str) -> None:
+@pytest.mark.parametrize(
+    "server",
+    [
+        pytest.param("postgres_url", marks=pytest.mark.postgres),
+        pytest.param("mariadb_url", marks=pytest.mark.mariadb),
+    ],
+)
+def test_pitfall_concurrent_create_all(server: str, request: pytest.FixtureRequest) -> None:
     """Several workers creating the table at once must all come up."""
-    stores = [StandaloneDatabase(postgres_url, busy_timeout=1, engine_options={}) for _ in range(6)]
+    url = str(request.getfixturevalue(server))
+    stores = [StandaloneDatabase(url, busy_timeout=1, engine_options={}) for _ in range(6)]
     barrier = threading.Barrier(len(stores))
     errors: list[BaseException] = []
 

@@ -20,6 +20,10 @@ LEVELS = [
         pytest.param("postgresql", level, marks=pytest.mark.postgres)
         for level in ("READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE")
     ),
+    *(
+        pytest.param("mariadb", level, marks=pytest.mark.mariadb)
+        for level in ("READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE")
+    ),
 ]
 
 
@@ -77,3 +81,33 @@ def test_a_snapshot_session_that_wrote_before_the_view_is_refused_clearly(
         (row,) = app.extensions["orderhooks"].store.list()
     assert (row.status, row.attempts) == ("failed", 1)
     assert f"db.session began a {level} transaction and wrote before the callback" in caplog.text
+
+
+@pytest.mark.mariadb
+@pytest.mark.parametrize("backend", ["mariadb"])
+@pytest.mark.parametrize("level", ["REPEATABLE READ", "SERIALIZABLE"])
+def test_mysql_needs_no_stale_snapshot_rule(recorder: RecorderFactory, level: str) -> None:
+    """InnoDB's UPDATE acts on the latest committed row whatever the
+    transaction's snapshot, so the done mark finds the claim even when the
+    host's session wrote before the view at REPEATABLE READ: unlike
+    PostgreSQL, nothing is refused, and the host's write commits with it."""
+    app, rec = recorder(SQLALCHEMY_ENGINE_OPTIONS={"isolation_level": level})
+    db = rec.db
+    assert db is not None
+
+    @app.before_request
+    def write_something() -> None:
+        db.session.add(Credit(key="written before the view"))
+        db.session.flush()
+
+    with app.app_context():
+        cb = build("igv", app=app)
+    client = app.test_client()
+    first = client.post(cb.url(), data=cb.body, headers=cb.headers)
+    assert first.status_code == 200, first.text
+    assert len(rec.events) == 1
+    # The hook's row and the receiver's row, committed with the done mark.
+    assert rec.credits() == 2
+    with app.app_context():
+        (row,) = app.extensions["orderhooks"].store.list()
+    assert (row.status, row.attempts) == ("done", 1)

@@ -76,6 +76,31 @@ def exact_string(length: int) -> sa.types.TypeEngine[str]:
     )
 
 
+#: The idempotency key, byte for byte. On MySQL and MariaDB even a binary
+#: collation (utf8mb4_bin) pads: 'Abc' and 'Abc ' would be one key. A
+#: VARBINARY of the key's longest UTF-8 form compares exact bytes on both;
+#: strings go in and come back as such (:class:`Utf8Binary`).
+class Utf8Binary(sa.types.TypeDecorator[str]):
+    """A string kept as its UTF-8 bytes in a ``VARBINARY`` (MySQL, MariaDB):
+    compared byte for byte, with no collation and no padding."""
+
+    impl = mysql.VARBINARY
+    cache_ok = True
+
+    def __init__(self, length: int) -> None:
+        super().__init__(length)
+        self.length = length
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> bytes | None:
+        return value.encode("utf-8") if value is not None else None
+
+    def process_result_value(self, value: bytes | None, dialect: Dialect) -> str | None:
+        return bytes(value).decode("utf-8") if value is not None else None
+
+
+KEY = sa.String(MAX_KEY_LENGTH).with_variant(Utf8Binary(MAX_KEY_LENGTH * 4), *MYSQL)
+
+
 def deliveries_table(metadata: sa.MetaData) -> sa.Table:
     """The ``orderhooks_deliveries`` table in ``metadata`` (created once)."""
     existing = metadata.tables.get(TABLE_NAME)
@@ -86,7 +111,7 @@ def deliveries_table(metadata: sa.MetaData) -> sa.Table:
         metadata,
         sa.Column("provider", exact_string(16), primary_key=True),
         sa.Column("callback", exact_string(32), primary_key=True),
-        sa.Column("key", exact_string(MAX_KEY_LENGTH), primary_key=True),
+        sa.Column("key", KEY, primary_key=True),
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("attempts", sa.Integer, nullable=False),
         sa.Column("claim_token", exact_string(32), nullable=False),

@@ -1,0 +1,198 @@
+"""MySQL's and MariaDB's own traps (PITFALLS.md), each on the real MariaDB:
+case-insensitive collations, whole-second lock waits, lock wait timeouts and
+deadlocks, utf8mb4, BLOB's 64 KiB limit, and the plans of the per-delivery
+statements."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import pymysql
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+from sqlalchemy.exc import DBAPIError
+
+from flask_orderhooks.driver_statement import DriverStatement
+from flask_orderhooks.store import DUE_INDEX, TABLE_NAME, DeliveryStore
+from tests.conftest import Recorder
+from tests.test_durability import make, post, rows
+
+RecorderFactory = Callable[..., tuple[Flask, Recorder]]
+
+pytestmark = [pytest.mark.mariadb, pytest.mark.parametrize("backend", ["mariadb"])]
+
+
+def store_of(app: Flask) -> DeliveryStore:
+    with app.app_context():
+        store: DeliveryStore = app.extensions["orderhooks"].store
+        store.engine  # noqa: B018 - resolved inside the app context
+        return store
+
+
+def test_keys_differing_in_case_or_trailing_space_are_three_deliveries(
+    recorder: RecorderFactory,
+) -> None:
+    """utf8mb4_general_ci would make 'Abc', 'abc' and 'Abc ' one key."""
+    app, rec = recorder()
+    for request_id in ("Abc", "abc", "Abc "):
+        assert post(app, make("igv", app, request_id=request_id)).status_code == 200
+    # utf8mb4: four-byte characters (SUD's key comes from its JSON body).
+    for notify_id in ("n😀", "n😁"):
+        assert post(app, make("sud", app, notify_id=notify_id)).status_code == 200
+    assert sorted(r.key for r in rows(app)) == sorted(["Abc", "abc", "Abc ", "n😀", "n😁"])
+    assert len(rec.events) == 5
+
+
+def test_a_body_of_the_largest_accepted_size_is_kept_whole(recorder: RecorderFactory) -> None:
+    """BLOB holds 65,535 bytes, one short of ORDERHOOKS_MAX_BODY's default."""
+    app, _rec = recorder()
+    cb = make("sud", app, notify_id="big", payload={"pad": "x" * 60_000})
+    padded = make(
+        "sud", app, notify_id="big", payload={"pad": "x" * (60_000 + 65_536 - len(cb.body))}
+    )
+    assert len(padded.body) == 65_536
+    assert post(app, padded).status_code == 200
+    (row,) = [r for r in rows(app) if r.key == padded.key]
+    assert row.body == padded.body
+
+
+def test_a_held_row_lock_is_busy_never_a_500_nor_a_second_dispatch(
+    recorder: RecorderFactory,
+) -> None:
+    app, rec = recorder(ORDERHOOKS_DUPLICATE_WAIT=1)
+    cb = make("igv", app)
+    rec.fail_next = 1
+    assert post(app, cb).status_code == 500
+    store = store_of(app)
+    with store.engine.connect() as holder:
+        # Another transaction holds the failed delivery's row.
+        holder.exec_driver_sql(
+            f"SELECT status FROM {TABLE_NAME} WHERE `key` = %s FOR UPDATE", (cb.key,)
+        ).all()
+        response = post(app, cb)
+        holder.rollback()
+    assert (response.status_code, response.get_data(as_text=True)) == (
+        503,
+        "The store is busy; retry later.",
+    )
+    assert len(rec.events) == 1
+    assert post(app, cb).status_code == 200
+    assert len(rec.events) == 2
+    assert rows(app)[0].status == "done"
+
+
+def test_a_deadlock_is_tried_again(recorder: RecorderFactory, monkeypatch: Any) -> None:
+    """InnoDB breaks a deadlock by rolling one transaction back (1213): the
+    claim is simply tried again while the duplicate wait lasts."""
+    app, rec = recorder()
+    store = store_of(app)
+    claim = store._sql.claim
+    broken = {"left": 1}
+    original = claim.first
+
+    def deadlock_once(connection: Any, params: Any) -> Any:
+        if broken["left"]:
+            broken["left"] -= 1
+            orig = pymysql.err.OperationalError(1213, "Deadlock found when trying to get lock")
+            raise DBAPIError.instance("INSERT …", None, orig, pymysql.err.Error)
+        return original(connection, params)
+
+    monkeypatch.setattr(claim, "first", deadlock_once)
+    assert post(app, make("collect", app)).status_code == 200
+    assert broken["left"] == 0
+    assert len(rec.events) == 1
+    assert rows(app)[0].attempts == 1
+
+
+def test_lock_waits_are_whole_seconds_and_given_back(recorder: RecorderFactory) -> None:
+    """innodb_lock_wait_timeout refuses 0.5 (error 1232): a 0.5 s duplicate
+    wait becomes 1 s, and the session's value goes back afterwards (the
+    connection may be the host's)."""
+    app, _rec = recorder(ORDERHOOKS_DUPLICATE_WAIT=0.5)
+    store = store_of(app)
+    seen: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if "innodb_lock_wait_timeout" in statement:
+            seen.append(statement)
+
+    sa.event.listen(store.engine, "before_cursor_execute", record)
+    try:
+        assert post(app, make("igv", app)).status_code == 200
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", record)
+    assert seen == [
+        "SET SESSION innodb_lock_wait_timeout = 1",
+        "SET SESSION innodb_lock_wait_timeout = DEFAULT",
+    ]
+    with store.engine.connect() as connection:
+        session, server = connection.exec_driver_sql(
+            "SELECT @@SESSION.innodb_lock_wait_timeout, @@GLOBAL.innodb_lock_wait_timeout"
+        ).one()
+    assert session == server
+
+
+def test_concurrent_first_deliveries_of_one_key_dispatch_once(
+    recorder: RecorderFactory,
+) -> None:
+    """INSERT … ON DUPLICATE KEY UPDATE takes next-key locks: copies racing on
+    a new key wait for (or deadlock with) each other, and still one wins."""
+    app, rec = recorder()
+    gate = threading.Barrier(6)
+    answers: list[int] = []
+    cb = make("sud", app)
+
+    def send() -> None:
+        gate.wait()
+        answers.append(post(app, cb).status_code)
+
+    threads = [threading.Thread(target=send) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert set(answers) <= {200, 503}
+    assert 200 in answers
+    assert len(rec.events) == 1
+
+
+def _plan(store: DeliveryStore, statement: DriverStatement, params: dict[str, Any]) -> list[Any]:
+    with store.engine.connect() as connection:
+        cursor = connection.connection.cursor()
+        try:
+            cursor.execute("EXPLAIN " + statement.sql, {**statement._defaults, **params})
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+        finally:
+            cursor.close()
+
+
+def test_per_delivery_statements_use_the_primary_key(recorder: RecorderFactory) -> None:
+    app, _rec = recorder()
+    for _ in range(50):
+        post(app, make("igv", app))
+    existing = rows(app)[0].key
+    store = store_of(app)
+    sql: Any = store._sql
+    now = datetime.now(UTC).replace(tzinfo=None)
+    params = {
+        "p_provider": "igv",
+        "p_callback": "order-status",
+        "p_key": existing,
+        "p_token": "t",
+        "p_lost_token": "l",
+        "p_now": now,
+        "p_lease": now,
+        "p_status": "failed",
+        "p_error": "e",
+        "p_next": now,
+    }
+    for statement in (sql.state, sql.mark_done.update, sql.mark_failed.update):
+        (access,) = _plan(store, statement, params)
+        assert access["key"] == "PRIMARY", (statement, access)
+    (due,) = _plan(store, sql.claim_due.find, params)
+    assert due["key"] == DUE_INDEX, due

@@ -142,6 +142,7 @@ class OrderHooks:
                 clock=self.clock,
                 prepare=standalone.ensure_table,
                 on_failure=self._failed,
+                shared_engine=False,
             )
         providers = {name: _PROVIDERS[name](settings) for name in settings.enabled_platforms}
         state = AppState(

@@ -196,3 +196,23 @@ def test_per_delivery_statements_use_the_primary_key(recorder: RecorderFactory) 
         assert access["key"] == "PRIMARY", (statement, access)
     (due,) = _plan(store, sql.claim_due.find, params)
     assert due["key"] == DUE_INDEX, due
+
+
+def test_the_own_store_sets_its_lock_wait_once(recorder: RecorderFactory) -> None:
+    """Without db= the engine is the store's alone: the session keeps its
+    lock wait, set once per connection instead of twice per claim."""
+    app, _rec = recorder(host_db=False, ORDERHOOKS_DUPLICATE_WAIT=2.5)
+    store = store_of(app)
+    seen: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if "innodb_lock_wait_timeout" in statement:
+            seen.append(statement)
+
+    sa.event.listen(store.engine, "before_cursor_execute", record)
+    try:
+        for _ in range(3):
+            assert post(app, make("igv", app)).status_code == 200
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", record)
+    assert seen == ["SET SESSION innodb_lock_wait_timeout = 3"]

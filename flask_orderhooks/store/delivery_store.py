@@ -76,6 +76,8 @@ class DeliveryStore:
     :param table: the deliveries table.
     :param retries: when a failed attempt is due again, and when to give up.
     :param clock: Unix time in seconds (injectable for tests).
+    :param shared_engine: ``engine`` is the host's too: session settings the
+        store changes (MySQL's lock wait) are given back after each use.
     :param on_failure: called with the stored row and the error text after
         each failed attempt is recorded (the extension sends
         ``delivery_failed`` / ``delivery_dead`` from it).
@@ -93,6 +95,7 @@ class DeliveryStore:
         clock: Callable[[], float] = time.time,
         prepare: Callable[[], None] | None = None,
         on_failure: Callable[[StoredDelivery, str], None] | None = None,
+        shared_engine: bool = True,
     ) -> None:
         self._engine = engine
         self._dispatch_transaction = dispatch_transaction
@@ -103,6 +106,7 @@ class DeliveryStore:
         self._clock = clock
         self._prepare = prepare
         self.on_failure = on_failure
+        self.shared_engine = shared_engine
 
     @property
     def engine(self) -> Engine:
@@ -136,7 +140,10 @@ class DeliveryStore:
                 yield connection
             return
         if self.dialect in MYSQL:
-            with self.engine.connect() as connection, mysql_lock_wait(connection, lock_wait):
+            with (
+                self.engine.connect() as connection,
+                mysql_lock_wait(connection, lock_wait, give_back=self.shared_engine),
+            ):
                 yield begun(connection)
                 connection.commit()
             return

@@ -30,19 +30,27 @@ def is_busy(exc: DBAPIError) -> bool:
 
 
 @contextmanager
-def mysql_lock_wait(connection: Connection, seconds: float | None) -> Iterator[None]:
+def mysql_lock_wait(
+    connection: Connection, seconds: float | None, *, give_back: bool = True
+) -> Iterator[None]:
     """Bound this connection's row-lock waits to ``seconds`` for the block.
 
     ``innodb_lock_wait_timeout`` takes whole seconds only (MySQL refuses
     0.5 with error 1232), so the wait is rounded up, to at least one second.
-    The session's value goes back to the server's default afterwards: the
-    connection may be the host's.
+    ``give_back``: the session's value goes back to the server's default
+    afterwards, because the connection is the host's; the store's own engine
+    keeps it (set again only when the wanted value changes).
     """
     if seconds is None:
         yield
         return
     whole = max(1, math.ceil(seconds))
-    connection.exec_driver_sql(f"SET SESSION innodb_lock_wait_timeout = {whole}")
+    if give_back or connection.info.get(_LOCK_WAIT_KEY) != whole:
+        connection.exec_driver_sql(f"SET SESSION innodb_lock_wait_timeout = {whole}")
+        connection.info[_LOCK_WAIT_KEY] = whole
+    if not give_back:
+        yield
+        return
     try:
         yield
     finally:
@@ -51,3 +59,7 @@ def mysql_lock_wait(connection: Connection, seconds: float | None) -> Iterator[N
                 if connection.in_transaction():
                     connection.rollback()
                 connection.exec_driver_sql("SET SESSION innodb_lock_wait_timeout = DEFAULT")
+                connection.info.pop(_LOCK_WAIT_KEY, None)
+
+
+_LOCK_WAIT_KEY = "orderhooks_lock_wait"

@@ -13,8 +13,17 @@
 ``orderhooks``
     ``OrderHooks(app, db=db)`` with a no-op receiver on
     ``order_pending_delivery`` (a route without receivers answers 503).
+``orderhooks-deferred``
+    The same with ``ORDERHOOKS_DISPATCH = "deferred"``: the route verifies the
+    callback, stores it as pending (a synchronous commit) and answers; a
+    worker (``flask orderhooks worker`` on this app) runs the receiver later.
+    Its receiver does what the naive endpoint does: ``db.session.add()`` of
+    the request id into the same ``naive_callbacks`` table, committed in the
+    delivery's own transaction (``db=``), so a drain costs the same write per
+    callback as a naive request.
 
-Under gunicorn the app is chosen by environment variables (``BENCH_APP``,
+Under gunicorn (and ``flask --app 'benchmarks.apps:create_app()'``, for the
+workers) the app is chosen by environment variables (``BENCH_APP``,
 ``BENCH_DATABASE_URI``); :func:`make_app` builds the same apps in-process.
 """
 
@@ -23,6 +32,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import sqlalchemy as sa
@@ -32,12 +43,14 @@ from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from flask_orderhooks import OrderHooks, order_pending_delivery
+from flask_orderhooks import OrderHooks, OrderPendingDelivery, order_pending_delivery
 from flask_orderhooks.store import TABLE_NAME, deliveries_table
 from flask_orderhooks.testing import SignedCallback, igv_order_status
 
-Kind = Literal["bare", "naive", "orderhooks"]
-KINDS: tuple[Kind, ...] = ("bare", "naive", "orderhooks")
+Kind = Literal["bare", "naive", "orderhooks", "orderhooks-deferred"]
+KINDS: tuple[Kind, ...] = ("bare", "naive", "orderhooks", "orderhooks-deferred")
+#: The apps whose rows live in the extension's deliveries table.
+ORDERHOOKS_KINDS: tuple[Kind, ...] = ("orderhooks", "orderhooks-deferred")
 
 #: Every app answers on the extension's iGV route, so wrk sends the same requests.
 PATH = "/orderhooks/igv/order-status"
@@ -61,6 +74,20 @@ class ReceivedCallback(NaiveBase):
 class OrderhooksBase(DeclarativeBase):
     # The host app's own models would live here; the extension adds its table.
     pass
+
+
+class DeferredBase(DeclarativeBase):
+    # A metadata of its own: the extension adds its table to it, and the
+    # naive app's metadata must not gain that table.
+    pass
+
+
+class DrainedCallback(DeferredBase):
+    """What the deferred app's receiver writes: the naive app's row, in the
+    same table, one per iGV request id."""
+
+    __tablename__ = NAIVE_TABLE
+    request_id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
 
 
 # A user's own signal, as the naive app would declare it.
@@ -97,6 +124,8 @@ def make_app(kind: Kind, database_uri: str | None = None) -> Flask:
         return _naive_app(database_uri)
     if kind == "orderhooks":
         return _orderhooks_app(database_uri)
+    if kind == "orderhooks-deferred":
+        return _deferred_app(database_uri)
     raise ValueError(f"Unknown app kind {kind!r}; use one of {', '.join(KINDS)}.")
 
 
@@ -159,6 +188,22 @@ def _orderhooks_app(database_uri: str) -> Flask:
     return app
 
 
+def _deferred_app(database_uri: str) -> Flask:
+    app = Flask("bench_orderhooks_deferred")
+    app.config["SQLALCHEMY_DATABASE_URI"] = database_uri
+    app.config["ORDERHOOKS_IGV_SECRET"] = SECRET
+    app.config["ORDERHOOKS_DISPATCH"] = "deferred"
+    db = SQLAlchemy(app, model_class=DeferredBase)
+    OrderHooks(app, db=db)
+
+    def receive(sender: Flask, *, event: OrderPendingDelivery, **kwargs: Any) -> None:
+        # The naive endpoint's write; committed with the delivery's done mark.
+        db.session.add(DrainedCallback(request_id=event.request_id))
+
+    order_pending_delivery.connect(receive, app, weak=False)
+    return app
+
+
 def ready_app(kind: Kind, database_uri: str) -> Flask:
     """:func:`make_app` with its table in place.
 
@@ -192,12 +237,21 @@ def create_tables(kind: Kind, database_uri: str) -> None:
             NaiveBase.metadata.create_all(engine)
         else:
             deliveries_table(sa.MetaData()).create(engine, checkfirst=True)
+        if kind == "orderhooks-deferred":
+            # The receivers' table (the workers write it).
+            DeferredBase.metadata.tables[NAIVE_TABLE].create(engine, checkfirst=True)
     finally:
         engine.dispose()
 
 
+def stored_status(kind: Kind) -> str:
+    """The status the request path leaves a first delivery in."""
+    return "pending" if kind == "orderhooks-deferred" else "done"
+
+
 def stored_keys(kind: Kind, database_uri: str) -> list[str]:
-    """The request ids the app stored as done (nothing for ``bare``)."""
+    """The request ids the app's request path stored: done (inline), pending
+    (deferred), a row of its own (naive); nothing for ``bare``."""
     if kind == "bare":
         return []
     engine = sa.create_engine(database_uri)
@@ -207,7 +261,9 @@ def stored_keys(kind: Kind, database_uri: str) -> list[str]:
                 rows = connection.execute(sa.select(ReceivedCallback.request_id))
             else:
                 table = deliveries_table(sa.MetaData())
-                rows = connection.execute(sa.select(table.c.key).where(table.c.status == "done"))
+                rows = connection.execute(
+                    sa.select(table.c.key).where(table.c.status == stored_status(kind))
+                )
             return [str(row[0]) for row in rows]
     finally:
         engine.dispose()
@@ -224,3 +280,75 @@ def stored_count(kind: Kind, database_uri: str) -> int:
             return int(connection.execute(sa.text(f"SELECT count(*) FROM {name}")).scalar_one())
     finally:
         engine.dispose()
+
+
+def status_counts(database_uri: str) -> dict[str, int]:
+    """Rows of the deliveries table per status."""
+    table = deliveries_table(sa.MetaData())
+    engine = sa.create_engine(database_uri)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(
+                sa.select(table.c.status, sa.func.count()).group_by(table.c.status)
+            )
+            return {str(status): int(n) for status, n in rows}
+    finally:
+        engine.dispose()
+
+
+def undrained_count(connection: sa.Connection) -> int:
+    """Deliveries a worker still has to take or finish (pending, processing).
+
+    Ends its transaction: a SQLite reader must not keep an old snapshot.
+    """
+    table = deliveries_table(sa.MetaData())
+    query = sa.select(sa.func.count()).where(table.c.status.in_(("pending", "processing")))
+    try:
+        return int(connection.execute(query).scalar_one())
+    finally:
+        connection.rollback()
+
+
+@dataclass(frozen=True)
+class Drained:
+    """The deliveries table after a drain, as the harness checks it."""
+
+    #: Unix times of the done marks (``updated_at`` of every done row).
+    done_at: list[float]
+    #: Done rows taken in more than one attempt (a failure or a lost lease).
+    retried: int
+    #: Rows the receivers wrote (``naive_callbacks``).
+    receiver_rows: int
+    #: Done deliveries without a receiver row (must be none).
+    missing_receiver_rows: int
+
+
+def drained(database_uri: str) -> Drained:
+    table = deliveries_table(sa.MetaData())
+    received = DeferredBase.metadata.tables[NAIVE_TABLE]
+    engine = sa.create_engine(database_uri)
+    try:
+        with engine.connect() as connection:
+            done = connection.execute(
+                sa.select(table.c.updated_at, table.c.attempts).where(table.c.status == "done")
+            ).all()
+            receiver_rows = connection.execute(sa.select(sa.func.count()).select_from(received))
+            missing = connection.execute(
+                sa.select(sa.func.count())
+                .select_from(table)
+                .outerjoin(received, received.c.request_id == table.c.key)
+                .where(table.c.status == "done", received.c.request_id.is_(None))
+            )
+            return Drained(
+                done_at=sorted(_unix(row[0]) for row in done),
+                retried=sum(1 for row in done if row[1] != 1),
+                receiver_rows=int(receiver_rows.scalar_one()),
+                missing_receiver_rows=int(missing.scalar_one()),
+            )
+    finally:
+        engine.dispose()
+
+
+def _unix(value: datetime) -> float:
+    # SQLite hands back naive datetimes; the store writes UTC.
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()

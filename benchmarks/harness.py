@@ -9,6 +9,12 @@ match the 200 answers, then replays the same ids (the duplicate path) for
 of a ratio ran minutes apart at most, and the median over the rounds is
 quoted with its spread.
 
+The deferred configurations (``orderhooks-deferred/<db>``) add a drain:
+once their passes are over and their server is stopped, the pending rows
+the passes stored are dispatched by ``--drain-workers`` ``flask orderhooks
+worker`` processes, timed from the done marks in the table, and checked (every
+row done once, one receiver row each).
+
 Nothing here asserts a timing: the targets are printed with a verdict. The
 exit status is non-zero only when a correctness check failed or the run
 could not be carried out.
@@ -20,10 +26,12 @@ import argparse
 import contextlib
 import hashlib
 import hmac
+import io
 import json
 import math
 import os
 import platform
+import re
 import secrets
 import shlex
 import shutil
@@ -33,7 +41,9 @@ import sqlite3
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -48,7 +58,19 @@ from typing import Any, Literal
 
 import sqlalchemy as sa
 
-from .apps import PATH, SECRET, Kind, create_tables, stored_count, stored_keys
+from .apps import (
+    ORDERHOOKS_KINDS,
+    PATH,
+    SECRET,
+    Kind,
+    create_tables,
+    drained,
+    status_counts,
+    stored_count,
+    stored_keys,
+    stored_status,
+    undrained_count,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 LUA_SCRIPT = Path(__file__).resolve().parent / "callbacks.lua"
@@ -87,6 +109,19 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 ID_ATTEMPTS = 3
 
 Backend = Literal["none", "sqlite", "postgresql"]
+
+
+def source_env(env: dict[str, str], source: Path | None) -> dict[str, str]:
+    """``env`` for a subprocess that must import ``source``'s flask_orderhooks
+    (a variant's, or ``--package``) and this checkout's ``benchmarks``.
+
+    ``source`` comes first on PYTHONPATH, ahead of the editable install: the
+    ``flask`` command imports its plugin commands (``flask_orderhooks.cli``)
+    before it loads the app, so a working directory alone would not do.
+    """
+    paths = [str(source)] if source is not None else []
+    paths += [str(ROOT), env.get("PYTHONPATH", "")]
+    return dict(env, PYTHONPATH=os.pathsep.join(p for p in paths if p))
 
 
 class BenchError(Exception):
@@ -154,6 +189,55 @@ class PassResult:
 
 
 @dataclass
+class DrainResult:
+    """Pending deliveries dispatched by worker processes, until none is left."""
+
+    workers: int
+    #: Pending rows when the workers started.
+    deliveries: int
+    #: Done marks while every worker was running, and that window's length
+    #: (from the last worker's start line to the last done mark).
+    window_deliveries: int
+    window_seconds: float
+    #: From spawning the workers until all of them printed their start line.
+    startup_seconds: float
+    #: From spawning the workers to the last done mark.
+    total_seconds: float
+    #: CPU seconds over the window: the worker processes, their PostgreSQL backends.
+    workers_cpu_seconds: float
+    db_cpu_seconds: float | None
+    #: Done rows that took more than one attempt.
+    retried: int
+    #: Lines the workers wrote to stderr (warnings: a busy store...).
+    stderr_lines: int
+
+    @property
+    def rate(self) -> float:
+        """Deliveries per second with every worker running: the drain rate."""
+        return self.window_deliveries / self.window_seconds if self.window_seconds > 0 else 0.0
+
+    @property
+    def wall_rate(self) -> float:
+        """Deliveries per second from the workers' spawn, start-up included."""
+        return self.deliveries / self.total_seconds if self.total_seconds > 0 else 0.0
+
+    @property
+    def cpu_ms_per_delivery(self) -> float:
+        seconds = self.workers_cpu_seconds + (self.db_cpu_seconds or 0.0)
+        return seconds / max(1, self.window_deliveries) * 1000
+
+    @property
+    def workers_cpu(self) -> float:
+        return self.workers_cpu_seconds / self.window_seconds if self.window_seconds else 0.0
+
+    @property
+    def db_cpu(self) -> float | None:
+        if self.db_cpu_seconds is None or not self.window_seconds:
+            return None
+        return self.db_cpu_seconds / self.window_seconds
+
+
+@dataclass
 class Measurement:
     config: Config
     round: int
@@ -162,6 +246,7 @@ class Measurement:
     rss_mb: list[float]
     checks: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    drain: DrainResult | None = None
 
     @property
     def peak_rss_mb(self) -> float:
@@ -206,6 +291,15 @@ class Database:
                 {"name": self.application_name},
             )
             return [int(row[0]) for row in rows]
+
+    def reader(self) -> sa.Engine:
+        """An engine for the harness's own reads during a measurement; on
+        PostgreSQL its backends are not counted as the app's."""
+        assert self.uri is not None
+        url = sa.make_url(self.uri)
+        if self.backend == "postgresql":
+            url = url.update_query_dict({"application_name": "orderhooks_bench_harness"})
+        return sa.create_engine(url)
 
     def drop(self) -> None:
         if self._admin is not None and self.schema is not None:
@@ -290,12 +384,9 @@ class Server:
             env["BENCH_DATABASE_URI"] = uri
         cwd = ROOT
         if config.source is not None:
-            # gunicorn puts its working directory first on sys.path: the
-            # variant's flask_orderhooks wins, benchmarks.apps comes from here.
+            # The variant's flask_orderhooks wins, benchmarks.apps comes from here.
             cwd = config.source
-            env["PYTHONPATH"] = os.pathsep.join(
-                p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p
-            )
+            env = source_env(env, config.source)
         gunicorn = Path(sys.executable).parent / "gunicorn"
         fd = self.sock.fileno()
         with self.log_path.open("ab") as log:
@@ -366,6 +457,168 @@ class Server:
                 self.process.kill()
                 self.process.wait()
         self.sock.close()
+
+
+class WorkerProcess:
+    """``flask orderhooks worker`` on the benchmarked app, as an operator runs it."""
+
+    def __init__(self, config: Config, uri: str, workdir: Path, number: int) -> None:
+        self.log_path = workdir / f"worker-{config.name.replace('/', '-')}-{number}.log"
+        env = dict(os.environ, BENCH_APP=config.kind, BENCH_DATABASE_URI=uri)
+        env.pop("FLASK_DEBUG", None)
+        cwd = ROOT
+        if config.source is not None:
+            cwd = config.source
+            env = source_env(env, config.source)
+        flask = Path(sys.executable).parent / "flask"
+        self.spawned = time.time()
+        #: Unix time of the worker's "Worker <pid> started" line.
+        self.started: float | None = None
+        self.lines: list[str] = []
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [str(flask), "--app", "benchmarks.apps:create_app()", "orderhooks", "worker"],
+                cwd=cwd,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+            )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            if self.started is None and line.startswith("Worker ") and " started" in line:
+                self.started = time.time()
+            self.lines.append(line.rstrip("\n"))
+
+    def stop(self) -> int:
+        """SIGTERM, as a deployment stops it; its exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._reader.join(timeout=5)
+        return self.process.returncode
+
+    def stderr_lines(self) -> list[str]:
+        try:
+            return self.log_path.read_text().splitlines()
+        except OSError:
+            return []
+
+
+def drain(
+    config: Config,
+    database: Database,
+    workers: int,
+    timeout: float,
+    workdir: Path,
+    m: Measurement,
+) -> DrainResult | None:
+    """Start ``workers`` worker processes on the pending rows the passes
+    stored, wait until none is pending or processing, stop them, check the
+    table. The rate comes from the done marks' ``updated_at``."""
+    uri = database.uri
+    assert uri is not None
+    name = config.name
+    counts = status_counts(uri)
+    deliveries = counts.get("pending", 0)
+    if deliveries != sum(counts.values()):
+        m.failures.append(f"{name}: drain: the table is not all pending before it: {counts}")
+        return None
+    reader = database.reader()
+    procs: list[WorkerProcess] = []
+    try:
+        procs = [WorkerProcess(config, uri, workdir, i) for i in range(workers)]
+        deadline = time.monotonic() + 60
+        while any(p.started is None for p in procs):
+            gone = [p for p in procs if p.process.poll() is not None]
+            if gone or time.monotonic() > deadline:
+                tail = "\n".join(gone[0].stderr_lines()[-20:]) if gone else "(timed out)"
+                raise BenchError(f"{name}: a worker did not start:\n{tail}")
+            time.sleep(0.01)
+        both = max(p.started for p in procs if p.started is not None)
+        pids = [p.process.pid for p in procs]
+        cpu_before = sum(cpu_seconds(pid) for pid in pids)
+        db_before = {pid: cpu_seconds(pid) for pid in database.backend_pids()}
+        deadline = time.monotonic() + timeout
+        left = deliveries
+        with reader.connect() as connection:
+            while left and time.monotonic() < deadline:
+                if any(p.process.poll() is not None for p in procs):
+                    break
+                time.sleep(0.2)
+                left = undrained_count(connection)
+        workers_cpu = sum(cpu_seconds(pid) for pid in pids) - cpu_before
+        db_cpu: float | None = None
+        if config.backend == "postgresql":
+            db_cpu = sum(
+                cpu_seconds(pid) - db_before.get(pid, 0.0) for pid in database.backend_pids()
+            )
+    finally:
+        statuses = [p.stop() for p in procs]
+        reader.dispose()
+    startup = both - min(p.spawned for p in procs)
+    if left:
+        m.failures.append(
+            f"{name}: drain: {left} of {deliveries} deliveries still pending or processing "
+            f"after {timeout:g} s (or a worker exited)"
+        )
+    for p, status in zip(procs, statuses, strict=True):
+        if status != 0:
+            m.failures.append(f"{name}: drain: a worker exited with {status}; see {p.log_path}")
+    after = drained(uri)
+    final = status_counts(uri)
+    done = len(after.done_at)
+    problems = []
+    if final != {"done": deliveries}:
+        problems.append(f"statuses after the drain {final}, expected {deliveries} done")
+    if after.receiver_rows != deliveries or after.missing_receiver_rows:
+        problems.append(
+            f"{after.receiver_rows} receiver rows for {deliveries} deliveries "
+            f"({after.missing_receiver_rows} done without one)"
+        )
+    if problems:
+        m.failures.append(f"{name}: drain: " + "; ".join(problems))
+    stderr = [line for p in procs for line in p.stderr_lines()]
+    dispatched = sum(
+        int(line.split("dispatched ")[1].split()[0])
+        for p in procs
+        for line in p.lines
+        if " stopped: dispatched " in line
+    )
+    last = after.done_at[-1] if after.done_at else both
+    window = [t for t in after.done_at if t >= both]
+    result = DrainResult(
+        workers=workers,
+        deliveries=deliveries,
+        window_deliveries=len(window),
+        window_seconds=max(0.0, last - both),
+        startup_seconds=startup,
+        total_seconds=max(0.0, last - min(p.spawned for p in procs)),
+        workers_cpu_seconds=workers_cpu,
+        db_cpu_seconds=db_cpu,
+        retried=after.retried,
+        stderr_lines=len(stderr),
+    )
+    if not problems:
+        m.checks.append(
+            f"{name}: drain: {done} of {deliveries} deliveries done by {workers} workers "
+            f"(their own count: {dispatched}), one receiver row each, "
+            f"{after.retried} retried, {len(stderr)} stderr lines: OK"
+        )
+    if len(window) < deliveries / 2:
+        m.failures.append(
+            f"{name}: drain: only {len(window)} of {deliveries} done marks fell in the window "
+            "with every worker running; the drain rate means little (use a longer --duration)"
+        )
+    return result
 
 
 # -- load ---------------------------------------------------------------------------
@@ -502,6 +755,8 @@ class Options:
     id_margin: float
     pg_url: str
     verbose: bool
+    drain_workers: int = 2
+    drain_timeout: float = 300.0
 
 
 def measure(
@@ -512,7 +767,7 @@ def measure(
     try:
         uri = database.uri
         if uri is not None:
-            create_tables(config.kind, uri)
+            make_tables(config, uri)
         server = Server(config, uri, options.workers, workdir)
         pids = server.wait_ready()
         db_pids = database.backend_pids if config.backend == "postgresql" else None
@@ -585,11 +840,39 @@ def measure(
                 f"{config.name}: a worker was restarted during the run; see {server.log_path}"
             )
         measurement.rss_mb = [peak_rss_mb(pid) for pid in pids]
+        if config.kind == "orderhooks-deferred" and uri is not None:
+            # The server is stopped first: the workers get the machine the
+            # request path had, and nothing else writes the table.
+            server.stop()
+            settle(count)
+            measurement.drain = drain(
+                config, database, options.drain_workers, options.drain_timeout, workdir, measurement
+            )
         return measurement
     finally:
         if server is not None:
             server.stop()
         database.drop()
+
+
+def make_tables(config: Config, uri: str) -> None:
+    """The app's tables, made by the code under test: a variant's by its own
+    package (an older version's table is what that version would run on)."""
+    if config.source is None:
+        create_tables(config.kind, uri)
+        return
+    env = source_env(dict(os.environ), config.source)
+    script = "import sys; from benchmarks.apps import create_tables; create_tables(*sys.argv[1:])"
+    probe = subprocess.run(
+        [sys.executable, "-c", script, config.kind, uri],
+        cwd=config.source,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if probe.returncode != 0:
+        raise BenchError(f"{config.name}: could not create its tables:\n{probe.stderr[-2000:]}")
 
 
 def check_first(
@@ -626,9 +909,10 @@ def check_first(
     stored = set(stored_keys(m.config.kind, uri))
     done_new = len(stored & sent)
     if done_new != new_rows:
+        status = stored_status(m.config.kind) if m.config.kind in ORDERHOOKS_KINDS else "stored"
         m.failures.append(
             f"{name}: {new_rows} new rows but only {done_new} of them are this pass's ids "
-            "stored as done"
+            f"stored as {status}"
         )
 
 
@@ -708,32 +992,54 @@ class Ratio:
             return f"| {self.label} | — | {self.target} | not measured |"
         median = statistics.median(self.values)
         verdict = "—" if self.met is None else ("met" if self.met(median) else "**not met**")
-        return f"| {self.label} | {spread(self.values, self.fmt)} | {self.target} | {verdict} |"
+        fmt = self.fmt
+        # 1.1996 would read "1.20, not met": one more decimal where rounding
+        # would hide which side of the target the median is on.
+        while (
+            self.met is not None
+            and self.met(float(format(median, fmt))) != self.met(median)
+            and fmt.endswith("f")
+            and int(fmt[1:-1]) < 6
+        ):
+            fmt = f".{int(fmt[1:-1]) + 1}f"
+        return f"| {self.label} | {spread(self.values, fmt)} | {self.target} | {verdict} |"
+
+
+RoundFn = Callable[["Measurement", "Measurement | None"], "float | None"]
+LABEL = {"postgresql": "PostgreSQL", "sqlite": "SQLite", "none": "-"}
+
+
+def in_rounds(
+    measurements: Sequence[Measurement],
+    rounds: int,
+    fn: RoundFn,
+    name: str,
+    other: str | None = None,
+) -> list[float]:
+    """``fn(measurement of name, measurement of other)`` in every round that has both."""
+
+    def get(config_name: str, r: int) -> Measurement | None:
+        return next(
+            (m for m in measurements if m.config.name == config_name and m.round == r), None
+        )
+
+    values = []
+    for r in range(rounds):
+        m = get(name, r)
+        o = get(other, r) if other is not None else None
+        if m is None or (other is not None and o is None):
+            continue
+        value = fn(m, o)
+        if value is not None:
+            values.append(value)
+    return values
 
 
 def ratios(
     measurements: Sequence[Measurement], options: Options, configs: Sequence[Config]
 ) -> list[Ratio]:
-    rounds = options.repeats
-
-    def get(name: str, r: int) -> Measurement | None:
-        return next((m for m in measurements if m.config.name == name and m.round == r), None)
-
-    def per_round(
-        fn: Callable[[Measurement, Measurement | None], float | None],
-        name: str,
-        other: str | None = None,
-    ) -> list[float]:
-        values = []
-        for r in range(rounds):
-            m = get(name, r)
-            o = get(other, r) if other is not None else None
-            if m is None or (other is not None and o is None):
-                continue
-            value = fn(m, o)
-            if value is not None:
-                values.append(value)
-        return values
+    def per_round(fn: RoundFn, name: str, other: str | None = None) -> list[float]:
+        return in_rounds(measurements, options.repeats, fn, name, other)
 
     def rps_ratio(m: Measurement, o: Measurement | None) -> float:
         assert o is not None
@@ -754,7 +1060,7 @@ def ratios(
         return m.peak_rss_mb - o.peak_rss_mb
 
     hooks = [c for c in configs if c.kind == "orderhooks"]
-    label = {"postgresql": "PostgreSQL", "sqlite": "SQLite"}
+    label = LABEL
     out: list[Ratio] = []
     for c in hooks:
         out.append(
@@ -835,7 +1141,376 @@ def ratios(
                     None,
                 )
             )
+    # The checkout's inline path against a variant (an older version, a
+    # proposed change), measured in the same rounds.
+    for c in hooks:
+        if c.variant is None:
+            continue
+        mine = Config("orderhooks", c.backend).name
+        out += [
+            Ratio(
+                f"orderhooks/{c.label} req/s, {label[c.backend]}, first deliveries",
+                per_round(rps_ratio, mine, c.name),
+                ">= 0.95 (unchanged or better)",
+                lambda v: v >= 0.95,
+            ),
+            Ratio(
+                f"orderhooks/{c.label} req/s, {label[c.backend]}, duplicates",
+                per_round(dup_rps_ratio, mine, c.name),
+                ">= 0.95 (unchanged or better)",
+                lambda v: v >= 0.95,
+            ),
+            Ratio(
+                f"orderhooks/{c.label} server CPU per request, {label[c.backend]}, "
+                "first deliveries",
+                per_round(cpu_ratio, mine, c.name),
+                "<= 1.05 (unchanged or better)",
+                lambda v: v <= 1.05,
+            ),
+        ]
     return out
+
+
+def dup_rps_ratio(m: Measurement, o: Measurement | None) -> float | None:
+    if o is None or m.duplicate is None or o.duplicate is None:
+        return None
+    return m.duplicate.rps / o.duplicate.rps
+
+
+def deferred_ratios(
+    measurements: Sequence[Measurement], options: Options, configs: Sequence[Config]
+) -> list[Ratio]:
+    """Deferred dispatch against naive (and inline), and the workers' drain."""
+
+    def per_round(fn: RoundFn, name: str, other: str | None = None) -> list[float]:
+        return in_rounds(measurements, options.repeats, fn, name, other)
+
+    def rps_ratio(m: Measurement, o: Measurement | None) -> float:
+        assert o is not None
+        return m.first.rps / o.first.rps
+
+    def cpu_ratio(m: Measurement, o: Measurement | None) -> float:
+        assert o is not None
+        return m.first.cpu_ms_per_request / o.first.cpu_ms_per_request
+
+    def drain_ratio(m: Measurement, o: Measurement | None) -> float | None:
+        assert o is not None
+        return None if m.drain is None else m.drain.rate / o.first.rps
+
+    def drain_wall_ratio(m: Measurement, o: Measurement | None) -> float | None:
+        assert o is not None
+        return None if m.drain is None else m.drain.wall_rate / o.first.rps
+
+    def drain_cpu_ratio(m: Measurement, o: Measurement | None) -> float | None:
+        assert o is not None
+        return None if m.drain is None else m.drain.cpu_ms_per_delivery / o.first.cpu_ms_per_request
+
+    def p99(m: Measurement, _: Measurement | None) -> float:
+        return m.first.p99_ms
+
+    out: list[Ratio] = []
+    deferred = [c for c in configs if c.kind == "orderhooks-deferred"]
+    workers = options.drain_workers
+    for c in deferred:
+        db = LABEL[c.backend]
+        naive = f"naive/{c.backend}"
+        out += [
+            Ratio(
+                f"{c.label}/naive req/s, {db}, first deliveries",
+                per_round(rps_ratio, c.name, naive),
+                ">= 1.2",
+                lambda v: v >= 1.2,
+            ),
+            Ratio(
+                f"{c.label}/naive req/s, {db}, duplicates",
+                per_round(dup_rps_ratio, c.name, naive),
+                ">= 1.2",
+                lambda v: v >= 1.2,
+            ),
+        ]
+    for c in deferred:
+        out.append(
+            Ratio(
+                f"{c.label} drain rate, {workers} workers/naive req/s, {LABEL[c.backend]}",
+                per_round(drain_ratio, c.name, f"naive/{c.backend}"),
+                ">= 0.8",
+                lambda v: v >= 0.8,
+            )
+        )
+    for c in deferred:
+        db = LABEL[c.backend]
+        naive = f"naive/{c.backend}"
+        inline = Config("orderhooks", c.backend, c.variant, c.source)
+        out += [
+            Ratio(
+                f"{c.label} drain rate with the workers' start-up/naive req/s, {db}",
+                per_round(drain_wall_ratio, c.name, naive),
+                "(context)",
+                None,
+            ),
+            Ratio(
+                f"{c.label}/naive server CPU per request, {db}, first deliveries",
+                per_round(cpu_ratio, c.name, naive),
+                "(context)",
+                None,
+            ),
+            Ratio(
+                f"{c.label} drain CPU per delivery/naive server CPU per request, {db}",
+                per_round(drain_cpu_ratio, c.name, naive),
+                "(context)",
+                None,
+            ),
+            Ratio(
+                f"{c.label}/{inline.label} (inline) req/s, {db}, first deliveries",
+                per_round(rps_ratio, c.name, inline.name),
+                "(context)",
+                None,
+            ),
+            Ratio(
+                f"{c.label} p99 ms, {db}, first deliveries, {options.connections} connections",
+                per_round(p99, c.name),
+                "(context)",
+                None,
+                ".1f",
+            ),
+        ]
+
+    def drain_vs(m: Measurement, o: Measurement | None) -> float | None:
+        if o is None or m.drain is None or o.drain is None or not o.drain.rate:
+            return None
+        return m.drain.rate / o.drain.rate
+
+    # The checkout against a variant, both deferred, in the same rounds.
+    for c in deferred:
+        if c.variant is None:
+            continue
+        db = LABEL[c.backend]
+        mine = Config("orderhooks-deferred", c.backend).name
+        out += [
+            Ratio(
+                f"orderhooks-deferred/{c.label} req/s, {db}, first deliveries",
+                per_round(rps_ratio, mine, c.name),
+                "(context)",
+                None,
+            ),
+            Ratio(
+                f"orderhooks-deferred/{c.label} req/s, {db}, duplicates",
+                per_round(dup_rps_ratio, mine, c.name),
+                "(context)",
+                None,
+            ),
+            Ratio(
+                f"orderhooks-deferred/{c.label} drain rate, {db}",
+                per_round(drain_vs, mine, c.name),
+                "(context)",
+                None,
+            ),
+        ]
+    return out
+
+
+def deferred_section(
+    measurements: Sequence[Measurement], options: Options, configs: Sequence[Config]
+) -> list[str]:
+    if not any(c.kind == "orderhooks-deferred" for c in configs):
+        return []
+    return [
+        "## Deferred dispatch and workers",
+        "",
+        "`orderhooks-deferred/<db>` rows above: the route verifies, stores the delivery as "
+        "pending (synchronous commit) and answers; its duplicate pass replays ids stored as "
+        "pending. Then its server is stopped and "
+        f"{options.drain_workers} `flask orderhooks worker` processes drain what the passes "
+        "stored (warm-up and first pass), each delivery's receiver adding the naive "
+        "endpoint's row in the delivery's transaction (`db=`). The drain rate is the done "
+        "marks (`updated_at`) from the moment the last worker printed its start line to the "
+        "last done mark, divided by that time; 'with start-up' counts every delivery from "
+        "the workers' spawn (Python and the app loading). CPU ms/delivery: the workers and "
+        "their PostgreSQL backends over the same window.",
+        "",
+        *drain_table(measurements, configs),
+        "",
+        "Ratios within each round, median (min-max); the duplicate ratio compares the "
+        "duplicate passes of both.",
+        "",
+        "| measure | value | target | verdict |",
+        "|---|---|---|---|",
+        *(r.row() for r in deferred_ratios(measurements, options, configs)),
+        "",
+    ]
+
+
+def drain_table(measurements: Sequence[Measurement], configs: Sequence[Config]) -> list[str]:
+    lines = [
+        "| configuration | workers | deliveries drained | drain rate /s (all workers running) "
+        "| rate /s with start-up | start-up s | CPU ms/delivery | workers CPU "
+        "| PostgreSQL CPU | retried | worker stderr lines |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for config in configs:
+        drains = [m.drain for m in measurements if m.config == config and m.drain is not None]
+        if not drains:
+            continue
+        db = [d.db_cpu for d in drains if d.db_cpu is not None]
+        lines.append(
+            f"| {config.name} | {drains[0].workers} "
+            f"| {spread([float(d.deliveries) for d in drains], '.0f')} "
+            f"| {spread([d.rate for d in drains], '.0f')} "
+            f"| {spread([d.wall_rate for d in drains], '.0f')} "
+            f"| {spread([d.startup_seconds for d in drains], '.2f')} "
+            f"| {spread([d.cpu_ms_per_delivery for d in drains], '.2f')} "
+            f"| {pct([d.workers_cpu for d in drains])} "
+            f"| {pct(db) if db else '—'} "
+            f"| {sum(d.retried for d in drains)} "
+            f"| {sum(d.stderr_lines for d in drains)} |"
+        )
+    return lines
+
+
+_VALUE = re.compile(r"^(-?\d+(?:\.\d+)?)(?: \((-?\d+(?:\.\d+)?)-(-?\d+(?:\.\d+)?)\))?")
+
+
+@dataclass
+class ParsedResults:
+    """What :func:`compare_previous` reads back from a RESULTS.md."""
+
+    header: dict[str, str]
+    #: ``(configuration, pass) -> {column: cell}`` of the results table.
+    rows: dict[tuple[str, str], dict[str, str]]
+    #: ``measure -> value cell`` of the ratio tables.
+    ratios: dict[str, str]
+
+
+def parse_results(text: str) -> ParsedResults:
+    header: dict[str, str] = {}
+    rows: dict[tuple[str, str], dict[str, str]] = {}
+    ratios: dict[str, str] = {}
+    columns: list[str] = []
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("- ") and ": " in line and not rows and not ratios:
+            key, _, value = line[2:].partition(": ")
+            header.setdefault(key, value)
+        if not line.startswith("| ") or line.startswith("|---"):
+            continue
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if i + 1 < len(lines) and lines[i + 1].startswith("|---"):
+            # A table's header row: it says which table the rows belong to.
+            columns = cells
+            continue
+        if columns[:2] == ["configuration", "pass"]:
+            rows[(cells[0], cells[1])] = dict(zip(columns, cells, strict=False))
+        elif columns[:1] == ["measure"]:
+            ratios[cells[0]] = cells[1]
+    return ParsedResults(header, rows, ratios)
+
+
+def _value(cell: str | None) -> tuple[float, float, float] | None:
+    match = _VALUE.match(cell or "")
+    if match is None:
+        return None
+    median = float(match[1])
+    low = float(match[2]) if match[2] is not None else median
+    high = float(match[3]) if match[3] is not None else median
+    return median, low, high
+
+
+def compare_previous(previous_text: str, current_text: str) -> list[str]:
+    """This run's inline numbers against a previous RESULTS.md's.
+
+    Verdict per measure: better / worse when this run's median lies outside
+    the previous run's min-max spread (±5 % around a single value), else
+    unchanged.
+    """
+    before, now = parse_results(previous_text), parse_results(current_text)
+    # (label, where, key, column, higher is better)
+    measures: list[tuple[str, str, Any, str, bool | None]] = []
+    for db, backend in (("SQLite", "sqlite"), ("PostgreSQL", "postgresql")):
+        measures += [
+            (f"orderhooks/naive req/s, {db}, first deliveries", "ratio", None, "", True),
+            (
+                f"orderhooks/naive server CPU per request, {db}, first deliveries",
+                "ratio",
+                None,
+                "",
+                False,
+            ),
+            (f"orderhooks duplicates/first deliveries req/s, {db}", "ratio", None, "", True),
+        ]
+        for pass_ in ("first", "duplicate"):
+            for column, up in (
+                ("req/s", True),
+                ("p99 ms", False),
+                ("server CPU ms/req", False),
+            ):
+                measures.append(
+                    (
+                        f"orderhooks/{backend} {pass_} {column}",
+                        "row",
+                        (f"orderhooks/{backend}", pass_),
+                        column,
+                        up,
+                    )
+                )
+        measures.append(
+            (
+                f"naive/{backend} first req/s (the machine)",
+                "row",
+                (f"naive/{backend}", "first"),
+                "req/s",
+                None,
+            )
+        )
+    lines = [
+        f"The previous RESULTS.md: {before.header.get('Date', '?')}, "
+        f"`{before.header.get('Command', '?').strip('`')}`. Verdict: this run's median against "
+        "the previous run's min-max spread (outside it: better or worse; inside: unchanged). "
+        "Absolute numbers (req/s, p99, CPU ms/req) follow the machine and its load; when "
+        "naive's own req/s or CPU per request moved out of its previous spread they get no "
+        "verdict, since they would compare machines. The ratios to naive are the fair "
+        "comparison, and a `--variant` of the older package in the same rounds the fairest.",
+        "",
+        "| inline measure | previous run | this run | verdict |",
+        "|---|---|---|---|",
+    ]
+    # Did the machine itself change? Then absolute numbers compare machines.
+    moved: dict[str, bool] = {}
+    for backend in ("sqlite", "postgresql"):
+        key_ = (f"naive/{backend}", "first")
+        for column in ("req/s", "server CPU ms/req"):
+            old_gauge = _value(before.rows.get(key_, {}).get(column))
+            new_gauge = _value(now.rows.get(key_, {}).get(column))
+            if old_gauge is not None and new_gauge is not None:
+                low_, high_ = old_gauge[1], old_gauge[2]
+                if low_ == high_:
+                    low_, high_ = old_gauge[0] * 0.95, old_gauge[0] * 1.05
+                if not low_ <= new_gauge[0] <= high_:
+                    moved[backend] = True
+    for label, where, key, column, higher in measures:
+        if where == "ratio":
+            old_cell, new_cell = before.ratios.get(label), now.ratios.get(label)
+        else:
+            old_cell = before.rows.get(key, {}).get(column)
+            new_cell = now.rows.get(key, {}).get(column)
+        old, new = _value(old_cell), _value(new_cell)
+        if old is None or new is None:
+            continue
+        median, low, high = old
+        if low == high:
+            low, high = median * 0.95, median * 1.05
+        backend = key[0].split("/")[1] if where == "row" else ""
+        if higher is None:
+            verdict = "(context)"
+        elif where == "row" and moved.get(backend):
+            verdict = "— (the machine differs: naive moved out of its spread too)"
+        elif (new[0] > high) == higher and not low <= new[0] <= high:
+            verdict = "better"
+        elif low <= new[0] <= high:
+            verdict = "unchanged"
+        else:
+            verdict = "**worse**"
+        lines.append(f"| {label} | {old_cell} | {new_cell} | {verdict} |")
+    return lines
 
 
 def wrk_headroom(measurements: Sequence[Measurement]) -> list[str]:
@@ -879,21 +1554,21 @@ def versions(options: Options, backends: set[str]) -> str:
 
 def roundtrip_tables(configs: Sequence[Config], backends: set[str]) -> list[str]:
     """benchmarks.roundtrips, run for the checkout and for every variant."""
-    runs: list[tuple[Path, list[str]]] = [(ROOT, ["--kinds", "naive,orderhooks"])]
+    package = next((c.source for c in configs if c.variant is None and c.source), None)
+    runs: list[tuple[Path | None, list[str]]] = [
+        (package, ["--kinds", "naive,orderhooks,orderhooks-deferred"])
+    ]
     seen: set[str] = set()
     for c in configs:
         if c.variant is not None and c.source is not None and c.variant not in seen:
             seen.add(c.variant)
-            runs.append((c.source, ["--kinds", "orderhooks", "--label", c.variant]))
+            kinds = sorted({v.kind for v in configs if v.variant == c.variant})
+            runs.append((c.source, ["--kinds", ",".join(kinds), "--label", c.variant]))
     rows: list[str] = []
     problems: list[str] = []
-    for cwd, extra in runs:
-        env = dict(
-            os.environ,
-            PYTHONPATH=os.pathsep.join(
-                p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
-            ),
-        )
+    for source, extra in runs:
+        cwd = source or ROOT
+        env = source_env(dict(os.environ), source)
         probe = subprocess.run(
             [
                 sys.executable,
@@ -940,6 +1615,8 @@ def report(
     version_line: str,
     note: str | None,
     roundtrips: Sequence[str],
+    checkout: str = "",
+    previous: str | None = None,
 ) -> str:
     cpus = os.cpu_count() or 0
     busy = load_before[0] > 0.25 * cpus
@@ -954,6 +1631,7 @@ def report(
         f"{load_after[2]:.2f}"
         + (" — **the machine was busy: absolute numbers are noisy**" if busy else ""),
         f"- Software: {version_line}",
+        *([f"- Checkout: {checkout}"] if checkout else []),
         f"- Load: wrk, {options.threads} threads, {options.connections} connections, "
         f"{options.duration:g} s per pass after a {options.warmup:g} s warm-up; "
         f"{options.repeats} round(s); gunicorn with {options.workers} sync workers on 127.0.0.1.",
@@ -983,6 +1661,8 @@ def report(
         "|---|---|---|---|",
         *(r.row() for r in ratios(measurements, options, configs)),
         "",
+        *deferred_section(measurements, options, configs),
+        "<<previous>>",
         "## SQL per request",
         "",
         "Counted in-process by `python -m benchmarks.roundtrips` (PostgreSQL: libpq protocol "
@@ -1004,6 +1684,18 @@ def report(
     checks = [f"round {m.round + 1}: {c}" for m in ordered for c in m.checks]
     lines += [f"- FAILED: {f}" for f in failures]
     lines += [f"- {c}" for c in checks]
+    at = lines.index("<<previous>>")
+    comparison: list[str] = []
+    if previous is not None:
+        # Read back from this report's own tables, as from the previous one's.
+        this_run = "\n".join(lines[:at] + lines[at + 1 :])
+        comparison = [
+            "## Inline dispatch against the previous RESULTS.md",
+            "",
+            *compare_previous(previous, this_run),
+            "",
+        ]
+    lines[at : at + 1] = comparison
     return "\n".join(lines) + "\n"
 
 
@@ -1014,8 +1706,10 @@ ALL_CONFIGS = (
     Config("bare", "none"),
     Config("naive", "sqlite"),
     Config("orderhooks", "sqlite"),
+    Config("orderhooks-deferred", "sqlite"),
     Config("naive", "postgresql"),
     Config("orderhooks", "postgresql"),
+    Config("orderhooks-deferred", "postgresql"),
 )
 
 
@@ -1060,9 +1754,35 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--variant",
         action="append",
         default=[],
-        metavar="NAME=DIR",
+        metavar="NAME=DIR|REV",
         help="also run the orderhooks app with the flask_orderhooks package found in DIR "
-        "(a checkout with a proposed change), side by side; repeatable",
+        "(a checkout with a proposed change), or the one of git revision REV (e.g. an "
+        "older release), side by side; repeatable",
+    )
+    parser.add_argument(
+        "--package",
+        metavar="REV|DIR",
+        help="measure the checkout's configurations with the flask_orderhooks of git revision "
+        "REV (or found in DIR) instead of the working tree, e.g. to keep edits in progress "
+        "out of a long run [the working tree]",
+    )
+    parser.add_argument(
+        "--drain-workers",
+        type=int,
+        default=2,
+        help="flask orderhooks worker processes draining the deferred store [2]",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a drain may take before it is reported unfinished [300]",
+    )
+    parser.add_argument(
+        "--previous",
+        type=Path,
+        help="a RESULTS.md to compare the inline numbers with [the --output file as it was "
+        "before this run]",
     )
     parser.add_argument("--no-output", action="store_true", help="print only, write no file")
     parser.add_argument(
@@ -1076,6 +1796,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("--threads must not exceed --connections (wrk gives each thread connections)")
     if args.repeats < 1 or args.duration < 1 or args.warmup < 1:
         parser.error("--repeats, --duration and --warmup must be at least 1")
+    if args.drain_workers < 1:
+        parser.error("--drain-workers must be at least 1")
     return args
 
 
@@ -1099,6 +1821,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         id_margin=args.id_margin,
         pg_url=args.pg_url,
         verbose=args.verbose,
+        drain_workers=args.drain_workers,
+        drain_timeout=args.drain_timeout,
     )
     if "postgresql" in backends:
         problem = postgres_problem(options.pg_url)
@@ -1110,25 +1834,136 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 2
     configs = [c for c in ALL_CONFIGS if c.backend == "none" or c.backend in backends]
-    for spec in args.variant:
-        name, _, directory = spec.partition("=")
-        source = Path(directory).resolve()
-        if not name or not (source / "flask_orderhooks" / "__init__.py").is_file():
+    workdir = Path(tempfile.mkdtemp(prefix="orderhooks-bench-"))
+    try:
+        return run(args, options, backends, configs, workdir, argv)
+    finally:
+        if args.keep_temp:
+            print(f"temp files kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def variant_source(spec: str, workdir: Path) -> tuple[str, Path, str] | None:
+    """``NAME=DIR`` or ``NAME=REV``: the name, the directory holding its
+    flask_orderhooks, and what it is (for RESULTS.md)."""
+    name, _, where = spec.partition("=")
+    if not name or not where:
+        return None
+    source = Path(where).resolve()
+    if (source / "flask_orderhooks" / "__init__.py").is_file():
+        return name, source, str(source)
+    probe = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet", f"{where}^{{commit}}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if probe.returncode != 0:
+        return None
+    commit = probe.stdout.strip()
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", "--format=tar", commit, "flask_orderhooks"],
+        capture_output=True,
+        check=True,
+    )
+    source = workdir / f"variant-{name}"
+    source.mkdir()
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(source, filter="data")
+    return name, source, f"git {commit[:10]}"
+
+
+def checkout_line() -> str:
+    head = subprocess.run(
+        ["git", "-C", str(ROOT), "log", "-1", "--format=%h %s"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    status = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "--", "flask_orderhooks"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if head.returncode != 0:
+        return ""
+    subject = head.stdout.strip()
+    if len(subject) > 90:
+        subject = subject[:89] + "…"
+    entries = status.stdout.splitlines()
+    changed = [e[3:] for e in entries if not e.startswith("??")]
+    untracked = [e[3:] for e in entries if e.startswith("??")]
+    state = "with uncommitted changes to " + ", ".join(changed) if changed else "as committed"
+    if untracked:
+        state += "; untracked: " + ", ".join(untracked)
+    return f"`{subject}` (flask_orderhooks/ {state})"
+
+
+def run(
+    args: argparse.Namespace,
+    options: Options,
+    backends: set[str],
+    configs: list[Config],
+    workdir: Path,
+    argv: Sequence[str] | None,
+) -> int:
+    checkout = checkout_line()
+    if args.package:
+        found = variant_source(f"package={args.package}", workdir)
+        if found is None:
             print(
-                f"--variant {spec}: give NAME=DIR, DIR holding flask_orderhooks/.", file=sys.stderr
+                f"--package {args.package}: give a git revision or a DIR holding "
+                "flask_orderhooks/.",
+                file=sys.stderr,
             )
             return 2
+        _, package, what = found
+        configs = [Config(c.kind, c.backend, None, package) for c in configs]
+        subject = subprocess.run(
+            ["git", "-C", str(ROOT), "log", "-1", "--format=%h %s", args.package, "--"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+        if len(subject) > 90:
+            subject = subject[:89] + "…"
+        checkout = (
+            f"flask_orderhooks of {what}"
+            + (f" `{subject}`" if subject and what.startswith("git") else "")
+            + f" (--package); working tree: {checkout}"
+        )
+    variants: list[str] = []
+    for spec in args.variant:
+        found = variant_source(spec, workdir)
+        if found is None:
+            print(
+                f"--variant {spec}: give NAME=DIR (DIR holding flask_orderhooks/) or "
+                "NAME=REV (a git revision of this checkout).",
+                file=sys.stderr,
+            )
+            return 2
+        name, source, what = found
+        variants.append(f"{name} = {what}")
+        # Deferred dispatch too, when the variant's package has it (0.2 on).
+        config_py = source / "flask_orderhooks" / "config.py"
+        deferred = config_py.is_file() and "ORDERHOOKS_DISPATCH" in config_py.read_text()
+        kinds = ("orderhooks", "orderhooks-deferred") if deferred else ("orderhooks",)
         configs += [
-            Config("orderhooks", c.backend, name, source)
+            Config(c.kind, c.backend, name, source)
             for c in ALL_CONFIGS
-            if c.kind == "orderhooks" and c.backend in backends
+            if c.kind in kinds and c.backend in backends
         ]
+    previous_path = args.previous or args.output
+    previous = previous_path.read_text() if previous_path.is_file() else None
     entry = os.environ.get("BENCH_ENTRY", "python -m benchmarks.harness")
     command = " ".join([entry, shlex.join(sys.argv[1:] if argv is None else list(argv))]).strip()
     started = datetime.now(UTC)
     load_before = os.getloadavg()
     version_line = versions(options, backends)
-    workdir = Path(tempfile.mkdtemp(prefix="orderhooks-bench-"))
+    if variants:
+        checkout += "; variants: " + ", ".join(variants)
     measurements: list[Measurement] = []
     rates: dict[str, float] = {}
     total = len(configs) * options.repeats
@@ -1154,14 +1989,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                     + ("".join(f"\n    FAILED: {f}" for f in m.failures)),
                     flush=True,
                 )
+                if m.drain is not None:
+                    d = m.drain
+                    print(
+                        f"    drain: {d.deliveries} deliveries, {d.workers} workers: "
+                        f"{d.rate:.0f}/s ({d.wall_rate:.0f}/s with start-up), "
+                        f"{d.cpu_ms_per_delivery:.2f} CPU ms/delivery",
+                        flush=True,
+                    )
     except BenchError as exc:
         print(f"\nBENCHMARK ABORTED: {exc}", file=sys.stderr)
         return 2
-    finally:
-        if args.keep_temp:
-            print(f"temp files kept in {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
     roundtrips = [] if args.no_roundtrips else roundtrip_tables(configs, backends)
     text = report(
         measurements,
@@ -1174,6 +2012,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         version_line=version_line,
         note=args.note,
         roundtrips=roundtrips,
+        checkout=checkout,
+        previous=previous,
     )
     print()
     print(text)

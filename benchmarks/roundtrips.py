@@ -313,7 +313,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--backends", default="postgresql,sqlite")
-    parser.add_argument("--kinds", default="naive,orderhooks")
+    parser.add_argument(
+        "--kinds",
+        default="naive,orderhooks,orderhooks-deferred",
+        help="apps to count (orderhooks-deferred: the request path only, no worker)",
+    )
     parser.add_argument("--samples", type=int, default=5, help="requests per path [5]")
     parser.add_argument(
         "--markdown",
@@ -329,7 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
     )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    kinds: list[Kind] = [k for k in ("naive", "orderhooks") if k in args.kinds.split(",")]
+    wanted = args.kinds.split(",")
+    kinds: list[Kind] = [k for k in ("naive", "orderhooks", "orderhooks-deferred") if k in wanted]
     results: dict[str, dict[str, list[PathCount]]] = {}
     status = 0
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
@@ -368,6 +373,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         table = markdown(results, kinds)
         if args.label:
             table = table.replace("| orderhooks |", f"| orderhooks[{args.label}] |")
+            table = table.replace(
+                "| orderhooks-deferred |", f"| orderhooks-deferred[{args.label}] |"
+            )
         print(table)
     return status
 

@@ -174,7 +174,8 @@ def _order(
         out_group_id=opt_str(order, "out_group_id"),
         mg_id=req_str(order, "mg_id"),
         room_id=req_str(order, "room_id"),
-        game_round_id=opt_str(order, "game_round_id"),
+        # SUD's English docs say game_round_id, its Chinese docs round_id.
+        game_round_id=opt_str(order, "game_round_id") or opt_str(order, "round_id"),
         cmd=req_str(order, "cmd"),
         from_uid=req_str(order, "from_uid"),
         to_uid=req_str(order, "to_uid"),

@@ -287,6 +287,29 @@ def test_sud_single_event_fields(recorder: RecorderFactory) -> None:
     assert event.notify_event == "sud.mg.merchant.order.changed"
 
 
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"round_id": "r-zh"}, "r-zh"),
+        ({"game_round_id": "r-en"}, "r-en"),
+        ({"game_round_id": "r-en", "round_id": "r-zh"}, "r-en"),
+        ({}, None),
+    ],
+)
+def test_sud_reads_the_round_under_either_of_its_names(
+    recorder: RecorderFactory, fields: dict[str, str], expected: str | None
+) -> None:
+    """SUD's Chinese docs name the field round_id, the English ones game_round_id."""
+    app, rec = recorder()
+    order = {k: v for k, v in sud_order().items() if k != "game_round_id"} | fields
+    with app.app_context():
+        cb = sud_order_batch_changed(orders=[order], app=app)
+    assert post(app, cb).status_code == 200
+    ((_, event),) = rec.events
+    assert event.game_round_id == expected
+    assert event.raw == order
+
+
 def test_sud_batch_fills_batch_level_fields(recorder: RecorderFactory) -> None:
     app, rec = recorder()
     entry = {k: v for k, v in sud_order(order_id="7").items() if k not in ("mg_id", "room_id")}

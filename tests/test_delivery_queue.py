@@ -687,3 +687,19 @@ def test_sqlite_due_query_reads_the_partial_due_index(tmp_path: Path) -> None:
     assert any(f"USING INDEX {DUE_INDEX} (next_attempt_at<?)" in d for d in details), details
     assert not any(d.startswith("SCAN orderhooks_deliveries") for d in details), details
     assert ddl.endswith("WHERE next_attempt_at IS NOT NULL")
+
+
+@pytest.mark.parametrize("backend", [pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_postgres_duplicates_and_due_claims_force_no_wal_flush(make_app: Any) -> None:
+    """A deferred duplicate must not write (DO UPDATE … WHERE locks the row
+    even when nothing changes: an xid, WAL and a synchronous flush per
+    duplicate); a worker's due claim commits without the flush, like the
+    request's claim (the dispatch's synchronous COMMIT flushes it first)."""
+    app, _hooks, _db = make_app(ORDERHOOKS_DISPATCH="deferred")
+    with app.app_context():
+        sql = app.extensions["orderhooks"].store._sql
+        assert "DO NOTHING" in sql.accept.sql
+        assert "synchronous_commit" not in sql.accept._defaults.values()
+        for claim in (sql.claim_due, sql.claim_due_key):
+            assert "synchronous_commit" in claim._defaults.values()
+        assert "synchronous_commit" not in sql.revive._defaults.values()

@@ -34,11 +34,13 @@ from .retries import NO_RETRIES, RetrySchedule
 from .sqlite import relaxed_sqlite_sync
 from .statements import ROW_COLUMNS, Statements
 from .table import (
+    DEAD,
     DONE,
     FAILED,
     MAX_ERROR_LENGTH,
     MAX_KEY_LENGTH,
     MYSQL,
+    PROCESSING,
     WHEN,
     Claim,
     Outcome,
@@ -219,7 +221,7 @@ class DeliveryStore:
             if time.monotonic() >= deadline:
                 raise StoreUnavailable("Another worker is handling this delivery; retry later.")
             time.sleep(_POLL_INTERVAL)
-        status, stored_digest = current
+        status, stored_digest, lease = current
         if stored_digest != digest:
             if status != DONE:
                 raise KeyConflict("This key is stored with a different body.")
@@ -229,7 +231,34 @@ class DeliveryStore:
                 delivery.callback,
                 delivery.key,
             )
+            return "duplicate"
+        revivable = status in (FAILED, DEAD) or (status == PROCESSING and utc(lease) < self._now())
+        if revivable and self._revive(delivery, token, digest):
+            return "accepted"
         return "duplicate"
+
+    def _revive(self, delivery: Delivery, token: str, digest: str) -> bool:
+        """Make a failed, dead or abandoned delivery due now; ``False`` when
+        it changed meanwhile (a worker took it) or a worker holds its row."""
+        lock_wait = min(self.duplicate_wait, _ACCEPT_LOCK_WAIT)
+        try:
+            with self._own_transaction(durable=True, lock_wait=lock_wait) as connection:
+                row = self._sql.revive.first(
+                    connection,
+                    {
+                        **self._key_params(delivery),
+                        "p_token": token,
+                        "p_digest": digest,
+                        "p_now": self._now(),
+                        "p_ms": f"{max(1, int(lock_wait * 1000))}ms",
+                    },
+                )
+        except DBAPIError as exc:
+            if is_busy(exc):
+                return False
+            with self._store_errors(delivery):
+                raise
+        return row is not None and row[0] == token
 
     def _try_accept(self, delivery: Delivery, token: str, digest: str) -> tuple[Any, ...] | None:
         """The acceptance's upsert; ``None`` when its row lock was busy.
@@ -290,7 +319,7 @@ class DeliveryStore:
                 return Claim(token=token, attempt=int(row[1]))
             # None: purged between the two statements, so claim again.
             if current is not None:
-                status, stored_digest = current
+                status, stored_digest, _lease = current
                 if status == DONE:
                     if stored_digest != digest:
                         logger.warning(

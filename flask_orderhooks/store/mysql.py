@@ -153,7 +153,25 @@ class MySQLStatements:
             DriverStatement(accept, dialect),
             DriverStatement(sa.select(t.c.claim_token).where(*key), dialect),
         )
-        self.state = DriverStatement(sa.select(t.c.status, t.c.body_sha256).where(*key), dialect)
+        self.state = DriverStatement(
+            sa.select(t.c.status, t.c.body_sha256, t.c.lease_expires_at).where(*key), dialect
+        )
+        # The acceptance's upsert revives already; this serves a resend that
+        # lost a race against another statement on the row.
+        self.revive = _UpdateThenRead(
+            DriverStatement(
+                sa.update(t)
+                .where(*key, accept_takeover)
+                .values(
+                    status=PENDING,
+                    claim_token=sa.bindparam("p_token"),
+                    next_attempt_at=now,
+                    updated_at=now,
+                ),
+                dialect,
+            ),
+            DriverStatement(sa.select(t.c.claim_token).where(*key), dialect),
+        )
         self.mark_done = _UpdateThenRead(DriverStatement(mark_done, dialect), None)
         self.mark_failed = _UpdateThenRead(
             DriverStatement(mark_failed, dialect), DriverStatement(whole_row, dialect)

@@ -96,30 +96,44 @@ class Statements:
             new_row(t, status=PENDING, attempts=0, lease="p_now", due="p_now"),
             relax_commit=False,
         )
-        # A platform's resend of a failed or dead delivery makes it due now.
-        accept = accept_insert.on_conflict_do_update(
+        # DO NOTHING, not DO UPDATE … WHERE: PostgreSQL locks the existing row
+        # for DO UPDATE even when its condition fails, which gives a mere
+        # duplicate a transaction id, a WAL record and a synchronous flush.
+        accept = accept_insert.on_conflict_do_nothing(
             index_elements=[t.c.provider, t.c.callback, t.c.key],
-            set_={
-                "status": PENDING,
-                "claim_token": accept_insert.excluded.claim_token,
-                "next_attempt_at": accept_insert.excluded.next_attempt_at,
-                "updated_at": accept_insert.excluded.updated_at,
-            },
-            # ...and so does one whose worker died (its lease ran out): a row
-            # stored by 0.1 has no due time, so no worker would ever find it.
-            where=sa.and_(
-                sa.or_(
-                    t.c.status == FAILED,
-                    t.c.status == DEAD,
-                    sa.and_(
-                        t.c.status == PROCESSING,
-                        t.c.lease_expires_at < sa.bindparam("p_now", type_=when),
-                    ),
-                ),
-                t.c.body_sha256 == accept_insert.excluded.body_sha256,
-            ),
         ).returning(t.c.claim_token)
-        state = sa.select(t.c.status, t.c.body_sha256).where(*key)
+        # A platform's resend of a failed or dead delivery makes it due now,
+        # and so does one whose worker died (its lease ran out): a row stored
+        # by 0.1 has no due time, so no worker would ever find it.
+        revivable = [
+            *key,
+            sa.or_(
+                t.c.status == FAILED,
+                t.c.status == DEAD,
+                sa.and_(
+                    t.c.status == PROCESSING,
+                    t.c.lease_expires_at < sa.bindparam("p_now", type_=when),
+                ),
+            ),
+            t.c.body_sha256 == sa.bindparam("p_digest"),
+        ]
+        if dialect == "postgresql":
+            # A row a worker holds would make the update wait: bounded.
+            revivable.append(
+                sa.func.set_config("lock_timeout", sa.bindparam("p_ms"), True).is_not(None)
+            )
+        revive = (
+            sa.update(t)
+            .where(*revivable)
+            .values(
+                status=PENDING,
+                claim_token=sa.bindparam("p_token"),
+                next_attempt_at=sa.bindparam("p_now", type_=when),
+                updated_at=sa.bindparam("p_now", type_=when),
+            )
+            .returning(t.c.claim_token)
+        )
+        state = sa.select(t.c.status, t.c.body_sha256, t.c.lease_expires_at).where(*key)
         # The two fences below hold no "status = <value>" condition, on
         # purpose: once autoanalyze has seen that almost no row is
         # 'processing', PostgreSQL's custom plans prefer the (status,
@@ -157,21 +171,28 @@ class Statements:
         )
         #: Rows: (claim_token, attempts) when this claim won, else none.
         self.claim = DriverStatement(claim, engine_dialect)
-        #: Rows: (claim_token,) when this request stored (or revived) it.
+        #: Rows: (claim_token,) when this request stored it.
         self.accept = DriverStatement(accept, engine_dialect)
-        #: Rows: (status, body_sha256).
+        #: Rows: (claim_token,) when this request made it due again.
+        self.revive = DriverStatement(revive, engine_dialect)
+        #: Rows: (status, body_sha256, lease_expires_at).
         self.state = DriverStatement(state, engine_dialect)
         #: Rows: (attempts,) when the claim was still this worker's.
         self.mark_done = DriverStatement(mark_done, engine_dialect)
         #: Rows: the whole row (ROW_COLUMNS) when the claim was still this worker's.
         self.mark_failed = DriverStatement(mark_failed, engine_dialect)
         #: Rows: the claimed row (ROW_COLUMNS), if any delivery was due.
-        self.claim_due = DriverStatement(_claim_due(t, only_key=False), engine_dialect)
+        relax = dialect == "postgresql"
+        self.claim_due = DriverStatement(
+            _claim_due(t, only_key=False, relax_commit=relax), engine_dialect
+        )
         #: The same for one given delivery.
-        self.claim_due_key = DriverStatement(_claim_due(t, only_key=True), engine_dialect)
+        self.claim_due_key = DriverStatement(
+            _claim_due(t, only_key=True, relax_commit=relax), engine_dialect
+        )
 
 
-def _claim_due(t: sa.Table, *, only_key: bool) -> Any:
+def _claim_due(t: sa.Table, *, only_key: bool, relax_commit: bool) -> Any:
     """Take the delivery due soonest (or the given one, if due) for this worker.
 
     One statement: the sub-select finds the row and, on PostgreSQL, locks it
@@ -185,6 +206,10 @@ def _claim_due(t: sa.Table, *, only_key: bool) -> Any:
     its lease ran out: its worker died, and that attempt counts as failed.
     The token tells the two cases apart afterwards (``SET`` reads the old
     row): ``p_lost_token`` when the row was processing, else ``p_token``.
+
+    On PostgreSQL its commit skips the WAL flush, like the request's claim:
+    the dispatch's synchronous COMMIT flushes it first, and a claim lost in
+    a crash leaves the delivery due, to be claimed again.
     """
     when = WHEN
     due = sa.select(t.c.provider, t.c.callback, t.c.key).where(
@@ -211,6 +236,11 @@ def _claim_due(t: sa.Table, *, only_key: bool) -> Any:
             t.c.provider == found.c.provider,
             t.c.callback == found.c.callback,
             t.c.key == found.c.key,
+            *(
+                [sa.func.set_config("synchronous_commit", "off", True).is_not(None)]
+                if relax_commit
+                else []
+            ),
         )
         .values(
             status=PROCESSING,

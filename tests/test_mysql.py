@@ -50,10 +50,9 @@ def test_keys_differing_in_case_or_trailing_space_are_three_deliveries(
 def test_a_body_of_the_largest_accepted_size_is_kept_whole(recorder: RecorderFactory) -> None:
     """BLOB holds 65,535 bytes, one short of ORDERHOOKS_MAX_BODY's default."""
     app, _rec = recorder()
-    cb = make("sud", app, notify_id="big", payload={"pad": "x" * 60_000})
-    padded = make(
-        "sud", app, notify_id="big", payload={"pad": "x" * (60_000 + 65_536 - len(cb.body))}
-    )
+    fixed = {"notify_id": "big", "order_id": "1659497694888", "nonce": "n" * 16}
+    cb = make("sud", app, **fixed, payload={"pad": "x" * 60_000})
+    padded = make("sud", app, **fixed, payload={"pad": "x" * (60_000 + 65_536 - len(cb.body))})
     assert len(padded.body) == 65_536
     assert post(app, padded).status_code == 200
     (row,) = [r for r in rows(app) if r.key == padded.key]

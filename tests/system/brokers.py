@@ -25,6 +25,10 @@ from .support import BOOT_TIMEOUT, ROOT, STOP_TIMEOUT
 
 #: The ``redis-server`` binary (Debian's package puts it here).
 REDIS_SERVER = os.environ.get("ORDERHOOKS_TEST_REDIS_SERVER", "/usr/bin/redis-server")
+#: Seconds the web processes leave a broker alone after a failed publish
+#: (init_celery's broker_cooldown; shorter than the default 10, so the outage
+#: test need not wait long).
+BROKER_COOLDOWN = 1.0
 #: The environment variable that gives ``tests.system.celery_app`` its broker.
 BROKER_URL = "ORDERHOOKS_SYSTEM_BROKER_URL"
 #: What the gunicorn server's ``GUNICORN_CMD_ARGS`` is set to: loads

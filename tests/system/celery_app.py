@@ -32,7 +32,7 @@ from flask_orderhooks import OrderHooks
 from flask_orderhooks.celery import init_celery
 
 from . import server_app
-from .brokers import BROKER_URL, FAST_FAILING_BROKER
+from .brokers import BROKER_COOLDOWN, BROKER_URL, FAST_FAILING_BROKER
 
 
 def make_celery(broker_url: str) -> Celery:
@@ -57,7 +57,7 @@ def attach(flask_app: Flask, broker_url: str) -> Celery:
     hooks = flask_app.extensions["orderhooks"]
     assert isinstance(hooks, OrderHooks)
     celery = make_celery(broker_url)
-    init_celery(celery, hooks, app=flask_app)
+    init_celery(celery, hooks, app=flask_app, broker_cooldown=BROKER_COOLDOWN)
     return celery
 
 

@@ -41,6 +41,7 @@ from tests.conftest import BASE_CONFIG, IGV_SECRET, Recorder
 
 from . import server_app
 from .brokers import (
+    BROKER_COOLDOWN,
     BROKER_URL,
     FAST_FAILING_BROKER,
     GUNICORN_ARGS,
@@ -682,6 +683,9 @@ def test_a_broker_killed_mid_storm_loses_no_delivery(
     stack.broker.start()
     for worker in stack.workers:
         worker.wait_connected(2)
+    # The web processes leave the broker alone for a moment after a failed
+    # publish (init_celery's broker_cooldown), then enqueue again.
+    time.sleep(BROKER_COOLDOWN + 0.5)
     back = storm(stack.server.port, after_restart, threads=12)
     assert not_success(back) == []
     stack.wait_done(after_restart, "the deliveries enqueued after the broker returned")

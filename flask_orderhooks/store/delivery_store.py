@@ -240,46 +240,42 @@ class DeliveryStore:
     def _revive(self, delivery: Delivery, token: str, digest: str) -> bool:
         """Make a failed, dead or abandoned delivery due now; ``False`` when
         it changed meanwhile (a worker took it) or a worker holds its row."""
-        lock_wait = min(self.duplicate_wait, _ACCEPT_LOCK_WAIT)
-        try:
-            with self._own_transaction(durable=True, lock_wait=lock_wait) as connection:
-                row = self._sql.revive.first(
-                    connection,
-                    {
-                        **self._key_params(delivery),
-                        "p_token": token,
-                        "p_digest": digest,
-                        "p_now": self._now(),
-                        "p_ms": f"{max(1, int(lock_wait * 1000))}ms",
-                    },
-                )
-        except DBAPIError as exc:
-            if is_busy(exc):
-                return False
-            with self._store_errors(delivery):
-                raise
+        row = self._bounded_write(
+            self._sql.revive, delivery, {"p_token": token, "p_digest": digest}
+        )
         return row is not None and row[0] == token
 
     def _try_accept(self, delivery: Delivery, token: str, digest: str) -> tuple[Any, ...] | None:
-        """The acceptance's upsert; ``None`` when its row lock was busy.
+        """The acceptance's insert; ``None`` when its wait for a row was busy."""
+        return self._bounded_write(
+            self._sql.accept,
+            delivery,
+            {
+                "p_token": token,
+                "p_body": delivery.body,
+                "p_digest": digest,
+                "p_headers": json.dumps(dict(delivery.headers), sort_keys=True),
+            },
+        )
 
-        On PostgreSQL, ``ON CONFLICT DO UPDATE`` locks the existing row even
-        when its condition then fails, so a resend arriving while a worker
-        dispatches that key would wait for the receivers. The wait is kept
-        short (``_ACCEPT_LOCK_WAIT``): a row that is locked is stored, and a
-        plain read, which waits for nobody, tells whether it holds this body.
+    def _bounded_write(
+        self, statement: Any, delivery: Delivery, params: dict[str, Any]
+    ) -> tuple[Any, ...] | None:
+        """One durable write of the deferred path, its lock waits kept short
+        (``_ACCEPT_LOCK_WAIT``); ``None`` when one ran out.
+
+        A row another worker has locked is a stored row that worker is
+        dispatching: a plain read, which waits for nobody, says the rest.
+        Waiting for its receivers would keep the platform's request waiting.
         """
         lock_wait = min(self.duplicate_wait, _ACCEPT_LOCK_WAIT)
         try:
             with self._own_transaction(durable=True, lock_wait=lock_wait) as connection:
-                return self._sql.accept.first(
+                return statement.first(  # type: ignore[no-any-return]
                     connection,
                     {
                         **self._key_params(delivery),
-                        "p_token": token,
-                        "p_body": delivery.body,
-                        "p_digest": digest,
-                        "p_headers": json.dumps(dict(delivery.headers), sort_keys=True),
+                        **params,
                         "p_now": self._now(),
                         "p_ms": f"{max(1, int(lock_wait * 1000))}ms",
                     },

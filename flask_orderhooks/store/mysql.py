@@ -28,8 +28,8 @@ from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection, Dialect
 
 from ..driver_statement import DriverStatement
-from .statements import LEASE_LOST, ROW_COLUMNS, new_row
-from .table import DEAD, DONE, FAILED, PENDING, PROCESSING, WHEN
+from .statements import LEASE_LOST, ROW_COLUMNS, accept_takeover, claim_takeover, new_row
+from .table import DONE, PENDING, PROCESSING, WHEN
 
 
 class MySQLStatements:
@@ -46,20 +46,7 @@ class MySQLStatements:
         def then(value: Any, column: sa.Column[Any]) -> Any:
             return sa.case((mine, value), else_=column)
 
-        same_body = t.c.body_sha256 == sa.bindparam("p_digest")
-        claim_takeover = sa.and_(
-            sa.or_(
-                t.c.status == FAILED,
-                t.c.status == DEAD,
-                t.c.status == PENDING,
-                t.c.status == sa.bindparam("p_takeover"),
-                sa.and_(
-                    t.c.status == PROCESSING,
-                    t.c.lease_expires_at < sa.bindparam("p_now", type_=WHEN),
-                ),
-            ),
-            same_body,
-        )
+        digest: sa.BindParameter[str] = sa.bindparam("p_digest")
         lease = sa.bindparam("p_lease", type_=WHEN)
         now = sa.bindparam("p_now", type_=WHEN)
         claim = (
@@ -69,7 +56,10 @@ class MySQLStatements:
                 [
                     (
                         "claim_token",
-                        sa.case((claim_takeover, sa.bindparam("p_token")), else_=t.c.claim_token),
+                        sa.case(
+                            (claim_takeover(t, digest), sa.bindparam("p_token")),
+                            else_=t.c.claim_token,
+                        ),
                     ),
                     ("attempts", then(t.c.attempts + 1, t.c.attempts)),
                     ("next_attempt_at", then(lease, t.c.next_attempt_at)),
@@ -79,17 +69,6 @@ class MySQLStatements:
                 ]
             )
         )
-        accept_takeover = sa.and_(
-            sa.or_(
-                t.c.status == FAILED,
-                t.c.status == DEAD,
-                sa.and_(
-                    t.c.status == PROCESSING,
-                    t.c.lease_expires_at < sa.bindparam("p_now", type_=WHEN),
-                ),
-            ),
-            same_body,
-        )
         accept = (
             mysql.insert(t)
             .values(new_row(t, status=PENDING, attempts=0, lease="p_now", due="p_now"))
@@ -97,7 +76,10 @@ class MySQLStatements:
                 [
                     (
                         "claim_token",
-                        sa.case((accept_takeover, sa.bindparam("p_token")), else_=t.c.claim_token),
+                        sa.case(
+                            (accept_takeover(t, digest), sa.bindparam("p_token")),
+                            else_=t.c.claim_token,
+                        ),
                     ),
                     ("next_attempt_at", then(now, t.c.next_attempt_at)),
                     ("updated_at", then(now, t.c.updated_at)),
@@ -161,7 +143,7 @@ class MySQLStatements:
         self.revive = _UpdateThenRead(
             DriverStatement(
                 sa.update(t)
-                .where(*key, accept_takeover)
+                .where(*key, accept_takeover(t, digest))
                 .values(
                     status=PENDING,
                     claim_token=sa.bindparam("p_token"),

@@ -59,22 +59,7 @@ class Statements:
             new_row(t, status=PROCESSING, attempts=1, lease="p_lease", due="p_lease"),
             relax_commit=True,
         )
-        # Taken over: a failed, dead or pending delivery, a claim whose worker
-        # died (lease over), or a done one when replay is forced; never
-        # another body.
-        takeover = sa.and_(
-            sa.or_(
-                t.c.status == FAILED,
-                t.c.status == DEAD,
-                t.c.status == PENDING,
-                t.c.status == sa.bindparam("p_takeover"),
-                sa.and_(
-                    t.c.status == PROCESSING,
-                    t.c.lease_expires_at < sa.bindparam("p_now", type_=when),
-                ),
-            ),
-            t.c.body_sha256 == claim_insert.excluded.body_sha256,
-        )
+        takeover = claim_takeover(t, claim_insert.excluded.body_sha256)
         claim = claim_insert.on_conflict_do_update(
             index_elements=[t.c.provider, t.c.callback, t.c.key],
             set_={
@@ -102,21 +87,7 @@ class Statements:
         accept = accept_insert.on_conflict_do_nothing(
             index_elements=[t.c.provider, t.c.callback, t.c.key],
         ).returning(t.c.claim_token)
-        # A platform's resend of a failed or dead delivery makes it due now,
-        # and so does one whose worker died (its lease ran out): a row stored
-        # by 0.1 has no due time, so no worker would ever find it.
-        revivable = [
-            *key,
-            sa.or_(
-                t.c.status == FAILED,
-                t.c.status == DEAD,
-                sa.and_(
-                    t.c.status == PROCESSING,
-                    t.c.lease_expires_at < sa.bindparam("p_now", type_=when),
-                ),
-            ),
-            t.c.body_sha256 == sa.bindparam("p_digest"),
-        ]
+        revivable = [*key, accept_takeover(t, sa.bindparam("p_digest"))]
         if dialect == "postgresql":
             # A row a worker holds would make the update wait: bounded.
             revivable.append(
@@ -190,6 +161,39 @@ class Statements:
         self.claim_due_key = DriverStatement(
             _claim_due(t, only_key=True, relax_commit=relax), engine_dialect
         )
+
+
+def claim_takeover(t: sa.Table, digest: Any) -> sa.ColumnElement[bool]:
+    """When a claim takes an existing row over: a failed, dead or pending
+    delivery, a claim whose worker died (lease over), or a done one when
+    replay is forced (``p_takeover``); never another body."""
+    return sa.and_(
+        sa.or_(
+            t.c.status == FAILED,
+            t.c.status == DEAD,
+            t.c.status == PENDING,
+            t.c.status == sa.bindparam("p_takeover"),
+            _abandoned(t),
+        ),
+        t.c.body_sha256 == digest,
+    )
+
+
+def accept_takeover(t: sa.Table, digest: Any) -> sa.ColumnElement[bool]:
+    """When a deferred resend makes an existing row due now: failed, dead, or
+    abandoned by its worker (a row stored by 0.1 has no due time, so no
+    worker would ever find it); never another body."""
+    return sa.and_(
+        sa.or_(t.c.status == FAILED, t.c.status == DEAD, _abandoned(t)),
+        t.c.body_sha256 == digest,
+    )
+
+
+def _abandoned(t: sa.Table) -> sa.ColumnElement[bool]:
+    return sa.and_(
+        t.c.status == PROCESSING,
+        t.c.lease_expires_at < sa.bindparam("p_now", type_=WHEN),
+    )
 
 
 def _claim_due(t: sa.Table, *, only_key: bool, relax_commit: bool) -> Any:

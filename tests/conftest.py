@@ -27,11 +27,9 @@ from flask_orderhooks import OrderHooks
 PG_URL = os.environ.get(
     "ORDERHOOKS_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
-REQUIRE_POSTGRES = os.environ.get("ORDERHOOKS_REQUIRE_POSTGRES") == "1"
 MARIADB_URL = os.environ.get(
     "ORDERHOOKS_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test?charset=utf8mb4"
 )
-REQUIRE_MARIADB = os.environ.get("ORDERHOOKS_REQUIRE_MARIADB") == "1"
 
 IGV_SECRET = "aBcDeFgHiJkLmNoPqRsTuVwXyZ012345"
 GATEWAY_KEYS = {"10001": "merchant-key"}
@@ -60,19 +58,26 @@ def _server_error(url: str) -> str | None:
     return None
 
 
+def _require_server(url: str, name: str, switch: str, part: str, skipped: list[str]) -> None:
+    """Skip loudly when the server at ``url`` is down, or fail the test when
+    ``ORDERHOOKS_REQUIRE_<switch>=1`` (as ``.ci/run`` sets)."""
+    error = _server_error(url)
+    if error is None:
+        return
+    message = (
+        f"{name} is NOT AVAILABLE at {url} ({error}); {part} of the suite did not run. "
+        f"Start {name} or set ORDERHOOKS_TEST_{switch}_URL."
+    )
+    if os.environ.get(f"ORDERHOOKS_REQUIRE_{switch}") == "1":
+        pytest.fail(f"ORDERHOOKS_REQUIRE_{switch}=1: " + message, pytrace=False)
+    skipped.append(message)
+    pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A PostgreSQL URL whose connections use a schema of their own."""
-    error = _server_error(PG_URL)
-    if error is not None:
-        message = (
-            f"PostgreSQL is NOT AVAILABLE at {PG_URL} ({error}); the PostgreSQL half of the "
-            "suite did not run. Start PostgreSQL or set ORDERHOOKS_TEST_POSTGRES_URL."
-        )
-        if REQUIRE_POSTGRES:
-            pytest.fail("ORDERHOOKS_REQUIRE_POSTGRES=1: " + message, pytrace=False)
-        _skipped_postgres.append(message)
-        pytest.skip(message)
+    _require_server(PG_URL, "PostgreSQL", "POSTGRES", "the PostgreSQL half", _skipped_postgres)
     with private_schema(PG_URL, "orderhooks_test") as url:
         yield url
 
@@ -100,16 +105,7 @@ def private_schema(base_url: str, prefix: str) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def mariadb_url() -> Iterator[str]:
     """A MariaDB (or MySQL) URL on a database of its own, dropped afterwards."""
-    error = _server_error(MARIADB_URL)
-    if error is not None:
-        message = (
-            f"MariaDB is NOT AVAILABLE at {MARIADB_URL} ({error}); the MariaDB third of the "
-            "suite did not run. Start MariaDB or set ORDERHOOKS_TEST_MARIADB_URL."
-        )
-        if REQUIRE_MARIADB:
-            pytest.fail("ORDERHOOKS_REQUIRE_MARIADB=1: " + message, pytrace=False)
-        _skipped_mariadb.append(message)
-        pytest.skip(message)
+    _require_server(MARIADB_URL, "MariaDB", "MARIADB", "the MariaDB third", _skipped_mariadb)
     with private_database(MARIADB_URL, "orderhooks_test") as url:
         yield url
 

@@ -33,6 +33,23 @@ def store_of(app: Flask) -> DeliveryStore:
         return store
 
 
+def lock_wait_statements(store: DeliveryStore, act: Callable[[], bool]) -> list[str]:
+    """The statements touching innodb_lock_wait_timeout while ``act`` runs
+    (``act`` must return True)."""
+    seen: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if "innodb_lock_wait_timeout" in statement:
+            seen.append(statement)
+
+    sa.event.listen(store.engine, "before_cursor_execute", record)
+    try:
+        assert act()
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", record)
+    return seen
+
+
 def test_keys_differing_in_case_or_trailing_space_are_three_deliveries(
     recorder: RecorderFactory,
 ) -> None:
@@ -113,17 +130,7 @@ def test_lock_waits_are_whole_seconds_and_given_back(recorder: RecorderFactory) 
     connection may be the host's)."""
     app, _rec = recorder(ORDERHOOKS_DUPLICATE_WAIT=0.5)
     store = store_of(app)
-    seen: list[str] = []
-
-    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        if "innodb_lock_wait_timeout" in statement:
-            seen.append(statement)
-
-    sa.event.listen(store.engine, "before_cursor_execute", record)
-    try:
-        assert post(app, make("igv", app)).status_code == 200
-    finally:
-        sa.event.remove(store.engine, "before_cursor_execute", record)
+    seen = lock_wait_statements(store, lambda: post(app, make("igv", app)).status_code == 200)
     assert seen == [
         "SET SESSION innodb_lock_wait_timeout = 1",
         "SET SESSION innodb_lock_wait_timeout = DEFAULT",
@@ -202,16 +209,7 @@ def test_the_own_store_sets_its_lock_wait_once(recorder: RecorderFactory) -> Non
     lock wait, set once per connection instead of twice per claim."""
     app, _rec = recorder(host_db=False, ORDERHOOKS_DUPLICATE_WAIT=2.5)
     store = store_of(app)
-    seen: list[str] = []
-
-    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        if "innodb_lock_wait_timeout" in statement:
-            seen.append(statement)
-
-    sa.event.listen(store.engine, "before_cursor_execute", record)
-    try:
-        for _ in range(3):
-            assert post(app, make("igv", app)).status_code == 200
-    finally:
-        sa.event.remove(store.engine, "before_cursor_execute", record)
+    seen = lock_wait_statements(
+        store, lambda: all(post(app, make("igv", app)).status_code == 200 for _ in range(3))
+    )
     assert seen == ["SET SESSION innodb_lock_wait_timeout = 3"]

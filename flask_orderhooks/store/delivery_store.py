@@ -413,6 +413,8 @@ class DeliveryStore:
         the session back.)
         """
         if self.dialect != "postgresql":
+            # MySQL and MariaDB: InnoDB's UPDATE acts on the latest committed
+            # row whatever the snapshot, so the done mark finds the claim.
             return
         connection = session.connection()
         info = getattr(connection.connection.dbapi_connection, "info", None)

@@ -2,20 +2,23 @@
 ``flask orderhooks worker`` processes.
 
 Every PostgreSQL test gets a schema of its own, next to the session's one
-from ``postgres_url``, and drops it afterwards: a test that kills workers
-leaves nothing behind for the rest of the suite.
+from ``postgres_url``, and every MariaDB test a database of its own, next to
+the session's one from ``mariadb_url``; each is dropped afterwards, once the
+test's servers and workers are stopped: a test that kills workers leaves
+nothing behind for the rest of the suite.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import BASE_CONFIG, private_schema
+from tests.conftest import BASE_CONFIG, private_database, private_schema
 
 from . import server_app
 from .support import Server, Worker, prepare_database
@@ -23,6 +26,13 @@ from .support import Server, Worker, prepare_database
 ServerFactory = Callable[..., Server]
 WorkerFactory = Callable[..., Worker]
 ReportFn = Callable[[str], None]
+
+#: The database backends of the system tests, as parameters with their marks.
+POSTGRESQL = pytest.param("postgresql", marks=pytest.mark.postgres)
+MARIADB = pytest.param("mariadb", marks=pytest.mark.mariadb)
+SQLITE = "sqlite"
+#: Each backend's fixture: a database of the test's own (see ``pg_url``).
+URL_FIXTURES = {"postgresql": "pg_url", "mariadb": "mariadb_sys_url", "sqlite": "sqlite_url"}
 
 #: One line per system test: the counts the issue note quotes.
 _SUMMARIES: list[str] = []
@@ -51,8 +61,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 @pytest.fixture
 def _servers() -> list[Server]:
     """The servers a test started: shared by ``start_server``, which stops
-    them, and ``pg_url``, which must stop them before dropping their schema
-    whichever of the two fixtures is torn down first."""
+    them, and ``pg_url`` / ``mariadb_sys_url``, which must stop them before
+    dropping their schema or database whichever fixture is torn down first."""
     return []
 
 
@@ -62,17 +72,40 @@ def _workers() -> list[Worker]:
     return []
 
 
-@pytest.fixture
-def pg_url(postgres_url: str, _servers: list[Server], _workers: list[Worker]) -> Iterator[str]:
-    """A URL whose ``search_path`` is a fresh schema, dropped after the test."""
-    with private_schema(postgres_url, "orderhooks_sys") as url:
+def _private(
+    database: AbstractContextManager[str], servers: list[Server], workers: list[Worker]
+) -> Iterator[str]:
+    """Yield ``database``'s URL; stop every worker and server of the test
+    before it is dropped, whichever fixture is torn down first: a process
+    still connected would hold the drop up (or lose its tables under it)."""
+    with database as url:
         try:
             yield url
         finally:
-            for worker in _workers:
+            for worker in workers:
                 worker.stop()
-            for server in _servers:
+            for server in servers:
                 server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres_url: str, _servers: list[Server], _workers: list[Worker]) -> Iterator[str]:
+    """A URL whose ``search_path`` is a fresh schema, dropped after the test."""
+    yield from _private(private_schema(postgres_url, "orderhooks_sys"), _servers, _workers)
+
+
+@pytest.fixture
+def mariadb_sys_url(
+    mariadb_url: str, _servers: list[Server], _workers: list[Worker]
+) -> Iterator[str]:
+    """A URL on a fresh MariaDB database, dropped after the test."""
+    yield from _private(private_database(mariadb_url, "orderhooks_sys"), _servers, _workers)
+
+
+@pytest.fixture(params=[POSTGRESQL, MARIADB])
+def server_url(request: pytest.FixtureRequest) -> str:
+    """A database of the test's own on each database server (not SQLite)."""
+    return str(request.getfixturevalue(URL_FIXTURES[request.param]))
 
 
 @pytest.fixture

@@ -426,8 +426,29 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0) ->
 
 # -- a TCP forwarder that can take the database away ------------------------------
 
-# A PostgreSQL simple-protocol Query message carrying COMMIT, as psycopg sends it.
-_COMMIT_QUERY = b"Q\x00\x00\x00\x0bCOMMIT\x00"
+#: The COMMIT each driver sends, byte for byte, by SQLAlchemy backend name.
+COMMIT_MESSAGES = {
+    # A PostgreSQL simple-protocol Query message carrying COMMIT, as psycopg sends it.
+    "postgresql": b"Q\x00\x00\x00\x0bCOMMIT\x00",
+    # A MySQL COM_QUERY packet, as PyMySQL's Connection.commit() sends it (seen
+    # through this forwarder): payload length 7 (3 bytes, little-endian),
+    # sequence id 0, then COM_QUERY (0x03) and the statement text.
+    "mysql": b"\x07\x00\x00\x00\x03COMMIT",
+}
+_DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306}
+
+
+def backend_name(url: str) -> str:
+    """The label of ``url``'s database in test ids and reports: ``"postgresql"``,
+    ``"mariadb"`` (SQLAlchemy's ``mysql`` dialect, on the MariaDB fixture) or
+    ``"sqlite"``."""
+    name = sa.make_url(url).get_backend_name()
+    return "mariadb" if name == "mysql" else name
+
+
+def forwarded(url: str, forwarder: Forwarder) -> str:
+    """``url`` through ``forwarder``'s port."""
+    return sa.make_url(url).set(port=forwarder.port).render_as_string(hide_password=False)
 
 
 @dataclass(eq=False)
@@ -462,10 +483,22 @@ class Forwarder:
     connection is cut and new ones are refused. :meth:`lose_commit_ack` cuts
     one connection in the worst place: after the database committed, before
     the app heard that it did.
+
+    :meth:`to` builds one for a database URL, with its driver's COMMIT.
     """
 
-    def __init__(self, target: tuple[str, int]) -> None:
+    @classmethod
+    def to(cls, url: str) -> Forwarder:
+        """A forwarder to the server of ``url`` (PostgreSQL or MySQL/MariaDB)."""
+        parsed = sa.make_url(url)
+        backend = parsed.get_backend_name()
+        target = (parsed.host or "127.0.0.1", parsed.port or _DEFAULT_PORTS[backend])
+        return cls(target, commit_message=COMMIT_MESSAGES[backend])
+
+    def __init__(self, target: tuple[str, int], *, commit_message: bytes) -> None:
         self.target = target
+        #: The driver's COMMIT on the wire (:data:`COMMIT_MESSAGES`).
+        self.commit_message = commit_message
         self.port = 0
         self._listener: socket.socket | None = None
         self._links: set[_Link] = set()
@@ -503,7 +536,8 @@ class Forwarder:
 
         Markers are matched in the statement text, which psycopg sends until
         it prepares a statement (its fifth run on one connection): arm traps
-        on a fresh server.
+        on a fresh server. PyMySQL always sends the text, with the parameters
+        already in it.
 
         :returns: an event set once the trap has sprung.
         """
@@ -557,7 +591,7 @@ class Forwarder:
                 return False
         else:
             link.armed = link.armed or trap.marker in data
-            if not (link.armed and _COMMIT_QUERY in data):
+            if not (link.armed and self.commit_message in data):
                 return False
             link.muted.set()
             link.upstream.sendall(data)

@@ -2,7 +2,10 @@
 as pending and answers at once; ``flask orderhooks worker`` processes run the
 receivers, retry failures on the local schedule and give up (``dead``) after
 the last attempt. Each must still end with exactly one committed effect per
-delivery that succeeded, and none for one that never did."""
+delivery that succeeded, and none for one that never did.
+
+Several workers share the due queue on PostgreSQL and MariaDB (``SELECT … FOR
+UPDATE SKIP LOCKED``, MariaDB ≥ 10.6); SQLite serialises them."""
 
 from __future__ import annotations
 
@@ -16,17 +19,26 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
 from flask_orderhooks.store import StoredDelivery
+from flask_orderhooks.store.statements import LEASE_LOST
 from flask_orderhooks.testing import SignedCallback
 
 from . import server_app
 from .callbacks import KINDS, mixed, signed
-from .conftest import ReportFn, ServerFactory, WorkerFactory
+from .conftest import (
+    MARIADB,
+    POSTGRESQL,
+    SQLITE,
+    URL_FIXTURES,
+    ReportFn,
+    ServerFactory,
+    WorkerFactory,
+)
 from .support import (
     Answer,
     Server,
+    backend_name,
     flask_command,
     form,
     is_busy,
@@ -36,7 +48,7 @@ from .support import (
     wait_for,
 )
 
-BACKENDS = [pytest.param("postgresql", marks=pytest.mark.postgres), "sqlite"]
+BACKENDS = [POSTGRESQL, MARIADB, SQLITE]
 #: Seconds an idle worker sleeps between looks in these tests.
 POLL = 0.1
 #: The longest any test waits for the workers to work through their queue.
@@ -48,12 +60,7 @@ Key = tuple[str, str, str]
 
 @pytest.fixture(params=BACKENDS)
 def database_url(request: pytest.FixtureRequest) -> str:
-    name = "pg_url" if request.param == "postgresql" else "sqlite_url"
-    return str(request.getfixturevalue(name))
-
-
-def backend_of(url: str) -> str:
-    return sa.make_url(url).get_backend_name()
+    return str(request.getfixturevalue(URL_FIXTURES[request.param]))
 
 
 def key_of(cb: SignedCallback) -> Key:
@@ -152,17 +159,17 @@ def planned_error(attempt: int, key: str) -> str:
     return f"RuntimeError: {server_app.PLANNED_ATTEMPT_FAILURE} {attempt} for {key}"
 
 
-# -- 1. a deferred storm on PostgreSQL with three workers -----------------------------
+# -- 1. a deferred storm on a database server with three workers ----------------------
 
 
 @pytest.mark.system
-@pytest.mark.postgres
-def test_deferred_storm_is_dispatched_once_by_three_workers_on_postgresql(
-    start_server: ServerFactory, start_worker: WorkerFactory, pg_url: str, report: ReportFn
+def test_deferred_storm_is_dispatched_once_by_three_workers(
+    start_server: ServerFactory, start_worker: WorkerFactory, server_url: str, report: ReportFn
 ) -> None:
+    """PostgreSQL and MariaDB (``server_url``)."""
     started = time.monotonic()
     keys, copies, clients = 200, 10, 24
-    server = start_server(pg_url, workers=4, dispatch="deferred", poll_interval=0.2)
+    server = start_server(server_url, workers=4, dispatch="deferred", poll_interval=0.2)
     workers = [start_worker(server) for _ in range(3)]
     callbacks = mixed(keys, uuid.uuid4().hex[:12])
     # Copies of a key next to each other: they race across the gunicorn workers.
@@ -199,7 +206,8 @@ def test_deferred_storm_is_dispatched_once_by_three_workers_on_postgresql(
     exits = [w.stop() for w in workers]
     assert exits == [0, 0, 0]
     report(
-        f"postgresql sync x4 + 3 workers, deferred, {clients} clients: keys={keys} "
+        f"{backend_name(server_url)} sync x4 + 3 workers, deferred, {clients} clients: "
+        f"keys={keys} "
         f"copies={copies} requests={len(jobs)} answers={status_counts(answers)} "
         f"dispatches={sum(dispatches.values())} per_worker={sorted(per_worker.values())} "
         f"resent_after_done={status_counts(again)} worker_exits={exits} "
@@ -215,9 +223,11 @@ def test_deferred_storm_is_dispatched_once_by_three_workers_on_postgresql(
 def test_worker_killed_in_a_receiver_is_redispatched_once_after_its_lease(
     start_server: ServerFactory, start_worker: WorkerFactory, database_url: str, report: ReportFn
 ) -> None:
-    """PostgreSQL: the other worker skips the locked row. SQLite: the blocked
-    dispatch holds the write lock, so the other worker's looks are refused
-    ("database is locked") until the kill releases it."""
+    """PostgreSQL and MariaDB: the other worker skips the locked row (SKIP
+    LOCKED), and the server rolls the killed worker's transaction back when
+    its connection drops. SQLite: the blocked dispatch holds the write lock,
+    so the other worker's looks are refused ("database is locked") until the
+    kill releases it."""
     started = time.monotonic()
     server = start_server(
         database_url,
@@ -254,7 +264,9 @@ def test_worker_killed_in_a_receiver_is_redispatched_once_after_its_lease(
     # The killed attempt's flushed row died with its transaction.
     assert [(e.note, e.pid) for e in effects] == [("committed", survivor.pid)]
     stored = delivery(server, cb)
-    assert (stored.status, stored.attempts, stored.error) == ("done", 2, None)
+    # The takeover records the lost attempt's error (since 438d06e, as
+    # tests/test_delivery_queue.py asserts); it stays after the success.
+    assert (stored.status, stored.attempts, stored.error) == ("done", 2, LEASE_LOST)
     assert stored.next_attempt_at is None
     # A platform's retry is a duplicate of the done delivery.
     assert form(cb.provider, server.post(cb))[0] == "success"
@@ -265,7 +277,7 @@ def test_worker_killed_in_a_receiver_is_redispatched_once_after_its_lease(
     # Not asserted: the contract leaves open whether a lost attempt is signalled.
     lost_signals = len(server_app.signal_records(server.control, "delivery_failed"))
     report(
-        f"{backend_of(database_url)} sync x2 + 2 workers, deferred, lease 2 s: killed pid={pid} "
+        f"{backend_name(database_url)} sync x2 + 2 workers, deferred, lease 2 s: killed pid={pid} "
         f"taken_over_by={survivor.pid} dispatches={len(effects)} attempts={stored.attempts} "
         f"delivery_failed_signals={lost_signals} "
         f"survivor_exit={exit_code} runtime={time.monotonic() - started:.1f}s"
@@ -276,14 +288,13 @@ def test_worker_killed_in_a_receiver_is_redispatched_once_after_its_lease(
 
 
 @pytest.mark.system
-@pytest.mark.postgres
 def test_failed_attempts_are_retried_on_the_schedule_until_done(
-    start_server: ServerFactory, start_worker: WorkerFactory, pg_url: str, report: ReportFn
+    start_server: ServerFactory, start_worker: WorkerFactory, server_url: str, report: ReportFn
 ) -> None:
     started = time.monotonic()
     delays = [30.0, 120.0]
     server = start_server(
-        pg_url,
+        server_url,
         receiver="fail-twice",
         workers=2,
         dispatch="deferred",
@@ -351,7 +362,7 @@ def test_failed_attempts_are_retried_on_the_schedule_until_done(
     exit_code = worker.stop()
     assert exit_code == 0
     report(
-        f"postgresql + 1 worker, deferred, delays {delays} on a jumped clock: "
+        f"{backend_name(server_url)} + 1 worker, deferred, delays {delays} on a jumped clock: "
         f"deliveries={len(callbacks)} attempts=3 each failed_signals="
         f"{sum(len(r) for r in failed.values())} dead_signals=0 dispatches={len(effects)} "
         f"clock_offset={offset:g}s worker_exit={exit_code} "
@@ -363,15 +374,14 @@ def test_failed_attempts_are_retried_on_the_schedule_until_done(
 
 
 @pytest.mark.system
-@pytest.mark.postgres
 def test_exhausted_retries_end_dead_with_one_delivery_dead_signal(
-    start_server: ServerFactory, start_worker: WorkerFactory, pg_url: str, report: ReportFn
+    start_server: ServerFactory, start_worker: WorkerFactory, server_url: str, report: ReportFn
 ) -> None:
     started = time.monotonic()
     delays = [1.0, 1.0]
     attempts = len(delays) + 1
     server = start_server(
-        pg_url,
+        server_url,
         receiver="fail-always",
         workers=2,
         dispatch="deferred",
@@ -414,7 +424,8 @@ def test_exhausted_retries_end_dead_with_one_delivery_dead_signal(
     assert exits == [0, 0, 0]
     senders = Counter(int(str(r["pid"])) for records in dead.values() for r in records)
     report(
-        f"postgresql + 3 workers, deferred, delays {delays}: deliveries={len(callbacks)} "
+        f"{backend_name(server_url)} + 3 workers, deferred, delays {delays}: "
+        f"deliveries={len(callbacks)} "
         f"dead={len(rows)} attempts={attempts} each dead_signals="
         f"{sum(len(r) for r in dead.values())} (senders {sorted(senders.values())}) "
         f"failed_signals={sum(len(r) for r in failed.values())} effects=0 "
@@ -533,7 +544,7 @@ def test_sigterm_finishes_the_delivery_in_hand_and_exits_zero(
     assert (after.status, after.attempts) == ("done", 1)
     assert len(effects_of(server, queued)) == 1
     report(
-        f"{backend_of(database_url)} + 1 worker, deferred: sigterm_during_receiver "
+        f"{backend_name(database_url)} + 1 worker, deferred: sigterm_during_receiver "
         f"exit={exit_code} in_hand={done.status} queued_after_stop={waiting.status} "
         f"then_once={counts[0]!r} runtime={time.monotonic() - started:.1f}s"
     )

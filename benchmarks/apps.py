@@ -22,6 +22,9 @@
     delivery's own transaction (``db=``), so a drain costs the same write per
     callback as a naive request.
 
+Every app runs on SQLite, PostgreSQL and MariaDB/MySQL (PyMySQL) alike: the
+database is the URI's, the code the same.
+
 Under gunicorn (and ``flask --app 'benchmarks.apps:create_app()'``, for the
 workers) the app is chosen by environment variables (``BENCH_APP``,
 ``BENCH_DATABASE_URI``); :func:`make_app` builds the same apps in-process.

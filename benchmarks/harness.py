@@ -75,6 +75,7 @@ from .apps import (
 ROOT = Path(__file__).resolve().parent.parent
 LUA_SCRIPT = Path(__file__).resolve().parent / "callbacks.lua"
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+DEFAULT_MARIADB_URL = "mysql+pymysql://root@127.0.0.1:3306/test?charset=utf8mb4"
 
 
 @contextmanager
@@ -94,6 +95,24 @@ def private_schema(pg_url: str, prefix: str) -> Iterator[str]:
         admin.dispose()
 
 
+@contextmanager
+def private_database(mariadb_url: str, prefix: str) -> Iterator[str]:
+    """``mariadb_url`` on a fresh MariaDB/MySQL database of our own, dropped
+    afterwards (the server is shared with other runs)."""
+    base = sa.make_url(mariadb_url)
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(base)
+    with admin.begin() as connection:
+        connection.exec_driver_sql(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+    try:
+        yield base.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as connection:
+            connection.exec_driver_sql("SET SESSION lock_wait_timeout = 20")
+            connection.exec_driver_sql(f"DROP DATABASE IF EXISTS `{name}`")
+        admin.dispose()
+
+
 WRK_INSTALL_HINT = (
     "wrk is not installed. Install it with `apt-get install -y wrk` (Debian/Ubuntu; run "
     "`apt-get update` first), `brew install wrk` (macOS), or build it from "
@@ -108,7 +127,10 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # First passes run again, each time with more ids, when the ids ran out.
 ID_ATTEMPTS = 3
 
-Backend = Literal["none", "sqlite", "postgresql"]
+Backend = Literal["none", "sqlite", "postgresql", "mariadb"]
+#: Backends whose server runs the SQL in processes (PostgreSQL) or threads
+#: (MariaDB) of its own, whose CPU time is counted as the request's.
+SERVER_BACKENDS = ("postgresql", "mariadb")
 
 
 def source_env(env: dict[str, str], source: Path | None) -> dict[str, str]:
@@ -258,16 +280,34 @@ class Measurement:
 
 class Database:
     """A fresh database for one measurement: a SQLite file in the run's temp
-    dir, or a PostgreSQL schema of our own (dropped afterwards)."""
+    dir, a PostgreSQL schema of our own or a MariaDB database of our own
+    (dropped afterwards)."""
 
-    def __init__(self, backend: Backend, workdir: Path, pg_url: str) -> None:
+    def __init__(
+        self, backend: Backend, workdir: Path, pg_url: str, mariadb_url: str = DEFAULT_MARIADB_URL
+    ) -> None:
         self.backend = backend
         tag = uuid.uuid4().hex[:10]
         self.schema: str | None = None
         self.application_name: str | None = None
         self._admin: sa.Engine | None = None
-        if backend == "sqlite":
-            self.uri: str | None = f"sqlite:///{workdir / f'bench-{tag}.sqlite3'}"
+        #: MariaDB: the harness's own connections (their threads are not the app's).
+        self._harness_ids: set[int] = set()
+        self._server_pid: int | None = None
+        self.uri: str | None = None
+        if backend == "mariadb":
+            self.schema = f"orderhooks_bench_{tag}"
+            base = sa.make_url(mariadb_url)
+            self._admin = sa.create_engine(base)
+            with self._admin.begin() as connection:
+                connection.exec_driver_sql(f"CREATE DATABASE `{self.schema}` CHARACTER SET utf8mb4")
+                tid = connection.exec_driver_sql(
+                    "SELECT TID FROM information_schema.PROCESSLIST WHERE ID = CONNECTION_ID()"
+                ).scalar_one()
+            self._server_pid = thread_group(int(tid))
+            self.uri = base.set(database=self.schema).render_as_string(hide_password=False)
+        elif backend == "sqlite":
+            self.uri = f"sqlite:///{workdir / f'bench-{tag}.sqlite3'}"
         elif backend == "postgresql":
             self.schema = f"orderhooks_bench_{tag}"
             # Names the server's backends so their CPU time can be read from /proc.
@@ -283,8 +323,17 @@ class Database:
             self.uri = None
 
     def backend_pids(self) -> list[int]:
+        """The server processes (PostgreSQL) or threads (MariaDB, one per
+        connection) serving the app's connections; /proc/<id>/stat is either's."""
         if self._admin is None:
             return []
+        if self.backend == "mariadb":
+            with self._admin.connect() as connection:
+                threads = connection.exec_driver_sql(
+                    "SELECT ID, TID FROM information_schema.PROCESSLIST WHERE DB = %s",
+                    (self.schema,),
+                ).all()
+            return [int(tid) for id_, tid in threads if int(id_) not in self._harness_ids]
         with self._admin.connect() as connection:
             rows = connection.execute(
                 sa.text("SELECT pid FROM pg_stat_activity WHERE application_name = :name"),
@@ -292,16 +341,43 @@ class Database:
             )
             return [int(row[0]) for row in rows]
 
+    def baseline_pids(self) -> list[int]:
+        """What to read CPU times from before a measured window: the app's
+        backends, and on MariaDB every server thread (a connection opened in
+        the window may get a cached thread that already ran other sessions)."""
+        if self._server_pid is not None:
+            try:
+                return [int(t.name) for t in Path(f"/proc/{self._server_pid}/task").iterdir()]
+            except OSError:
+                return []
+        return self.backend_pids()
+
     def reader(self) -> sa.Engine:
         """An engine for the harness's own reads during a measurement; on
-        PostgreSQL its backends are not counted as the app's."""
+        PostgreSQL and MariaDB its backends are not counted as the app's."""
         assert self.uri is not None
         url = sa.make_url(self.uri)
         if self.backend == "postgresql":
             url = url.update_query_dict({"application_name": "orderhooks_bench_harness"})
-        return sa.create_engine(url)
+        engine = sa.create_engine(url)
+        if self.backend == "mariadb":
+
+            def remember(dbapi_connection: Any, record: Any) -> None:
+                cursor = dbapi_connection.cursor()
+                cursor.execute("SELECT CONNECTION_ID()")
+                self._harness_ids.add(int(cursor.fetchone()[0]))
+                cursor.close()
+
+            sa.event.listen(engine, "connect", remember)
+        return engine
 
     def drop(self) -> None:
+        if self._admin is not None and self.schema is not None and self.backend == "mariadb":
+            with self._admin.begin() as connection:
+                connection.exec_driver_sql("SET SESSION lock_wait_timeout = 20")
+                connection.exec_driver_sql(f"DROP DATABASE IF EXISTS `{self.schema}`")
+            self._admin.dispose()
+            self._admin = None
         if self._admin is not None and self.schema is not None:
             with self._admin.begin() as connection:
                 connection.execute(sa.text(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE'))
@@ -317,6 +393,26 @@ def postgres_problem(pg_url: str) -> str | None:
         engine.dispose()
     except Exception as exc:
         return f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+    return None
+
+
+def mariadb_version(mariadb_url: str) -> str:
+    engine = sa.create_engine(mariadb_url)
+    try:
+        with engine.connect() as connection:
+            return str(connection.exec_driver_sql("SELECT VERSION()").scalar_one())
+    finally:
+        engine.dispose()
+
+
+def thread_group(tid: int) -> int | None:
+    """The process a thread belongs to (the MariaDB server, for a connection's thread)."""
+    try:
+        for line in Path(f"/proc/{tid}/status").read_text().splitlines():
+            if line.startswith("Tgid:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
     return None
 
 
@@ -546,7 +642,7 @@ def drain(
         both = max(p.started for p in procs if p.started is not None)
         pids = [p.process.pid for p in procs]
         cpu_before = sum(cpu_seconds(pid) for pid in pids)
-        db_before = {pid: cpu_seconds(pid) for pid in database.backend_pids()}
+        db_before = {pid: cpu_seconds(pid) for pid in database.baseline_pids()}
         deadline = time.monotonic() + timeout
         left = deliveries
         with reader.connect() as connection:
@@ -557,7 +653,7 @@ def drain(
                 left = undrained_count(connection)
         workers_cpu = sum(cpu_seconds(pid) for pid in pids) - cpu_before
         db_cpu: float | None = None
-        if config.backend == "postgresql":
+        if config.backend in SERVER_BACKENDS:
             db_cpu = sum(
                 cpu_seconds(pid) - db_before.get(pid, 0.0) for pid in database.backend_pids()
             )
@@ -662,6 +758,7 @@ def run_wrk(
     worker_pids: Sequence[int],
     db_pids: Callable[[], list[int]] | None,
     workdir: Path,
+    db_baseline: Callable[[], list[int]] | None = None,
 ) -> tuple[PassResult, str]:
     out_path = workdir / "wrk.out"
     wrk = shutil.which("wrk")
@@ -683,7 +780,8 @@ def run_wrk(
         mode,
         str(threads),
     ]
-    db_before = {pid: cpu_seconds(pid) for pid in (db_pids() if db_pids else [])}
+    baseline = db_baseline or db_pids
+    db_before = {pid: cpu_seconds(pid) for pid in (baseline() if baseline else [])}
     workers_before = sum(cpu_seconds(pid) for pid in worker_pids)
     started = time.monotonic()
     with out_path.open("w") as out:
@@ -755,6 +853,7 @@ class Options:
     id_margin: float
     pg_url: str
     verbose: bool
+    mariadb_url: str = DEFAULT_MARIADB_URL
     drain_workers: int = 2
     drain_timeout: float = 300.0
 
@@ -762,7 +861,7 @@ class Options:
 def measure(
     config: Config, round_number: int, options: Options, workdir: Path, rates: dict[str, float]
 ) -> Measurement:
-    database = Database(config.backend, workdir, options.pg_url)
+    database = Database(config.backend, workdir, options.pg_url, options.mariadb_url)
     server: Server | None = None
     try:
         uri = database.uri
@@ -770,7 +869,7 @@ def measure(
             make_tables(config, uri)
         server = Server(config, uri, options.workers, workdir)
         pids = server.wait_ready()
-        db_pids = database.backend_pids if config.backend == "postgresql" else None
+        db_pids = database.backend_pids if config.backend in SERVER_BACKENDS else None
 
         def load(ids: Path, mode: str, seconds: int) -> tuple[PassResult, str]:
             assert server is not None
@@ -784,6 +883,7 @@ def measure(
                 worker_pids=pids,
                 db_pids=db_pids,
                 workdir=workdir,
+                db_baseline=database.baseline_pids if db_pids is not None else None,
             )
 
         # Warm-up: imports, connection pools, prepared statements, both workers.
@@ -951,7 +1051,7 @@ def pct(values: Sequence[float]) -> str:
 def results_table(measurements: Sequence[Measurement], configs: Sequence[Config]) -> list[str]:
     lines = [
         "| configuration | pass | req/s | p50 ms | p99 ms | server CPU ms/req | non-2xx "
-        "| socket errors | wrk CPU | workers CPU | PostgreSQL CPU | peak RSS/worker MB |",
+        "| socket errors | wrk CPU | workers CPU | database CPU | peak RSS/worker MB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for config in configs:
@@ -1006,7 +1106,7 @@ class Ratio:
 
 
 RoundFn = Callable[["Measurement", "Measurement | None"], "float | None"]
-LABEL = {"postgresql": "PostgreSQL", "sqlite": "SQLite", "none": "-"}
+LABEL = {"postgresql": "PostgreSQL", "sqlite": "SQLite", "mariadb": "MariaDB", "none": "-"}
 
 
 def in_rounds(
@@ -1326,7 +1426,8 @@ def deferred_section(
         "marks (`updated_at`) from the moment the last worker printed its start line to the "
         "last done mark, divided by that time; 'with start-up' counts every delivery from "
         "the workers' spawn (Python and the app loading). CPU ms/delivery: the workers and "
-        "their PostgreSQL backends over the same window.",
+        "their database server's backends (PostgreSQL processes, MariaDB connection threads) "
+        "over the same window.",
         "",
         *drain_table(measurements, configs),
         "",
@@ -1344,7 +1445,7 @@ def drain_table(measurements: Sequence[Measurement], configs: Sequence[Config]) 
     lines = [
         "| configuration | workers | deliveries drained | drain rate /s (all workers running) "
         "| rate /s with start-up | start-up s | CPU ms/delivery | workers CPU "
-        "| PostgreSQL CPU | retried | worker stderr lines |",
+        "| database CPU | retried | worker stderr lines |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for config in configs:
@@ -1425,7 +1526,7 @@ def compare_previous(previous_text: str, current_text: str) -> list[str]:
     before, now = parse_results(previous_text), parse_results(current_text)
     # (label, where, key, column, higher is better)
     measures: list[tuple[str, str, Any, str, bool | None]] = []
-    for db, backend in (("SQLite", "sqlite"), ("PostgreSQL", "postgresql")):
+    for db, backend in (("SQLite", "sqlite"), ("PostgreSQL", "postgresql"), ("MariaDB", "mariadb")):
         measures += [
             (f"orderhooks/naive req/s, {db}, first deliveries", "ratio", None, "", True),
             (
@@ -1475,7 +1576,7 @@ def compare_previous(previous_text: str, current_text: str) -> list[str]:
     ]
     # Did the machine itself change? Then absolute numbers compare machines.
     moved: dict[str, bool] = {}
-    for backend in ("sqlite", "postgresql"):
+    for backend in ("sqlite", "postgresql", "mariadb"):
         key_ = (f"naive/{backend}", "first")
         for column in ("req/s", "server CPU ms/req"):
             old_gauge = _value(before.rows.get(key_, {}).get(column))
@@ -1546,29 +1647,40 @@ def versions(options: Options, backends: set[str]) -> str:
         f"{name} {version(name)}"
         for name in ("Flask", "Flask-SQLAlchemy", "SQLAlchemy", "psycopg", "gunicorn")
     ]
+    if "mariadb" in backends:
+        parts.append(f"PyMySQL {version('PyMySQL')}")
     parts += [f"SQLite {sqlite3.sqlite_version}", wrk_version]
     if "postgresql" in backends:
         parts.append(f"PostgreSQL {postgres_version(options.pg_url)}")
+    if "mariadb" in backends:
+        parts.append(f"MariaDB {mariadb_version(options.mariadb_url)}")
     return ", ".join(parts)
 
 
-def roundtrip_tables(configs: Sequence[Config], backends: set[str]) -> list[str]:
+def roundtrip_tables(
+    configs: Sequence[Config], backends: set[str], options: Options | None = None
+) -> list[str]:
     """benchmarks.roundtrips, run for the checkout and for every variant."""
     package = next((c.source for c in configs if c.variant is None and c.source), None)
-    runs: list[tuple[Path | None, list[str]]] = [
-        (package, ["--kinds", "naive,orderhooks,orderhooks-deferred"])
+    runs: list[tuple[Path | None, list[str], set[str]]] = [
+        (package, ["--kinds", "naive,orderhooks,orderhooks-deferred"], backends)
     ]
     seen: set[str] = set()
     for c in configs:
         if c.variant is not None and c.source is not None and c.variant not in seen:
             seen.add(c.variant)
             kinds = sorted({v.kind for v in configs if v.variant == c.variant})
-            runs.append((c.source, ["--kinds", ",".join(kinds), "--label", c.variant]))
+            # A variant without MariaDB support is counted where it runs.
+            where = {str(v.backend) for v in configs if v.variant == c.variant}
+            runs.append((c.source, ["--kinds", ",".join(kinds), "--label", c.variant], where))
     rows: list[str] = []
     problems: list[str] = []
-    for source, extra in runs:
+    for source, extra, where in runs:
         cwd = source or ROOT
         env = source_env(dict(os.environ), source)
+        if options is not None:
+            env["ORDERHOOKS_BENCH_POSTGRES_URL"] = options.pg_url
+            env["ORDERHOOKS_BENCH_MARIADB_URL"] = options.mariadb_url
         probe = subprocess.run(
             [
                 sys.executable,
@@ -1576,7 +1688,7 @@ def roundtrip_tables(configs: Sequence[Config], backends: set[str]) -> list[str]
                 "benchmarks.roundtrips",
                 "--markdown",
                 "--backends",
-                ",".join(sorted(backends)),
+                ",".join(sorted(where)),
                 *extra,
             ],
             cwd=cwd,
@@ -1643,12 +1755,14 @@ def report(
     lines += [
         "",
         "Values are the median over the rounds, with the min-max spread in brackets. "
-        "Server CPU ms/req is the CPU time of both gunicorn workers and their PostgreSQL "
-        "backends divided by the requests answered: the cost of a request, which other load "
-        "on the machine disturbs far less than req/s (SQLite's fsync waits are not CPU, so "
-        "it understates SQLite commits). The other CPU columns are the share of one core over "
-        "the pass (workers: both together; PostgreSQL: the backends of the workers' "
-        "connections).",
+        "Server CPU ms/req is the CPU time of both gunicorn workers and their database "
+        "backends (PostgreSQL processes; MariaDB connection threads, found by database name "
+        "in its processlist) divided by the requests answered: the cost of a request, which "
+        "other load on the machine disturbs far less than req/s (SQLite's fsync waits are "
+        "not CPU, so it understates SQLite commits; InnoDB's log writes and flushes run in "
+        "MariaDB threads of their own, not counted either). The other CPU columns are the "
+        "share of one core over the pass (workers: both together; database: the backends of "
+        "the workers' connections).",
         "",
         *results_table(measurements, configs),
         "",
@@ -1666,7 +1780,8 @@ def report(
         "## SQL per request",
         "",
         "Counted in-process by `python -m benchmarks.roundtrips` (PostgreSQL: libpq protocol "
-        "trace, one round trip per ReadyForQuery; SQLite: statements and transactions). "
+        "trace, one round trip per ReadyForQuery; MariaDB: every command PyMySQL sends, each "
+        "answered before the next; SQLite: statements and transactions). "
         '"dup. among firsts": a duplicate arriving after first deliveries, when psycopg has '
         "prepared statements that a ROLLBACK makes it deallocate.",
         "",
@@ -1710,6 +1825,9 @@ ALL_CONFIGS = (
     Config("naive", "postgresql"),
     Config("orderhooks", "postgresql"),
     Config("orderhooks-deferred", "postgresql"),
+    Config("naive", "mariadb"),
+    Config("orderhooks", "mariadb"),
+    Config("orderhooks-deferred", "mariadb"),
 )
 
 
@@ -1717,7 +1835,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="benchmarks/run",
         description="Benchmark bare Flask, a hand-written iGV callback and flask-orderhooks "
-        "under gunicorn with wrk, on SQLite and PostgreSQL.",
+        "under gunicorn with wrk, on SQLite, PostgreSQL and MariaDB.",
     )
     parser.add_argument("--duration", type=int, default=8, help="seconds per pass [8]")
     parser.add_argument("--warmup", type=int, default=2, help="warm-up seconds [2]")
@@ -1733,8 +1851,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--backends",
-        default="sqlite,postgresql",
-        help="comma-separated backends to run naive and orderhooks on [sqlite,postgresql]",
+        default="sqlite,postgresql,mariadb",
+        help="comma-separated backends to run naive and orderhooks on [sqlite,postgresql,mariadb]",
     )
     parser.add_argument(
         "--pg-url",
@@ -1743,6 +1861,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
             os.environ.get("ORDERHOOKS_TEST_POSTGRES_URL", DEFAULT_PG_URL),
         ),
         help="PostgreSQL URL; every measurement uses a schema of its own, dropped afterwards",
+    )
+    parser.add_argument(
+        "--mariadb-url",
+        default=os.environ.get(
+            "ORDERHOOKS_BENCH_MARIADB_URL",
+            os.environ.get("ORDERHOOKS_TEST_MARIADB_URL", DEFAULT_MARIADB_URL),
+        ),
+        help="MariaDB/MySQL URL; every measurement creates a database of its own "
+        "(orderhooks_bench_*) and drops it afterwards",
     )
     parser.add_argument(
         "--output",
@@ -1807,7 +1934,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(WRK_INSTALL_HINT, file=sys.stderr)
         return 2
     backends = {b.strip() for b in args.backends.split(",") if b.strip()}
-    unknown = backends - {"sqlite", "postgresql"}
+    unknown = backends - {"sqlite", "postgresql", "mariadb"}
     if unknown:
         print(f"Unknown backend(s) {', '.join(sorted(unknown))}.", file=sys.stderr)
         return 2
@@ -1821,6 +1948,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         id_margin=args.id_margin,
         pg_url=args.pg_url,
         verbose=args.verbose,
+        mariadb_url=args.mariadb_url,
         drain_workers=args.drain_workers,
         drain_timeout=args.drain_timeout,
     )
@@ -1830,6 +1958,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(
                 f"PostgreSQL is not reachable at {options.pg_url} ({problem}). Start it, set "
                 "--pg-url / ORDERHOOKS_BENCH_POSTGRES_URL, or run with --backends sqlite.",
+                file=sys.stderr,
+            )
+            return 2
+    if "mariadb" in backends:
+        problem = postgres_problem(options.mariadb_url)
+        if problem is not None:
+            print(
+                f"MariaDB is not reachable at {options.mariadb_url} ({problem}). Start it, set "
+                "--mariadb-url / ORDERHOOKS_BENCH_MARIADB_URL, or leave it out of --backends.",
                 file=sys.stderr,
             )
             return 2
@@ -1950,10 +2087,12 @@ def run(
         config_py = source / "flask_orderhooks" / "config.py"
         deferred = config_py.is_file() and "ORDERHOOKS_DISPATCH" in config_py.read_text()
         kinds = ("orderhooks", "orderhooks-deferred") if deferred else ("orderhooks",)
+        # MariaDB only when the variant's store has its operations (0.2 on).
+        mysql = (source / "flask_orderhooks" / "store" / "mysql.py").is_file()
         configs += [
             Config(c.kind, c.backend, name, source)
             for c in ALL_CONFIGS
-            if c.kind in kinds and c.backend in backends
+            if c.kind in kinds and c.backend in backends and (mysql or c.backend != "mariadb")
         ]
     previous_path = args.previous or args.output
     previous = previous_path.read_text() if previous_path.is_file() else None
@@ -2000,7 +2139,7 @@ def run(
     except BenchError as exc:
         print(f"\nBENCHMARK ABORTED: {exc}", file=sys.stderr)
         return 2
-    roundtrips = [] if args.no_roundtrips else roundtrip_tables(configs, backends)
+    roundtrips = [] if args.no_roundtrips else roundtrip_tables(configs, backends, options)
     text = report(
         measurements,
         configs,

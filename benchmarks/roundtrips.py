@@ -8,7 +8,12 @@ psycopg's ``pgconn.trace()``) records every message; each
 sent (a simple ``Query`` such as ``BEGIN``, or ``Parse/Bind/Execute/Sync``).
 Transaction control that psycopg skips (a COMMIT with no transaction open)
 costs nothing and is not counted. SQLite has no round trips; the statements
-the driver runs are counted instead (``sqlite3``'s trace callback). Both are
+the driver runs are counted instead (``sqlite3``'s trace callback). MariaDB:
+every command PyMySQL sends (``Connection._execute_command``, wrapped on each
+connection: ``COM_QUERY`` for statements, ``COMMIT`` and ``ROLLBACK`` too,
+``COM_PING``...); PyMySQL reads each command's answer before it sends the
+next, so one command is one round trip. (The server's general log would need
+``SET GLOBAL``: not used.) All three are
 read from the driver, not from SQLAlchemy's events: the store runs its
 statements on the driver's cursor, which those events don't see.
 
@@ -46,7 +51,7 @@ from flask_sqlalchemy import SQLAlchemy
 from flask_orderhooks.testing import SignedCallback, igv_order_status
 
 from .apps import PATH, SECRET, Kind, ready_app
-from .harness import DEFAULT_PG_URL, private_schema
+from .harness import DEFAULT_MARIADB_URL, DEFAULT_PG_URL, private_database, private_schema
 
 # A traced message: direction, length, type, then its fields; SQL text keeps
 # its newlines, so a message can span several lines.
@@ -97,9 +102,13 @@ def statements_only(sqls: list[str]) -> list[str]:
 
 @dataclass
 class Recorder:
-    """What the driver ran: libpq's trace (PostgreSQL), the trace callback (SQLite)."""
+    """What the driver ran: libpq's trace (PostgreSQL), the trace callback
+    (SQLite), PyMySQL's commands (MariaDB)."""
 
     sqlite_sql: list[str] = field(default_factory=list)
+    #: MariaDB: (what was sent, whether the session was in autocommit mode).
+    mysql_commands: list[tuple[str, bool]] = field(default_factory=list)
+    mysql: bool = False
     trace_path: Path | None = None
     trace_fd: int | None = None
     connections: list[Any] = field(default_factory=list)
@@ -111,6 +120,9 @@ class Recorder:
             handle, name = tempfile.mkstemp(prefix="orderhooks-pqtrace-", suffix=".txt")
             self.trace_fd, self.trace_path = handle, Path(name)
             sa.event.listen(engine, "connect", self._on_connect)
+        elif engine.dialect.name in ("mysql", "mariadb"):
+            self.mysql = True
+            sa.event.listen(engine, "connect", self._on_mysql_connect)
         else:
             sa.event.listen(engine, "connect", self._on_sqlite_connect)
 
@@ -118,6 +130,19 @@ class Recorder:
         dbapi_connection.set_trace_callback(
             lambda sql: self.sqlite_sql.append(" ".join(sql.split()))
         )
+
+    def _on_mysql_connect(self, dbapi_connection: Any, record: Any) -> None:
+        send = dbapi_connection._execute_command
+        commands = self.mysql_commands
+
+        def execute_command(command: int, sql: Any) -> Any:
+            text = sql.decode(errors="replace") if isinstance(sql, bytes) else str(sql)
+            name = " ".join(text.split()) if command == 3 else f"(command {command}) {text}"
+            commands.append((name, bool(dbapi_connection.get_autocommit())))
+            return send(command, sql)
+
+        # An instance attribute: this connection's commands only.
+        dbapi_connection._execute_command = execute_command
 
     def _on_connect(self, dbapi_connection: Any, record: Any) -> None:
         self.connections.append(dbapi_connection)
@@ -140,6 +165,7 @@ class Recorder:
 
     def start(self) -> None:
         self.sqlite_sql.clear()
+        self.mysql_commands.clear()
         if self.trace_path is not None:
             self._flush()
             self.offset = self.trace_path.stat().st_size
@@ -147,10 +173,25 @@ class Recorder:
     def sql(self) -> list[str]:
         """What ran since :meth:`start`: each PostgreSQL round trip named by
         its first SQL, or each statement SQLite ran."""
+        if self.mysql:
+            return [sql for sql, _ in self.mysql_commands]
         return self.wire() if self.trace_path is not None else list(self.sqlite_sql)
+
+    def mysql_transactions(self) -> str:
+        """Commits (writes in autocommit mode included) and rollbacks sent."""
+        commits = autocommits = rollbacks = 0
+        for sql, autocommit in self.mysql_commands:
+            word = sql.split(maxsplit=1)[0].upper() if sql else ""
+            commits += word == "COMMIT"
+            rollbacks += word == "ROLLBACK"
+            autocommits += word in _WRITES and autocommit
+        extra = f" ({autocommits} autocommit)" if autocommits else ""
+        return f"{commits + autocommits} commit{extra}, {rollbacks} rollback"
 
     def wire(self) -> list[str]:
         """The round trips since :meth:`start`, each named by its first SQL."""
+        if self.mysql:
+            return [sql for sql, _ in self.mysql_commands]
         if self.trace_path is None:
             return []
         self._flush()
@@ -188,10 +229,14 @@ class Recorder:
 
 
 @contextmanager
-def database(backend: str, pg_url: str) -> Iterator[str]:
+def database(backend: str, pg_url: str, mariadb_url: str = DEFAULT_MARIADB_URL) -> Iterator[str]:
     if backend == "sqlite":
         with tempfile.TemporaryDirectory(prefix="orderhooks-roundtrips-") as tmp:
             yield f"sqlite:///{Path(tmp) / 'roundtrips.sqlite3'}"
+        return
+    if backend == "mariadb":
+        with private_database(mariadb_url, "orderhooks_roundtrips") as url:
+            yield url
         return
     with private_schema(pg_url, "orderhooks_roundtrips") as url:
         yield url
@@ -244,7 +289,9 @@ def measure(kind: Kind, uri: str, samples: int) -> list[PathCount]:
             count.example_statements = ran
             count.round_trips.append(len(count.example_wire))
             count.statements.append(len(statements_only(ran)))
-            count.transactions.append(transactions(ran))
+            count.transactions.append(
+                recorder.mysql_transactions() if recorder.mysql else transactions(ran)
+            )
         return count
 
     counts = []
@@ -283,23 +330,28 @@ def _spread(values: list[int]) -> str:
 
 
 def markdown(results: dict[str, dict[str, list[PathCount]]], kinds: Sequence[str]) -> str:
-    """One table: round trips on PostgreSQL, statements and transactions on SQLite."""
+    """One table: round trips on PostgreSQL and MariaDB, statements and
+    transactions on SQLite and MariaDB."""
     lines = [
-        "| app | path | PostgreSQL round trips | PostgreSQL statements | SQLite statements "
-        "| SQLite transactions |",
-        "|---|---|---|---|---|---|",
+        "| app | path | PostgreSQL round trips | PostgreSQL statements | MariaDB round trips "
+        "| MariaDB statements | MariaDB transactions | SQLite statements | SQLite transactions |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    pg, lite = results.get("postgresql", {}), results.get("sqlite", {})
+    pg, my, lite = (results.get(b, {}) for b in ("postgresql", "mariadb", "sqlite"))
     for kind in kinds:
-        pg_counts, lite_counts = pg.get(kind, []), lite.get(kind, [])
-        labels = [c.label for c in (pg_counts or lite_counts)]
+        pg_counts, my_counts, lite_counts = pg.get(kind, []), my.get(kind, []), lite.get(kind, [])
+        labels = [c.label for c in (pg_counts or my_counts or lite_counts)]
         for i, label in enumerate(labels):
             p = pg_counts[i] if pg_counts else None
+            m = my_counts[i] if my_counts else None
             q = lite_counts[i] if lite_counts else None
             lines.append(
                 f"| {kind} | {label} "
                 f"| {_spread(p.round_trips) if p else '-'} "
                 f"| {_spread(p.statements) if p else '-'} "
+                f"| {_spread(m.round_trips) if m else '-'} "
+                f"| {_spread(m.statements) if m else '-'} "
+                f"| {m.transactions[0] if m else '-'} "
                 f"| {_spread(q.statements) if q else '-'} "
                 f"| {q.transactions[0] if q else '-'} |"
             )
@@ -312,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--backends", default="postgresql,sqlite")
+    parser.add_argument("--backends", default="postgresql,mariadb,sqlite")
     parser.add_argument(
         "--kinds",
         default="naive,orderhooks,orderhooks-deferred",
@@ -332,6 +384,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.environ.get("ORDERHOOKS_TEST_POSTGRES_URL", DEFAULT_PG_URL),
         ),
     )
+    parser.add_argument(
+        "--mariadb-url",
+        default=os.environ.get(
+            "ORDERHOOKS_BENCH_MARIADB_URL",
+            os.environ.get("ORDERHOOKS_TEST_MARIADB_URL", DEFAULT_MARIADB_URL),
+        ),
+        help="MariaDB URL; each app is counted in a database of its own, dropped afterwards",
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     wanted = args.kinds.split(",")
     kinds: list[Kind] = [k for k in ("naive", "orderhooks", "orderhooks-deferred") if k in wanted]
@@ -340,12 +400,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
         title = {
             "postgresql": "PostgreSQL: round trips on the wire (libpq trace)",
+            "mariadb": "MariaDB: commands PyMySQL sent, one round trip each",
             "sqlite": "SQLite: statements run by the driver (no network)",
         }[backend]
         if not args.markdown:
             print(f"\n== {title}")
         for kind in kinds:
-            with database(backend, args.pg_url) as uri:
+            with database(backend, args.pg_url, args.mariadb_url) as uri:
                 counts = measure(kind, uri, args.samples)
             results.setdefault(backend, {})[kind] = counts
             for c in counts:
@@ -354,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     status = 1
                 if args.markdown:
                     continue
-                if backend == "postgresql":
+                if backend in ("postgresql", "mariadb"):
                     print(
                         f"{kind:>10} {c.label:<18} {c.round_trips[0]} round trips, "
                         f"{c.statements[0]} statement(s), {c.transactions[0]}"

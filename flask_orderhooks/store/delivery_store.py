@@ -158,6 +158,12 @@ class DeliveryStore:
                 yield begun(connection)
                 connection.commit()
 
+    def _ensure_table(self, where: Keyed) -> None:
+        """The standalone store creates (or upgrades) its table on first use."""
+        if self._prepare is not None:
+            with self._store_errors(where):
+                self._prepare()
+
     @functools.cached_property
     def _autocommit_engine(self) -> Engine:
         # Shares the engine's pool; the isolation level is restored when a
@@ -181,8 +187,7 @@ class DeliveryStore:
         :raises ReceiverFailed: ``dispatch`` raised; the delivery is stored failed.
         :raises StoreUnavailable: the store failed or another worker holds it.
         """
-        if len(delivery.key) > MAX_KEY_LENGTH:
-            raise MalformedPayload(f"The idempotency key is longer than {MAX_KEY_LENGTH}.")
+        _check_key(delivery)
         claim = self.claim(delivery)
         if claim is None:
             return "duplicate"
@@ -200,11 +205,8 @@ class DeliveryStore:
         :raises KeyConflict: the key is stored, not done, with another body.
         :raises StoreUnavailable: the store failed.
         """
-        if len(delivery.key) > MAX_KEY_LENGTH:
-            raise MalformedPayload(f"The idempotency key is longer than {MAX_KEY_LENGTH}.")
-        if self._prepare is not None:
-            with self._store_errors(delivery):
-                self._prepare()
+        _check_key(delivery)
+        self._ensure_table(delivery)
         digest = hashlib.sha256(delivery.body).hexdigest()
         token = secrets.token_hex(16)
         deadline = time.monotonic() + self.duplicate_wait
@@ -294,9 +296,7 @@ class DeliveryStore:
 
         :param force: take a ``done`` delivery too (``replay --force``).
         """
-        if self._prepare is not None:
-            with self._store_errors(delivery):
-                self._prepare()
+        self._ensure_table(delivery)
         digest = hashlib.sha256(delivery.body).hexdigest()
         token = secrets.token_hex(16)
         deadline = time.monotonic() + self.duplicate_wait
@@ -523,9 +523,7 @@ class DeliveryStore:
         :raises StoreUnavailable: the store failed.
         """
         where = _Where(*key) if key is not None else _Where("-", "-", "-")
-        if self._prepare is not None:
-            with self._store_errors(where):
-                self._prepare()
+        self._ensure_table(where)
         token, lost_token = secrets.token_hex(16), secrets.token_hex(16)
         now = self._now()
         params: dict[str, Any] = {
@@ -716,6 +714,11 @@ class DueClaim:
 
 
 _TOKEN = ROW_COLUMNS.index("claim_token")
+
+
+def _check_key(delivery: Delivery) -> None:
+    if len(delivery.key) > MAX_KEY_LENGTH:
+        raise MalformedPayload(f"The idempotency key is longer than {MAX_KEY_LENGTH}.")
 
 
 def _busy_cause(exc: StoreUnavailable) -> bool:

@@ -49,43 +49,27 @@ class MySQLStatements:
         digest: sa.BindParameter[str] = sa.bindparam("p_digest")
         lease = sa.bindparam("p_lease", type_=WHEN)
         now = sa.bindparam("p_now", type_=WHEN)
-        claim = (
-            mysql.insert(t)
-            .values(new_row(t, status=PROCESSING, attempts=1, lease="p_lease", due="p_lease"))
-            .on_duplicate_key_update(
-                [
-                    (
-                        "claim_token",
-                        sa.case(
-                            (claim_takeover(t, digest), sa.bindparam("p_token")),
-                            else_=t.c.claim_token,
-                        ),
-                    ),
-                    ("attempts", then(t.c.attempts + 1, t.c.attempts)),
-                    ("next_attempt_at", then(lease, t.c.next_attempt_at)),
-                    ("updated_at", then(now, t.c.updated_at)),
-                    ("lease_expires_at", then(lease, t.c.lease_expires_at)),
-                    ("status", then(PROCESSING, t.c.status)),
-                ]
-            )
+        claim = _upsert(
+            t,
+            new_row(t, status=PROCESSING, attempts=1, lease="p_lease", due="p_lease"),
+            claim_takeover(t, digest),
+            [
+                ("attempts", then(t.c.attempts + 1, t.c.attempts)),
+                ("next_attempt_at", then(lease, t.c.next_attempt_at)),
+                ("updated_at", then(now, t.c.updated_at)),
+                ("lease_expires_at", then(lease, t.c.lease_expires_at)),
+                ("status", then(PROCESSING, t.c.status)),
+            ],
         )
-        accept = (
-            mysql.insert(t)
-            .values(new_row(t, status=PENDING, attempts=0, lease="p_now", due="p_now"))
-            .on_duplicate_key_update(
-                [
-                    (
-                        "claim_token",
-                        sa.case(
-                            (accept_takeover(t, digest), sa.bindparam("p_token")),
-                            else_=t.c.claim_token,
-                        ),
-                    ),
-                    ("next_attempt_at", then(now, t.c.next_attempt_at)),
-                    ("updated_at", then(now, t.c.updated_at)),
-                    ("status", then(PENDING, t.c.status)),
-                ]
-            )
+        accept = _upsert(
+            t,
+            new_row(t, status=PENDING, attempts=0, lease="p_now", due="p_now"),
+            accept_takeover(t, digest),
+            [
+                ("next_attempt_at", then(now, t.c.next_attempt_at)),
+                ("updated_at", then(now, t.c.updated_at)),
+                ("status", then(PENDING, t.c.status)),
+            ],
         )
         token_and_attempts = sa.select(t.c.claim_token, t.c.attempts).where(*key)
         whole_row = sa.select(*[t.c[name] for name in ROW_COLUMNS]).where(*key)
@@ -170,6 +154,20 @@ class MySQLStatements:
             DriverStatement(take_due, dialect),
             DriverStatement(whole_row, dialect),
         )
+
+
+def _upsert(
+    t: sa.Table,
+    row: dict[str, Any],
+    takeover: sa.ColumnElement[bool],
+    then: list[tuple[str, Any]],
+) -> Any:
+    """``INSERT row ON DUPLICATE KEY UPDATE``: the claim token is assigned
+    first, to this request's token when ``takeover`` holds (old values);
+    every assignment in ``then`` comes after it and asks "is the token now
+    mine?" (see the module's docstring)."""
+    decide = sa.case((takeover, sa.bindparam("p_token")), else_=t.c.claim_token)
+    return mysql.insert(t).values(row).on_duplicate_key_update([("claim_token", decide), *then])
 
 
 class _UpsertThenRead:

@@ -541,10 +541,12 @@ class DeliveryStore:
         if row is None:
             return None
         stored = _stored(row)
+        # The row's token, which StoredDelivery does not carry.
+        taken = str(row[_TOKEN])
         return DueClaim(
             delivery=stored,
-            claim=Claim(token=stored_token(row), attempt=stored.attempts),
-            lease_lost=stored_token(row) == lost_token,
+            claim=Claim(token=taken, attempt=stored.attempts),
+            lease_lost=taken == lost_token,
         )
 
     @functools.cached_property
@@ -724,10 +726,6 @@ def _check_key(delivery: Delivery) -> None:
 def _busy_cause(exc: StoreUnavailable) -> bool:
     cause = exc.__cause__
     return isinstance(cause, DBAPIError) and is_busy(cause)
-
-
-def stored_token(row: tuple[Any, ...]) -> str:
-    return str(row[_TOKEN])
 
 
 def _stored(row: tuple[Any, ...]) -> StoredDelivery:

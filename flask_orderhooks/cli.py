@@ -19,11 +19,10 @@ from flask import current_app
 from flask.cli import with_appcontext
 from sqlalchemy.exc import SQLAlchemyError
 
-from .exc import CallbackError
 from .extension import AppState, get_extension
+from .replay import replay
 from .store import DEAD, DONE, FAILED, PROCESSING, STATUSES, StoredDelivery
 from .testing import KINDS, build
-from .views import send as send_signals
 from .worker import Worker, process_due
 
 _DURATION = re.compile(r"(\d+)\s*([smhdw])")
@@ -174,27 +173,13 @@ def replay_command(key: str | None, all_failed: bool, all_dead: bool, force: boo
 
 
 def _replay_one(state: AppState, row: StoredDelivery, *, force: bool) -> bool:
-    name = f"{row.provider} {row.callback} {row.key}"
-    if row.status == DONE and not force:
-        click.echo(f"{name}: already done; not replayed (use --force to dispatch it again).")
-        return True
-    provider = state.providers.get(row.provider)
-    if provider is None:
-        click.echo(f"{name}: the {row.provider} platform is not configured; not replayed.")
-        return False
     app = current_app._get_current_object()  # type: ignore[attr-defined]
-    try:
-        delivery = provider.read(row.callback, row.body, row.headers, now=None)
-        claim = state.store.claim(delivery, force=force)
-        if claim is None:
-            click.echo(f"{name}: already done; not replayed.")
-            return True
-        state.store.dispatch(delivery, claim, lambda: send_signals(app, delivery))
-    except CallbackError as exc:
-        click.echo(f"{name}: failed: {exc.reason}")
-        return False
-    click.echo(f"{name}: replayed, attempt {claim.attempt}: done.")
-    return True
+    outcome = replay(app, state, row, force=force)
+    message = outcome.message
+    if row.status == DONE and not force:
+        message = "already done; not replayed (use --force to dispatch it again)."
+    click.echo(f"{row.provider} {row.callback} {row.key}: {message}")
+    return outcome.ok
 
 
 @orderhooks.command("worker")

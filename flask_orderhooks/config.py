@@ -41,6 +41,10 @@ DEFAULTS: dict[str, Any] = {
     # iGV's 35 minutes), so a receiver's outage of an evening is survived.
     "ORDERHOOKS_RETRY_DELAYS": [10, 60, 300, 1800, 7200, 43200],
     "ORDERHOOKS_WORKER_POLL_INTERVAL": 0.5,
+    # Off by default: the operator console and the metrics endpoint open
+    # only where the host asks for them.
+    "ORDERHOOKS_CONSOLE_URL": None,
+    "ORDERHOOKS_METRICS_URL": None,
 }
 
 #: The dispatch modes: receivers run in the platform's request, or on a worker.

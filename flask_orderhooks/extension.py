@@ -7,7 +7,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary
 
@@ -17,6 +17,7 @@ from sqlalchemy.engine import Engine
 from .config import DEFAULTS, PLATFORMS, Settings, load_settings
 from .gateway import GatewayProvider
 from .igv import IGVProvider
+from .instruments import Instruments
 from .provider import Provider
 from .signals import delivery_dead, delivery_failed
 from .store import (
@@ -35,9 +36,14 @@ from .views import make_blueprint
 from .worker import process_due
 
 if TYPE_CHECKING:
+    from flask.typing import ResponseReturnValue
     from flask_sqlalchemy import SQLAlchemy
 
 logger = logging.getLogger("flask_orderhooks")
+
+#: Decides whether the current request may use the operator console: returns
+#: a bool, or a response (such as a redirect to the host's login page).
+ConsoleAccess = Callable[[], "bool | ResponseReturnValue"]
 
 #: ``(provider, callback, key, countdown seconds)``: hands a delivery to a
 #: queue such as Celery; see :attr:`OrderHooks.enqueuer`.
@@ -61,6 +67,8 @@ class AppState:
     standalone: StandaloneDatabase | None
     #: Hands a stored delivery to the enqueuer, if any (never raises).
     enqueue: Callable[[str, str, str, float], None]
+    #: Observers of answers, dispatches and attempts (metrics).
+    instruments: Instruments = field(default_factory=Instruments)
 
 
 class OrderHooks:
@@ -104,6 +112,7 @@ class OrderHooks:
         self.engine_options = dict(engine_options or {})
         self.clock = clock
         self.enqueuer = None
+        self.console_access_check: ConsoleAccess | None = None
         self._states: WeakKeyDictionary[Flask, AppState] = WeakKeyDictionary()
         if app is not None:
             self.init_app(app)
@@ -156,6 +165,16 @@ class OrderHooks:
         self._states[app] = state
         app.extensions["orderhooks"] = self
         app.register_blueprint(make_blueprint(state), url_prefix=settings.url_prefix or None)
+        # Imported only when asked for: the console's templates and the
+        # optional prometheus_client cost nothing to an app without them.
+        if app.config.get("ORDERHOOKS_CONSOLE_URL"):
+            from .console import register_console  # noqa: PLC0415
+
+            register_console(app, self, state)
+        if app.config.get("ORDERHOOKS_METRICS_URL"):
+            from .metrics import register_metrics  # noqa: PLC0415
+
+            register_metrics(app, self, state)
         off = [p for p in PLATFORMS if p not in providers]
         if off:
             logger.info(
@@ -167,6 +186,23 @@ class OrderHooks:
                 "OrderHooks: ORDERHOOKS_SUD_VERIFY is False: SUD callbacks are accepted "
                 "WITHOUT checking their signature. Anyone can post game orders."
             )
+
+    def console_access(self, check: ConsoleAccess) -> ConsoleAccess:
+        """Register the function that decides who may use the operator console.
+
+        Called for every console request (inside the request context); it
+        returns ``True`` to let the request through, ``False`` to refuse it
+        with 403, or a response (a redirect to the host's login page) to send
+        instead. Without one, every console request is refused::
+
+            @hooks.console_access
+            def staff_only():
+                return current_user.is_authenticated and current_user.is_staff
+
+        .. versionadded:: 0.3
+        """
+        self.console_access_check = check
+        return check
 
     def _host_store(self, settings: Settings) -> DeliveryStore:
         db = self.db

@@ -56,6 +56,13 @@ def _view(state: AppState, provider: Provider, callback: str) -> Callable[[], Re
 
 def handle(state: AppState, provider: Provider, callback: str) -> Response:
     """Run one callback request through the pipeline and answer it."""
+    status, reason = _run(state, provider, callback)
+    state.instruments.answered(provider.name, callback, status)
+    return provider.answer(status, reason)
+
+
+def _run(state: AppState, provider: Provider, callback: str) -> tuple[int, str]:
+    """The pipeline: the HTTP status of the answer, and its reason."""
     app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
     delivery: Delivery | None = None
     try:
@@ -70,18 +77,22 @@ def handle(state: AppState, provider: Provider, callback: str) -> Response:
         else:
             # Inline, or deferred with a signal nobody listens to: then the
             # inline path keeps it as failed and answers 503, in both modes.
-            outcome = state.store.deliver(delivery, lambda: send(app, delivery))
+            received = delivery
+            outcome = state.store.deliver(
+                delivery,
+                state.instruments.timed(provider.name, callback, lambda: send(app, received)),
+            )
     except CallbackError as exc:
         _log_failure(provider, callback, delivery, exc)
-        return provider.answer(exc.status, exc.reason)
+        return exc.status, exc.reason
     except Exception:
         # A bug of ours must still read as "retry" to the platform.
         logger.exception(
             "%s %s %s: unexpected error", provider.name, callback, _key(provider, delivery)
         )
-        return provider.answer(500, "Internal error; retry later.")
+        return 500, "Internal error; retry later."
     logger.info("%s %s %s: %s", provider.name, callback, delivery.key, outcome)
-    return provider.answer(200, "OK")
+    return 200, "OK"
 
 
 def send(app: Flask, delivery: Delivery) -> None:

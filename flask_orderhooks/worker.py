@@ -70,6 +70,9 @@ def process_due(
         # db.session (Flask-SQLAlchemy scopes it to the context) and ``g``.
         with app.app_context():
             succeeded = attempt(app, state, due)
+        state.instruments.attempted(
+            due.delivery.provider, due.delivery.callback, "done" if succeeded else "failed"
+        )
         if succeeded:
             result.done += 1
         else:
@@ -119,7 +122,8 @@ def attempt(app: Flask, state: AppState, due: DueClaim) -> bool:
         logger.warning("%s: the stored delivery no longer verifies: %s", name, exc.reason)
         return False
     try:
-        store.dispatch(delivery, claim, lambda: send(app, delivery))
+        run = state.instruments.timed(stored.provider, stored.callback, lambda: send(app, delivery))
+        store.dispatch(delivery, claim, run)
     except ReceiverFailed as exc:
         logger.error(
             "%s: attempt %d: %s", name, claim.attempt, exc.reason, exc_info=exc.__cause__ or exc

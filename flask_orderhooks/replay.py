@@ -1,0 +1,61 @@
+"""Replaying a stored delivery by hand: what ``flask orderhooks replay`` and
+the operator console's buttons both run, so the two can never disagree."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from flask import Flask
+
+from .exc import CallbackError
+from .store import DONE, StoredDelivery
+from .views import send
+
+if TYPE_CHECKING:
+    from .extension import AppState
+
+#: How a replay ended: dispatched and done; not dispatched because it is done
+#: already (without ``force``); or failed (not configured, no longer verifies,
+#: a receiver raised, the store is down).
+ReplayStatus = Literal["done", "already_done", "failed"]
+
+
+@dataclass(frozen=True)
+class ReplayOutcome:
+    """What a replay did, and the sentence that tells an operator."""
+
+    status: ReplayStatus
+    message: str
+    #: The attempt this replay made, if it made one.
+    attempt: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "failed"
+
+
+def replay(app: Flask, state: AppState, row: StoredDelivery, *, force: bool) -> ReplayOutcome:
+    """Verify ``row`` again (without the timestamp window) and dispatch it now.
+
+    A done delivery is dispatched again only with ``force``. Runs inside an
+    app context of ``app``; the outcome is also recorded in the store (done,
+    or failed with the error) exactly as any other attempt.
+    """
+    if row.status == DONE and not force:
+        return ReplayOutcome("already_done", "already done; not replayed.")
+    provider = state.providers.get(row.provider)
+    if provider is None:
+        return ReplayOutcome(
+            "failed", f"the {row.provider} platform is not configured; not replayed."
+        )
+    try:
+        delivery = provider.read(row.callback, row.body, row.headers, now=None)
+        claim = state.store.claim(delivery, force=force)
+        if claim is None:
+            return ReplayOutcome("already_done", "already done; not replayed.")
+        run = state.instruments.timed(row.provider, row.callback, lambda: send(app, delivery))
+        state.store.dispatch(delivery, claim, run)
+    except CallbackError as exc:
+        return ReplayOutcome("failed", f"failed: {exc.reason}")
+    return ReplayOutcome("done", f"replayed, attempt {claim.attempt}: done.", attempt=claim.attempt)

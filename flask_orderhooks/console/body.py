@@ -1,0 +1,128 @@
+"""A stored body as an operator reads it: JSON indented, anything else as
+text or, when it is not UTF-8, as a hex dump.
+
+The result is plain text; the template escapes it. Nothing here trusts the
+body: the iGV body is not even covered by its signature.
+"""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from dataclasses import dataclass
+from typing import Literal
+
+#: JSON: indented; text: UTF-8 but not JSON; hex: not UTF-8.
+BodyKind = Literal["json", "text", "hex", "empty"]
+
+# Unicode categories shown as \\u escapes inside JSON strings: controls and
+# invisible formatting characters (a right-to-left override would make the
+# page say something other than what the body holds).
+_HIDDEN = {"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"}
+
+
+@dataclass(frozen=True)
+class ShownBody:
+    """The body's text, and how it was read."""
+
+    kind: BodyKind
+    text: str
+    size: int
+
+
+class _Number(str):
+    """A JSON number kept as its own text: ``100.00`` must not become ``100.0``
+    on a page an operator compares with the platform's records."""
+
+    __slots__ = ()
+
+
+class _Object(list[tuple[str, object]]):
+    """A JSON object as its pairs, in order, duplicates included: the page
+    shows what the bytes say, not what a parser would keep."""
+
+    __slots__ = ()
+
+
+def _string(value: str) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    if not any(unicodedata.category(ch) in _HIDDEN for ch in text):
+        return text
+    return "".join(
+        f"\\u{ord(ch):04x}"
+        if unicodedata.category(ch) in _HIDDEN and ord(ch) <= 0xFFFF
+        else (f"\\U{ord(ch):08x}" if unicodedata.category(ch) in _HIDDEN else ch)
+        for ch in text
+    )
+
+
+def _write(value: object, depth: int, out: list[str]) -> None:
+    pad = "  " * (depth + 1)
+    if isinstance(value, _Object):
+        if not value:
+            out.append("{}")
+            return
+        out.append("{\n")
+        for n, (name, item) in enumerate(value):
+            out.append(pad + _string(name) + ": ")
+            _write(item, depth + 1, out)
+            out.append(",\n" if n < len(value) - 1 else "\n")
+        out.append("  " * depth + "}")
+    elif isinstance(value, list):
+        if not value:
+            out.append("[]")
+            return
+        out.append("[\n")
+        for n, item in enumerate(value):
+            out.append(pad)
+            _write(item, depth + 1, out)
+            out.append(",\n" if n < len(value) - 1 else "\n")
+        out.append("  " * depth + "]")
+    elif isinstance(value, _Number):
+        out.append(str(value))
+    elif isinstance(value, str):
+        out.append(_string(value))
+    else:
+        out.append(json.dumps(value))
+
+
+def pretty_json(text: str) -> str | None:
+    """``text`` indented by two spaces per level, numbers and key order kept;
+    ``None`` when it is not JSON."""
+    try:
+        parsed = json.loads(
+            text,
+            object_pairs_hook=_Object,
+            parse_int=_Number,
+            parse_float=_Number,
+            parse_constant=_Number,
+        )
+        out: list[str] = []
+        _write(parsed, 0, out)
+    except (ValueError, RecursionError):
+        return None
+    return "".join(out)
+
+
+def hex_dump(data: bytes, width: int = 16) -> str:
+    """Offset, hex bytes and printable ASCII, ``width`` bytes a line."""
+    lines = []
+    for offset in range(0, len(data), width):
+        chunk = data[offset : offset + width]
+        shown = "".join(chr(b) if 0x20 <= b < 0x7F else "." for b in chunk)
+        lines.append(f"{offset:08x}  {chunk.hex(' '):<{width * 3 - 1}}  {shown}")
+    return "\n".join(lines)
+
+
+def show(body: bytes) -> ShownBody:
+    """How the detail page shows ``body``."""
+    if not body:
+        return ShownBody("empty", "", 0)
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return ShownBody("hex", hex_dump(body), len(body))
+    pretty = pretty_json(text)
+    if pretty is not None:
+        return ShownBody("json", pretty, len(body))
+    return ShownBody("text", text, len(body))

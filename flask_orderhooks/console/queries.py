@@ -1,0 +1,304 @@
+"""The console's reads: each one served by an index, at any table size.
+
+========================================  ==========================================
+query                                     index
+========================================  ==========================================
+the list, newest first, one page          ``ix_orderhooks_deliveries_created``
+                                          (``created_at``), read backwards from the
+                                          page's cursor: no OFFSET, no COUNT
+a time range                              the same index, as a range
+search by key                             the primary key ``(provider, callback,
+                                          key)``, one lookup per known callback
+search by order id                        ``ix_orderhooks_deliveries_reference``
+a status filter                           ``ix_orderhooks_deliveries_created`` for
+                                          common statuses, or
+                                          ``ix_orderhooks_deliveries_status_updated``
+                                          for rare ones (the planner picks)
+one delivery                              the primary key
+the chart's 24 hours                      ``ix_orderhooks_deliveries_created``, as a
+                                          range
+========================================  ==========================================
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from ..store import MAX_KEY_LENGTH, DeliveryStore, StoredDelivery
+from ..store.table import MYSQL, WHEN
+
+
+def utc(value: datetime) -> datetime:
+    """An aware UTC time (SQLite and MySQL hand stored times back naive)."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+@dataclass(frozen=True)
+class Filters:
+    """What the list shows; ``None`` is "any"."""
+
+    status: str | None = None
+    provider: str | None = None
+    callback: str | None = None
+    #: Stored at or after this time.
+    since: datetime | None = None
+    #: Stored before this time.
+    until: datetime | None = None
+    #: A delivery key, or an order id found in a body (``reference``).
+    search: str | None = None
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where a page ends: the sort key of its last row."""
+
+    created_at: datetime
+    provider: str
+    callback: str
+    key: str
+
+    def encode(self) -> str:
+        """The cursor as a URL-safe string (not secret, not signed: it only
+        says where to start, and every value in it is a bound parameter)."""
+        text = json.dumps(
+            [utc(self.created_at).isoformat(), self.provider, self.callback, self.key],
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )
+        return base64.urlsafe_b64encode(text.encode("utf-8")).decode("ascii").rstrip("=")
+
+    @classmethod
+    def decode(cls, text: str) -> Cursor:
+        """Parse :meth:`encode`'s output.
+
+        :raises ValueError: it is not a cursor.
+        """
+        try:
+            raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+            when, provider, callback, key = json.loads(raw.decode("utf-8"))
+            created_at = datetime.fromisoformat(when)
+        except (binascii.Error, UnicodeDecodeError, TypeError, ValueError) as exc:
+            raise ValueError("not a page cursor") from exc
+        if not all(isinstance(value, str) for value in (provider, callback, key)):
+            raise ValueError("not a page cursor")
+        return cls(utc(created_at), provider, callback, key)
+
+
+@dataclass(frozen=True)
+class ListRow:
+    """One line of the list: no body, no headers."""
+
+    provider: str
+    callback: str
+    key: str
+    status: str
+    attempts: int
+    reference: str | None
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+    next_attempt_at: datetime | None
+
+    @property
+    def cursor(self) -> Cursor:
+        return Cursor(self.created_at, self.provider, self.callback, self.key)
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of the list, and where the next (older) one starts."""
+
+    rows: list[ListRow]
+    next: Cursor | None
+
+
+def _when(name: str, value: datetime) -> sa.BindParameter[datetime]:
+    # The store's time type: MySQL's DATETIME takes naive UTC only.
+    return sa.bindparam(name, utc(value), type_=WHEN)
+
+
+def _older_than(t: sa.Table, cursor: Cursor) -> sa.ColumnElement[bool]:
+    """Rows after ``cursor`` in the order (created_at, provider, callback,
+    key) descending. Written out rather than as a row-value comparison: the
+    first condition is a plain range on the created_at index for every
+    planner; the rest only breaks ties between rows stored in the same
+    microsecond."""
+    at = _when("c_created", cursor.created_at)
+    return sa.and_(
+        t.c.created_at <= at,
+        sa.or_(
+            t.c.created_at < at,
+            t.c.provider < cursor.provider,
+            sa.and_(t.c.provider == cursor.provider, t.c.callback < cursor.callback),
+            sa.and_(
+                t.c.provider == cursor.provider,
+                t.c.callback == cursor.callback,
+                t.c.key < cursor.key,
+            ),
+        ),
+    )
+
+
+def _search(
+    t: sa.Table, text: str, pairs: Iterable[tuple[str, str]]
+) -> sa.ColumnElement[bool] | None:
+    """Rows whose key is ``text`` (one primary-key lookup per known callback:
+    the key is the key's last column) or whose reference is ``text``."""
+    if len(text) > MAX_KEY_LENGTH:
+        return None
+    terms: list[sa.ColumnElement[bool]] = [
+        sa.and_(t.c.provider == provider, t.c.callback == callback, t.c.key == text)
+        for provider, callback in pairs
+    ]
+    terms.append(t.c.reference == text)
+    return sa.or_(*terms)
+
+
+def _where(
+    t: sa.Table, filters: Filters, pairs: Sequence[tuple[str, str]]
+) -> list[sa.ColumnElement[bool]] | None:
+    """The filters as conditions; ``None`` when nothing can match."""
+    conditions: list[sa.ColumnElement[bool]] = []
+    if filters.status is not None:
+        conditions.append(t.c.status == filters.status)
+    if filters.provider is not None:
+        conditions.append(t.c.provider == filters.provider)
+    if filters.callback is not None:
+        conditions.append(t.c.callback == filters.callback)
+    if filters.since is not None:
+        conditions.append(t.c.created_at >= _when("since", filters.since))
+    if filters.until is not None:
+        conditions.append(t.c.created_at < _when("until", filters.until))
+    if filters.search:
+        wanted = [
+            (p, c)
+            for p, c in pairs
+            if filters.provider in (None, p) and filters.callback in (None, c)
+        ]
+        found = _search(t, filters.search, wanted)
+        if found is None:
+            return None
+        conditions.append(found)
+    return conditions
+
+
+def list_page(
+    store: DeliveryStore,
+    filters: Filters,
+    *,
+    pairs: Sequence[tuple[str, str]],
+    after: Cursor | None,
+    limit: int,
+) -> Page:
+    """One page of deliveries, newest first.
+
+    :param pairs: every ``(provider, callback)`` a key search looks in.
+    :param after: the previous page's :attr:`Page.next`, or ``None``.
+    :param limit: rows per page.
+    """
+    t = store.table
+    conditions = _where(t, filters, pairs)
+    if conditions is None:
+        return Page([], None)
+    if after is not None:
+        conditions.append(_older_than(t, after))
+    query = (
+        sa.select(
+            t.c.provider,
+            t.c.callback,
+            t.c.key,
+            t.c.status,
+            t.c.attempts,
+            t.c.reference,
+            t.c.error,
+            t.c.created_at,
+            t.c.updated_at,
+            t.c.next_attempt_at,
+        )
+        .where(*conditions)
+        .order_by(t.c.created_at.desc(), t.c.provider.desc(), t.c.callback.desc(), t.c.key.desc())
+        # One more than shown: whether an older page exists, without a COUNT.
+        .limit(limit + 1)
+    )
+    with store.engine.connect() as connection:
+        result = connection.execute(query).all()
+    rows = [
+        ListRow(
+            provider=r.provider,
+            callback=r.callback,
+            key=r.key,
+            status=r.status,
+            attempts=int(r.attempts),
+            reference=r.reference,
+            error=r.error,
+            created_at=utc(r.created_at),
+            updated_at=utc(r.updated_at),
+            next_attempt_at=utc(r.next_attempt_at) if r.next_attempt_at is not None else None,
+        )
+        for r in result
+    ]
+    if len(rows) > limit:
+        rows = rows[:limit]
+        return Page(rows, rows[-1].cursor)
+    return Page(rows, None)
+
+
+def one(store: DeliveryStore, provider: str, callback: str, key: str) -> StoredDelivery | None:
+    """The delivery stored under ``(provider, callback, key)`` (primary key)."""
+    if len(key) > MAX_KEY_LENGTH:
+        return None
+    rows = store.get(key, provider=provider, callback=callback)
+    return rows[0] if rows else None
+
+
+def _hour(connection: Connection, t: sa.Table) -> sa.ColumnElement[Any]:
+    """``created_at`` truncated to its UTC hour, as text ``YYYY-MM-DD HH``."""
+    dialect = connection.dialect.name
+    if dialect == "postgresql":
+        # AT TIME ZONE: to_char of a timestamptz uses the session's zone.
+        return sa.func.to_char(sa.func.timezone("UTC", t.c.created_at), "YYYY-MM-DD HH24")
+    if dialect in MYSQL:
+        # Stored as naive UTC.
+        return sa.func.date_format(t.c.created_at, "%Y-%m-%d %H")
+    # SQLite keeps ISO text in UTC.
+    return sa.func.strftime("%Y-%m-%d %H", t.c.created_at)
+
+
+def hourly_counts(
+    store: DeliveryStore, *, start: datetime, end: datetime
+) -> dict[datetime, dict[str, int]]:
+    """How many deliveries were stored in each UTC hour of ``[start, end)``,
+    by their status now: one GROUP BY over a range of the created_at index.
+
+    :returns: ``{hour start (aware UTC): {status: count}}``; empty hours absent.
+    """
+    t = store.table
+    counts: dict[datetime, dict[str, int]] = {}
+    with store.engine.connect() as connection:
+        query = (
+            sa.select(_hour(connection, t).label("bucket"), t.c.status, sa.func.count().label("n"))
+            .where(t.c.created_at >= _when("start", start), t.c.created_at < _when("end", end))
+            # By the output name: the expression written twice would carry
+            # its format string as two parameters, which PostgreSQL does not
+            # recognise as the same expression.
+            .group_by(sa.literal_column("bucket"), t.c.status)
+        )
+        for r in connection.execute(query).all():
+            when = datetime.strptime(str(r.bucket), "%Y-%m-%d %H").replace(tzinfo=UTC)
+            counts.setdefault(when, {})[str(r.status)] = int(r.n)
+    return counts
+
+
+def last_hours(now: datetime, hours: int = 24) -> tuple[datetime, datetime]:
+    """``[start, end)`` of the ``hours`` UTC hours up to and including now's."""
+    current = utc(now).replace(minute=0, second=0, microsecond=0)
+    return current - timedelta(hours=hours - 1), current + timedelta(hours=1)

@@ -1,0 +1,307 @@
+"""The console's pages and actions: one blueprint, every view behind the
+host's access function, every response under a strict CSP."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from flask import (
+    Blueprint,
+    Flask,
+    abort,
+    current_app,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
+from flask.typing import ResponseReturnValue
+from sqlalchemy.exc import SQLAlchemyError
+from werkzeug.wrappers import Response
+
+from ..replay import replay
+from ..store import DEAD, DONE, FAILED, PENDING, PROCESSING, STATUSES, StoredDelivery
+from . import body as bodies
+from . import chart as charts
+from . import csrf
+from .queries import Cursor, Filters, hourly_counts, last_hours, list_page, one
+
+if TYPE_CHECKING:
+    from ..extension import AppState, OrderHooks
+
+logger = logging.getLogger("flask_orderhooks")
+
+BLUEPRINT = "orderhooks_console"
+
+#: Sent with every console response. No script at all, no inline style: a
+#: body that smuggles markup past the escaping still runs nothing and loads
+#: nothing; the page cannot be framed (clickjacking the replay button).
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'"
+)
+SECURITY_HEADERS: Mapping[str, str] = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    # Bodies, keys and order ids must not stay in a shared machine's cache.
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    # Keys ride in the console's URLs.
+    "Referrer-Policy": "same-origin",
+}
+
+# The list's query parameters that are filters (``after`` is the page).
+_FILTER_ARGS = ("q", "status", "provider", "callback", "from", "until")
+
+# Where an action's outcome waits for the page it redirects to.
+_OUTCOME_KEY = "_orderhooks_console_outcome"
+
+_NO_ACCESS_FUNCTION = (
+    "OrderHooks console: refused %s (403): no access function is registered. "
+    "Decorate a function with @hooks.console_access that returns True for your "
+    "staff (or a redirect to your login page); until then every console request "
+    "is refused."
+)
+
+
+@dataclass(frozen=True)
+class ConsoleSettings:
+    """The console's validated configuration."""
+
+    url: str
+    page_size: int
+    csrf_max_age: int
+
+
+def _ui_time(value: datetime | None) -> str:
+    """UTC, ISO 8601, to the second."""
+    if value is None:
+        return "—"
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_time(text: str) -> datetime:
+    """A time from the filter form (``datetime-local``: no zone), read as UTC."""
+    value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def make_blueprint(hooks: OrderHooks, state: AppState, settings: ConsoleSettings) -> Blueprint:
+    """The console's blueprint, to register at ``settings.url``."""
+    bp = Blueprint(
+        BLUEPRINT,
+        __name__,
+        template_folder="templates",
+        static_folder="static",
+        static_url_path="/static",
+    )
+    store = state.store
+
+    def pairs() -> list[tuple[str, str]]:
+        return [(name, cb) for name, p in state.providers.items() for cb in p.routes]
+
+    def app() -> Flask:
+        return current_app._get_current_object()  # type: ignore[attr-defined,no-any-return]
+
+    def ready() -> None:
+        # The extension's own store creates its table on first use.
+        if state.standalone is not None:
+            state.standalone.ensure_table()
+
+    def page(template: str, status: int = 200, **context: Any) -> ResponseReturnValue:
+        return render_template(f"orderhooks_console/{template}", **context), status
+
+    def refusal(status: int, message: str) -> ResponseReturnValue:
+        return page("refused.html", status, status_code=status, message=message)
+
+    @bp.before_request
+    def guard() -> ResponseReturnValue | None:
+        check = hooks.console_access_check
+        if check is None:
+            logger.warning(_NO_ACCESS_FUNCTION, request.path)
+            return refusal(403, "The console is closed: no access function is registered.")
+        verdict = check()
+        if verdict is True:
+            return None
+        if verdict is False or verdict is None:
+            return refusal(403, "You may not use this console.")
+        # A response of the host's own, such as a redirect to its login page.
+        return current_app.make_response(verdict)
+
+    @bp.after_request
+    def secure(response: Response) -> Response:
+        for name, value in SECURITY_HEADERS.items():
+            response.headers[name] = value
+        return response
+
+    @bp.errorhandler(SQLAlchemyError)
+    def store_down(exc: SQLAlchemyError) -> ResponseReturnValue:
+        logger.error("OrderHooks console: the delivery store failed (%s)", type(exc).__name__)
+        return refusal(503, "The delivery store is unavailable; try again in a moment.")
+
+    @bp.app_template_filter("orderhooks_console_time")
+    def time_filter(value: datetime | None) -> str:
+        return _ui_time(value)
+
+    @bp.get("/")
+    def index() -> ResponseReturnValue:
+        args = request.args
+        errors: list[str] = []
+
+        def choice(name: str, allowed: Sequence[str]) -> str | None:
+            value = args.get(name, "").strip()
+            if not value:
+                return None
+            if value not in allowed:
+                errors.append(f"Unknown {name} {value!r}.")
+                return None
+            return value
+
+        def when(name: str, label: str) -> datetime | None:
+            value = args.get(name, "").strip()
+            if not value:
+                return None
+            try:
+                return _parse_time(value)
+            except ValueError:
+                errors.append(f"The {label} time {value!r} is not a time such as 2026-05-04T10:00.")
+                return None
+
+        callbacks = sorted({cb for _, cb in pairs()})
+        filters = Filters(
+            status=choice("status", STATUSES),
+            provider=choice("provider", sorted(state.providers)),
+            callback=choice("callback", callbacks),
+            since=when("from", "from"),
+            until=when("until", "until"),
+            search=args.get("q", "").strip() or None,
+        )
+        after: Cursor | None = None
+        if args.get("after"):
+            try:
+                after = Cursor.decode(args["after"])
+            except ValueError:
+                errors.append("The page link is damaged; start again from the newest.")
+        ready()
+        start, end = last_hours(datetime.fromtimestamp(state.clock(), UTC))
+        chart = charts.build(hourly_counts(store, start=start, end=end), start)
+        context: dict[str, Any] = {
+            "args": args,
+            "statuses": STATUSES,
+            "providers": sorted(state.providers),
+            "callbacks": callbacks,
+            "chart": chart,
+            "errors": errors,
+            "filtered": any(args.get(name) for name in _FILTER_ARGS),
+        }
+        if errors:
+            return page("list.html", 400, rows=[], next_url=None, newest_url=None, **context)
+        result = list_page(store, filters, pairs=pairs(), after=after, limit=settings.page_size)
+        # The filters ride along to the next page; nothing else does.
+        kept: dict[str, Any] = {name: args[name] for name in _FILTER_ARGS if args.get(name)}
+        next_url = None
+        if result.next is not None:
+            next_url = url_for(".index", **kept, after=result.next.encode())
+        newest_url = url_for(".index", **kept) if after is not None else None
+        return page(
+            "list.html", rows=result.rows, next_url=next_url, newest_url=newest_url, **context
+        )
+
+    def find(provider: str, callback: str, key: str | None) -> StoredDelivery:
+        if not key:
+            abort(404)
+        ready()
+        row = one(store, provider, callback, key)
+        if row is None:
+            abort(404)
+        return row
+
+    def next_attempt(row: StoredDelivery) -> str:
+        if row.status == FAILED and row.next_attempt_at is not None:
+            return _ui_time(row.next_attempt_at)
+        if row.status == PENDING:
+            return "now (waiting for a worker)"
+        if row.status == PROCESSING:
+            return (
+                f"in progress; taken over after {_ui_time(row.lease_expires_at)} if its worker died"
+            )
+        if row.status == DEAD:
+            return "none: every local attempt failed (replay it, or wait for the platform's resend)"
+        return "—"
+
+    @bp.get("/delivery/<provider>/<callback>")
+    def delivery(provider: str, callback: str) -> ResponseReturnValue:
+        row = find(provider, callback, request.args.get("key"))
+        outcome = session.get(_OUTCOME_KEY)
+        if isinstance(outcome, dict) and outcome.get("for") == [provider, callback, row.key]:
+            session.pop(_OUTCOME_KEY)
+        else:
+            outcome = None
+        signed = state.providers.get(provider)
+        return page(
+            "detail.html",
+            row=row,
+            body=bodies.show(row.body),
+            headers=sorted(row.headers.items()),
+            failures=row.failed_attempts,
+            reference=row.reference,
+            next_attempt=next_attempt(row),
+            can_replay=row.status in (FAILED, DEAD, PENDING),
+            can_force=row.status == DONE,
+            can_retry=row.status == FAILED and row.next_attempt_at is not None,
+            configured=signed is not None,
+            csrf_token=csrf.token(app()),
+            outcome=outcome,
+        )
+
+    def act(provider: str, callback: str, action: str) -> ResponseReturnValue:
+        if not csrf.is_valid(app(), request.form.get("csrf_token"), settings.csrf_max_age):
+            logger.warning(
+                "OrderHooks console: refused a %s of %s %s: missing or expired CSRF token",
+                action,
+                provider,
+                callback,
+            )
+            return refusal(
+                400,
+                "This form has expired or did not come from the console; nothing was "
+                "done. Reload the page and try again.",
+            )
+        row = find(provider, callback, request.form.get("key"))
+        if action == "retry" and (row.status != FAILED or row.next_attempt_at is None):
+            ok, message = (
+                False,
+                f"no attempt is scheduled (the delivery is {row.status}); nothing done.",
+            )
+        else:
+            force = action == "replay" and row.status == DONE and request.form.get("force") == "yes"
+            result = replay(app(), state, row, force=force)
+            ok, message = result.ok, result.message
+        logger.info(
+            "OrderHooks console: %s of %s %s %s: %s", action, provider, callback, row.key, message
+        )
+        label = "Replay" if action == "replay" else "Retry now"
+        session[_OUTCOME_KEY] = {
+            "for": [provider, callback, row.key],
+            "ok": ok,
+            "message": f"{label}: {message}",
+        }
+        # 303: the browser fetches the page with GET; reloading it repeats nothing.
+        return redirect(
+            url_for(".delivery", provider=provider, callback=callback, key=row.key), 303
+        )
+
+    @bp.post("/delivery/<provider>/<callback>/replay")
+    def replay_delivery(provider: str, callback: str) -> ResponseReturnValue:
+        return act(provider, callback, "replay")
+
+    @bp.post("/delivery/<provider>/<callback>/retry")
+    def retry_delivery(provider: str, callback: str) -> ResponseReturnValue:
+        return act(provider, callback, "retry")
+
+    return bp

@@ -114,6 +114,8 @@ class GatewayProvider(Provider):
             body=body,
             headers={},
             dispatches=(dispatch,),
+            # The merchant's own order id: what support staff look up.
+            reference=common["trans_id"],
         )
 
     def _verify(self, data: Mapping[str, Any]) -> None:

@@ -105,7 +105,15 @@ class IGVProvider(Provider):
             body=body,
             headers={name: headers[name] for name in self.signed_headers},
             dispatches=(Dispatch(signal, event),),
+            reference=_reference(data.get("orderId")),
         )
 
     def answer(self, status: int, reason: str) -> Response:
         return Response(reason, status=status, mimetype="text/plain")
+
+
+def _reference(order_id: object) -> str | None:
+    # Any status carries the order: support staff search by it.
+    if isinstance(order_id, bool) or not isinstance(order_id, (int, str)):
+        return None
+    return str(order_id) or None

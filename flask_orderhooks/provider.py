@@ -38,6 +38,11 @@ class Delivery:
     :param key: the idempotency key within ``(provider, callback)``.
     :param headers: the request headers needed to verify ``body`` again later.
     :param dispatches: the signals to send, in order, in one transaction.
+    :param reference: the order id the body names, if any: stored so that
+        support staff find the delivery by it (the console's search).
+
+    .. versionchanged:: 0.3
+        ``reference``.
     """
 
     provider: str
@@ -46,6 +51,7 @@ class Delivery:
     body: bytes
     headers: Mapping[str, str]
     dispatches: tuple[Dispatch, ...]
+    reference: str | None = None
 
 
 class Provider(ABC):

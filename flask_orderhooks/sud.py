@@ -115,6 +115,12 @@ class SUDProvider(Provider):
             body=body,
             headers={name: headers[name] for name in self.signed_headers if name in headers},
             dispatches=dispatches,
+            # The merchant's order id (a batch's first): what support staff
+            # look up. UnhandledCallback events carry none.
+            reference=next(
+                (d.event.out_order_id for d in dispatches if isinstance(d.event, GameOrderChanged)),
+                None,
+            ),
         )
 
     def _verify(

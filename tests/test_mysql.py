@@ -195,6 +195,7 @@ def test_per_delivery_statements_use_the_primary_key(recorder: RecorderFactory) 
         "p_lease": now,
         "p_status": "failed",
         "p_error": "e",
+        "p_failure": "{}\n",
         "p_next": now,
     }
     for statement in (sql.state, sql.mark_done.update, sql.mark_failed.update):

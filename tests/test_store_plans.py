@@ -77,6 +77,9 @@ def _parameters(n: int) -> dict[str, Any]:
         "p_status": "failed",
         "p_next": now,
         "p_lost_token": "1" * 32,
+        "p_failure": "{}\n",
+        "p_lost_line": "}\n",
+        "p_reference": None,
     }
 
 

@@ -32,19 +32,22 @@ from .errors import is_busy, mysql_lock_wait
 from .mysql import MySQLStatements
 from .retries import NO_RETRIES, RetrySchedule
 from .sqlite import relaxed_sqlite_sync
-from .statements import ROW_COLUMNS, Statements
+from .statements import ROW_COLUMNS, Statements, lost_line_suffix
 from .table import (
     DEAD,
     DONE,
     FAILED,
     MAX_ERROR_LENGTH,
     MAX_KEY_LENGTH,
+    MAX_REFERENCE_LENGTH,
     MYSQL,
     PROCESSING,
     WHEN,
     Claim,
     Outcome,
     StoredDelivery,
+    failure_line,
+    parse_failures,
 )
 from .transactions import Transaction, begun
 
@@ -252,12 +255,7 @@ class DeliveryStore:
         return self._bounded_write(
             self._sql.accept,
             delivery,
-            {
-                "p_token": token,
-                "p_body": delivery.body,
-                "p_digest": digest,
-                "p_headers": json.dumps(dict(delivery.headers), sort_keys=True),
-            },
+            _row_params(delivery, token, digest),
         )
 
     def _bounded_write(
@@ -345,11 +343,8 @@ class DeliveryStore:
                 connection,
                 {
                     **self._key_params(delivery),
-                    "p_token": token,
+                    **_row_params(delivery, token, digest),
                     "p_lease": now + timedelta(seconds=self.claim_timeout),
-                    "p_body": delivery.body,
-                    "p_digest": digest,
-                    "p_headers": json.dumps(dict(delivery.headers), sort_keys=True),
                     "p_now": now,
                     "p_takeover": DONE if force else FAILED,
                     # PostgreSQL's lock_timeout: ON CONFLICT waits for
@@ -487,6 +482,7 @@ class DeliveryStore:
                         "p_token": claim.token,
                         "p_status": status,
                         "p_error": error,
+                        "p_failure": failure_line(claim.attempt, now, error),
                         "p_next": next_attempt,
                         "p_now": now,
                     },
@@ -531,6 +527,7 @@ class DeliveryStore:
             "p_lost_token": lost_token,
             "p_lease": now + timedelta(seconds=self.claim_timeout),
             "p_now": now,
+            "p_lost_line": lost_line_suffix(now),
         }
         statement = self._sql.claim_due
         if key is not None:
@@ -677,6 +674,9 @@ class DeliveryStore:
                 updated_at=utc(r.updated_at),
                 lease_expires_at=utc(r.lease_expires_at),
                 next_attempt_at=utc(r.next_attempt_at) if r.next_attempt_at else None,
+                reference=r.reference,
+                failed_attempts=parse_failures(r.failures),
+                compacted_at=utc(r.compacted_at) if r.compacted_at else None,
             )
             for r in rows
         ]
@@ -718,6 +718,20 @@ class DueClaim:
 _TOKEN = ROW_COLUMNS.index("claim_token")
 
 
+def _row_params(delivery: Delivery, token: str, digest: str) -> dict[str, Any]:
+    """What a new row stores of the delivery (the claim's and the acceptance's)."""
+    reference = delivery.reference
+    return {
+        "p_token": token,
+        "p_body": delivery.body,
+        "p_digest": digest,
+        "p_headers": json.dumps(dict(delivery.headers), sort_keys=True),
+        # Too long to index: kept out of the search rather than cut, since a
+        # cut id would find other orders.
+        "p_reference": reference if reference and len(reference) <= MAX_REFERENCE_LENGTH else None,
+    }
+
+
 def _check_key(delivery: Delivery) -> None:
     if len(delivery.key) > MAX_KEY_LENGTH:
         raise MalformedPayload(f"The idempotency key is longer than {MAX_KEY_LENGTH}.")
@@ -744,4 +758,7 @@ def _stored(row: tuple[Any, ...]) -> StoredDelivery:
         updated_at=utc(r["updated_at"]),
         lease_expires_at=utc(r["lease_expires_at"]),
         next_attempt_at=utc(r["next_attempt_at"]) if r["next_attempt_at"] else None,
+        reference=r["reference"],
+        failed_attempts=parse_failures(r["failures"]),
+        compacted_at=utc(r["compacted_at"]) if r["compacted_at"] else None,
     )

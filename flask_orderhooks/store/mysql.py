@@ -28,7 +28,15 @@ from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection, Dialect
 
 from ..driver_statement import DriverStatement
-from .statements import LEASE_LOST, ROW_COLUMNS, accept_takeover, claim_takeover, new_row
+from .statements import (
+    LEASE_LOST,
+    ROW_COLUMNS,
+    accept_takeover,
+    append_failure,
+    claim_takeover,
+    lost_attempt_line,
+    new_row,
+)
 from .table import DONE, PENDING, PROCESSING, WHEN
 
 
@@ -82,6 +90,7 @@ class MySQLStatements:
             .values(
                 status=sa.bindparam("p_status", type_=t.c.status.type),
                 error=sa.bindparam("p_error"),
+                failures=append_failure(t, sa.bindparam("p_failure", type_=t.c.failures.type)),
                 next_attempt_at=sa.bindparam("p_next", type_=WHEN),
                 updated_at=now,
             )
@@ -103,6 +112,14 @@ class MySQLStatements:
                     sa.case(
                         (was_processing, sa.literal(LEASE_LOST, t.c.error.type)),
                         else_=t.c.error,
+                    ),
+                ),
+                # Before attempts: the line names the lost (old) attempt.
+                (
+                    t.c.failures,
+                    sa.case(
+                        (was_processing, append_failure(t, lost_attempt_line(t))),
+                        else_=t.c.failures,
                     ),
                 ),
                 (t.c.attempts, t.c.attempts + 1),

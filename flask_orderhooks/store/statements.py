@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -27,6 +29,9 @@ ROW_COLUMNS = (
     "updated_at",
     "lease_expires_at",
     "next_attempt_at",
+    "reference",
+    "failures",
+    "compacted_at",
 )
 
 
@@ -135,6 +140,7 @@ class Statements:
             .values(
                 status=sa.bindparam("p_status", type_=t.c.status.type),
                 error=sa.bindparam("p_error"),
+                failures=append_failure(t, sa.bindparam("p_failure", type_=t.c.failures.type)),
                 next_attempt_at=sa.bindparam("p_next", type_=when),
                 updated_at=sa.bindparam("p_now", type_=when),
             )
@@ -258,12 +264,39 @@ def _claim_due(t: sa.Table, *, only_key: bool, relax_commit: bool) -> Any:
                 (t.c.status == PROCESSING, sa.literal(LEASE_LOST, t.c.error.type)),
                 else_=t.c.error,
             ),
+            failures=sa.case(
+                (t.c.status == PROCESSING, append_failure(t, lost_attempt_line(t))),
+                else_=t.c.failures,
+            ),
             lease_expires_at=sa.bindparam("p_lease", type_=when),
             next_attempt_at=sa.bindparam("p_lease", type_=when),
             updated_at=sa.bindparam("p_now", type_=when),
         )
         .returning(*[t.c[name] for name in ROW_COLUMNS])
     )
+
+
+def append_failure(t: sa.Table, line: Any) -> Any:
+    """``failures`` with ``line`` appended (``||``, or MySQL's ``concat()``)."""
+    return sa.func.coalesce(t.c.failures, sa.literal("", t.c.failures.type)) + line
+
+
+def lost_attempt_line(t: sa.Table) -> Any:
+    """The history line of an attempt whose lease ran out, built in SQL: only
+    the row knows which attempt it was. The attempt count must be the old
+    one: on MySQL, put this before ``attempts`` in the SET list."""
+    attempt = sa.cast(t.c.attempts, sa.String(12))
+    return (
+        sa.literal('{"attempt": ', t.c.failures.type)
+        + attempt
+        + sa.bindparam("p_lost_line", type_=t.c.failures.type)
+    )
+
+
+def lost_line_suffix(at: datetime) -> str:
+    """What follows the attempt number in :func:`lost_attempt_line`."""
+    # The object's fields without its opening brace: the SQL wrote that.
+    return ", " + json.dumps({"at": at.isoformat(), "error": LEASE_LOST})[1:] + "\n"
 
 
 def new_row(t: sa.Table, *, status: str, attempts: int, lease: str, due: str) -> dict[str, Any]:
@@ -282,6 +315,7 @@ def new_row(t: sa.Table, *, status: str, attempts: int, lease: str, due: str) ->
         "created_at": sa.bindparam("p_now", type_=when),
         "updated_at": sa.bindparam("p_now", type_=when),
         "next_attempt_at": sa.bindparam(due, type_=when),
+        "reference": sa.bindparam("p_reference", type_=t.c.reference.type),
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
@@ -30,6 +31,12 @@ STATUSES = (PENDING, PROCESSING, DONE, FAILED, DEAD)
 
 #: The index a worker's due query reads; done and dead rows hold NULL there.
 DUE_INDEX = "ix_orderhooks_deliveries_due"
+#: Newest first, for the console's list and its time range (keyset pages).
+CREATED_INDEX = "ix_orderhooks_deliveries_created"
+#: The order id found in the body, for the console's search box.
+REFERENCE_INDEX = "ix_orderhooks_deliveries_reference"
+#: Longest order id kept for the search (longer ones are not searchable).
+MAX_REFERENCE_LENGTH = 191
 
 
 MYSQL = ("mysql", "mariadb")
@@ -65,6 +72,10 @@ WHEN = sa.DateTime(timezone=True).with_variant(_UTCDateTime(), *MYSQL)
 #: The raw body: MySQL's BLOB stops at 65,535 bytes, one short of the default
 #: ORDERHOOKS_MAX_BODY.
 BODY = sa.LargeBinary().with_variant(mysql.MEDIUMBLOB(), *MYSQL)
+#: The failed attempts' history: MySQL's TEXT stops at 65,535 bytes, which a
+#: delivery replayed often enough would pass (strict mode then refuses the
+#: failure record).
+HISTORY = sa.Text().with_variant(mysql.MEDIUMTEXT(), *MYSQL)
 
 
 def exact_string(length: int) -> sa.types.TypeEngine[str]:
@@ -127,8 +138,21 @@ def deliveries_table(metadata: sa.MetaData) -> sa.Table:
         # may have died). NULL once done or dead, and on rows stored by 0.1,
         # which is why it is nullable: adding it keeps every old row.
         sa.Column("next_attempt_at", WHEN_COLUMN, nullable=True),
+        # 0.3. The merchant-side order id the provider found in the body
+        # (iGV orderId, gateway trans_id, SUD out_order_id: a batch's first
+        # order's): support staff search by it. NULL when there is none.
+        sa.Column("reference", exact_string(MAX_REFERENCE_LENGTH), nullable=True),
+        # 0.3. Every failed attempt, one JSON object per line (see
+        # FailedAttempt), appended by the statement that records it.
+        sa.Column("failures", HISTORY, nullable=True),
+        # 0.3. When purge dropped the body and headers of this done delivery,
+        # keeping its key, status, dates and body_sha256: a tombstone that
+        # still answers a replayed callback as a duplicate.
+        sa.Column("compacted_at", WHEN_COLUMN, nullable=True),
         sa.Index("ix_orderhooks_deliveries_status_updated", "status", "updated_at"),
         due_index(),
+        sa.Index(CREATED_INDEX, "created_at"),
+        sa.Index(REFERENCE_INDEX, "reference"),
         # MySQL and MariaDB: transactions, and keys whatever their characters.
         mysql_engine="InnoDB",
         mysql_charset="utf8mb4",
@@ -153,6 +177,43 @@ class Claim:
 
 
 @dataclass(frozen=True)
+class FailedAttempt:
+    """One failed attempt of a delivery, as the store keeps it."""
+
+    attempt: int
+    at: datetime
+    error: str
+
+
+def failure_line(attempt: int, at: datetime, error: str) -> str:
+    """The history line the store appends for a failed attempt."""
+    return json.dumps({"attempt": attempt, "at": at.isoformat(), "error": error}) + "\n"
+
+
+def parse_failures(text: str | None) -> tuple[FailedAttempt, ...]:
+    """The failed attempts of a row's ``failures`` column, oldest first.
+
+    A line that does not parse (cut by hand, say) is skipped rather than
+    hiding the others.
+    """
+    attempts = []
+    for line in (text or "").splitlines():
+        try:
+            item = json.loads(line)
+            at = datetime.fromisoformat(item["at"])
+            attempts.append(
+                FailedAttempt(
+                    attempt=int(item["attempt"]),
+                    at=at if at.tzinfo else at.replace(tzinfo=UTC),
+                    error=str(item["error"]),
+                )
+            )
+        except (ValueError, KeyError, TypeError):
+            continue
+    return tuple(attempts)
+
+
+@dataclass(frozen=True)
 class StoredDelivery:
     """A row of the store, as the CLI and tests read it."""
 
@@ -170,6 +231,13 @@ class StoredDelivery:
     #: When the next attempt is due (a processing row: its lease end), or
     #: ``None`` when no attempt is planned (done, dead, or stored by 0.1).
     next_attempt_at: datetime | None = None
+    #: The order id found in the body, if the provider names one.
+    reference: str | None = None
+    #: Every failed attempt, oldest first (rows stored by 0.2 and older
+    #: have only :attr:`error`, the last one's).
+    failed_attempts: tuple[FailedAttempt, ...] = ()
+    #: When purge dropped the body and signed headers (a tombstone), if it did.
+    compacted_at: datetime | None = None
 
 
 #: What the request path did: ran the receivers, found the delivery done (or,

@@ -16,36 +16,41 @@ from alembic.migration import MigrationContext
 from alembic.operations import Operations
 from sqlalchemy.engine import Connection
 
-from .table import DUE_INDEX
-
 logger = logging.getLogger("flask_orderhooks")
+
+#: Columns added after 0.1, all nullable: the rows an older version stored
+#: keep their status and simply have none (0.2: ``next_attempt_at``; 0.3:
+#: ``reference``, ``failures``, ``compacted_at``).
+ADDED_COLUMNS = ("next_attempt_at", "reference", "failures", "compacted_at")
 
 
 def upgrade_table(connection: Connection, table: sa.Table) -> list[str]:
-    """Add what 0.2 added to a 0.1 table; what was done, by name.
+    """Add the columns and indexes of ``table`` that the stored table lacks;
+    what was done, by name.
 
-    0.2 adds ``next_attempt_at`` (nullable: the rows stored by 0.1 keep their
-    status and simply have no planned attempt) and its index.
+    Only additions, in the order of the table's definition: a column listed
+    in :data:`ADDED_COLUMNS`, then any index of the definition (partial ones
+    keep their ``WHERE``).
     """
     inspector = sa.inspect(connection)
     columns = {column["name"] for column in inspector.get_columns(table.name)}
     indexes = {index["name"] for index in inspector.get_indexes(table.name)}
     operations = Operations(MigrationContext.configure(connection))
     done = []
-    if "next_attempt_at" not in columns:
-        column = table.c.next_attempt_at
-        operations.add_column(table.name, sa.Column(column.name, column.type, nullable=True))
-        done.append("next_attempt_at")
-    if DUE_INDEX not in indexes:
-        where = sa.column("next_attempt_at").is_not(None)
-        operations.create_index(
-            DUE_INDEX,
-            table.name,
-            ["next_attempt_at"],
-            postgresql_where=where,
-            sqlite_where=where,
-        )
-        done.append(DUE_INDEX)
+    for name in ADDED_COLUMNS:
+        if name not in columns:
+            column = table.c[name]
+            operations.add_column(table.name, sa.Column(column.name, column.type, nullable=True))
+            done.append(name)
+    for index in sorted(table.indexes, key=lambda i: str(i.name)):
+        if index.name not in indexes:
+            operations.create_index(
+                str(index.name),
+                table.name,
+                [column.name for column in index.columns],
+                **index.dialect_kwargs,
+            )
+            done.append(str(index.name))
     if done:
         logger.warning("OrderHooks: upgraded the table %s: added %s", table.name, ", ".join(done))
     return done

@@ -502,6 +502,7 @@ def init_metrics(
         "buckets=" if buckets is not None else "ORDERHOOKS_METRICS_BUCKETS",
         buckets if buckets is not None else config["ORDERHOOKS_METRICS_BUCKETS"],
     )
+    multiprocess_dir = _multiprocess_dir()
     try:
         metrics = Metrics(
             target,
@@ -510,9 +511,9 @@ def init_metrics(
             registry=registry,
             buckets=chosen,
             allowed=allowed,
-            multiprocess_dir=_multiprocess_dir(),
+            multiprocess_dir=multiprocess_dir,
         )
-    except ValueError as exc:
+    except ValueError as exc:  # DuplicateTimeseries since prometheus_client 0.22
         raise ConfigurationError(
             "ORDERHOOKS_METRICS_REGISTRY",
             f"the registry already holds the orderhooks metrics ({exc}); another app of this "

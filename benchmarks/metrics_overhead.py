@@ -17,6 +17,10 @@ The observer calls themselves are timed apart too (``answered`` and a timed
 dispatch, a million-fold loop): a number the machine's noise does not move,
 set against the first delivery's own CPU time.
 
+A third copy without metrics runs in the same rounds as a control: its ratio
+to the first (``control/plain``) is what the machine's noise alone gives, the
+yardstick for the ``metrics/plain`` ratio.
+
 At the end the metrics app is scraped: its ``orderhooks_requests_total`` and
 dispatch count must equal the requests it answered.
 """
@@ -92,22 +96,23 @@ def compare(backend: str, pg_url: str, rounds: int, batch: int, warmup: int) -> 
     """Print the side-by-side table; return the median ratios (wall, CPU)."""
     server_cpu = postgres_cpu_seconds if backend == "postgresql" else (lambda: 0.0)
     with ExitStack() as stack:
-        plain_uri = stack.enter_context(database(backend, pg_url, "orderhooks"))
-        metrics_uri = stack.enter_context(database(backend, pg_url, "orderhooks"))
-        plain_app = ready_app("orderhooks", plain_uri)
-        metrics_app = ready_app("orderhooks", metrics_uri)
+        sides = []
+        for _ in range(3):
+            uri = stack.enter_context(database(backend, pg_url, "orderhooks"))
+            app = ready_app("orderhooks", uri)
+            sides.append(Side("orderhooks", uri, app, app.test_client()))
+        plain, metrics, control = sides
+        metrics_app = metrics.app
         init_metrics(get_extension(metrics_app), metrics_app)
-        plain = Side("orderhooks", plain_uri, plain_app, plain_app.test_client())
-        metrics = Side("orderhooks", metrics_uri, metrics_app, metrics_app.test_client())
-        sides = [plain, metrics]
         for side in sides:
             side.run(signed(warmup), server_cpu)
             for values in (side.wall, side.own_cpu, side.server_cpu, side.cpu):
                 values.clear()
         for r in range(rounds):
-            # Alternate who goes first: a machine slowing down mid-round
-            # would otherwise always charge the same side.
-            for side in sides if r % 2 == 0 else reversed(sides):
+            # Rotate who goes first, and reverse every other round: a machine
+            # slowing down mid-round would otherwise always charge one side.
+            order = sides[r % 3 :] + sides[: r % 3]
+            for side in order if (r // 3) % 2 == 0 else reversed(order):
                 side.run(signed(batch), server_cpu)
         for side in sides:
             stored = stored_count("orderhooks", side.uri)
@@ -124,20 +129,20 @@ def compare(backend: str, pg_url: str, rounds: int, batch: int, warmup: int) -> 
     print(f"\n{backend}: {rounds} rounds x {batch} first deliveries per app (after {warmup})")
     print(f"scrape checked: {requests:g} answers and {dispatched:g} dispatches counted")
     print(
-        f"{'measure':<32} {'plain us':>9} {'metrics us':>11} {'ratio':>7} "
-        f"{'(q1-q3)':>15} {'verdict':>12}"
+        f"{'measure':<32} {'plain us':>9} {'metrics us':>11} {'metrics/plain (q1-q3)':>24} "
+        f"{'verdict':>8} {'control/plain (q1-q3)':>24}"
     )
     medians = []
     for name, attr in MEASURES:
         if backend != "postgresql" and attr in ("server_cpu", "cpu"):
             continue
-        a, b = getattr(plain, attr), getattr(metrics, attr)
-        ratios = [y / x for x, y in zip(a, b, strict=True) if x > 0]
-        q1, med, q3 = quartiles(ratios)
+        a, b, c = getattr(plain, attr), getattr(metrics, attr), getattr(control, attr)
+        q1, med, q3 = quartiles([y / x for x, y in zip(a, b, strict=True) if x > 0])
+        c1, cmed, c3 = quartiles([y / x for x, y in zip(a, c, strict=True) if x > 0])
         verdict = "met" if med < 1 + TARGET else "NOT MET"
         print(
             f"{name:<32} {statistics.median(a):>9.0f} {statistics.median(b):>11.0f} "
-            f"{med:>7.3f} ({q1:.3f}-{q3:.3f}) {verdict:>12}"
+            f"{med:>9.3f} ({q1:.3f}-{q3:.3f}) {verdict:>8} {cmed:>9.3f} ({c1:.3f}-{c3:.3f})"
         )
         medians.append(med)
     own = statistics.median(plain.own_cpu)

@@ -280,7 +280,7 @@ class Metrics:
         your own::
 
             metrics = init_metrics(hooks, app)
-            app.add_url_rule("/internal/metrics", view_func=metrics.view)
+            app.add_url_rule("/internal/metrics", "orderhooks_metrics", view_func=metrics.view)
         """
         if not self.allowed():
             return Response(

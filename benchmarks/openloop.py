@@ -139,18 +139,40 @@ async def _generate(host: str, port: int, payloads: list[bytes], rate: float) ->
     return out
 
 
+async def _closed(host: str, port: int, payloads: list[bytes], concurrency: int) -> dict[str, Any]:
+    """Closed loop (for benchmarks.memory): ``concurrency`` clients, each
+    sending its next request when its last one was answered."""
+    loop = asyncio.get_running_loop()
+    out: dict[str, Any] = {"latency_ms": [], "statuses": {}, "errors": {}, "lag_ms": []}
+    queue = iter(payloads)
+    start = loop.time()
+
+    async def client() -> None:
+        for payload in queue:
+            await _one(host, port, payload, loop.time(), out)
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    out["send_seconds"] = out["seconds"] = loop.time() - start
+    out["sent"] = len(payloads)
+    return out
+
+
 def generate_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.openloop generate")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--ids", type=Path, required=True)
-    parser.add_argument("--rate", type=float, required=True)
+    parser.add_argument("--rate", type=float, help="open loop: requests per second")
+    parser.add_argument("--concurrency", type=int, help="closed loop: clients")
     parser.add_argument("--count", type=int, required=True)
     args = parser.parse_args(argv)
     payloads = _requests(args.ids, args.host, args.port)[: args.count]
     if len(payloads) < args.count:
         raise SystemExit(f"{args.ids} holds {len(payloads)} ids, {args.count} needed.")
-    out = asyncio.run(_generate(args.host, args.port, payloads, args.rate))
+    if args.rate is not None:
+        out = asyncio.run(_generate(args.host, args.port, payloads, args.rate))
+    else:
+        out = asyncio.run(_closed(args.host, args.port, payloads, args.concurrency or 16))
     json.dump(out, sys.stdout)
     return 0
 
@@ -192,12 +214,16 @@ def _priority() -> None:
         os.nice(-10)
 
 
-def run_generator(port: int, ids: Path, rate: float, count: int) -> tuple[dict[str, Any], float]:
-    """The generator's result and its CPU share of one core."""
+def run_generator(
+    port: int, ids: Path, rate: float | None, count: int, concurrency: int | None = None
+) -> tuple[dict[str, Any], float]:
+    """The generator's result and its CPU share of one core (``rate``: open
+    loop; ``concurrency``: closed loop)."""
     command = [
         sys.executable, "-m", "benchmarks.openloop", "generate",
-        "--port", str(port), "--ids", str(ids), "--rate", str(rate), "--count", str(count),
+        "--port", str(port), "--ids", str(ids), "--count", str(count),
     ]  # fmt: skip
+    command += ["--rate", str(rate)] if rate is not None else ["--concurrency", str(concurrency)]
     started = time.monotonic()
     with tempfile.TemporaryFile() as out:
         process = subprocess.Popen(

@@ -58,6 +58,7 @@ from typing import Any, Literal
 
 import sqlalchemy as sa
 
+from . import sections
 from .apps import (
     ORDERHOOKS_KINDS,
     PATH,
@@ -2157,7 +2158,9 @@ def run(
     print()
     print(text)
     if not args.no_output:
-        args.output.write_text(text)
+        # The sections other tools write (large table, open loop, memory) stay.
+        kept = sections.sections(args.output.read_text()) if args.output.exists() else []
+        args.output.write_text(text + "".join("\n" + block for block in kept))
         print(f"written to {args.output}")
     failed = any(m.failures for m in measurements)
     if failed:

@@ -31,7 +31,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection
 
 from ..store import MAX_KEY_LENGTH, DeliveryStore, StoredDelivery
 from ..store.table import MYSQL, WHEN
@@ -191,27 +190,22 @@ def _where(
     return conditions
 
 
-def list_page(
-    store: DeliveryStore,
+def list_query(
+    t: sa.Table,
     filters: Filters,
     *,
     pairs: Sequence[tuple[str, str]],
     after: Cursor | None,
     limit: int,
-) -> Page:
-    """One page of deliveries, newest first.
-
-    :param pairs: every ``(provider, callback)`` a key search looks in.
-    :param after: the previous page's :attr:`Page.next`, or ``None``.
-    :param limit: rows per page.
-    """
-    t = store.table
+) -> sa.Select[Any] | None:
+    """The list's statement (``None`` when nothing can match): one more row
+    than ``limit``, which says whether an older page exists without a COUNT."""
     conditions = _where(t, filters, pairs)
     if conditions is None:
-        return Page([], None)
+        return None
     if after is not None:
         conditions.append(_older_than(t, after))
-    query = (
+    return (
         sa.select(
             t.c.provider,
             t.c.callback,
@@ -226,9 +220,27 @@ def list_page(
         )
         .where(*conditions)
         .order_by(t.c.created_at.desc(), t.c.provider.desc(), t.c.callback.desc(), t.c.key.desc())
-        # One more than shown: whether an older page exists, without a COUNT.
         .limit(limit + 1)
     )
+
+
+def list_page(
+    store: DeliveryStore,
+    filters: Filters,
+    *,
+    pairs: Sequence[tuple[str, str]],
+    after: Cursor | None,
+    limit: int,
+) -> Page:
+    """One page of deliveries, newest first.
+
+    :param pairs: every ``(provider, callback)`` a key search looks in.
+    :param after: the previous page's :attr:`Page.next`, or ``None``.
+    :param limit: rows per page.
+    """
+    query = list_query(store.table, filters, pairs=pairs, after=after, limit=limit)
+    if query is None:
+        return Page([], None)
     with store.engine.connect() as connection:
         result = connection.execute(query).all()
     rows = [
@@ -260,9 +272,8 @@ def one(store: DeliveryStore, provider: str, callback: str, key: str) -> StoredD
     return rows[0] if rows else None
 
 
-def _hour(connection: Connection, t: sa.Table) -> sa.ColumnElement[Any]:
+def _hour(dialect: str, t: sa.Table) -> sa.ColumnElement[Any]:
     """``created_at`` truncated to its UTC hour, as text ``YYYY-MM-DD HH``."""
-    dialect = connection.dialect.name
     if dialect == "postgresql":
         # AT TIME ZONE: to_char of a timestamptz uses the session's zone.
         return sa.func.to_char(sa.func.timezone("UTC", t.c.created_at), "YYYY-MM-DD HH24")
@@ -273,25 +284,29 @@ def _hour(connection: Connection, t: sa.Table) -> sa.ColumnElement[Any]:
     return sa.func.strftime("%Y-%m-%d %H", t.c.created_at)
 
 
+def hourly_query(dialect: str, t: sa.Table, *, start: datetime, end: datetime) -> sa.Select[Any]:
+    """The chart's statement: one GROUP BY over a range of created_at."""
+    return (
+        sa.select(_hour(dialect, t).label("bucket"), t.c.status, sa.func.count().label("n"))
+        .where(t.c.created_at >= _when("start", start), t.c.created_at < _when("end", end))
+        # By the output name: the expression written twice would carry its
+        # format string as two parameters, which PostgreSQL does not
+        # recognise as the same expression.
+        .group_by(sa.literal_column("bucket"), t.c.status)
+    )
+
+
 def hourly_counts(
     store: DeliveryStore, *, start: datetime, end: datetime
 ) -> dict[datetime, dict[str, int]]:
     """How many deliveries were stored in each UTC hour of ``[start, end)``,
-    by their status now: one GROUP BY over a range of the created_at index.
+    by their status now.
 
     :returns: ``{hour start (aware UTC): {status: count}}``; empty hours absent.
     """
-    t = store.table
+    query = hourly_query(store.dialect, store.table, start=start, end=end)
     counts: dict[datetime, dict[str, int]] = {}
     with store.engine.connect() as connection:
-        query = (
-            sa.select(_hour(connection, t).label("bucket"), t.c.status, sa.func.count().label("n"))
-            .where(t.c.created_at >= _when("start", start), t.c.created_at < _when("end", end))
-            # By the output name: the expression written twice would carry
-            # its format string as two parameters, which PostgreSQL does not
-            # recognise as the same expression.
-            .group_by(sa.literal_column("bucket"), t.c.status)
-        )
         for r in connection.execute(query).all():
             when = datetime.strptime(str(r.bucket), "%Y-%m-%d %H").replace(tzinfo=UTC)
             counts.setdefault(when, {})[str(r.status)] = int(r.n)

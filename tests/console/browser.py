@@ -16,10 +16,14 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from flask import Flask
 from werkzeug.serving import BaseWSGIServer, make_server
+
+if TYPE_CHECKING:
+    from selenium.webdriver.chrome.webdriver import WebDriver
 
 CHROMIUM = os.environ.get("ORDERHOOKS_TEST_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("ORDERHOOKS_TEST_CHROMEDRIVER", "/usr/bin/chromedriver")
@@ -110,7 +114,7 @@ def serving(app: Flask) -> Iterator[str]:
 
 
 @contextmanager
-def chromium(profile: Path) -> Iterator[object]:
+def chromium(profile: Path) -> Iterator[WebDriver]:
     """A headless Chromium under chromedriver, with a fresh profile."""
     # Imported here: selenium is a test dependency, and a missing browser
     # must skip, not break collection.

@@ -13,7 +13,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -27,6 +27,10 @@ from flask_orderhooks.testing import (
 from tests.console.browser import chromium, require_browser, serving
 from tests.console.conftest import CONSOLE, NOW, Console, ConsoleFactory
 
+if TYPE_CHECKING:
+    from selenium.webdriver.chrome.webdriver import WebDriver
+    from selenium.webdriver.remote.webelement import WebElement
+
 DOCS_STATIC = Path(__file__).resolve().parents[2] / "docs" / "_static"
 HOSTILE = (
     '<img src=x onerror="window.__pwned=1;alert(1)">'
@@ -37,7 +41,7 @@ PAGE_TIMEOUT = 30
 
 
 @pytest.fixture
-def browser(tmp_path: Path) -> Iterator[Any]:
+def browser(tmp_path: Path) -> Iterator[WebDriver]:
     require_browser()
     with chromium(tmp_path / "profile") as driver:
         driver.set_page_load_timeout(PAGE_TIMEOUT)
@@ -79,7 +83,7 @@ def _seed(console: Console) -> dict[str, SignedCallback]:
     return named
 
 
-def _nothing_ran(driver: Any) -> None:
+def _nothing_ran(driver: WebDriver) -> None:
     from selenium.common.exceptions import NoAlertPresentException
     from selenium.webdriver.common.by import By
 
@@ -92,7 +96,7 @@ def _nothing_ran(driver: Any) -> None:
     assert len(driver.find_elements(By.TAG_NAME, "svg")) <= 1
 
 
-def _navigate(driver: Any, element: Any) -> None:
+def _navigate(driver: WebDriver, element: WebElement) -> None:
     """Click ``element`` and wait until the page it leads to has replaced
     this one (a click returns before the navigation ends)."""
     from selenium.webdriver.common.by import By
@@ -107,17 +111,17 @@ def _navigate(driver: Any, element: Any) -> None:
     )
 
 
-def _problems(driver: Any) -> list[str]:
+def _problems(driver: WebDriver) -> list[str]:
     """The browser's console errors, but the favicon the host does not have."""
     return [
         entry["message"]
-        for entry in driver.get_log("browser")
+        for entry in driver.get_log("browser")  # type: ignore[no-untyped-call]
         if entry["level"] == "SEVERE" and "favicon.ico" not in entry["message"]
     ]
 
 
 def test_console_in_a_browser(
-    make_console: ConsoleFactory, browser: Any, backend: str, tmp_path: Path
+    make_console: ConsoleFactory, browser: WebDriver, backend: str, tmp_path: Path
 ) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
@@ -140,7 +144,7 @@ def test_console_in_a_browser(
         done = browser.find_element(By.CSS_SELECTOR, ".oc-status-done")
         assert done.value_of_css_property("background-color") == "rgba(46, 139, 87, 1)"
         bars = browser.find_elements(By.CSS_SELECTOR, "#oc-chart rect[data-status]")
-        assert sum(int(b.get_attribute("data-count")) for b in bars) == 40
+        assert sum(int(b.get_attribute("data-count") or "") for b in bars) == 40
         _nothing_ran(browser)
         browser.save_screenshot(str(shots / "console-list.png"))
 
@@ -203,7 +207,7 @@ def test_console_in_a_browser(
 
 
 def test_post_from_another_page_is_refused(
-    make_console: ConsoleFactory, browser: Any, tmp_path: Path
+    make_console: ConsoleFactory, browser: WebDriver, tmp_path: Path
 ) -> None:
     """A form on another origin that posts to the console (a CSRF attack) is
     refused with 400 and changes nothing, even with the staff cookie."""

@@ -1,0 +1,69 @@
+"""How the detail page turns a stored body into text (the template escapes it)."""
+
+from __future__ import annotations
+
+import pytest
+
+from flask_orderhooks.console.body import hex_dump, pretty_json, show
+
+
+def test_json_is_indented_with_its_numbers_and_keys_kept() -> None:
+    body = b'{"b":1,"amount":100.00,"big":12345678901234567890,"n":null,"t":true,"l":[],"o":{}}'
+    assert pretty_json(body.decode()) == (
+        "{\n"
+        '  "b": 1,\n'
+        '  "amount": 100.00,\n'
+        '  "big": 12345678901234567890,\n'
+        '  "n": null,\n'
+        '  "t": true,\n'
+        '  "l": [],\n'
+        '  "o": {}\n'
+        "}"
+    )
+
+
+def test_nested_values() -> None:
+    assert pretty_json('{"data":{"orders":[{"id":"A"},2]}}') == (
+        '{\n  "data": {\n    "orders": [\n      {\n        "id": "A"\n      },\n      2\n'
+        "    ]\n  }\n}"
+    )
+
+
+def test_duplicate_keys_and_constants_are_shown_as_sent() -> None:
+    # The pipeline refuses them; a row holding one must still show the truth.
+    assert pretty_json('{"a":1,"a":2,"x":NaN}') == '{\n  "a": 1,\n  "a": 2,\n  "x": NaN\n}'
+
+
+def test_strings_keep_their_text_and_hide_nothing() -> None:
+    text = '{"name":"王小明","trick":"abc\u202edcba","ctl":"a\\u0007b","html":"<b>"}'
+    assert pretty_json(text) == (
+        '{\n  "name": "王小明",\n  "trick": "abc\\u202edcba",\n  "ctl": "a\\u0007b",\n'
+        '  "html": "<b>"\n}'
+    )
+
+
+@pytest.mark.parametrize("text", ["", "not json", "{", "[1,]", "1 2"])
+def test_not_json(text: str) -> None:
+    assert pretty_json(text) is None
+
+
+def test_deep_nesting_is_text_not_an_error() -> None:
+    deep = "[" * 50000 + "]" * 50000
+    shown = show(deep.encode())
+    assert (shown.kind, shown.text) == ("text", deep)
+
+
+def test_show_picks_the_form() -> None:
+    assert show(b"").kind == "empty"
+    assert show(b'{"a":1}').kind == "json"
+    assert show(b"plain <text>").text == "plain <text>"
+    binary = show(b"\xff\x00abc")
+    assert (binary.kind, binary.size) == ("hex", 5)
+
+
+def test_hex_dump() -> None:
+    data = bytes(range(0x41, 0x41 + 20))
+    assert hex_dump(data) == (
+        "00000000  41 42 43 44 45 46 47 48 49 4a 4b 4c 4d 4e 4f 50  ABCDEFGHIJKLMNOP\n"
+        "00000010  51 52 53 54" + " " * 36 + "  QRST"
+    )

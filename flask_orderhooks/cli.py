@@ -78,7 +78,7 @@ def orderhooks() -> None:
 @orderhooks.command("deliveries")
 @click.option("--status", type=click.Choice(STATUSES), help="Only deliveries in this state.")
 @click.option(
-    "--provider", type=click.Choice(["igv", "gateway", "sud"]), help="Only this platform."
+    "--provider", metavar="NAME", help="Only this platform (igv, gateway, sud or a host's own)."
 )
 @click.option("--since", type=Duration(), help="Only those updated within this age, e.g. 24h.")
 @click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
@@ -251,19 +251,18 @@ def purge_command(
 ) -> None:
     """Delete finished deliveries last updated more than AGE ago."""
     state = _state()
-    settings = state.settings
-    windows = {"igv": settings.igv_max_age, "sud": settings.sud_max_age}
-    for platform, window in windows.items():
-        if platform not in state.providers:
-            continue
+    for name, provider in state.providers.items():
+        window = provider.replay_window
         if window is None:
+            if name == "gateway":
+                continue
             raise click.ClickException(
-                f"The {platform} timestamp window is off, so a purged key could be replayed "
+                f"The {name} timestamp window is off, so a purged key could be replayed "
                 "at any time; purge refused."
             )
         if age.total_seconds() < window:
             raise click.ClickException(
-                f"--older-than {_human(age)} is shorter than the {platform} timestamp window "
+                f"--older-than {_human(age)} is shorter than the {name} timestamp window "
                 f"({window:g}s): a purged key could be replayed inside it. Purge refused."
             )
     statuses = (
@@ -273,8 +272,9 @@ def purge_command(
     )
     cutoff = _now(state) - age
     deleted = 0
-    for platform in ("igv", "sud") + (("gateway",) if include_gateway else ()):
-        deleted += state.store.purge(older_than=cutoff, statuses=statuses, provider=platform)
+    for name in state.providers:
+        if name != "gateway" or include_gateway:
+            deleted += state.store.purge(older_than=cutoff, statuses=statuses, provider=name)
     click.echo(f"Deleted {deleted} deliveries ({', '.join(statuses)}) older than {_human(age)}.")
     if not include_gateway:
         click.echo("Gateway deliveries were kept (see --include-gateway).")

@@ -1,7 +1,10 @@
 """Reading and checking the ``ORDERHOOKS_*`` config, once, in ``init_app``.
 
 Every value is validated here so that a typo fails at start-up with a message
-naming the key, never on the first callback at three in the morning.
+naming the key, never on the first callback at three in the morning. Only the
+keys of the pipeline itself live here; each platform's keys belong to its
+provider (:meth:`.Provider.from_config`), which reads them with the same
+checkers (:func:`read_secrets`, :func:`read_seconds`).
 """
 
 from __future__ import annotations
@@ -14,22 +17,13 @@ from typing import Any
 
 from .exc import ConfigurationError
 
-#: The platforms the extension knows, as used in config and in the store.
-PLATFORMS = ("igv", "gateway", "sud")
-
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULTS: dict[str, Any] = {
     "ORDERHOOKS_URL_PREFIX": "/orderhooks",
-    "ORDERHOOKS_IGV_SECRET": None,
-    "ORDERHOOKS_IGV_MAX_AGE": 3600,
+    # How far ahead of this server's clock a signed timestamp may be, for
+    # every provider that checks one.
     "ORDERHOOKS_MAX_CLOCK_SKEW": 300,
-    "ORDERHOOKS_GATEWAY_KEY": None,
-    "ORDERHOOKS_GATEWAY_SIGN_TEMPLATE": "{params}&key={key}",
-    "ORDERHOOKS_SUD_APPS": None,
-    "ORDERHOOKS_SUD_VERIFY": True,
-    "ORDERHOOKS_SUD_MAX_AGE": 3600,
-    "ORDERHOOKS_SUD_TIMESTAMP_UNIT": "ms",
     "ORDERHOOKS_DATABASE_URI": None,
     "ORDERHOOKS_DUPLICATE_WAIT": 3.0,
     "ORDERHOOKS_CLAIM_TIMEOUT": 30.0,
@@ -80,19 +74,11 @@ class Secrets:
 
 @dataclass(frozen=True)
 class Settings:
-    """The validated configuration of one app. Its repr hides every secret."""
+    """The validated pipeline configuration of one app (every provider's own
+    keys live on the provider). Its repr hides the database URL."""
 
     url_prefix: str
-    igv_secrets: Secrets | None
-    igv_max_age: float | None
     max_clock_skew: float
-    gateway_default_keys: Secrets | None
-    gateway_merchant_keys: Mapping[str, Secrets] | None
-    gateway_sign_template: str
-    sud_apps: Mapping[str, Secrets] | None
-    sud_verify: bool
-    sud_max_age: float | None
-    sud_timestamp_unit: str
     # A database URL may carry a password: kept out of the repr.
     database_uri: str | None = field(repr=False)
     duplicate_wait: float
@@ -107,39 +93,14 @@ class Settings:
     def deferred(self) -> bool:
         return self.dispatch == "deferred"
 
-    @property
-    def gateway_enabled(self) -> bool:
-        return self.gateway_default_keys is not None or bool(self.gateway_merchant_keys)
 
-    @property
-    def enabled_platforms(self) -> tuple[str, ...]:
-        on = {
-            "igv": self.igv_secrets is not None,
-            "gateway": self.gateway_enabled,
-            "sud": bool(self.sud_apps),
-        }
-        return tuple(p for p in PLATFORMS if on[p])
+def load_settings(config: Mapping[str, Any], providers: Sequence[str] = ()) -> Settings:
+    """Validate the pipeline's ``ORDERHOOKS_*`` keys of ``config``.
 
-    def gateway_keys_for(self, mch_id: str) -> Secrets | None:
-        if self.gateway_merchant_keys is not None:
-            return self.gateway_merchant_keys.get(mch_id)
-        return self.gateway_default_keys
-
-
-def load_settings(config: Mapping[str, Any]) -> Settings:
-    """Validate the ``ORDERHOOKS_*`` keys of ``config``.
-
+    :param providers: the names of the app's providers, which
+        ``ORDERHOOKS_ALLOWED_IPS`` may name.
     :raises ConfigurationError: naming the first key that is wrong.
     """
-    gateway_default, gateway_merchants = _gateway_keys(config["ORDERHOOKS_GATEWAY_KEY"])
-    unit = config["ORDERHOOKS_SUD_TIMESTAMP_UNIT"]
-    if unit not in ("ms", "s"):
-        raise ConfigurationError(
-            "ORDERHOOKS_SUD_TIMESTAMP_UNIT", f'must be "ms" or "s", not {unit!r}.'
-        )
-    sud_verify = config["ORDERHOOKS_SUD_VERIFY"]
-    if not isinstance(sud_verify, bool):
-        raise ConfigurationError("ORDERHOOKS_SUD_VERIFY", "must be True or False.")
     prefix = config["ORDERHOOKS_URL_PREFIX"]
     if not isinstance(prefix, str) or (prefix and not prefix.startswith("/")):
         raise ConfigurationError(
@@ -152,26 +113,15 @@ def load_settings(config: Mapping[str, Any]) -> Settings:
         )
     return Settings(
         url_prefix=prefix.rstrip("/"),
-        igv_secrets=_optional_secrets("ORDERHOOKS_IGV_SECRET", config["ORDERHOOKS_IGV_SECRET"]),
-        igv_max_age=_seconds("ORDERHOOKS_IGV_MAX_AGE", config, allow_none=True),
-        max_clock_skew=_required_seconds("ORDERHOOKS_MAX_CLOCK_SKEW", config),
-        gateway_default_keys=gateway_default,
-        gateway_merchant_keys=gateway_merchants,
-        gateway_sign_template=_sign_template(config["ORDERHOOKS_GATEWAY_SIGN_TEMPLATE"]),
-        sud_apps=_sud_apps(config["ORDERHOOKS_SUD_APPS"]),
-        sud_verify=sud_verify,
-        sud_max_age=_seconds("ORDERHOOKS_SUD_MAX_AGE", config, allow_none=True),
-        sud_timestamp_unit=unit,
+        max_clock_skew=read_seconds(config, "ORDERHOOKS_MAX_CLOCK_SKEW"),
         database_uri=database_uri,
-        duplicate_wait=_required_seconds("ORDERHOOKS_DUPLICATE_WAIT", config),
-        claim_timeout=_required_seconds("ORDERHOOKS_CLAIM_TIMEOUT", config, positive=True),
+        duplicate_wait=read_seconds(config, "ORDERHOOKS_DUPLICATE_WAIT"),
+        claim_timeout=read_seconds(config, "ORDERHOOKS_CLAIM_TIMEOUT", positive=True),
         max_body=_max_body(config["ORDERHOOKS_MAX_BODY"]),
-        allowed_ips=_allowed_ips(config["ORDERHOOKS_ALLOWED_IPS"]),
+        allowed_ips=_allowed_ips(config["ORDERHOOKS_ALLOWED_IPS"], providers),
         dispatch=_dispatch(config["ORDERHOOKS_DISPATCH"]),
         retry_delays=_retry_delays(config["ORDERHOOKS_RETRY_DELAYS"]),
-        worker_poll_interval=_required_seconds(
-            "ORDERHOOKS_WORKER_POLL_INTERVAL", config, positive=True
-        ),
+        worker_poll_interval=read_seconds(config, "ORDERHOOKS_WORKER_POLL_INTERVAL", positive=True),
     )
 
 
@@ -201,7 +151,11 @@ def _retry_delays(value: object) -> tuple[float, ...]:
     return tuple(delays)
 
 
-def _secrets(key: str, value: object) -> Secrets:
+def read_secrets(key: str, value: object) -> Secrets:
+    """One secret or a rotation list (oldest first) of non-empty strings.
+
+    :raises ConfigurationError: naming ``key``, never the secret.
+    """
     if isinstance(value, str):
         values: list[object] = [value]
     elif isinstance(value, (list, tuple)):
@@ -223,73 +177,34 @@ def _secrets(key: str, value: object) -> Secrets:
     return Secrets([str(v) for v in values])
 
 
-def _optional_secrets(key: str, value: object) -> Secrets | None:
-    return None if value is None else _secrets(key, value)
+def read_optional_seconds(config: Mapping[str, Any], key: str) -> float | None:
+    """A number of seconds, zero or more, or ``None`` (``config[key]``).
 
-
-def _gateway_keys(value: object) -> tuple[Secrets | None, Mapping[str, Secrets] | None]:
-    key = "ORDERHOOKS_GATEWAY_KEY"
-    if value is None:
-        return None, None
-    if isinstance(value, Mapping):
-        if not value:
-            raise ConfigurationError(key, "the merchant mapping is empty; give {mch_id: key}.")
-        merchants: dict[str, Secrets] = {}
-        for mch_id, keys in value.items():
-            if isinstance(mch_id, bool) or not isinstance(mch_id, (str, int)):
-                raise ConfigurationError(key, "merchant ids must be strings or integers.")
-            merchants[str(mch_id)] = _secrets(f"{key}[{mch_id!r}]", keys)
-        return None, merchants
-    return _secrets(key, value), None
-
-
-def _sud_apps(value: object) -> Mapping[str, Secrets] | None:
-    key = "ORDERHOOKS_SUD_APPS"
-    if value is None:
-        return None
-    if not isinstance(value, Mapping) or not value:
-        raise ConfigurationError(key, "must be a non-empty mapping {app_id: secret or list}.")
-    apps: dict[str, Secrets] = {}
-    for app_id, secrets in value.items():
-        if isinstance(app_id, bool) or not isinstance(app_id, (str, int)) or not str(app_id):
-            raise ConfigurationError(key, "app ids must be non-empty strings.")
-        apps[str(app_id)] = _secrets(f"{key}[{app_id!r}]", secrets)
-    return apps
-
-
-def _sign_template(value: object) -> str:
-    key = "ORDERHOOKS_GATEWAY_SIGN_TEMPLATE"
-    if not isinstance(value, str):
-        raise ConfigurationError(key, 'must be a string such as "{params}&key={key}".')
-    try:
-        rendered = value.format(params="\0P", key="\0K")
-    except (KeyError, IndexError, ValueError) as exc:
-        raise ConfigurationError(
-            key, f"may only use the fields {{params}} and {{key}} ({exc.__class__.__name__})."
-        ) from None
-    if rendered.count("\0P") != 1 or rendered.count("\0K") != 1:
-        raise ConfigurationError(key, "must contain {params} and {key} exactly once each.")
-    return value
-
-
-def _seconds(key: str, config: Mapping[str, Any], *, allow_none: bool) -> float | None:
+    :raises ConfigurationError: naming ``key``.
+    """
     value = config[key]
-    if value is None and allow_none:
+    if value is None:
         return None
+    return _seconds(key, value, "a number of seconds or None")
+
+
+def read_seconds(config: Mapping[str, Any], key: str, *, positive: bool = False) -> float:
+    """A number of seconds, zero or more (more than zero with ``positive``).
+
+    :raises ConfigurationError: naming ``key``.
+    """
+    seconds = _seconds(key, config[key], "a number of seconds")
+    if positive and seconds == 0:
+        raise ConfigurationError(key, "must be more than zero seconds.")
+    return seconds
+
+
+def _seconds(key: str, value: object, kind: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        kind = "a number of seconds or None" if allow_none else "a number of seconds"
         raise ConfigurationError(key, f"must be {kind}, not {type(value).__name__}.")
     if not math.isfinite(value) or value < 0:
         raise ConfigurationError(key, "must be a finite number of seconds, zero or more.")
     return float(value)
-
-
-def _required_seconds(key: str, config: Mapping[str, Any], *, positive: bool = False) -> float:
-    value = _seconds(key, config, allow_none=False)
-    assert value is not None
-    if positive and value == 0:
-        raise ConfigurationError(key, "must be more than zero seconds.")
-    return value
 
 
 def _max_body(value: object) -> int:
@@ -298,7 +213,7 @@ def _max_body(value: object) -> int:
     return value
 
 
-def _allowed_ips(value: object) -> Mapping[str, tuple[IPNetwork, ...]]:
+def _allowed_ips(value: object, providers: Sequence[str]) -> Mapping[str, tuple[IPNetwork, ...]]:
     key = "ORDERHOOKS_ALLOWED_IPS"
     if value is None:
         return {}
@@ -308,9 +223,9 @@ def _allowed_ips(value: object) -> Mapping[str, tuple[IPNetwork, ...]]:
         )
     allowed: dict[str, tuple[IPNetwork, ...]] = {}
     for platform, networks in value.items():
-        if platform not in PLATFORMS:
+        if platform not in providers:
             raise ConfigurationError(
-                key, f"unknown platform {platform!r}; use one of {', '.join(PLATFORMS)}."
+                key, f"unknown platform {platform!r}; use one of {', '.join(providers)}."
             )
         if isinstance(networks, str) or not isinstance(networks, (list, tuple)) or not networks:
             raise ConfigurationError(

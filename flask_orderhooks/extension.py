@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -14,9 +14,8 @@ from weakref import WeakKeyDictionary
 from flask import Flask, current_app
 from sqlalchemy.engine import Engine
 
-from .config import DEFAULTS, PLATFORMS, Settings, load_settings
-from .gateway import GatewayProvider
-from .igv import IGVProvider
+from .builtin import BUILTIN_PROVIDERS
+from .config import DEFAULTS, Settings, load_settings
 from .instruments import Instruments
 from .provider import Provider
 from .signals import delivery_dead, delivery_failed
@@ -31,7 +30,6 @@ from .store import (
     Transaction,
     deliveries_table,
 )
-from .sud import SUDProvider
 from .views import make_blueprint
 from .worker import process_due
 
@@ -49,11 +47,8 @@ ConsoleAccess = Callable[[], "bool | ResponseReturnValue"]
 #: queue such as Celery; see :attr:`OrderHooks.enqueuer`.
 Enqueuer = Callable[[str, str, str, float], None]
 
-_PROVIDERS: dict[str, type[Provider]] = {
-    "igv": IGVProvider,
-    "gateway": GatewayProvider,
-    "sud": SUDProvider,
-}
+#: The store's columns' widths for a provider's and a callback's name.
+_MAX_NAME = {"provider": 16, "callback": 32}
 
 
 @dataclass(frozen=True)
@@ -83,6 +78,9 @@ class OrderHooks:
         ``ORDERHOOKS_DATABASE_URI`` (default: SQLite in the instance folder).
     :param engine_options: extra :func:`sqlalchemy.create_engine` options for
         the extension's own store (ignored with ``db=``).
+    :param providers: the platforms, as :class:`Provider` subclasses (default
+        :data:`BUILTIN_PROVIDERS`); each is on when :meth:`Provider.from_config`
+        finds its keys in the app's config.
     :param clock: Unix time in seconds; replace it in tests to freeze time.
         Every stored time, due times included, comes from it.
 
@@ -90,6 +88,8 @@ class OrderHooks:
     .. versionchanged:: 0.2
         Deferred dispatch, local retries and workers: :meth:`process_due`,
         :meth:`dispatch_due`, :attr:`enqueuer`.
+    .. versionchanged:: 0.3
+        ``providers``: platforms of the host's own, through the same pipeline.
     """
 
     #: Set by :func:`flask_orderhooks.celery.init_celery` (or by a host for
@@ -106,9 +106,13 @@ class OrderHooks:
         *,
         db: SQLAlchemy | None = None,
         engine_options: Mapping[str, Any] | None = None,
+        providers: Sequence[type[Provider]] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.db = db
+        self.provider_classes = _checked_providers(
+            BUILTIN_PROVIDERS if providers is None else providers
+        )
         self.engine_options = dict(engine_options or {})
         self.clock = clock
         self.enqueuer = None
@@ -135,7 +139,14 @@ class OrderHooks:
             )
         for key, value in DEFAULTS.items():
             app.config.setdefault(key, value)
-        settings = load_settings(app.config)
+        for provider_class in self.provider_classes:
+            for key, value in provider_class.config_defaults.items():
+                app.config.setdefault(key, value)
+        settings = load_settings(app.config, [p.name for p in self.provider_classes])
+        configured = {p.name: p.from_config(app.config) for p in self.provider_classes}
+        providers = {name: p for name, p in configured.items() if p is not None}
+        for provider in providers.values():
+            _check_routes(provider)
         standalone: StandaloneDatabase | None = None
         if self.db is not None:
             store = self._host_store(settings)
@@ -153,7 +164,6 @@ class OrderHooks:
                 on_failure=self._failed,
                 shared_engine=False,
             )
-        providers = {name: _PROVIDERS[name](settings) for name in settings.enabled_platforms}
         state = AppState(
             settings=settings,
             store=store,
@@ -175,16 +185,11 @@ class OrderHooks:
             from .metrics import register_metrics  # noqa: PLC0415
 
             register_metrics(app, self, state)
-        off = [p for p in PLATFORMS if p not in providers]
+        off = [name for name, provider in configured.items() if provider is None]
         if off:
             logger.info(
                 "OrderHooks: %s off (no credentials configured); their routes answer 404.",
                 ", ".join(off),
-            )
-        if "sud" in providers and not settings.sud_verify:
-            logger.warning(
-                "OrderHooks: ORDERHOOKS_SUD_VERIFY is False: SUD callbacks are accepted "
-                "WITHOUT checking their signature. Anyone can post game orders."
             )
 
     def console_access(self, check: ConsoleAccess) -> ConsoleAccess:
@@ -336,6 +341,34 @@ class OrderHooks:
                 "or a Flask-Migrate migration."
             )
         standalone.ensure_table()
+
+
+def _checked_providers(classes: Sequence[type[Provider]]) -> tuple[type[Provider], ...]:
+    """``classes``, refused at once when one cannot serve: a wrong type, a
+    name missing, too long for the store, or used twice."""
+    seen: set[str] = set()
+    for cls in classes:
+        if not (isinstance(cls, type) and issubclass(cls, Provider)):
+            raise TypeError(f"providers must be Provider subclasses, not {cls!r}.")
+        name = getattr(cls, "name", None)
+        if not isinstance(name, str) or not 0 < len(name) <= _MAX_NAME["provider"]:
+            raise ValueError(
+                f"{cls.__name__}.name must be a string of 1 to {_MAX_NAME['provider']} "
+                f"characters, not {name!r}."
+            )
+        if name in seen:
+            raise ValueError(f"Two providers are named {name!r}; names must be unique.")
+        seen.add(name)
+    return tuple(classes)
+
+
+def _check_routes(provider: Provider) -> None:
+    for callback in provider.routes:
+        if not 0 < len(callback) <= _MAX_NAME["callback"]:
+            raise ValueError(
+                f"{type(provider).__name__}: the callback name {callback!r} must be 1 to "
+                f"{_MAX_NAME['callback']} characters."
+            )
 
 
 def get_extension(app: Flask | None = None) -> OrderHooks:

@@ -18,8 +18,9 @@ from typing import Any, ClassVar
 
 from flask import Response
 
+from .config import Secrets, read_secrets
 from .events import PaymentCollected, PayoutFinished
-from .exc import BadSignature, MalformedPayload
+from .exc import BadSignature, ConfigurationError, MalformedPayload
 from .jsonbody import JSONDecimal, parse_object, render_value
 from .provider import (
     Delivery,
@@ -67,11 +68,46 @@ def _amount(obj: Mapping[str, Any], name: str, *, required: bool) -> Decimal | N
 
 
 class GatewayProvider(Provider):
+    """The payment gateway: ``ORDERHOOKS_GATEWAY_KEY`` turns it on, either one
+    key (or rotation list) for every merchant or ``{mch_id: key or list}``;
+    ``ORDERHOOKS_GATEWAY_SIGN_TEMPLATE`` says where the key goes in the
+    signed text. Its signature has no timestamp: a captured callback stays
+    valid forever, so purge keeps a tombstone of every gateway delivery."""
+
     name = "gateway"
-    routes: ClassVar[Mapping[str, str]] = {
+    routes: Mapping[str, str] = {
         "collect": "/gateway/collect",
         "payout": "/gateway/payout",
     }
+    config_defaults: ClassVar[Mapping[str, Any]] = {
+        "ORDERHOOKS_GATEWAY_KEY": None,
+        "ORDERHOOKS_GATEWAY_SIGN_TEMPLATE": "{params}&key={key}",
+    }
+
+    def __init__(
+        self,
+        *,
+        default_keys: Secrets | None = None,
+        merchant_keys: Mapping[str, Secrets] | None = None,
+        sign_template: str = "{params}&key={key}",
+    ) -> None:
+        self.default_keys = default_keys
+        self.merchant_keys = merchant_keys
+        self.sign_template = sign_template
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> GatewayProvider | None:
+        default_keys, merchant_keys = _gateway_keys(config.get("ORDERHOOKS_GATEWAY_KEY"))
+        template = _sign_template(config.get("ORDERHOOKS_GATEWAY_SIGN_TEMPLATE"))
+        if default_keys is None and not merchant_keys:
+            return None
+        return cls(default_keys=default_keys, merchant_keys=merchant_keys, sign_template=template)
+
+    def keys_for(self, mch_id: str) -> Secrets | None:
+        """The keys that may have signed a callback of merchant ``mch_id``."""
+        if self.merchant_keys is not None:
+            return self.merchant_keys.get(mch_id)
+        return self.default_keys
 
     def read(
         self, callback: str, body: bytes, headers: Mapping[str, str], *, now: float | None
@@ -128,10 +164,10 @@ class GatewayProvider(Provider):
         merchant = (
             str(mch_id) if isinstance(mch_id, (int, str)) and not isinstance(mch_id, bool) else ""
         )
-        keys = self.settings.gateway_keys_for(merchant)
+        keys = self.keys_for(merchant)
         if keys is None:
             raise BadSignature("No key is configured for this mch_id.")
-        template = self.settings.gateway_sign_template
+        template = self.sign_template
         if not any(
             signature_matches(gateway_signature(data, key.decode("utf-8"), template), given)
             for key in keys.newest_first
@@ -142,3 +178,34 @@ class GatewayProvider(Provider):
         return Response(
             "success" if status == 200 else "fail", status=status, mimetype="text/plain"
         )
+
+
+def _gateway_keys(value: object) -> tuple[Secrets | None, Mapping[str, Secrets] | None]:
+    key = "ORDERHOOKS_GATEWAY_KEY"
+    if value is None:
+        return None, None
+    if isinstance(value, Mapping):
+        if not value:
+            raise ConfigurationError(key, "the merchant mapping is empty; give {mch_id: key}.")
+        merchants: dict[str, Secrets] = {}
+        for mch_id, keys in value.items():
+            if isinstance(mch_id, bool) or not isinstance(mch_id, (str, int)):
+                raise ConfigurationError(key, "merchant ids must be strings or integers.")
+            merchants[str(mch_id)] = read_secrets(f"{key}[{mch_id!r}]", keys)
+        return None, merchants
+    return read_secrets(key, value), None
+
+
+def _sign_template(value: object) -> str:
+    key = "ORDERHOOKS_GATEWAY_SIGN_TEMPLATE"
+    if not isinstance(value, str):
+        raise ConfigurationError(key, 'must be a string such as "{params}&key={key}".')
+    try:
+        rendered = value.format(params="\0P", key="\0K")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigurationError(
+            key, f"may only use the fields {{params}} and {{key}} ({exc.__class__.__name__})."
+        ) from None
+    if rendered.count("\0P") != 1 or rendered.count("\0K") != 1:
+        raise ConfigurationError(key, "must contain {params} and {key} exactly once each.")
+    return value

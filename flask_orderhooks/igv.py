@@ -11,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from flask import Response
 
+from .config import Secrets, read_optional_seconds, read_seconds, read_secrets
 from .events import OrderPendingDelivery, UnhandledCallback
 from .exc import BadSignature
 from .jsonbody import parse_object
@@ -45,16 +46,42 @@ def igv_signature(timestamp: str, request_id: str, secret: bytes) -> str:
 
 
 class IGVProvider(Provider):
+    """The iGV marketplace: ``ORDERHOOKS_IGV_SECRET`` (a secret or a rotation
+    list, oldest first) turns it on; ``ORDERHOOKS_IGV_MAX_AGE`` (seconds, or
+    ``None`` for no window) bounds a signed timestamp's age."""
+
     name = "igv"
-    routes: ClassVar[Mapping[str, str]] = {"order-status": "/igv/order-status"}
+    routes: Mapping[str, str] = {"order-status": "/igv/order-status"}
     signed_headers = ("X-Timestamp", "X-Request-Id", "X-Signature")
     key_header = "X-Request-Id"
+    config_defaults: ClassVar[Mapping[str, Any]] = {
+        "ORDERHOOKS_IGV_SECRET": None,
+        # The platform retries for 35 minutes; an hour covers it.
+        "ORDERHOOKS_IGV_MAX_AGE": 3600,
+    }
+
+    def __init__(self, secrets: Secrets, *, max_age: float | None, max_skew: float) -> None:
+        self.secrets = secrets
+        self.max_age = max_age
+        self.max_skew = max_skew
+        self.replay_window = max_age
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> IGVProvider | None:
+        value = config.get("ORDERHOOKS_IGV_SECRET")
+        max_age = read_optional_seconds(config, "ORDERHOOKS_IGV_MAX_AGE")
+        if value is None:
+            return None
+        return cls(
+            read_secrets("ORDERHOOKS_IGV_SECRET", value),
+            max_age=max_age,
+            max_skew=read_seconds(config, "ORDERHOOKS_MAX_CLOCK_SKEW"),
+        )
 
     def read(
         self, callback: str, body: bytes, headers: Mapping[str, str], *, now: float | None
     ) -> Delivery:
-        secrets = self.settings.igv_secrets
-        assert secrets is not None, "the iGV route exists only when a secret is configured"
+        secrets = self.secrets
         timestamp = header(headers, "X-Timestamp")
         request_id = header(headers, "X-Request-Id")
         given = header(headers, "X-Signature")
@@ -70,8 +97,8 @@ class IGVProvider(Provider):
         check_age(
             timestamp_ms,
             now,
-            self.settings.igv_max_age,
-            self.settings.max_clock_skew,
+            self.max_age,
+            self.max_skew,
             "X-Timestamp",
         )
         data = parse_object(body)

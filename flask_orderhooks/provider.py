@@ -1,9 +1,10 @@
 """What every platform plugs into the one request pipeline.
 
-A provider knows three things about its platform: how a request is verified,
-how a verified body becomes events and an idempotency key, and what the
-platform reads as "done" or "retry". The pipeline in :mod:`.views` and the
-store in :mod:`.store` do everything else, the same way for every platform.
+A provider knows four things about its platform: its config keys, how a
+request is verified, how a verified body becomes events and an idempotency
+key, and what the platform reads as "done" or "retry". The pipeline in
+:mod:`.views` and the store in :mod:`.store` do everything else, the same way
+for every platform, built-in or the host's own.
 """
 
 from __future__ import annotations
@@ -14,12 +15,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from blinker import NamedSignal
 from flask import Response
 
-from .config import Settings
 from .exc import BadSignature, MalformedPayload, SignatureExpired
 
 
@@ -55,20 +55,51 @@ class Delivery:
 
 
 class Provider(ABC):
-    """A platform: its routes, its verification, its parsing, its answers."""
+    """A platform: its config, its routes, its verification, its parsing,
+    its answers.
 
-    #: The platform's name in config, URLs, logs and the store.
+    Subclass it to receive another platform's callbacks through the same
+    store, dispatch modes, retries, CLI, console and testing kit as the
+    built-in ones, and pass the class to ``OrderHooks(providers=[...])``.
+    The extension calls :meth:`from_config` once per app in ``init_app``;
+    the instance it returns serves every request of that app, from several
+    threads at once, so keep it immutable.
+
+    .. versionchanged:: 0.3
+        A public, documented base class; providers build themselves from
+        the config with :meth:`from_config`.
+    """
+
+    #: The platform's name in config, URLs, logs and the store (at most 16
+    #: characters, unique among the app's providers).
     name: ClassVar[str]
-    #: ``{callback name: URL rule below the extension's prefix}``.
-    routes: ClassVar[Mapping[str, str]]
+    #: ``{callback name: URL rule below the extension's prefix}``. Callback
+    #: names (at most 32 characters) are stored with each delivery. A class
+    #: attribute, or set per instance by :meth:`from_config`.
+    routes: Mapping[str, str]
     #: The headers stored with a delivery so it can be verified again.
     signed_headers: ClassVar[tuple[str, ...]] = ()
     #: A header naming the idempotency key before verification, for the log
     #: line of a refused request.
     key_header: ClassVar[str | None] = None
+    #: Defaults of the provider's own config keys, set on ``app.config`` (with
+    #: ``setdefault``) before :meth:`from_config` reads them.
+    config_defaults: ClassVar[Mapping[str, Any]] = {}
+    #: How long a signed request stays acceptable, in seconds (its timestamp
+    #: window), or ``None`` when it never expires (no timestamp is signed).
+    #: Purge deletes a delivery only once it is older than this window: a
+    #: younger one is kept as a tombstone, so a replay is still refused.
+    replay_window: float | None = None
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    @classmethod
+    @abstractmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Self | None:
+        """The provider configured by ``config`` (the app's), or ``None``
+        when the platform is not configured (its routes then answer 404).
+
+        :raises ConfigurationError: a key of the provider has a wrong value;
+            the error names the key, never a secret.
+        """
 
     @abstractmethod
     def read(

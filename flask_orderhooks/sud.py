@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from flask import Response, json
 
+from .config import Secrets, read_optional_seconds, read_seconds, read_secrets
 from .events import GameOrderChanged, UnhandledCallback
-from .exc import BadSignature, MalformedPayload
+from .exc import BadSignature, ConfigurationError, MalformedPayload
 from .jsonbody import parse_object
 from .provider import (
     Delivery,
@@ -35,6 +37,8 @@ from .provider import (
 )
 from .signals import callback_unhandled, game_order_changed
 
+logger = logging.getLogger("flask_orderhooks")
+
 ORDER_CHANGED = "sud.mg.merchant.order.changed"
 ORDER_BATCH_CHANGED = "sud.mg.merchant.order.batch.changed"
 
@@ -51,17 +55,71 @@ def sud_signature(app_id: str, timestamp: str, nonce: str, body: bytes, secret: 
 
 
 class SUDProvider(Provider):
+    """The SUD game platform: ``ORDERHOOKS_SUD_APPS`` (``{app_id: secret or
+    rotation list}``) turns it on; ``ORDERHOOKS_SUD_VERIFY`` (default True),
+    ``ORDERHOOKS_SUD_MAX_AGE`` (seconds or ``None``) and
+    ``ORDERHOOKS_SUD_TIMESTAMP_UNIT`` (``"ms"`` or ``"s"``)."""
+
     name = "sud"
-    routes: ClassVar[Mapping[str, str]] = {"order-changed": "/sud/order-changed"}
+    routes: Mapping[str, str] = {"order-changed": "/sud/order-changed"}
     signed_headers = ("Sud-AppId", "Sud-Timestamp", "Sud-Nonce", "Sud-Signature")
+    config_defaults: ClassVar[Mapping[str, Any]] = {
+        "ORDERHOOKS_SUD_APPS": None,
+        "ORDERHOOKS_SUD_VERIFY": True,
+        "ORDERHOOKS_SUD_MAX_AGE": 3600,
+        "ORDERHOOKS_SUD_TIMESTAMP_UNIT": "ms",
+    }
+
+    def __init__(
+        self,
+        apps: Mapping[str, Secrets],
+        *,
+        verify: bool = True,
+        max_age: float | None = 3600,
+        max_skew: float = 300,
+        timestamp_unit: str = "ms",
+    ) -> None:
+        self.apps = apps
+        self.verify = verify
+        self.max_age = max_age
+        self.max_skew = max_skew
+        self.timestamp_unit = timestamp_unit
+        # Unverified, anyone can post any notify_id at any time.
+        self.replay_window = max_age if verify else None
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> SUDProvider | None:
+        unit = config.get("ORDERHOOKS_SUD_TIMESTAMP_UNIT")
+        if unit not in ("ms", "s"):
+            raise ConfigurationError(
+                "ORDERHOOKS_SUD_TIMESTAMP_UNIT", f'must be "ms" or "s", not {unit!r}.'
+            )
+        verify = config.get("ORDERHOOKS_SUD_VERIFY")
+        if not isinstance(verify, bool):
+            raise ConfigurationError("ORDERHOOKS_SUD_VERIFY", "must be True or False.")
+        max_age = read_optional_seconds(config, "ORDERHOOKS_SUD_MAX_AGE")
+        apps = _sud_apps(config.get("ORDERHOOKS_SUD_APPS"))
+        if not apps:
+            return None
+        if not verify:
+            logger.warning(
+                "OrderHooks: ORDERHOOKS_SUD_VERIFY is False: SUD callbacks are accepted "
+                "WITHOUT checking their signature. Anyone can post game orders."
+            )
+        return cls(
+            apps,
+            verify=verify,
+            max_age=max_age,
+            max_skew=read_seconds(config, "ORDERHOOKS_MAX_CLOCK_SKEW"),
+            timestamp_unit=str(unit),
+        )
 
     def read(
         self, callback: str, body: bytes, headers: Mapping[str, str], *, now: float | None
     ) -> Delivery:
-        apps = self.settings.sud_apps
-        assert apps is not None, "the SUD route exists only when apps are configured"
+        apps = self.apps
         header_app_id: str | None = None
-        if self.settings.sud_verify:
+        if self.verify:
             header_app_id = self._verify(apps, body, headers, now)
         data = parse_object(body)
         app_id = req_str(data, "app_id")
@@ -149,11 +207,9 @@ class SUDProvider(Provider):
         ):
             raise BadSignature("The Sud-Signature does not match.")
         stamp = millisecond_timestamp(timestamp, "Sud-Timestamp header")
-        if self.settings.sud_timestamp_unit == "s":
+        if self.timestamp_unit == "s":
             stamp *= 1000
-        check_age(
-            stamp, now, self.settings.sud_max_age, self.settings.max_clock_skew, "Sud-Timestamp"
-        )
+        check_age(stamp, now, self.max_age, self.max_skew, "Sud-Timestamp")
         return app_id
 
     def answer(self, status: int, reason: str) -> Response:
@@ -192,3 +248,17 @@ def _order(
         raw=order if raw is None else raw,
         **common,
     )
+
+
+def _sud_apps(value: object) -> Mapping[str, Secrets] | None:
+    key = "ORDERHOOKS_SUD_APPS"
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or not value:
+        raise ConfigurationError(key, "must be a non-empty mapping {app_id: secret or list}.")
+    apps: dict[str, Secrets] = {}
+    for app_id, secrets in value.items():
+        if isinstance(app_id, bool) or not isinstance(app_id, (str, int)) or not str(app_id):
+            raise ConfigurationError(key, "app ids must be non-empty strings.")
+        apps[str(app_id)] = read_secrets(f"{key}[{app_id!r}]", secrets)
+    return apps

@@ -21,16 +21,16 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 from flask import Flask, current_app, has_app_context
 
-from .config import Settings
 from .extension import get_extension
-from .gateway import gateway_signature
-from .igv import igv_signature
+from .gateway import GatewayProvider, gateway_signature
+from .igv import IGVProvider, igv_signature
 from .jsonbody import parse_object
-from .sud import ORDER_BATCH_CHANGED, ORDER_CHANGED, sud_signature
+from .provider import Provider
+from .sud import ORDER_BATCH_CHANGED, ORDER_CHANGED, SUDProvider, sud_signature
 
 #: The platform and callback names :func:`build` and ``flask orderhooks send`` take.
 KINDS = ("igv", "collect", "payout", "sud", "sud-batch")
@@ -61,9 +61,14 @@ class SignedCallback:
         return parse_object(self.body)
 
 
-def _settings(app: Flask | None) -> Settings:
+_P = TypeVar("_P", bound=Provider)
+
+
+def _provider(app: Flask | None, cls: type[_P]) -> _P | None:
+    """The app's configured provider of type ``cls``, or ``None``."""
     target = app if app is not None else current_app._get_current_object()  # type: ignore[attr-defined]
-    return get_extension(target).state(target).settings
+    provider = get_extension(target).state(target).providers.get(cls.name)
+    return provider if isinstance(provider, cls) else None
 
 
 def _now_ms(timestamp_ms: int | str | None, app: Flask | None) -> str:
@@ -82,10 +87,10 @@ def _now_ms(timestamp_ms: int | str | None, app: Flask | None) -> str:
 def _igv_secret(secret: str | None, app: Flask | None) -> str:
     if secret is not None:
         return secret
-    secrets = _settings(app).igv_secrets
-    if secrets is None:
+    provider = _provider(app, IGVProvider)
+    if provider is None:
         raise LookupError("ORDERHOOKS_IGV_SECRET is not configured; pass secret=.")
-    return secrets.newest.decode("utf-8")
+    return provider.secrets.newest.decode("utf-8")
 
 
 def igv_order_status(
@@ -125,12 +130,11 @@ def igv_order_status(
 
 
 def _gateway_key(secret: str | None, app: Flask | None, mch_id: int) -> tuple[str, str]:
-    settings = _settings(app) if secret is None or app is not None else None
-    template = settings.gateway_sign_template if settings else "{params}&key={key}"
+    provider = _provider(app, GatewayProvider) if secret is None or app is not None else None
+    template = provider.sign_template if provider else "{params}&key={key}"
     if secret is not None:
         return secret, template
-    assert settings is not None
-    keys = settings.gateway_keys_for(str(mch_id))
+    keys = provider.keys_for(str(mch_id)) if provider else None
     if keys is None:
         raise LookupError(f"No ORDERHOOKS_GATEWAY_KEY for mch_id {mch_id}; pass secret=.")
     return keys.newest.decode("utf-8"), template
@@ -253,7 +257,8 @@ def _sud(
     extra: Mapping[str, Any] | None,
 ) -> SignedCallback:
     if app_id is None or secret is None:
-        apps = _settings(app).sud_apps
+        sud = _provider(app, SUDProvider)
+        apps = sud.apps if sud else None
         if not apps:
             raise LookupError("ORDERHOOKS_SUD_APPS is not configured; pass app_id= and secret=.")
         app_id = app_id or next(iter(apps))

@@ -165,6 +165,8 @@ def test_reprs_hide_secrets(tmp_path: Path) -> None:
     text = " ".join(
         [repr(hooks), repr(state), repr(state.settings), str(state.settings), repr(state.store)]
         + [repr(p) for p in state.providers.values()]
+        # Everything a provider holds, its secrets included.
+        + [repr(vars(p)) for p in state.providers.values()]
     )
     for secret in (IGV_SECRET, "merchant-key", "app-secret", "db-password"):
         assert secret not in text

@@ -22,6 +22,7 @@ from flask import Flask
 from werkzeug.test import TestResponse
 
 from flask_orderhooks import ConfigurationError, OrderHooks
+from flask_orderhooks.builtin import BUILTIN_PROVIDERS
 from flask_orderhooks.cli import orderhooks
 from flask_orderhooks.config import DEFAULTS, load_settings
 from flask_orderhooks.testing import (
@@ -342,8 +343,15 @@ def test_failure_answers_name_no_internal(
     ) in messages
 
 
+def _with_provider_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` completed as ``init_app`` completes it."""
+    for cls in BUILTIN_PROVIDERS:
+        config = {**cls.config_defaults, **config}
+    return config
+
+
 def test_reprs_show_no_secret(target: Target, down: Flask) -> None:
-    rotating = load_settings(
+    rotating_config = _with_provider_defaults(
         {
             **DEFAULTS,
             "ORDERHOOKS_IGV_SECRET": [IGV_OLD_SECRET, IGV_SECRET],
@@ -352,17 +360,19 @@ def test_reprs_show_no_secret(target: Target, down: Flask) -> None:
             "ORDERHOOKS_DATABASE_URI": DOWN_URI,
         }
     )
+    rotating = [load_settings(rotating_config)] + [
+        cls.from_config(rotating_config) for cls in BUILTIN_PROVIDERS
+    ]
     shown: list[str] = [repr(rotating), str(rotating)]
+    shown += [repr(vars(provider)) for provider in rotating[1:] if provider is not None]
     for app, hooks in ((target.app, target.hooks), (down, down.extensions["orderhooks"])):
         state = hooks.state(app)
         shown += [repr(hooks), str(hooks), repr(state), repr(state.settings), str(state.settings)]
         shown += [repr(state.store), repr(state.standalone), repr(dict(state.providers))]
-        shown += [
-            repr(secrets) for secrets in (state.settings.igv_secrets, state.settings.sud_apps)
-        ]
+        shown += [repr(vars(provider)) for provider in state.providers.values()]
     for text in shown:
         assert contains_any(text, SECRET_FORMS) == [], text
-    assert "<Secrets: 2 hidden>" in repr(rotating)
+    assert "<Secrets: 2 hidden>" in repr(vars(rotating[1]))
 
 
 @pytest.mark.parametrize(
@@ -378,8 +388,10 @@ def test_reprs_show_no_secret(target: Target, down: Flask) -> None:
     ],
 )
 def test_configuration_errors_name_the_key_not_the_secret(config: dict[str, Any]) -> None:
+    app = Flask(__name__)
+    app.config.update({**SECURITY_CONFIG, **config, "ORDERHOOKS_DATABASE_URI": DOWN_URI})
     with pytest.raises(ConfigurationError) as info:
-        load_settings({**DEFAULTS, **SECURITY_CONFIG, **config})
+        OrderHooks(app)
     assert contains_any(str(info.value), SECRET_FORMS) == []
     assert str(info.value).startswith(next(iter(config)))
 

@@ -1,15 +1,19 @@
-"""Upgrading from 0.1.0: a deliveries table with rows in every 0.1.0 status
-meets 0.2, on SQLite and on PostgreSQL.
+"""Upgrading to 0.3: a deliveries table made by 0.1.0 or by 0.2, with rows in
+every status that version had, meets the current version.
 
 - The extension's own store (``OrderHooks(app)``) upgrades the table on first
   use, keeps every row, and goes on working with them (resends, replay, the
   CLI, inline and deferred dispatch).
-- Several processes coming up on the same 0.1.0 table at once all succeed.
-- With ``db=`` the host's Flask-Migrate autogenerates exactly the column and
-  the index, and the app works with the migrated table.
+- Several processes coming up on the same old table at once all succeed.
+- With ``db=`` the host's Flask-Migrate autogenerates exactly the missing
+  columns and indexes, and the app works with the migrated table.
 
-Each test has a database of its own (a file, or a PostgreSQL schema): the
-0.1.0 table has the same name as the one other tests create.
+A 0.2 table is tested on SQLite, PostgreSQL and MariaDB; a 0.1.0 table on
+SQLite and PostgreSQL only, the two databases 0.1.0 ran on (its store refused
+any other, so no 0.1.0 table exists on MariaDB).
+
+Each test has a database of its own (a file, a PostgreSQL schema or a MariaDB
+database): the old table has the same name as the one other tests create.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from alembic.migration import MigrationContext
 from click.testing import Result
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from werkzeug.test import TestResponse
 
@@ -40,8 +45,15 @@ from flask_orderhooks import OrderHooks, signals
 from flask_orderhooks.cli import orderhooks
 from flask_orderhooks.store import DUE_INDEX, StandaloneDatabase
 from flask_orderhooks.testing import SignedCallback, build
-from tests.conftest import BASE_CONFIG, PG_URL, private_schema
+from tests.conftest import (
+    BASE_CONFIG,
+    MARIADB_URL,
+    PG_URL,
+    private_database,
+    private_schema,
+)
 from tests.legacy_schema import (
+    COLUMNS,
     LEGACY_COLUMNS,
     LEGACY_INDEX,
     TABLE_NAME,
@@ -50,9 +62,51 @@ from tests.legacy_schema import (
     read_rows,
 )
 
+#: (version of the old table, backend): 0.1.0 never ran on MariaDB.
+pytestmark = pytest.mark.parametrize(
+    ("version", "backend"),
+    [
+        pytest.param("0.1", "sqlite", id="0.1-sqlite"),
+        pytest.param("0.1", "postgresql", id="0.1-postgresql", marks=pytest.mark.postgres),
+        pytest.param("0.2", "sqlite", id="0.2-sqlite"),
+        pytest.param("0.2", "postgresql", id="0.2-postgresql", marks=pytest.mark.postgres),
+        pytest.param("0.2", "mariadb", id="0.2-mariadb", marks=pytest.mark.mariadb),
+    ],
+)
+
+CREATED_INDEX = "ix_orderhooks_deliveries_created"
+REFERENCE_INDEX = "ix_orderhooks_deliveries_reference"
+#: What the first use adds to each version's table, in the warning's order:
+#: the columns in the table's order, then the indexes by name.
+ADDED = {
+    "0.1": (
+        "next_attempt_at",
+        "reference",
+        "failures",
+        "compacted_at",
+        CREATED_INDEX,
+        DUE_INDEX,
+        REFERENCE_INDEX,
+    ),
+    "0.2": ("reference", "failures", "compacted_at", CREATED_INDEX, REFERENCE_INDEX),
+}
+
 #: The platform's success answer, per provider.
 SUCCESS = {"igv": "OK", "gateway": "success", "sud": '{"ret_code": 0, "ret_msg": "SUCCESS"}'}
-UPGRADE_WARNING = f"OrderHooks: upgraded the table {TABLE_NAME}: added next_attempt_at, {DUE_INDEX}"
+UPGRADE_WARNING = {
+    "0.1": (
+        "OrderHooks: upgraded the table orderhooks_deliveries: added next_attempt_at, "
+        "reference, failures, compacted_at, ix_orderhooks_deliveries_created, "
+        "ix_orderhooks_deliveries_due, ix_orderhooks_deliveries_reference"
+    ),
+    "0.2": (
+        "OrderHooks: upgraded the table orderhooks_deliveries: added reference, failures, "
+        "compacted_at, ix_orderhooks_deliveries_created, ix_orderhooks_deliveries_reference"
+    ),
+}
+INDEXES_ADDED_BY_0_2_AND_0_3 = (DUE_INDEX, CREATED_INDEX, REFERENCE_INDEX)
+#: The current table's columns, in order: 0.1.0's, 0.2's due time, 0.3's three.
+CURRENT_COLUMNS = [*LEGACY_COLUMNS, "next_attempt_at", "reference", "failures", "compacted_at"]
 _DELIVERY_SIGNALS = (
     signals.order_pending_delivery,
     signals.payment_collected,
@@ -135,15 +189,36 @@ def run(app: Flask, *args: str) -> Result:
 
 
 def assert_upgraded(engine: sa.Engine) -> None:
-    """The table is 0.2's: 0.1.0's columns, PK and index, plus the new ones."""
+    """The table is 0.3's: the old columns, PK and indexes, plus the new ones."""
     inspector = sa.inspect(engine)
     columns = {c["name"]: c for c in inspector.get_columns(TABLE_NAME)}
-    assert list(columns) == [*LEGACY_COLUMNS, "next_attempt_at"]
-    added = columns["next_attempt_at"]
-    assert added["nullable"] is True
-    assert isinstance(added["type"], sa.DateTime)
-    if engine.dialect.name == "postgresql":
-        assert added["type"].timezone is True, "timestamp with time zone, as every other time"
+    dialect = dialect_of(engine)
+    assert list(columns) == CURRENT_COLUMNS
+    for name in ("next_attempt_at", "compacted_at"):
+        added = columns[name]
+        assert added["nullable"] is True, name
+        assert isinstance(added["type"], sa.DateTime), name
+        if dialect == "postgresql":
+            assert added["type"].timezone is True, "timestamp with time zone, as every other time"
+        if dialect == "mariadb":
+            assert isinstance(added["type"], mysql.DATETIME), name
+            assert added["type"].fsp == 6, "microseconds, as every other time"
+    reference = columns["reference"]
+    assert reference["nullable"] is True
+    assert isinstance(reference["type"], sa.String)
+    assert reference["type"].length == 191
+    failures = columns["failures"]
+    assert failures["nullable"] is True
+    if dialect == "mariadb":
+        # Order ids compared byte for byte; a history past TEXT's 65,535 bytes.
+        assert reference["type"].collation == "utf8mb4_bin"
+        assert type(failures["type"]) is mysql.MEDIUMTEXT
+        # 0.2's own types are kept.
+        assert isinstance(columns["key"]["type"], mysql.VARBINARY)
+        assert columns["key"]["type"].length == 764
+        assert isinstance(columns["body"]["type"], mysql.MEDIUMBLOB)
+    else:
+        assert isinstance(failures["type"], sa.Text)
     assert [c["name"] for c in columns.values() if not c["nullable"]] == [
         n for n in LEGACY_COLUMNS if n != "error"
     ]
@@ -153,14 +228,29 @@ def assert_upgraded(engine: sa.Engine) -> None:
     }
     assert indexes == {
         LEGACY_INDEX: (["status", "updated_at"], False, None),
-        # Partial: done and dead rows (NULL) are not in it.
-        DUE_INDEX: (["next_attempt_at"], False, "next_attempt_at IS NOT NULL"),
+        # Partial: done and dead rows (NULL) are not in it (MySQL has no
+        # partial indexes).
+        DUE_INDEX: (
+            ["next_attempt_at"],
+            False,
+            None if dialect == "mariadb" else "next_attempt_at IS NOT NULL",
+        ),
+        CREATED_INDEX: (["created_at"], False, None),
+        REFERENCE_INDEX: (["reference"], False, None),
     }
     assert inspector.get_pk_constraint(TABLE_NAME)["constrained_columns"] == [
         "provider",
         "callback",
         "key",
     ]
+
+
+def dialect_of(engine: sa.Engine) -> str:
+    """``sqlite``, ``postgresql`` or ``mariadb`` (SQLAlchemy names MariaDB
+    ``mysql`` until its first connection)."""
+    with engine.connect():
+        pass
+    return "mariadb" if engine.dialect.name in ("mysql", "mariadb") else engine.dialect.name
 
 
 def partial(index: Any) -> str | None:
@@ -171,8 +261,18 @@ def partial(index: Any) -> str | None:
 
 
 def as_upgraded(old: dict[str, LegacyRow]) -> dict[str, dict[str, Any]]:
-    """What 0.1.0's rows must read as after the upgrade: unchanged, no due time."""
-    return {row.key: {**row.values(), "next_attempt_at": None} for row in old.values()}
+    """What old rows must read as after the upgrade: unchanged, 0.2's due time
+    (none for 0.1.0's), and none of 0.3's columns."""
+    return {
+        row.key: {
+            **row.values(),
+            "next_attempt_at": row.next_attempt_at,
+            "reference": None,
+            "failures": None,
+            "compacted_at": None,
+        }
+        for row in old.values()
+    }
 
 
 # -- fixtures -------------------------------------------------------------------
@@ -185,6 +285,10 @@ def url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterato
         request.getfixturevalue("postgres_url")  # skips (loudly) without a server
         with private_schema(PG_URL, "orderhooks_upgrade") as schema_url:
             yield schema_url
+    elif backend == "mariadb":
+        request.getfixturevalue("mariadb_url")  # skips (loudly) without a server
+        with private_database(MARIADB_URL, "orderhooks_upgrade") as database_url:
+            yield database_url
     else:
         yield f"sqlite:///{tmp_path / 'orderhooks.sqlite3'}"
 
@@ -224,24 +328,28 @@ def standalone_app(url: str, tmp_path: Path) -> Iterator[StandaloneFactory]:
 # -- the extension's own store ----------------------------------------------------
 
 
-def test_own_store_upgrades_a_0_1_table_on_first_use_and_keeps_working(
-    engine: sa.Engine, standalone_app: StandaloneFactory, caplog: pytest.LogCaptureFixture
+def test_own_store_upgrades_an_old_table_on_first_use_and_keeps_working(
+    version: str,
+    engine: sa.Engine,
+    standalone_app: StandaloneFactory,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     app, hooks = standalone_app()
-    old = fill_legacy_table(engine, app)
+    old = fill_legacy_table(engine, app, version=version)
     assert read_rows(engine) == {row.key: row.values() for row in old.values()}
+    assert [c["name"] for c in sa.inspect(engine).get_columns(TABLE_NAME)] == list(COLUMNS[version])
     caplog.set_level(logging.WARNING, logger="flask_orderhooks")
 
     with Sink(app) as sink:
-        # First use: the platform resends the delivery that 0.1.0 finished.
+        # First use: the platform resends the delivery that the old version finished.
         done = old["done"]
         assert answer(post(app, done.callback)) == (200, SUCCESS["gateway"])
         assert sink.keys == [], "a done delivery is never dispatched again"
         assert [r.getMessage() for r in caplog.records if r.name == "flask_orderhooks"] == [
-            UPGRADE_WARNING
+            UPGRADE_WARNING[version]
         ]
         assert_upgraded(engine)
-        assert read_rows(engine) == as_upgraded(old), "every 0.1.0 row kept as it was"
+        assert read_rows(engine) == as_upgraded(old), "every old row kept as it was"
 
         # The operators' view reads the old rows.
         listing = run(app, "deliveries")
@@ -268,11 +376,16 @@ def test_own_store_upgrades_a_0_1_table_on_first_use_and_keeps_working(
         shown = show.output.splitlines()
         assert datetime.fromisoformat(shown[3].split(None, 1)[1]) == failed.created_at
         assert datetime.fromisoformat(shown[4].split(None, 1)[1]) == failed.updated_at
+        if version == "0.1":
+            planned = "- (none planned: replay it)"
+        else:
+            assert failed.next_attempt_at is not None
+            planned = f"{failed.next_attempt_at.isoformat()}, due now"
         assert shown[:3] + shown[5:] == [
             f"igv order-status {failed.key}",
             "  status:   failed",
             "  attempts: 1",
-            "  next:     - (none planned: replay it)",
+            f"  next:     {planned}",
             "  error:    RuntimeError: receiver exploded on purpose",
             *[f"  header:   {name}: {value}" for name, value in sorted(failed.headers.items())],
             "  body:     " + failed.callback.body.decode(),
@@ -282,12 +395,15 @@ def test_own_store_upgrades_a_0_1_table_on_first_use_and_keeps_working(
         assert answer(post(app, failed.callback)) == (200, SUCCESS["igv"])
         assert sink.keys == [failed.key]
         (stored,) = hooks.state(app).store.get(failed.key)
-        assert (stored.status, stored.attempts, stored.error, stored.next_attempt_at) == (
-            "done",
-            2,
-            failed.error,
-            None,
-        )
+        assert (
+            stored.status,
+            stored.attempts,
+            stored.error,
+            stored.next_attempt_at,
+            stored.reference,
+            stored.failed_attempts,
+            stored.compacted_at,
+        ) == ("done", 2, failed.error, None, None, (), None)
 
         # An operator replays the other failed one.
         replayed = old["failed_replay"]
@@ -298,14 +414,14 @@ def test_own_store_upgrades_a_0_1_table_on_first_use_and_keeps_working(
         )
         assert sink.keys == [failed.key, replayed.key]
 
-        # 0.1.0's worker died holding this one: a resend takes it over.
+        # The old worker died holding this one: a resend takes it over.
         expired = old["expired"]
         assert answer(post(app, expired.callback)) == (200, SUCCESS["sud"])
         assert sink.keys == [failed.key, replayed.key, expired.key]
         (stored,) = hooks.state(app).store.get(expired.key)
         assert (stored.status, stored.attempts) == ("done", 2)
 
-        # 0.1.0's worker is still at this one: the resend waits, then "retry".
+        # The old worker is still at this one: the resend waits, then "retry".
         live = old["live"]
         assert answer(post(app, live.callback)) == (
             503,
@@ -314,10 +430,27 @@ def test_own_store_upgrades_a_0_1_table_on_first_use_and_keeps_working(
         )
         assert len(sink.keys) == 3
 
+        revived = []
+        if version == "0.2":
+            # 0.2's own statuses: a resend dispatches a pending and a dead one.
+            for role, attempts in (("pending", 1), ("dead", 8)):
+                row = old[role]
+                assert answer(post(app, row.callback)) == (200, SUCCESS["gateway"]), role
+                (stored,) = hooks.state(app).store.get(row.key)
+                assert (stored.status, stored.attempts, stored.error) == (
+                    "done",
+                    attempts,
+                    row.error,
+                ), role
+                revived.append(row.key)
+            assert sink.keys[3:] == revived
+
         # New deliveries, inline.
         fresh = make(app, "igv")
         assert answer(post(app, fresh)) == (200, SUCCESS["igv"])
-        assert sink.keys[3:] == [fresh.key]
+        assert sink.keys[3 + len(revived) :] == [fresh.key]
+        (stored,) = hooks.state(app).store.get(fresh.key)
+        assert stored.reference == str(fresh.json["orderId"]), "0.3's column is written"
         with app.app_context():
             assert hooks.process_due() == 0, "nothing is due: all done, or leased to a live worker"
 
@@ -326,7 +459,8 @@ def test_own_store_upgrades_a_0_1_table_on_first_use_and_keeps_working(
     untouched = as_upgraded(old)
     for role in ("done", "live"):
         assert rows[old[role].key] == untouched[old[role].key]
-    assert {rows[old[r].key]["status"] for r in ("failed", "failed_replay", "expired")} == {"done"}
+    finished = ["failed", "failed_replay", "expired", *(["pending", "dead"] if revived else [])]
+    assert {rows[old[r].key]["status"] for r in finished} == {"done"}
 
     # New deliveries, deferred: stored pending, then dispatched by a worker pass.
     deferred_app, deferred_hooks = standalone_app(ORDERHOOKS_DISPATCH="deferred")
@@ -340,25 +474,26 @@ def test_own_store_upgrades_a_0_1_table_on_first_use_and_keeps_working(
         with deferred_app.app_context():
             assert deferred_hooks.process_due() == 1
         assert deferred_sink.keys == [later.key]
-    finished = read_rows(engine)[later.key]
-    assert (finished["status"], finished["attempts"], finished["next_attempt_at"]) == (
+    finished_row = read_rows(engine)[later.key]
+    assert (finished_row["status"], finished_row["attempts"], finished_row["next_attempt_at"]) == (
         "done",
         1,
         None,
     )
-    assert set(as_upgraded(old)) <= set(read_rows(engine)), "no 0.1.0 row lost"
+    assert set(as_upgraded(old)) <= set(read_rows(engine)), "no old row lost"
 
 
-def test_deferred_dispatch_carries_resent_0_1_deliveries_to_done(
-    engine: sa.Engine, standalone_app: StandaloneFactory
+def test_deferred_dispatch_carries_resent_old_deliveries_to_done(
+    version: str, engine: sa.Engine, standalone_app: StandaloneFactory
 ) -> None:
     """In deferred mode a resend is answered success at once, so whatever it
-    answers for a 0.1.0 row a worker must carry to done: the platform will
+    answers for an old row a worker must carry to done: the platform will
     not send it again."""
     app, hooks = standalone_app(ORDERHOOKS_DISPATCH="deferred")
-    old = fill_legacy_table(engine, app)
+    old = fill_legacy_table(engine, app, version=version)
+    resent = ["done", "failed", "expired", *(["dead"] if version == "0.2" else [])]
     with Sink(app) as sink:
-        for role in ("done", "failed", "expired"):
+        for role in resent:
             cb = old[role].callback
             assert answer(post(app, cb)) == (200, SUCCESS[cb.provider]), role
         assert sink.keys == []
@@ -368,12 +503,24 @@ def test_deferred_dispatch_carries_resent_0_1_deliveries_to_done(
         assert read_rows(engine)[old["failed"].key]["status"] == "done"
         expired_key = old["expired"].key
         assert expired_key in sink.keys, (
-            "a 0.1.0 delivery whose worker died was answered 200 to the platform's resend, "
+            "an old delivery whose worker died was answered 200 to the platform's resend, "
             "but no worker pass dispatches it"
         )
-    assert sorted(sink.keys) == sorted([old["failed"].key, expired_key]), "each once"
+    # 0.2's pending delivery and its second failed one were due already;
+    # its dead one was revived.
+    dispatched = [old[r].key for r in resent[1:]]
+    if version == "0.2":
+        dispatched += [old["pending"].key, old["failed_replay"].key]
+    assert sorted(sink.keys) == sorted(dispatched), "each once"
     expired = read_rows(engine)[expired_key]
     assert (expired["status"], expired["attempts"]) == ("done", 2)
+    if version == "0.2":
+        rows = read_rows(engine)
+        assert (rows[old["dead"].key]["status"], rows[old["dead"].key]["attempts"]) == ("done", 8)
+        assert (rows[old["pending"].key]["status"], rows[old["pending"].key]["attempts"]) == (
+            "done",
+            1,
+        )
 
 
 # -- several processes upgrading at once --------------------------------------------
@@ -383,7 +530,7 @@ ROUNDS = 3
 
 
 def _upgrading_process(url: str, index: int, instance: str, barrier: Any, results: Any) -> None:
-    """One of several workers booting on a 0.1.0 table at once, ROUNDS times.
+    """One of several workers booting on an old table at once, ROUNDS times.
 
     Each round is a fresh app (a fresh boot). Even workers create the table
     eagerly (``hooks.create_all``, as an app factory may at boot), odd ones
@@ -414,10 +561,10 @@ def _upgrading_process(url: str, index: int, instance: str, barrier: Any, result
         results.put((round_, index, outcome))
 
 
-def test_processes_booting_on_a_0_1_table_at_once_all_come_up(
-    url: str, engine: sa.Engine, standalone_app: StandaloneFactory, tmp_path: Path
+def test_processes_booting_on_an_old_table_at_once_all_come_up(
+    version: str, url: str, engine: sa.Engine, standalone_app: StandaloneFactory, tmp_path: Path
 ) -> None:
-    signer, _hooks = standalone_app()  # signs the 0.1.0 rows; never opens the store
+    signer, _hooks = standalone_app()  # signs the old rows; never opens the store
     context = multiprocessing.get_context("spawn")
     barrier = context.Barrier(PROCESSES + 1)
     results = context.Queue()
@@ -434,7 +581,7 @@ def test_processes_booting_on_a_0_1_table_at_once_all_come_up(
         for round_ in range(ROUNDS):
             with engine.begin() as connection:
                 connection.exec_driver_sql(f"DROP TABLE IF EXISTS {TABLE_NAME}")
-            old = fill_legacy_table(engine, signer)
+            old = fill_legacy_table(engine, signer, version=version)
             barrier.wait(timeout=120)
             try:
                 this_round = sorted(results.get(timeout=60) for _ in range(PROCESSES))
@@ -461,17 +608,18 @@ def test_processes_booting_on_a_0_1_table_at_once_all_come_up(
 
 
 def test_an_upgrade_overtaken_between_its_steps_still_comes_up(
-    url: str, engine: sa.Engine, standalone_app: StandaloneFactory
+    version: str, url: str, engine: sa.Engine, standalone_app: StandaloneFactory
 ) -> None:
     """The interleaving the processes above meet by chance, forced: two
-    workers (engines of their own) both find the 0.1.0 table; the first adds
-    the column, the second tries to, while the first is creating the index.
+    workers (engines of their own) both find the old table; the first adds
+    the columns, the second tries to, while the first is creating the indexes.
 
-    On PostgreSQL the second waits for the first's advisory lock instead, so
-    each wait below runs out after WAIT and the upgrades simply take turns.
+    On PostgreSQL (advisory lock) and MariaDB (named lock) the second waits
+    for the first's lock instead, so each wait below runs out after WAIT and
+    the upgrades simply take turns.
     """
     signer, _hooks = standalone_app()
-    old = fill_legacy_table(engine, signer)
+    old = fill_legacy_table(engine, signer, version=version)
     first = StandaloneDatabase(url, busy_timeout=5, engine_options={})
     second = StandaloneDatabase(url, busy_timeout=5, engine_options={})
     first_altering, second_altering = threading.Event(), threading.Event()
@@ -482,7 +630,7 @@ def test_an_upgrade_overtaken_between_its_steps_still_comes_up(
         if statement.startswith("ALTER TABLE"):
             first_altering.set()
             second_altering.wait(wait)
-        elif statement.startswith(f"CREATE INDEX {DUE_INDEX}"):
+        elif statement.startswith("CREATE INDEX") and not first_indexing.is_set():
             first_indexing.set()
             second_finished.wait(wait)
 
@@ -494,10 +642,18 @@ def test_an_upgrade_overtaken_between_its_steps_still_comes_up(
     sa.event.listen(first.engine, "before_cursor_execute", first_steps)
     sa.event.listen(second.engine, "before_cursor_execute", second_steps)
     errors: dict[str, str] = {}
+    # What each saw when ensure_table() returned: it never looks again.
+    ready: dict[str, tuple[list[str], list[str]]] = {}
 
     def boot(name: str, database: StandaloneDatabase, finished: threading.Event) -> None:
         try:
             database.ensure_table()
+            with database.engine.connect() as connection:
+                inspector = sa.inspect(connection)
+                ready[name] = (
+                    [c["name"] for c in inspector.get_columns(TABLE_NAME)],
+                    sorted(str(i["name"]) for i in inspector.get_indexes(TABLE_NAME)),
+                )
         except Exception as exc:
             errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
         finally:
@@ -513,6 +669,8 @@ def test_an_upgrade_overtaken_between_its_steps_still_comes_up(
         for thread in threads:
             thread.join(30)
         assert errors == {}
+        whole = (CURRENT_COLUMNS, sorted([LEGACY_INDEX, *INDEXES_ADDED_BY_0_2_AND_0_3]))
+        assert ready == {"first": whole, "second": whole}, "ready only once the table is whole"
         assert_upgraded(engine)
         assert read_rows(engine) == as_upgraded(old)
     finally:
@@ -522,54 +680,137 @@ def test_an_upgrade_overtaken_between_its_steps_still_comes_up(
 
 # -- with db=: the host's Flask-Migrate ------------------------------------------------
 
-#: The due index is partial on both backends (store/table.py: due_index).
+#: The due index is partial on SQLite and PostgreSQL (store/table.py: due_index).
 _WHERE = (
     "postgresql_where=sa.text('next_attempt_at IS NOT NULL'), "
     "sqlite_where=sa.text('next_attempt_at IS NOT NULL')"
 )
-#: The new column's type: microseconds on MySQL and MariaDB (store/table.py:
-#: WHEN_COLUMN), rendered with SQLAlchemy's own types only.
-_TYPE = (
+#: The new columns' types, rendered with SQLAlchemy's own types only: times
+#: in microseconds on MySQL and MariaDB (store/table.py: WHEN_COLUMN), the
+#: order id byte for byte (exact_string), the history in a MEDIUMTEXT (HISTORY).
+_WHEN_TYPE = (
     "sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), 'mariadb')"
     ".with_variant(mysql.DATETIME(fsp=6), 'mysql')"
 )
-_UPGRADE_OPS = {
-    # Flask-Migrate's default (render_as_batch=True).
-    True: [
-        f"with op.batch_alter_table('{TABLE_NAME}', schema=None) as batch_op:",
-        f"batch_op.add_column(sa.Column('next_attempt_at', {_TYPE}, nullable=True))",
-        f"batch_op.create_index('{DUE_INDEX}', ['next_attempt_at'], unique=False, {_WHERE})",
+_REFERENCE_TYPE = (
+    "sa.String(length=191).with_variant("
+    "mysql.VARCHAR(charset='utf8mb4', collation='utf8mb4_bin', length=191), 'mariadb')"
+    ".with_variant("
+    "mysql.VARCHAR(charset='utf8mb4', collation='utf8mb4_bin', length=191), 'mysql')"
+)
+_HISTORY_TYPE = (
+    "sa.Text().with_variant(mysql.MEDIUMTEXT(), 'mariadb')"
+    ".with_variant(mysql.MEDIUMTEXT(), 'mysql')"
+)
+#: (column, its type) in the table's order, per version of the old table.
+_NEW_COLUMNS = {
+    "0.1": [
+        ("next_attempt_at", _WHEN_TYPE),
+        ("reference", _REFERENCE_TYPE),
+        ("failures", _HISTORY_TYPE),
+        ("compacted_at", _WHEN_TYPE),
     ],
-    False: [
-        f"op.add_column('{TABLE_NAME}', sa.Column('next_attempt_at', {_TYPE}, nullable=True))",
-        f"op.create_index('{DUE_INDEX}', '{TABLE_NAME}', ['next_attempt_at'], unique=False, "
-        f"{_WHERE})",
-    ],
-}
-_DOWNGRADE_OPS = {
-    True: [
-        f"with op.batch_alter_table('{TABLE_NAME}', schema=None) as batch_op:",
-        f"batch_op.drop_index('{DUE_INDEX}', {_WHERE})",
-        "batch_op.drop_column('next_attempt_at')",
-    ],
-    False: [
-        f"op.drop_index('{DUE_INDEX}', table_name='{TABLE_NAME}', {_WHERE})",
-        f"op.drop_column('{TABLE_NAME}', 'next_attempt_at')",
-    ],
-}
-#: The DDL ``flask db upgrade`` runs (besides Alembic's own alembic_version).
-_UPGRADE_DDL = {
-    "sqlite": [
-        f"ALTER TABLE {TABLE_NAME} ADD COLUMN next_attempt_at DATETIME",
-        f"CREATE INDEX {DUE_INDEX} ON {TABLE_NAME} (next_attempt_at) "
-        "WHERE next_attempt_at IS NOT NULL",
-    ],
-    "postgresql": [
-        f"ALTER TABLE {TABLE_NAME} ADD COLUMN next_attempt_at TIMESTAMP WITH TIME ZONE",
-        f"CREATE INDEX {DUE_INDEX} ON {TABLE_NAME} (next_attempt_at) "
-        "WHERE next_attempt_at IS NOT NULL",
+    "0.2": [
+        ("reference", _REFERENCE_TYPE),
+        ("failures", _HISTORY_TYPE),
+        ("compacted_at", _WHEN_TYPE),
     ],
 }
+#: (index, its column, its options) by name, per version of the old table.
+_NEW_INDEXES = {
+    "0.1": [
+        (CREATED_INDEX, "created_at", ""),
+        (DUE_INDEX, "next_attempt_at", f", {_WHERE}"),
+        (REFERENCE_INDEX, "reference", ""),
+    ],
+    "0.2": [
+        (CREATED_INDEX, "created_at", ""),
+        (REFERENCE_INDEX, "reference", ""),
+    ],
+}
+
+
+def upgrade_ops(version: str, batch: bool) -> list[str]:
+    """The upgrade() autogenerate must write for ``version``'s table."""
+    if batch:  # Flask-Migrate's default (render_as_batch=True).
+        return [
+            f"with op.batch_alter_table('{TABLE_NAME}', schema=None) as batch_op:",
+            *[
+                f"batch_op.add_column(sa.Column('{name}', {type_}, nullable=True))"
+                for name, type_ in _NEW_COLUMNS[version]
+            ],
+            *[
+                f"batch_op.create_index('{name}', ['{column}'], unique=False{options})"
+                for name, column, options in _NEW_INDEXES[version]
+            ],
+        ]
+    return [
+        *[
+            f"op.add_column('{TABLE_NAME}', sa.Column('{name}', {type_}, nullable=True))"
+            for name, type_ in _NEW_COLUMNS[version]
+        ],
+        *[
+            f"op.create_index('{name}', '{TABLE_NAME}', ['{column}'], unique=False{options})"
+            for name, column, options in _NEW_INDEXES[version]
+        ],
+    ]
+
+
+def downgrade_ops(version: str, batch: bool) -> list[str]:
+    """The downgrade() autogenerate must write: the upgrade, undone in reverse."""
+    indexes = list(reversed(_NEW_INDEXES[version]))
+    columns = [name for name, _type in reversed(_NEW_COLUMNS[version])]
+    if batch:
+        return [
+            f"with op.batch_alter_table('{TABLE_NAME}', schema=None) as batch_op:",
+            *[f"batch_op.drop_index('{name}'{options})" for name, _c, options in indexes],
+            *[f"batch_op.drop_column('{name}')" for name in columns],
+        ]
+    return [
+        *[
+            f"op.drop_index('{name}', table_name='{TABLE_NAME}'{options})"
+            for name, _c, options in indexes
+        ],
+        *[f"op.drop_column('{TABLE_NAME}', '{name}')" for name in columns],
+    ]
+
+
+#: The DDL ``flask db upgrade`` runs (besides Alembic's own alembic_version),
+#: per dialect: each new column's DDL type, and the partial due index's WHERE.
+_DDL_TYPES = {
+    "sqlite": {
+        "next_attempt_at": "DATETIME",
+        "reference": "VARCHAR(191)",
+        "failures": "TEXT",
+        "compacted_at": "DATETIME",
+    },
+    "postgresql": {
+        "next_attempt_at": "TIMESTAMP WITH TIME ZONE",
+        "reference": "VARCHAR(191)",
+        "failures": "TEXT",
+        "compacted_at": "TIMESTAMP WITH TIME ZONE",
+    },
+    "mariadb": {
+        "next_attempt_at": "DATETIME(6)",
+        "reference": "VARCHAR(191) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin",
+        "failures": "MEDIUMTEXT",
+        "compacted_at": "DATETIME(6)",
+    },
+}
+
+
+def upgrade_ddl(version: str, dialect: str) -> list[str]:
+    where = "" if dialect == "mariadb" else " WHERE next_attempt_at IS NOT NULL"
+    return [
+        *[
+            f"ALTER TABLE {TABLE_NAME} ADD COLUMN {name} {_DDL_TYPES[dialect][name]}"
+            for name, _type in _NEW_COLUMNS[version]
+        ],
+        *[
+            f"CREATE INDEX {name} ON {TABLE_NAME} ({column})" + (where if name == DUE_INDEX else "")
+            for name, column, _options in _NEW_INDEXES[version]
+        ],
+    ]
 
 
 def operations(source: str, function: str) -> list[str]:
@@ -609,7 +850,8 @@ def host_app(url: str, tmp_path: Path, **config: Any) -> tuple[Flask, SQLAlchemy
 # db.engine; Flask-SQLAlchemy 3.1 warns about it. Every host sees that warning.
 @pytest.mark.filterwarnings("ignore:'get_engine' is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("render_as_batch", [True, False], ids=["batch-default", "plain-ops"])
-def test_flask_migrate_autogenerates_exactly_the_0_2_changes(
+def test_flask_migrate_autogenerates_exactly_the_missing_changes(
+    version: str,
     url: str,
     engine: sa.Engine,
     tmp_path: Path,
@@ -618,11 +860,12 @@ def test_flask_migrate_autogenerates_exactly_the_0_2_changes(
 ) -> None:
     app, db, _hooks = host_app(url, tmp_path)
     flask_migrate.Migrate(app, db, render_as_batch=render_as_batch)
-    # The host's own tables exist already; the deliveries table is 0.1.0's.
+    # The host's own tables exist already; the deliveries table is the old version's.
     ShopBase.metadata.create_all(
         engine, tables=[t for t in ShopBase.metadata.sorted_tables if t.name != TABLE_NAME]
     )
-    old = fill_legacy_table(engine, app)
+    old = fill_legacy_table(engine, app, version=version)
+    old_indexes = reflected_indexes(engine)
     # env.py runs logging.config.fileConfig(alembic.ini), which would disable
     # every logger it does not name (flask_orderhooks among them) for the rest
     # of the session; the migration itself is untouched.
@@ -638,20 +881,31 @@ def test_flask_migrate_autogenerates_exactly_the_0_2_changes(
     try:
         with app.app_context():
             flask_migrate.init(directory=directory)
-            flask_migrate.migrate(directory=directory, message="orderhooks 0.2")
+            flask_migrate.migrate(directory=directory, message="orderhooks 0.3")
             (script,) = (Path(directory) / "versions").glob("*.py")
             source = script.read_text()
-            assert operations(source, "upgrade") == _UPGRADE_OPS[render_as_batch]
-            assert operations(source, "downgrade") == _DOWNGRADE_OPS[render_as_batch]
+            assert operations(source, "upgrade") == upgrade_ops(version, render_as_batch)
+            assert operations(source, "downgrade") == downgrade_ops(version, render_as_batch)
             sa.event.listen(db.engine, "before_cursor_execute", record)
             try:
                 flask_migrate.upgrade(directory=directory)
             finally:
                 sa.event.remove(db.engine, "before_cursor_execute", record)
-            assert ddl == _UPGRADE_DDL[engine.dialect.name], "no table copy, nothing else"
+            assert ddl == upgrade_ddl(version, dialect_of(engine)), "no table copy, nothing else"
             with db.engine.connect() as connection:
-                # The migrated table is exactly what 0.2 declares.
+                # The migrated table is exactly what 0.3 declares.
                 assert compare_metadata(MigrationContext.configure(connection), db.metadata) == []
+            assert_upgraded(engine)
+            assert read_rows(engine) == as_upgraded(old)
+
+            # The downgrade gives the old table back, every row as it was.
+            flask_migrate.downgrade(directory=directory)
+            assert [c["name"] for c in sa.inspect(engine).get_columns(TABLE_NAME)] == list(
+                COLUMNS[version]
+            )
+            assert reflected_indexes(engine) == old_indexes
+            assert read_rows(engine) == {row.key: row.values() for row in old.values()}
+            flask_migrate.upgrade(directory=directory)
         assert_upgraded(engine)
         assert read_rows(engine) == as_upgraded(old)
 
@@ -669,20 +923,37 @@ def test_flask_migrate_autogenerates_exactly_the_0_2_changes(
         deferred, deferred_db, deferred_hooks = host_app(
             url, tmp_path, ORDERHOOKS_DISPATCH="deferred"
         )
+        # 0.2's rows that were due already: a worker carries them on too.
+        due = (
+            [old[r].key for r in ("failed_replay", "expired", "pending")]
+            if version == "0.2"
+            else []
+        )
         try:
             with Sink(deferred, deferred_db) as deferred_sink:
                 later = make(deferred, "sud")
                 assert answer(post(deferred, later)) == (200, SUCCESS["sud"])
                 assert read_rows(engine)[later.key]["status"] == "pending"
                 with deferred.app_context():
-                    assert deferred_hooks.process_due() == 1
-                assert deferred_sink.keys == [later.key]
-            assert read_rows(engine)[later.key]["status"] == "done"
-            assert sink.credits() == sorted([failed.key, later.key])
+                    assert deferred_hooks.process_due() == 1 + len(due)
+                assert sorted(deferred_sink.keys) == sorted([later.key, *due])
+            rows = read_rows(engine)
+            assert {key: rows[key]["status"] for key in [later.key, *due]} == dict.fromkeys(
+                [later.key, *due], "done"
+            )
+            assert sink.credits() == sorted([failed.key, later.key, *due])
         finally:
             with deferred.app_context():
                 deferred_db.engine.dispose()
-        assert set(as_upgraded(old)) <= set(read_rows(engine)), "no 0.1.0 row lost"
+        assert set(as_upgraded(old)) <= set(read_rows(engine)), "no old row lost"
     finally:
         with app.app_context():
             db.engine.dispose()
+
+
+def reflected_indexes(engine: sa.Engine) -> dict[str, tuple[list[str], bool, str | None]]:
+    """The deliveries table's indexes: columns, uniqueness, partial WHERE."""
+    return {
+        str(i["name"]): ([str(c) for c in i["column_names"]], bool(i["unique"]), partial(i))
+        for i in sa.inspect(engine).get_indexes(TABLE_NAME)
+    }

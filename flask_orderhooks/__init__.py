@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from .builtin import BUILTIN_PROVIDERS
 from .events import (
     GameOrderChanged,
     OrderPendingDelivery,
     PaymentCollected,
     PayoutFinished,
+    StandardWebhook,
     UnhandledCallback,
 )
 from .exc import (
@@ -26,6 +28,9 @@ from .exc import (
     StoreUnavailable,
 )
 from .extension import OrderHooks, get_extension
+from .gateway import GatewayProvider
+from .igv import IGVProvider
+from .provider import Delivery, Dispatch, Provider
 from .signals import (
     callback_unhandled,
     delivery_dead,
@@ -34,13 +39,21 @@ from .signals import (
     order_pending_delivery,
     payment_collected,
     payout_finished,
+    webhook_received,
 )
+from .standard_webhooks import StandardWebhooksProvider
+from .sud import SUDProvider
 
 __all__ = [
+    "BUILTIN_PROVIDERS",
     "BadSignature",
     "CallbackError",
     "ConfigurationError",
+    "Delivery",
+    "Dispatch",
     "GameOrderChanged",
+    "GatewayProvider",
+    "IGVProvider",
     "KeyConflict",
     "MalformedPayload",
     "NoReceiver",
@@ -50,11 +63,15 @@ __all__ = [
     "PayloadTooLarge",
     "PaymentCollected",
     "PayoutFinished",
+    "Provider",
     "ReceiverFailed",
     "RequestRefused",
+    "SUDProvider",
     "SignatureExpired",
     "SourceForbidden",
     "StaleSnapshot",
+    "StandardWebhook",
+    "StandardWebhooksProvider",
     "StoreUnavailable",
     "UnhandledCallback",
     "callback_unhandled",
@@ -65,4 +82,5 @@ __all__ = [
     "order_pending_delivery",
     "payment_collected",
     "payout_finished",
+    "webhook_received",
 ]

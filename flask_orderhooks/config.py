@@ -55,8 +55,11 @@ class Secrets:
 
     __slots__ = ("_values",)
 
-    def __init__(self, oldest_first: Sequence[str]) -> None:
-        self._values = tuple(s.encode("utf-8") for s in reversed(oldest_first))
+    def __init__(self, oldest_first: Sequence[str | bytes]) -> None:
+        # Bytes as given (a key decoded from base64); text as UTF-8.
+        self._values = tuple(
+            s if isinstance(s, bytes) else s.encode("utf-8") for s in reversed(oldest_first)
+        )
 
     @property
     def newest_first(self) -> tuple[bytes, ...]:

@@ -132,3 +132,27 @@ class UnhandledCallback:
     key: str
     kind: str
     raw: dict[str, Any] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class StandardWebhook:
+    """A `Standard Webhooks <https://www.standardwebhooks.com/>`_ message
+    (Svix, Resend, Clerk, Supabase and others), verified.
+
+    :param source: the configured source it came from (the route's name, a
+        key of ``ORDERHOOKS_STANDARD_WEBHOOKS``).
+    :param id: the ``webhook-id``: the same on every retry of the message.
+    :param timestamp: the signed ``webhook-timestamp``, aware UTC.
+    :param type: the payload's ``type`` (e.g. ``"invoice.paid"``), if any.
+    :param data: the payload's ``data``, if any (usually an object).
+    :param raw: the whole parsed body.
+
+    .. versionadded:: 0.3
+    """
+
+    source: str
+    id: str
+    timestamp: datetime
+    type: str | None
+    data: Any
+    raw: dict[str, Any] = field(repr=False)

@@ -22,6 +22,9 @@ payment_collected = _signals.signal("orderhooks.payment-collected")
 payout_finished = _signals.signal("orderhooks.payout-finished")
 #: SUD game order changed, once per order. ``event``: :class:`~.events.GameOrderChanged`.
 game_order_changed = _signals.signal("orderhooks.game-order-changed")
+#: A Standard Webhooks message, from any configured source. ``event``:
+#: :class:`~.events.StandardWebhook` (tell sources apart by ``event.source``).
+webhook_received = _signals.signal("orderhooks.webhook-received")
 #: A verified delivery no other signal covers. ``event``: :class:`~.events.UnhandledCallback`.
 callback_unhandled = _signals.signal("orderhooks.callback-unhandled")
 

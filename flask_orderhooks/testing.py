@@ -14,12 +14,14 @@ newest one configured on the app (``app=`` or the current app)::
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import secrets as _random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, TypeVar
 
@@ -30,10 +32,11 @@ from .gateway import GatewayProvider, gateway_signature
 from .igv import IGVProvider, igv_signature
 from .jsonbody import parse_object
 from .provider import Provider
+from .standard_webhooks import StandardWebhooksProvider, standard_signature
 from .sud import ORDER_BATCH_CHANGED, ORDER_CHANGED, SUDProvider, sud_signature
 
 #: The platform and callback names :func:`build` and ``flask orderhooks send`` take.
-KINDS = ("igv", "collect", "payout", "sud", "sud-batch")
+KINDS = ("igv", "collect", "payout", "sud", "sud-batch", "standard")
 
 
 @dataclass(frozen=True)
@@ -333,6 +336,60 @@ def sud_order_batch_changed(
     )
 
 
+def standard_webhook(
+    secret: str | None = None,
+    *,
+    source: str | None = None,
+    type: str = "order.paid",
+    data: Mapping[str, Any] | None = None,
+    msg_id: str | None = None,
+    timestamp: int | str | None = None,
+    extra: Mapping[str, Any] | None = None,
+    app: Flask | None = None,
+) -> SignedCallback:
+    """A Standard Webhooks message for ``source`` (default: the first one of
+    ``ORDERHOOKS_STANDARD_WEBHOOKS``), signed with ``secret`` (a ``whsec_…``
+    string; default: that source's newest).
+
+    :param timestamp: Unix seconds (default: now by the app's clock).
+
+    .. versionadded:: 0.3
+    """
+    key: bytes
+    if secret is None or source is None:
+        provider = _provider(app, StandardWebhooksProvider)
+        sources = provider.sources if provider else {}
+        if not sources:
+            raise LookupError(
+                "ORDERHOOKS_STANDARD_WEBHOOKS is not configured; pass source= and secret=."
+            )
+        source = source or next(iter(sources))
+        if secret is None:
+            if source not in sources:
+                raise LookupError(f"No secret for the source {source!r}; pass secret=.")
+            key = sources[source].newest
+    if secret is not None:
+        key = base64.b64decode(secret.removeprefix("whsec_"))
+    assert source is not None
+    msg_id = msg_id or "msg_" + _random.token_urlsafe(18)
+    stamp = str(timestamp) if timestamp is not None else str(int(_now_ms(None, app)) // 1000)
+    body = _dumps(
+        {
+            "type": type,
+            "timestamp": datetime.fromtimestamp(int(stamp), UTC).isoformat(),
+            "data": dict(data) if data is not None else {"id": "ord_" + _random.token_hex(8)},
+            **(extra or {}),
+        }
+    )
+    headers = {
+        "Content-Type": "application/json",
+        "webhook-id": msg_id,
+        "webhook-timestamp": stamp,
+        "webhook-signature": standard_signature(msg_id, stamp, body, key),
+    }
+    return SignedCallback("standard", source, f"/standard/{source}", body, headers, msg_id)
+
+
 def build(kind: str, *, app: Flask | None = None, **fields: Any) -> SignedCallback:
     """Build a callback by kind name (one of :data:`KINDS`)."""
     builders: dict[str, Any] = {
@@ -341,6 +398,7 @@ def build(kind: str, *, app: Flask | None = None, **fields: Any) -> SignedCallba
         "payout": gateway_payout,
         "sud": sud_order_changed,
         "sud-batch": sud_order_batch_changed,
+        "standard": standard_webhook,
     }
     if kind not in builders:
         raise ValueError(f"Unknown callback kind {kind!r}; use one of {', '.join(KINDS)}.")

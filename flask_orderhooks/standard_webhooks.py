@@ -1,0 +1,165 @@
+"""Standard Webhooks: the signing scheme of Svix, Resend, Clerk, Supabase and others.
+
+Each message carries ``webhook-id`` (the idempotency key, the same on every
+retry), ``webhook-timestamp`` (Unix seconds) and ``webhook-signature``: a
+space-separated list of ``v1,<base64>`` entries, each an HMAC-SHA256 of
+``id.timestamp.body`` with a secret (``whsec_`` and base64). Any one entry
+made with any configured secret verifies the message, which is how senders
+rotate keys. The timestamp must be within five minutes of this server's
+clock, both ways. Any 2xx answer means done; anything else is retried.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import re
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from flask import Response
+
+from .config import Secrets, read_seconds
+from .events import StandardWebhook
+from .exc import BadSignature, ConfigurationError
+from .jsonbody import parse_object
+from .provider import (
+    Delivery,
+    Dispatch,
+    Provider,
+    check_age,
+    header,
+    header_bytes,
+    millisecond_timestamp,
+    utc_from_ms,
+)
+from .signals import webhook_received
+
+CONFIG_KEY = "ORDERHOOKS_STANDARD_WEBHOOKS"
+TOLERANCE_KEY = "ORDERHOOKS_STANDARD_WEBHOOKS_TOLERANCE"
+#: A source's name is a URL segment and the stored callback name.
+_SOURCE = re.compile(r"[A-Za-z0-9_-]{1,32}")
+_PREFIX = "whsec_"
+
+
+def standard_signature(msg_id: str, timestamp: str, body: bytes, secret: bytes) -> str:
+    """One ``webhook-signature`` entry: ``v1,`` and the base64 HMAC-SHA256 of
+    ``id.timestamp.body`` with the decoded secret."""
+    content = msg_id.encode("latin-1") + b"." + timestamp.encode("latin-1") + b"." + body
+    digest = hmac.new(secret, content, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode("ascii")
+
+
+class StandardWebhooksProvider(Provider):
+    """``ORDERHOOKS_STANDARD_WEBHOOKS = {"<source>": "whsec_…" or a rotation
+    list (oldest first)}`` gives each source the route
+    ``POST {prefix}/standard/<source>``;
+    ``ORDERHOOKS_STANDARD_WEBHOOKS_TOLERANCE`` (seconds, default 300) is the
+    timestamp window, both ways. Signal: :data:`~.signals.webhook_received`.
+
+    .. versionadded:: 0.3
+    """
+
+    name = "standard"
+    signed_headers = ("webhook-id", "webhook-timestamp", "webhook-signature")
+    key_header = "webhook-id"
+    config_defaults: ClassVar[Mapping[str, Any]] = {CONFIG_KEY: None, TOLERANCE_KEY: 300}
+
+    def __init__(self, sources: Mapping[str, Secrets], *, tolerance: float = 300) -> None:
+        self.sources = dict(sources)
+        self.tolerance = tolerance
+        self.routes = {source: f"/standard/{source}" for source in self.sources}
+        self.replay_window = tolerance
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> StandardWebhooksProvider | None:
+        tolerance = read_seconds(config, TOLERANCE_KEY)
+        value = config.get(CONFIG_KEY)
+        if value is None:
+            return None
+        if not isinstance(value, Mapping) or not value:
+            raise ConfigurationError(
+                CONFIG_KEY, 'must be a non-empty mapping {"<source>": "whsec_..." or a list}.'
+            )
+        sources: dict[str, Secrets] = {}
+        for source, secrets in value.items():
+            if not isinstance(source, str) or not _SOURCE.fullmatch(source):
+                raise ConfigurationError(
+                    CONFIG_KEY,
+                    f"source names are 1 to 32 letters, digits, '-' or '_', not {source!r}.",
+                )
+            sources[source] = _secrets(f"{CONFIG_KEY}[{source!r}]", secrets)
+        return cls(sources, tolerance=tolerance)
+
+    def read(
+        self, callback: str, body: bytes, headers: Mapping[str, str], *, now: float | None
+    ) -> Delivery:
+        secrets = self.sources[callback]
+        msg_id = header(headers, "webhook-id")
+        timestamp = header(headers, "webhook-timestamp")
+        given = header(headers, "webhook-signature")
+        header_bytes(msg_id, "webhook-id")
+        header_bytes(timestamp, "webhook-timestamp")
+        # Entries of other schemes (v1a, asymmetric) are skipped, not refused:
+        # a sender may add them beside the v1 ones.
+        offered = [
+            entry.encode("latin-1")
+            for entry in given.split(" ")
+            if entry.startswith("v1,") and entry.isascii()
+        ]
+        if not offered:
+            raise BadSignature("The webhook-signature header has no v1 signature.")
+        if not any(
+            hmac.compare_digest(
+                standard_signature(msg_id, timestamp, body, secret).encode("ascii"), entry
+            )
+            for secret in secrets.newest_first
+            for entry in offered
+        ):
+            raise BadSignature("The webhook-signature does not match.")
+        seconds = millisecond_timestamp(timestamp, "webhook-timestamp header")
+        check_age(seconds * 1000, now, self.tolerance, self.tolerance, "webhook-timestamp")
+        data = parse_object(body)
+        kind = data.get("type")
+        event = StandardWebhook(
+            source=callback,
+            id=msg_id,
+            timestamp=utc_from_ms(seconds * 1000),
+            type=kind if isinstance(kind, str) else None,
+            data=data.get("data"),
+            raw=data,
+        )
+        return Delivery(
+            provider=self.name,
+            callback=callback,
+            key=msg_id,
+            body=body,
+            headers={name: headers[name] for name in self.signed_headers},
+            dispatches=(Dispatch(webhook_received, event),),
+        )
+
+    def answer(self, status: int, reason: str) -> Response:
+        return Response(reason, status=status, mimetype="text/plain")
+
+
+def _secrets(key: str, value: object) -> Secrets:
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not values:
+        raise ConfigurationError(key, "the list of secrets is empty; give at least one.")
+    decoded: list[str | bytes] = []
+    for item in values:
+        if not isinstance(item, str) or not item.strip():
+            raise ConfigurationError(key, 'every secret must be a "whsec_..." string.')
+        encoded = item.removeprefix(_PREFIX)
+        try:
+            secret = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            raise ConfigurationError(
+                key, 'a secret is not base64 after its "whsec_" prefix.'
+            ) from None
+        if not secret:
+            raise ConfigurationError(key, "a secret is empty.")
+        decoded.append(secret)
+    return Secrets(decoded)

@@ -17,10 +17,35 @@ from flask_orderhooks.testing import (
     igv_order_status,
     sud_order_changed,
 )
-from tests.conftest import BASE_CONFIG
+from tests.conftest import BASE_CONFIG, AppFactory
+
+#: A Standard Webhooks source for the ``orderhooks`` fixture's app: BASE_CONFIG
+#: has none (tests/test_routes.py expects "standard off" with it).
+STANDARD_SOURCE = {"shop": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.fixture
+def app(make_app: AppFactory) -> Flask:
+    """The conftest app, with every built-in platform on (standard included)."""
+    return make_app(ORDERHOOKS_STANDARD_WEBHOOKS=STANDARD_SOURCE)[0]
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        pytest.param(
+            kind,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="bug: pytest_plugin._SIGNALS lacks webhook_received, so captured() "
+                "connects nothing to it and the delivery answers 503 (NoReceiver)",
+            ),
+        )
+        if kind == "standard"
+        else kind
+        for kind in KINDS
+    ],
+)
 def test_fixture_delivers_every_kind_and_captures_its_events(
     kind: str, orderhooks: OrderHooksClient
 ) -> None:
@@ -33,6 +58,7 @@ def test_fixture_delivers_every_kind_and_captures_its_events(
         "payout": ["orderhooks.payout-finished"],
         "sud": ["orderhooks.game-order-changed"],
         "sud-batch": ["orderhooks.game-order-changed"] * 2,
+        "standard": ["orderhooks.webhook-received"],
     }[kind]
     assert [e.signal for e in events] == expected
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from flask.testing import FlaskClient
 
-from flask_orderhooks.config import DEFAULTS, load_settings
+from flask_orderhooks.config import DEFAULTS
 from flask_orderhooks.extension import get_extension
 from flask_orderhooks.gateway import GatewayProvider
 from flask_orderhooks.igv import IGVProvider
@@ -106,12 +106,12 @@ BUILDERS: dict[str, tuple[str, Callable[[], SignedCallback]]] = {
 
 
 def bench_providers(number: int, rounds: int) -> Iterator[Timing]:
-    settings = load_settings(_settings_config())
-    providers: dict[str, Provider] = {
-        "igv": IGVProvider(settings),
-        "gateway": GatewayProvider(settings),
-        "sud": SUDProvider(settings),
-    }
+    config = _settings_config()
+    providers: dict[str, Provider] = {}
+    for cls in (IGVProvider, GatewayProvider, SUDProvider):
+        configured = cls.from_config({**cls.config_defaults, **config})
+        assert configured is not None, f"{cls.name} is configured above"
+        providers[cls.name] = configured
     for label, (callback, build) in BUILDERS.items():
         # One callback read many times: read() keeps no state.
         cb = build()

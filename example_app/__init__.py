@@ -19,6 +19,7 @@ from flask_orderhooks import OrderHooks
 
 from .models import db
 from .receivers import register_receivers
+from .staff import register_console_access, staff
 from .views import shop
 
 __all__ = ["DEMO_SECRETS", "create_app", "db"]
@@ -32,6 +33,10 @@ DEMO_SECRETS: dict[str, Any] = {
     "ORDERHOOKS_IGV_SECRET": "aBcDeFgHiJkLmNoPqRsTuVwXyZ012345",
     "ORDERHOOKS_GATEWAY_KEY": {"10001": "merchant-key"},
     "ORDERHOOKS_SUD_APPS": {"1461564080052506636": "app-secret"},
+    "ORDERHOOKS_STANDARD_WEBHOOKS": {"billing": "whsec_ZGVtby1vbmx5LXN0YW5kYXJkLXdlYmhvb2tz"},
+    # The operator console's session signing key and the staff password.
+    "SECRET_KEY": "DEMO-ONLY-console-session-key",
+    "SHOP_STAFF_PASSWORD": "demo",
 }
 
 
@@ -63,6 +68,8 @@ def create_app(
     # A copy: nested environment keys (FLASK_ORDERHOOKS_SUD_APPS__<id>) write
     # into these mappings.
     app.config.update(copy.deepcopy(DEMO_SECRETS))
+    # The operator console, for the shop's staff (see staff.py).
+    app.config["ORDERHOOKS_CONSOLE_URL"] = "/orderhooks/console"
     app.config.from_prefixed_env()
     app.config.update(config or {})
     os.makedirs(app.instance_path, exist_ok=True)
@@ -70,9 +77,11 @@ def create_app(
     db.init_app(app)
     # db=db: the deliveries table joins db.metadata and the receivers' writes
     # commit together with the delivery record.
-    OrderHooks(app, db=db)
+    hooks = OrderHooks(app, db=db)
+    register_console_access(hooks)
     register_receivers(app)
     app.register_blueprint(shop)
+    app.register_blueprint(staff)
 
     with app.app_context():
         # Enough for an example; a real shop runs Flask-Migrate migrations,
@@ -82,8 +91,8 @@ def create_app(
     demo_keys = [key for key in DEMO_SECRETS if _uses_demo_secret(key, app.config.get(key))]
     if demo_keys and not app.testing:
         logger.warning(
-            "DEMO-ONLY secrets in use (%s): anyone can sign these callbacks. "
-            "Set real ones before going live.",
+            "DEMO-ONLY secrets in use (%s): anyone can sign these callbacks or open "
+            "the console. Set real ones before going live.",
             ", ".join(demo_keys),
         )
     return app

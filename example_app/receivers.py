@@ -19,6 +19,7 @@ from flask_orderhooks import (
     OrderPendingDelivery,
     PaymentCollected,
     PayoutFinished,
+    StandardWebhook,
     UnhandledCallback,
     callback_unhandled,
     delivery_dead,
@@ -26,6 +27,7 @@ from flask_orderhooks import (
     order_pending_delivery,
     payment_collected,
     payout_finished,
+    webhook_received,
 )
 from flask_orderhooks.store import StoredDelivery
 
@@ -142,6 +144,12 @@ def on_callback_unhandled(sender: Flask, *, event: UnhandledCallback) -> None:
     )
 
 
+def on_webhook_received(sender: Flask, *, event: StandardWebhook) -> None:
+    """A Standard Webhooks message from a billing service (Svix, Resend…):
+    the shop only notes it; a real one would act on ``event.type``."""
+    logger.info("%s webhook %s: %s", event.source, event.id, event.type or "(no type)")
+
+
 def on_delivery_dead(sender: Flask, *, delivery: StoredDelivery, error: str) -> None:
     """Every local attempt failed: a person must look. A real shop pages
     someone here (Sentry, chat, mail); the delivery waits in the store, and
@@ -167,4 +175,5 @@ def register_receivers(app: Flask) -> None:
     payout_finished.connect(on_payout_finished, app)
     game_order_changed.connect(on_game_order_changed, app)
     callback_unhandled.connect(on_callback_unhandled, app)
+    webhook_received.connect(on_webhook_received, app)
     delivery_dead.connect(on_delivery_dead, app)

@@ -131,6 +131,13 @@ def show_command(key: str) -> None:
         click.echo(f"  updated:  {r.updated_at.isoformat()}")
         click.echo(f"  next:     {_next_attempt(state, r)}")
         click.echo(f"  error:    {r.error or '-'}")
+        for failed in r.failed_attempts:
+            click.echo(
+                f"  failed:   attempt {failed.attempt} at {failed.at.isoformat()}: "
+                + _one_line(failed.error, 100)
+            )
+        if r.compacted_at is not None:
+            click.echo(f"  compacted: {r.compacted_at.isoformat()} (body and headers purged)")
         for name, value in sorted(r.headers.items()):
             click.echo(f"  header:   {name}: {value}")
         click.echo("  body:     " + r.body.decode("utf-8", errors="replace"))
@@ -241,43 +248,52 @@ def _next_attempt(state: AppState, row: StoredDelivery) -> str:
 )
 @click.option("--processing", "with_processing", is_flag=True, help="Also delete processing ones.")
 @click.option(
-    "--include-gateway",
+    "--compact-only",
     is_flag=True,
-    help="Also purge gateway deliveries, whose signature never expires (see README).",
+    help="Keep a tombstone of every done delivery; delete none of them.",
 )
 @with_appcontext
 def purge_command(
-    age: timedelta, with_failed: bool, with_processing: bool, include_gateway: bool
+    age: timedelta, with_failed: bool, with_processing: bool, compact_only: bool
 ) -> None:
-    """Delete finished deliveries last updated more than AGE ago."""
+    """Delete or compact deliveries last updated more than AGE ago.
+
+    A done delivery whose signature could still be replayed (the platform
+    signs no timestamp, like the gateway, or its window is longer than AGE)
+    is compacted to a tombstone: its body and signed headers are dropped, its
+    key, body digest, status and dates kept, so a replay is still answered
+    as a duplicate. Other done deliveries are deleted. Failed, dead and
+    processing ones are kept unless asked for; they are never compacted
+    (they may still need their body). Runs in short batches while traffic
+    flows.
+    """
     state = _state()
-    for name, provider in state.providers.items():
-        window = provider.replay_window
-        if window is None:
-            if name == "gateway":
-                continue
-            raise click.ClickException(
-                f"The {name} timestamp window is off, so a purged key could be replayed "
-                "at any time; purge refused."
-            )
-        if age.total_seconds() < window:
-            raise click.ClickException(
-                f"--older-than {_human(age)} is shorter than the {name} timestamp window "
-                f"({window:g}s): a purged key could be replayed inside it. Purge refused."
-            )
     statuses = (
         (DONE,)
         + ((FAILED, DEAD) if with_failed else ())
         + ((PROCESSING,) if with_processing else ())
     )
     cutoff = _now(state) - age
-    deleted = 0
-    for name in state.providers:
-        if name != "gateway" or include_gateway:
-            deleted += state.store.purge(older_than=cutoff, statuses=statuses, provider=name)
-    click.echo(f"Deleted {deleted} deliveries ({', '.join(statuses)}) older than {_human(age)}.")
-    if not include_gateway:
-        click.echo("Gateway deliveries were kept (see --include-gateway).")
+    deleted = compacted = 0
+    kept_whole: list[str] = []
+    for name, provider in state.providers.items():
+        window = provider.replay_window
+        replayable = compact_only or window is None or age.total_seconds() < window
+        if replayable:
+            compacted += state.store.compact(older_than=cutoff, provider=name)
+            kept_whole.append(name)
+        deletable = tuple(s for s in statuses if not (replayable and s == DONE))
+        if deletable:
+            deleted += state.store.purge(older_than=cutoff, statuses=deletable, provider=name)
+    click.echo(
+        f"Deleted {deleted} and compacted {compacted} deliveries older than {_human(age)} "
+        f"({', '.join(statuses)})."
+    )
+    if kept_whole:
+        click.echo(
+            f"Done deliveries of {', '.join(kept_whole)} were compacted, not deleted: their "
+            "signatures can still be replayed."
+        )
 
 
 @orderhooks.command("send")

@@ -31,8 +31,8 @@ DEFAULTS: dict[str, Any] = {
     "ORDERHOOKS_ALLOWED_IPS": None,
     "ORDERHOOKS_DISPATCH": "inline",
     # 10 s, 1 min, 5 min, 30 min, 2 h, 12 h: seven attempts over about 15
-    # hours, well past every platform's own retries (the gateway's 60 s,
-    # iGV's 35 minutes), so a receiver's outage of an evening is survived.
+    # hours, well past the platforms' own retries (a minute to half an
+    # hour), so a receiver's outage of an evening is survived.
     "ORDERHOOKS_RETRY_DELAYS": [10, 60, 300, 1800, 7200, 43200],
     "ORDERHOOKS_WORKER_POLL_INTERVAL": 0.5,
     # Off by default: the operator console and the metrics endpoint open
@@ -222,7 +222,7 @@ def _allowed_ips(value: object, providers: Sequence[str]) -> Mapping[str, tuple[
         return {}
     if not isinstance(value, Mapping):
         raise ConfigurationError(
-            key, 'must be a mapping such as {"gateway": ["203.0.113.0/24"]}, or None.'
+            key, 'must be a mapping such as {"<provider>": ["203.0.113.0/24"]}, or None.'
         )
     allowed: dict[str, tuple[IPNetwork, ...]] = {}
     for platform, networks in value.items():

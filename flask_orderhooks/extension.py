@@ -30,7 +30,7 @@ from .store import (
     Transaction,
     deliveries_table,
 )
-from .views import make_blueprint
+from .views import endpoint_name, make_blueprint
 from .worker import process_due
 
 if TYPE_CHECKING:
@@ -363,7 +363,15 @@ def _checked_providers(classes: Sequence[type[Provider]]) -> tuple[type[Provider
 
 
 def _check_routes(provider: Provider) -> None:
+    endpoints: dict[str, str] = {}
     for callback in provider.routes:
+        endpoint = endpoint_name(provider.name, callback)
+        if endpoint in endpoints:
+            raise ValueError(
+                f"{type(provider).__name__}: the callbacks {endpoints[endpoint]!r} and "
+                f"{callback!r} would share the endpoint {endpoint!r}; rename one."
+            )
+        endpoints[endpoint] = callback
         if not 0 < len(callback) <= _MAX_NAME["callback"]:
             raise ValueError(
                 f"{type(provider).__name__}: the callback name {callback!r} must be 1 to "

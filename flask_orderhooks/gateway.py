@@ -79,6 +79,7 @@ class GatewayProvider(Provider):
         "collect": "/gateway/collect",
         "payout": "/gateway/payout",
     }
+    signals = (payment_collected, payout_finished)
     config_defaults: ClassVar[Mapping[str, Any]] = {
         "ORDERHOOKS_GATEWAY_KEY": None,
         "ORDERHOOKS_GATEWAY_SIGN_TEMPLATE": "{params}&key={key}",

@@ -54,6 +54,7 @@ class IGVProvider(Provider):
     routes: Mapping[str, str] = {"order-status": "/igv/order-status"}
     signed_headers = ("X-Timestamp", "X-Request-Id", "X-Signature")
     key_header = "X-Request-Id"
+    signals = (order_pending_delivery, callback_unhandled)
     config_defaults: ClassVar[Mapping[str, Any]] = {
         "ORDERHOOKS_IGV_SECRET": None,
         # The platform retries for 35 minutes; an hour covers it.

@@ -82,6 +82,9 @@ class Provider(ABC):
     #: A header naming the idempotency key before verification, for the log
     #: line of a refused request.
     key_header: ClassVar[str | None] = None
+    #: The signals the provider's deliveries send: the testing kit's
+    #: ``captured()`` listens to them.
+    signals: ClassVar[tuple[NamedSignal, ...]] = ()
     #: Defaults of the provider's own config keys, set on ``app.config`` (with
     #: ``setdefault``) before :meth:`from_config` reads them.
     config_defaults: ClassVar[Mapping[str, Any]] = {}

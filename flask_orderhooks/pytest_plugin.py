@@ -17,26 +17,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from blinker import NamedSignal
 from flask import Flask
 from werkzeug.test import TestResponse
 
 from .extension import get_extension
-from .signals import (
-    callback_unhandled,
-    game_order_changed,
-    order_pending_delivery,
-    payment_collected,
-    payout_finished,
-)
 from .testing import SignedCallback, build
-
-_SIGNALS = (
-    order_pending_delivery,
-    payment_collected,
-    payout_finished,
-    game_order_changed,
-    callback_unhandled,
-)
 
 
 @dataclass(frozen=True)
@@ -60,7 +46,9 @@ class OrderHooksClient:
 
     def build(self, kind: str, **fields: Any) -> SignedCallback:
         """A signed callback of ``kind`` (``igv``, ``collect``, ``payout``,
-        ``sud``, ``sud-batch``) from the app's configured secrets."""
+        ``sud``, ``sud-batch``, ``standard``) from the app's configured
+        secrets. A host provider's callbacks: build a
+        :class:`~flask_orderhooks.testing.SignedCallback` and :meth:`post` it."""
         with self.app.app_context():
             return build(kind, app=self.app, **fields)
 
@@ -80,12 +68,20 @@ class OrderHooksClient:
         return self.post(callback), self.post(callback)
 
     @contextmanager
-    def captured(self) -> Iterator[list[CapturedEvent]]:
-        """Record every orderhooks signal the app sends inside the block."""
+    def captured(self, *signals: NamedSignal) -> Iterator[list[CapturedEvent]]:
+        """Record every signal the app's providers send inside the block
+        (each provider's :attr:`~flask_orderhooks.Provider.signals`, a host
+        provider's included), and ``signals`` too.
+
+        .. versionchanged:: 0.3
+            Every configured provider's signals; extra ``signals``.
+        """
         events: list[CapturedEvent] = []
         receivers = []
+        providers = get_extension(self.app).state(self.app).providers.values()
+        listened = dict.fromkeys([s for p in providers for s in p.signals] + list(signals))
         try:
-            for signal in _SIGNALS:
+            for signal in listened:
 
                 def receiver(
                     sender: Flask, *, event: Any, _name: str = signal.name, **_: Any

@@ -44,6 +44,12 @@ def replay(app: Flask, state: AppState, row: StoredDelivery, *, force: bool) -> 
     """
     if row.status == DONE and not force:
         return ReplayOutcome("already_done", "already done; not replayed.")
+    if row.compacted_at is not None:
+        return ReplayOutcome(
+            "failed",
+            f"compacted by purge at {row.compacted_at:%Y-%m-%d %H:%M:%S} UTC: its body is "
+            "gone; not replayed.",
+        )
     provider = state.providers.get(row.provider)
     if provider is None:
         return ReplayOutcome(

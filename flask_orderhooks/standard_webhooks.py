@@ -65,6 +65,7 @@ class StandardWebhooksProvider(Provider):
     name = "standard"
     signed_headers = ("webhook-id", "webhook-timestamp", "webhook-signature")
     key_header = "webhook-id"
+    signals = (webhook_received,)
     config_defaults: ClassVar[Mapping[str, Any]] = {CONFIG_KEY: None, TOLERANCE_KEY: 300}
 
     def __init__(self, sources: Mapping[str, Secrets], *, tolerance: float = 300) -> None:
@@ -84,11 +85,18 @@ class StandardWebhooksProvider(Provider):
                 CONFIG_KEY, 'must be a non-empty mapping {"<source>": "whsec_..." or a list}.'
             )
         sources: dict[str, Secrets] = {}
+        spelled: dict[str, str] = {}
         for source, secrets in value.items():
             if not isinstance(source, str) or not _SOURCE.fullmatch(source):
                 raise ConfigurationError(
                     CONFIG_KEY,
                     f"source names are 1 to 32 letters, digits, '-' or '_', not {source!r}.",
+                )
+            # Route endpoints spell '-' as '_': "a-b" and "a_b" would clash.
+            twin = spelled.setdefault(source.replace("-", "_"), source)
+            if twin != source:
+                raise ConfigurationError(
+                    CONFIG_KEY, f"the sources {twin!r} and {source!r} differ only in - and _."
                 )
             sources[source] = _secrets(f"{CONFIG_KEY}[{source!r}]", secrets)
         return cls(sources, tolerance=tolerance)

@@ -63,6 +63,7 @@ class SUDProvider(Provider):
     name = "sud"
     routes: Mapping[str, str] = {"order-changed": "/sud/order-changed"}
     signed_headers = ("Sud-AppId", "Sud-Timestamp", "Sud-Nonce", "Sud-Signature")
+    signals = (game_order_changed, callback_unhandled)
     config_defaults: ClassVar[Mapping[str, Any]] = {
         "ORDERHOOKS_SUD_APPS": None,
         "ORDERHOOKS_SUD_VERIFY": True,

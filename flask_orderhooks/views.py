@@ -49,9 +49,14 @@ def _view(state: AppState, provider: Provider, callback: str) -> Callable[[], Re
     def view() -> Response:
         return handle(state, provider, callback)
 
-    # Also the endpoint name, e.g. "orderhooks.gateway_collect".
-    view.__name__ = f"{provider.name}_{callback.replace('-', '_')}"
+    view.__name__ = endpoint_name(provider.name, callback)
     return view
+
+
+def endpoint_name(provider: str, callback: str) -> str:
+    """The route's endpoint below the blueprint: ``<provider>_<callback>``
+    with ``-`` spelled ``_`` (``url_for("orderhooks.<endpoint>")``)."""
+    return f"{provider}_{callback.replace('-', '_')}"
 
 
 def handle(state: AppState, provider: Provider, callback: str) -> Response:

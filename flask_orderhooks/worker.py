@@ -92,7 +92,10 @@ def attempt(app: Flask, state: AppState, due: DueClaim) -> bool:
         logger.warning("%s: attempt %d: %s", name, lost, error)
         if lost >= store.retries.max_attempts:
             # That was the last attempt: this claim only records that.
-            store.record_failure(stored, dataclasses.replace(claim, attempt=lost), error)
+            # The due claim wrote the lost attempt into the history already.
+            store.record_failure(
+                stored, dataclasses.replace(claim, attempt=lost), error, in_history=False
+            )
             return False
         if store.on_failure is not None:
             # The lost attempt failed; the next one is this one, now.

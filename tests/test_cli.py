@@ -127,35 +127,90 @@ def test_replay_arguments_are_checked(recorder: RecorderFactory) -> None:
     assert "No delivery is stored under the key 'zzz'." in run(app, "replay", "zzz").output
 
 
-def test_purge_keeps_the_window_and_unfinished_deliveries(recorder: RecorderFactory) -> None:
-    now = [1_795_000_000.0]
-    app, rec = recorder(hooks_options={"clock": lambda: now[0]}, ORDERHOOKS_IGV_MAX_AGE=None)
-    refused = run(app, "purge", "--older-than", "30d")
-    assert refused.exit_code == 1
-    assert "The igv timestamp window is off" in refused.output
+def _rows(app: Flask) -> dict[str, tuple[str, bytes, bool]]:
+    with app.app_context():
+        rows = app.extensions["orderhooks"].store.list()
+    return {r.key: (r.status, r.body, r.compacted_at is not None) for r in rows}
 
+
+def test_purge_deletes_what_cannot_be_replayed_and_compacts_the_rest(
+    recorder: RecorderFactory,
+) -> None:
+    now = [1_795_000_000.0]
     app, rec = recorder(hooks_options={"clock": lambda: now[0]})
     deliver(app, "igv", request_id="old-done")
-    deliver(app, "collect", id="old-gateway")
+    gateway = deliver(app, "collect", id="old-gateway")
     rec.fail_next = 1
     deliver(app, "igv", request_id="old-failed")
-    too_short = run(app, "purge", "--older-than", "30m")
-    assert too_short.exit_code == 1
-    assert "--older-than 30m is shorter than the igv timestamp window (3600s)" in too_short.output
     assert run(app, "purge", "--older-than", "thirty").exit_code == 2
     # Ages are measured with the extension's clock, which stamped the rows.
-    assert "Deleted 0 deliveries" in run(app, "purge", "--older-than", "30d").output
+    nothing = run(app, "purge", "--older-than", "30d")
+    assert nothing.output.splitlines()[0] == (
+        "Deleted 0 and compacted 0 deliveries older than 30d (done)."
+    )
 
     now[0] += 40 * 86400
     result = run(app, "purge", "--older-than", "30d")
     assert result.exit_code == 0, result.output
-    assert "Deleted 1 deliveries (done) older than 30d." in result.output
-    assert "Gateway deliveries were kept (see --include-gateway)." in result.output
-    with app.app_context():
-        keys = sorted(r.key for r in app.extensions["orderhooks"].store.list())
-    assert keys == ["old-failed", "old-gateway:60"]
-    everything = run(app, "purge", "--older-than", "4w", "--failed", "--include-gateway")
-    assert "Deleted 2 deliveries (done, failed, dead) older than 4w." in everything.output
+    assert result.output.splitlines() == [
+        "Deleted 1 and compacted 1 deliveries older than 30d (done).",
+        "Done deliveries of gateway were compacted, not deleted: their signatures can "
+        "still be replayed.",
+    ]
+    rows = _rows(app)
+    assert rows == {
+        "old-failed": ("failed", rows["old-failed"][1], False),
+        "old-gateway:60": ("done", b"", True),
+    }
+    assert rows["old-failed"][1] != b"", "a failed delivery keeps its body for the retry"
+    # The tombstone still answers the gateway's replay as a duplicate.
+    before = len(rec.events)
+    replayed = app.test_client().post(gateway.url(), data=gateway.body, headers=gateway.headers)
+    assert (replayed.status_code, replayed.data) == (200, b"success")
+    assert len(rec.events) == before
+    # A replay by hand has nothing to dispatch.
+    refused = run(app, "replay", "old-gateway:60", "--force")
+    assert refused.exit_code == 1
+    assert "its body is gone; not replayed." in refused.output
+
+    everything = run(app, "purge", "--older-than", "4w", "--failed")
+    assert everything.output.splitlines()[0] == (
+        "Deleted 1 and compacted 0 deliveries older than 4w (done, failed, dead)."
+    )
+    assert _rows(app) == {"old-gateway:60": ("done", b"", True)}
+
+
+def test_purge_compacts_inside_a_timestamp_window_and_without_one(
+    recorder: RecorderFactory,
+) -> None:
+    now = [1_795_000_000.0]
+    app, _ = recorder(hooks_options={"clock": lambda: now[0]}, ORDERHOOKS_IGV_MAX_AGE=None)
+    deliver(app, "igv", request_id="no-window")
+    now[0] += 40 * 86400
+    result = run(app, "purge", "--older-than", "30d")
+    assert result.output.splitlines()[0] == (
+        "Deleted 0 and compacted 1 deliveries older than 30d (done)."
+    )
+    assert _rows(app) == {"no-window": ("done", b"", True)}
+
+    app, _ = recorder(hooks_options={"clock": lambda: now[0]})
+    deliver(app, "igv", request_id="in-window", order_id=2)
+    now[0] += 45 * 60
+    # 30 minutes is shorter than iGV's 3600 s window: a replay could still
+    # verify, so the row is only compacted.
+    short = run(app, "purge", "--older-than", "30m")
+    assert short.output.splitlines()[0] == (
+        "Deleted 0 and compacted 1 deliveries older than 30m (done)."
+    )
+    # (Both apps share the test's database: the first one's tombstone is there.)
+    assert _rows(app) == {"no-window": ("done", b"", True), "in-window": ("done", b"", True)}
+    # Compacting twice changes nothing; --compact-only never deletes.
+    now[0] += 2 * 3600
+    again = run(app, "purge", "--older-than", "1h", "--compact-only")
+    assert again.output.splitlines()[0] == (
+        "Deleted 0 and compacted 0 deliveries older than 1h (done)."
+    )
+    assert _rows(app) == {"no-window": ("done", b"", True), "in-window": ("done", b"", True)}
 
 
 def test_commands_report_a_store_that_is_down(tmp_path: Path) -> None:

@@ -367,6 +367,14 @@ def test_index_page_shows_deliveries_and_records(app: Flask, orderhooks: OrderHo
 # -- configuration ----------------------------------------------------------------
 
 
+#: Real values for the demo secrets the tests below do not look at.
+REAL_REST = {
+    "ORDERHOOKS_STANDARD_WEBHOOKS": {"billing": "whsec_cmVhbC1iaWxsaW5nLXNlY3JldA=="},
+    "SECRET_KEY": "a-real-session-key",
+    "SHOP_STAFF_PASSWORD": "a-real-password",
+}
+
+
 def test_defaults_sqlite_in_the_instance_folder_and_demo_secrets(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -380,7 +388,8 @@ def test_defaults_sqlite_in_the_instance_folder_and_demo_secrets(
             assert app.config[key] == value
         assert [r.getMessage() for r in caplog.records if r.name == "example_app"] == [
             "DEMO-ONLY secrets in use (ORDERHOOKS_IGV_SECRET, ORDERHOOKS_GATEWAY_KEY, "
-            "ORDERHOOKS_SUD_APPS): anyone can sign these callbacks. "
+            "ORDERHOOKS_SUD_APPS, ORDERHOOKS_STANDARD_WEBHOOKS, SECRET_KEY, "
+            "SHOP_STAFF_PASSWORD): anyone can sign these callbacks or open the console. "
             "Set real ones before going live."
         ]
     finally:
@@ -394,7 +403,7 @@ def test_environment_and_config_override_the_defaults(
     monkeypatch.setenv("FLASK_ORDERHOOKS_IGV_SECRET", '"from-the-environment-000000000000"')
     monkeypatch.setenv("FLASK_ORDERHOOKS_GATEWAY_KEY", '{"20002": "real-merchant-key"}')
     monkeypatch.setenv("FLASK_ORDERHOOKS_SUD_APPS__42", "real-app-secret")
-    config = {"ORDERHOOKS_IGV_SECRET": "from-the-config-0000000000000000"}
+    config = {"ORDERHOOKS_IGV_SECRET": "from-the-config-0000000000000000", **REAL_REST}
     with caplog.at_level(logging.WARNING, logger="example_app"):
         app = create_app(config, instance_path=tmp_path / "instance")
     try:
@@ -408,7 +417,7 @@ def test_environment_and_config_override_the_defaults(
         assert DEMO_SECRETS["ORDERHOOKS_SUD_APPS"] == {"1461564080052506636": "app-secret"}
         assert [r.getMessage() for r in caplog.records if r.name == "example_app"] == [
             "DEMO-ONLY secrets in use (ORDERHOOKS_SUD_APPS): anyone can sign these "
-            "callbacks. Set real ones before going live."
+            "callbacks or open the console. Set real ones before going live."
         ]
         # The environment's merchant key is the one that verifies.
         client = app.test_client()
@@ -437,6 +446,7 @@ def test_the_demo_secret_warning_sees_a_rotation_list(
         "ORDERHOOKS_IGV_SECRET": igv_secret,
         "ORDERHOOKS_GATEWAY_KEY": {"10001": "a-real-merchant-key"},
         "ORDERHOOKS_SUD_APPS": {"1461564080052506636": ["app-secret-2"]},
+        **REAL_REST,
     }
     with caplog.at_level(logging.WARNING, logger="example_app"):
         app = create_app(config, instance_path=tmp_path / "instance")
@@ -444,8 +454,8 @@ def test_the_demo_secret_warning_sees_a_rotation_list(
         db.engine.dispose()
 
     assert [r.getMessage() for r in caplog.records if r.name == "example_app"] == [
-        "DEMO-ONLY secrets in use (ORDERHOOKS_IGV_SECRET): anyone can sign these callbacks. "
-        "Set real ones before going live."
+        "DEMO-ONLY secrets in use (ORDERHOOKS_IGV_SECRET): anyone can sign these callbacks "
+        "or open the console. Set real ones before going live."
     ][:warnings]
 
 

@@ -17,7 +17,7 @@ from flask_orderhooks import OrderHooks
 from flask_orderhooks.replay import replay
 from flask_orderhooks.store import DeliveryStore, StoredDelivery
 from flask_orderhooks.store.statements import LEASE_LOST
-from flask_orderhooks.store.table import FailedAttempt, failure_line, parse_failures
+from flask_orderhooks.store.table import REFERENCE, FailedAttempt, failure_line, parse_failures
 from flask_orderhooks.testing import (
     SignedCallback,
     gateway_collect,
@@ -176,7 +176,9 @@ def stored_with_reference(app: Flask, reference: str) -> list[str]:
     t = store.table
     with store.engine.connect() as connection:
         found = connection.execute(
-            sa.select(t.c.key).where(t.c.reference == reference).order_by(t.c.key)
+            sa.select(t.c.key)
+            .where(t.c.reference == sa.bindparam("q", reference, type_=REFERENCE))
+            .order_by(t.c.key)
         ).all()
     return [key for (key,) in found]
 

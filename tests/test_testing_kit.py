@@ -32,19 +32,7 @@ def app(make_app: AppFactory) -> Flask:
 
 @pytest.mark.parametrize(
     "kind",
-    [
-        pytest.param(
-            kind,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="bug: pytest_plugin._SIGNALS lacks webhook_received, so captured() "
-                "connects nothing to it and the delivery answers 503 (NoReceiver)",
-            ),
-        )
-        if kind == "standard"
-        else kind
-        for kind in KINDS
-    ],
+    KINDS,
 )
 def test_fixture_delivers_every_kind_and_captures_its_events(
     kind: str, orderhooks: OrderHooksClient

@@ -33,7 +33,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from ..store import MAX_KEY_LENGTH, DeliveryStore, StoredDelivery
-from ..store.table import MYSQL, WHEN
+from ..store.table import MYSQL, REFERENCE, WHEN, text_of
 
 
 def utc(value: datetime) -> datetime:
@@ -158,7 +158,7 @@ def _search(
         sa.and_(t.c.provider == provider, t.c.callback == callback, t.c.key == text)
         for provider, callback in pairs
     ]
-    terms.append(t.c.reference == text)
+    terms.append(t.c.reference == sa.bindparam(None, text, type_=REFERENCE))
     return sa.or_(*terms)
 
 
@@ -250,7 +250,7 @@ def list_page(
             key=r.key,
             status=r.status,
             attempts=int(r.attempts),
-            reference=r.reference,
+            reference=text_of(r.reference),
             error=r.error,
             created_at=utc(r.created_at),
             updated_at=utc(r.updated_at),

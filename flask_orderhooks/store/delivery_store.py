@@ -30,6 +30,7 @@ from ..exc import (
 from ..provider import Delivery
 from .errors import is_busy, mysql_lock_wait
 from .mysql import MySQLStatements
+from .retention import compact_old, delete_old
 from .retries import NO_RETRIES, RetrySchedule
 from .sqlite import relaxed_sqlite_sync
 from .statements import ROW_COLUMNS, Statements, lost_line_suffix
@@ -48,6 +49,7 @@ from .table import (
     StoredDelivery,
     failure_line,
     parse_failures,
+    text_of,
 )
 from .transactions import Transaction, begun
 
@@ -462,8 +464,14 @@ class DeliveryStore:
     def _mark_failed(self, delivery: Keyed, claim: Claim, exc: BaseException) -> None:
         self.record_failure(delivery, claim, f"{type(exc).__name__}: {exc}")
 
-    def record_failure(self, delivery: Keyed, claim: Claim, error: str) -> None:
+    def record_failure(
+        self, delivery: Keyed, claim: Claim, error: str, *, in_history: bool = True
+    ) -> None:
         """Record that ``claim``'s attempt failed with ``error``.
+
+        :param in_history: append the attempt to the row's failure history;
+            ``False`` when the history has it already (a lost lease, which the
+            due claim recorded).
 
         The retry schedule decides: failed with the next attempt's due time,
         or dead after the last attempt. Then :attr:`on_failure` hears of it.
@@ -482,7 +490,7 @@ class DeliveryStore:
                         "p_token": claim.token,
                         "p_status": status,
                         "p_error": error,
-                        "p_failure": failure_line(claim.attempt, now, error),
+                        "p_failure": failure_line(claim.attempt, now, error) if in_history else "",
                         "p_next": next_attempt,
                         "p_now": now,
                     },
@@ -636,24 +644,25 @@ class DeliveryStore:
         statuses: tuple[str, ...] = (DONE,),
         provider: str | None = None,
     ) -> int:
-        """Delete deliveries in ``statuses`` last updated before ``older_than``."""
-        t = self.table
-        query = sa.delete(t).where(
-            t.c.status.in_(statuses),
-            t.c.updated_at < sa.bindparam("older_than", older_than, type_=WHEN),
-        )
-        if provider is not None:
-            query = query.where(t.c.provider == provider)
+        """Delete deliveries in ``statuses`` last updated before ``older_than``,
+        in short batches that skip rows a live callback holds
+        (:mod:`.retention`); how many were deleted."""
+        return delete_old(self, older_than=older_than, statuses=statuses, provider=provider)
+
+    def compact(self, *, older_than: datetime, provider: str | None = None) -> int:
+        """Drop the body and signed headers of done deliveries last updated
+        before ``older_than``, keeping tombstones (key, body digest, status,
+        dates) that still answer a replay as a duplicate; how many.
+
+        .. versionadded:: 0.3
+        """
+        return compact_old(self, older_than=older_than, provider=provider, now=self._now())
+
+    def prepare(self) -> None:
+        """Make sure the table exists (the extension's own store creates or
+        upgrades it on first use)."""
         if self._prepare is not None:
             self._prepare()
-        with self.engine.connect() as connection:
-            if self.dialect in MYSQL:
-                # MySQL's DELETE has no RETURNING; PyMySQL's count is exact.
-                deleted = connection.execute(query).rowcount
-            else:
-                deleted = len(connection.execute(query.returning(t.c.key)).all())
-            connection.commit()
-        return deleted
 
     def _rows(self, query: Any) -> builtins.list[StoredDelivery]:
         if self._prepare is not None:
@@ -674,7 +683,7 @@ class DeliveryStore:
                 updated_at=utc(r.updated_at),
                 lease_expires_at=utc(r.lease_expires_at),
                 next_attempt_at=utc(r.next_attempt_at) if r.next_attempt_at else None,
-                reference=r.reference,
+                reference=text_of(r.reference),
                 failed_attempts=parse_failures(r.failures),
                 compacted_at=utc(r.compacted_at) if r.compacted_at else None,
             )
@@ -758,7 +767,7 @@ def _stored(row: tuple[Any, ...]) -> StoredDelivery:
         updated_at=utc(r["updated_at"]),
         lease_expires_at=utc(r["lease_expires_at"]),
         next_attempt_at=utc(r["next_attempt_at"]) if r["next_attempt_at"] else None,
-        reference=r["reference"],
+        reference=text_of(r["reference"]),
         failed_attempts=parse_failures(r["failures"]),
         compacted_at=utc(r["compacted_at"]) if r["compacted_at"] else None,
     )

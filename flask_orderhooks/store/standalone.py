@@ -13,7 +13,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from .sqlite import sqlite_pragmas
-from .table import DUE_INDEX, MYSQL, TABLE_NAME, deliveries_table
+from .table import MYSQL, TABLE_NAME, deliveries_table
 from .transactions import ConnectionTransaction, Transaction
 from .upgrade import upgrade_table
 
@@ -102,7 +102,13 @@ class StandaloneDatabase:
             return False
         columns = {column["name"] for column in inspector.get_columns(TABLE_NAME)}
         indexes = {index["name"] for index in inspector.get_indexes(TABLE_NAME)}
-        return "next_attempt_at" in columns and DUE_INDEX in indexes
+        # Every column and index of this version's definition, not only the
+        # last one added: a process overtaken between the upgrade's steps
+        # must not report ready with a step still missing.
+        return (
+            set(self.table.c.keys()) <= columns
+            and {str(index.name) for index in self.table.indexes} <= indexes
+        )
 
     def __repr__(self) -> str:
         return f"<StandaloneDatabase {self.engine.url!r}>"

@@ -12,7 +12,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 
 from ..driver_statement import DriverStatement
-from .table import BODY, DEAD, DONE, FAILED, PENDING, PROCESSING, WHEN
+from .table import BODY, DEAD, DONE, FAILED, PENDING, PROCESSING, REFERENCE, WHEN
 
 #: What the failure record and the due claim hand back: a whole row.
 ROW_COLUMNS = (
@@ -315,7 +315,7 @@ def new_row(t: sa.Table, *, status: str, attempts: int, lease: str, due: str) ->
         "created_at": sa.bindparam("p_now", type_=when),
         "updated_at": sa.bindparam("p_now", type_=when),
         "next_attempt_at": sa.bindparam(due, type_=when),
-        "reference": sa.bindparam("p_reference", type_=t.c.reference.type),
+        "reference": sa.bindparam("p_reference", type_=REFERENCE),
     }
 
 

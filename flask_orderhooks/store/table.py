@@ -110,6 +110,22 @@ class Utf8Binary(sa.types.TypeDecorator[str]):
 
 
 KEY = sa.String(MAX_KEY_LENGTH).with_variant(Utf8Binary(MAX_KEY_LENGTH * 4), *MYSQL)
+#: The order id, byte for byte like the key: a search for 'ORDER-1' must not
+#: find 'ORDER-1 ' (utf8mb4_bin pads). A plain VARBINARY, so that a host's
+#: migration renders it without importing this package: rows are read back
+#: through :func:`text_of`.
+REFERENCE_COLUMN = sa.String(MAX_REFERENCE_LENGTH).with_variant(
+    mysql.VARBINARY(MAX_REFERENCE_LENGTH * 4), *MYSQL
+)
+#: The type of an order id parameter: its UTF-8 bytes on MySQL and MariaDB.
+REFERENCE = sa.String(MAX_REFERENCE_LENGTH).with_variant(
+    Utf8Binary(MAX_REFERENCE_LENGTH * 4), *MYSQL
+)
+
+
+def text_of(value: str | bytes | None) -> str | None:
+    """A string column's value: MySQL's VARBINARY ones come back as bytes."""
+    return bytes(value).decode("utf-8") if isinstance(value, (bytes, bytearray)) else value
 
 
 def deliveries_table(metadata: sa.MetaData) -> sa.Table:
@@ -141,7 +157,7 @@ def deliveries_table(metadata: sa.MetaData) -> sa.Table:
         # 0.3. The merchant-side order id the provider found in the body
         # (iGV orderId, gateway trans_id, SUD out_order_id: a batch's first
         # order's): support staff search by it. NULL when there is none.
-        sa.Column("reference", exact_string(MAX_REFERENCE_LENGTH), nullable=True),
+        sa.Column("reference", REFERENCE_COLUMN, nullable=True),
         # 0.3. Every failed attempt, one JSON object per line (see
         # FailedAttempt), appended by the statement that records it.
         sa.Column("failures", HISTORY, nullable=True),

@@ -28,6 +28,7 @@ from flask_orderhooks.console.queries import (
     list_query,
 )
 from flask_orderhooks.store import TABLE_NAME, DeliveryStore
+from flask_orderhooks.store.table import MYSQL
 from tests.console.conftest import NOW, Console
 
 ROWS = 3000
@@ -52,6 +53,7 @@ def filled(console: Console) -> Console:
             provider, callback = PAIRS[n % 4]
             when = NOW_DT - timedelta(minutes=15 * n)
             status = statuses[n % 100]
+            binary = store.dialect in MYSQL
             rows.append(
                 {
                     "provider": provider,
@@ -68,7 +70,8 @@ def filled(console: Console) -> Console:
                     "created_at": when,
                     "updated_at": when,
                     "next_attempt_at": when if status == "failed" else None,
-                    "reference": f"R{n:08d}",
+                    # The column holds bytes on MySQL (store/table.py: REFERENCE).
+                    "reference": f"R{n:08d}".encode() if binary else f"R{n:08d}",
                     "failures": None,
                 }
             )

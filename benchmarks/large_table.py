@@ -789,6 +789,58 @@ def console_specs(
     ]
 
 
+def proposals(t: sa.Table, key: str, end: datetime) -> list[tuple[str, str, Callable[[Side], int]]]:
+    """The fixes proposed for the CLI's slow queries, as SQL (whole rows, as
+    ``DeliveryStore.list()`` and ``get()`` read them)."""
+    when = table_module.WHEN
+    pk_desc = (t.c.provider.desc(), t.c.callback.desc(), t.c.key.desc())
+
+    def sql(statement: Any) -> Callable[[Side], int]:
+        def run(side: Side) -> int:
+            with side.inline.app_context(), side.delivery_store.engine.connect() as connection:
+                return len(connection.execute(statement).all())
+
+        return run
+
+    how = "proposal (SQL)"
+    since = sa.bindparam("since", end - timedelta(hours=24), type_=when)
+    by_key = sa.or_(
+        *(sa.and_(t.c.provider == p, t.c.callback == c, t.c.key == key) for p, c in PAIRS)
+    )
+    return [
+        (
+            "deliveries, ordered by created_at DESC + primary key DESC",
+            how,
+            sql(sa.select(t).order_by(t.c.created_at.desc(), *pk_desc).limit(100)),
+        ),
+        (
+            "deliveries --since 24h on created_at",
+            how,
+            sql(
+                sa.select(t)
+                .where(t.c.created_at >= since)
+                .order_by(t.c.created_at.desc(), *pk_desc)
+                .limit(100)
+            ),
+        ),
+        (
+            "deliveries --status done, ties broken by primary key DESC",
+            how,
+            sql(
+                sa.select(t)
+                .where(t.c.status == "done")
+                .order_by(t.c.updated_at.desc(), *pk_desc)
+                .limit(100)
+            ),
+        ),
+        (
+            "show KEY as one primary-key lookup per (provider, callback)",
+            how,
+            sql(sa.select(t).where(by_key).order_by(t.c.provider, t.c.callback)),
+        ),
+    ]
+
+
 def query_specs(
     full: Side, samples: Sequence[tuple[str, str | None, str, str]], end: datetime
 ) -> list[tuple[str, str, Callable[[Side], int]]]:
@@ -858,6 +910,7 @@ def query_specs(
             ),
         ),
     ]
+    specs += proposals(t, key, end)
     queries = console_queries()
     if queries is not None:
         return specs + console_specs(queries, samples, end)

@@ -63,7 +63,7 @@ def make(tmp_path: Path, **config: Any) -> Flask:
         (
             "ORDERHOOKS_ALLOWED_IPS",
             ["1.2.3.4"],
-            'must be a mapping such as {"gateway": ["203.0.113.0/24"]}, or None.',
+            'must be a mapping such as {"<provider>": ["203.0.113.0/24"]}, or None.',
         ),
         (
             "ORDERHOOKS_ALLOWED_IPS",

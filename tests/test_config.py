@@ -68,7 +68,7 @@ def make(tmp_path: Path, **config: Any) -> Flask:
         (
             "ORDERHOOKS_ALLOWED_IPS",
             {"paypal": ["1.2.3.4"]},
-            "unknown platform 'paypal'; use one of igv, gateway, sud.",
+            "unknown platform 'paypal'; use one of igv, gateway, sud, standard.",
         ),
     ],
 )

@@ -63,10 +63,12 @@ class Secrets:
 
     @property
     def newest_first(self) -> tuple[bytes, ...]:
+        """Every secret, newest first: the order verification tries them in."""
         return self._values
 
     @property
     def newest(self) -> bytes:
+        """The newest secret: the one to sign with."""
         return self._values[0]
 
     def __repr__(self) -> str:

@@ -195,6 +195,7 @@ def utc_from_ms(timestamp_ms: int) -> datetime:
 
 
 def req_str(obj: Mapping[str, Any], name: str) -> str:
+    """A required non-empty string field, or :class:`MalformedPayload` naming it."""
     value = obj.get(name)
     if not isinstance(value, str) or not value:
         raise MalformedPayload(f"The field {name!r} must be a non-empty string.")
@@ -202,6 +203,7 @@ def req_str(obj: Mapping[str, Any], name: str) -> str:
 
 
 def opt_str(obj: Mapping[str, Any], name: str) -> str | None:
+    """An optional string field (missing or null: ``None``), or :class:`MalformedPayload`."""
     value = obj.get(name)
     if value is None:
         return None
@@ -211,6 +213,7 @@ def opt_str(obj: Mapping[str, Any], name: str) -> str | None:
 
 
 def req_int(obj: Mapping[str, Any], name: str) -> int:
+    """A required integer field (never a bool), or :class:`MalformedPayload` naming it."""
     value = obj.get(name)
     if isinstance(value, bool) or not isinstance(value, int):
         raise MalformedPayload(f"The field {name!r} must be an integer.")
@@ -218,10 +221,12 @@ def req_int(obj: Mapping[str, Any], name: str) -> int:
 
 
 def opt_int(obj: Mapping[str, Any], name: str) -> int | None:
+    """An optional integer field (missing or null: ``None``), or :class:`MalformedPayload`."""
     return None if obj.get(name) is None else req_int(obj, name)
 
 
 def req_object(obj: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """A required JSON object field, or :class:`MalformedPayload` naming it."""
     value = obj.get(name)
     if not isinstance(value, dict):
         raise MalformedPayload(f"The field {name!r} must be an object.")

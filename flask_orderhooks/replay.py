@@ -32,6 +32,7 @@ class ReplayOutcome:
 
     @property
     def ok(self) -> bool:
+        """Whether nothing went wrong (done, or done already)."""
         return self.status != "failed"
 
 

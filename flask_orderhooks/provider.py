@@ -15,10 +15,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from blinker import NamedSignal
 from flask import Response
+
+if TYPE_CHECKING:
+    from .testing import SignedCallback
 
 from .exc import BadSignature, MalformedPayload, SignatureExpired
 
@@ -118,6 +121,20 @@ class Provider(ABC):
     @abstractmethod
     def answer(self, status: int, reason: str) -> Response:
         """Render the platform's documented answer for an HTTP status."""
+
+    def sample(self, callback: str, **fields: Any) -> SignedCallback:
+        """A correctly signed request for ``callback``, built from this
+        provider's own secrets: what :func:`flask_orderhooks.testing.build`
+        and the pytest fixture's ``build``/``deliver`` return for the kind
+        ``"<name>"`` (its first callback) or ``"<name>:<callback>"``.
+        Optional; override it to give your platform the testing kit.
+
+        .. versionadded:: 0.3
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} has no sample(); build a SignedCallback yourself "
+            "or define sample(callback, **fields)."
+        )
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"

@@ -391,7 +391,13 @@ def standard_webhook(
 
 
 def build(kind: str, *, app: Flask | None = None, **fields: Any) -> SignedCallback:
-    """Build a callback by kind name (one of :data:`KINDS`)."""
+    """Build a callback by kind name: one of :data:`KINDS`, or a configured
+    provider's ``"<name>"`` / ``"<name>:<callback>"`` (its
+    :meth:`~flask_orderhooks.Provider.sample`).
+
+    .. versionchanged:: 0.3
+        A host provider's kinds.
+    """
     builders: dict[str, Any] = {
         "igv": igv_order_status,
         "collect": gateway_collect,
@@ -401,9 +407,25 @@ def build(kind: str, *, app: Flask | None = None, **fields: Any) -> SignedCallba
         "standard": standard_webhook,
     }
     if kind not in builders:
-        raise ValueError(f"Unknown callback kind {kind!r}; use one of {', '.join(KINDS)}.")
+        return _sample(kind, app, fields)
     result: SignedCallback = builders[kind](app=app, **fields)
     return result
+
+
+def _sample(kind: str, app: Flask | None, fields: dict[str, Any]) -> SignedCallback:
+    name, _, callback = kind.partition(":")
+    target = app
+    if target is None and has_app_context():
+        target = current_app._get_current_object()  # type: ignore[attr-defined]
+    provider = None
+    if target is not None and "orderhooks" in target.extensions:
+        provider = get_extension(target).state(target).providers.get(name)
+    if provider is None:
+        raise ValueError(
+            f"Unknown callback kind {kind!r}; use one of {', '.join(KINDS)}, "
+            "or a configured provider's name."
+        )
+    return provider.sample(callback or next(iter(provider.routes)), **fields)
 
 
 # A private-use character marks a Decimal while json.dumps runs, so it can be

@@ -121,6 +121,10 @@ class AcmeProvider(Provider):
             reference=order,
         )
 
+    def sample(self, callback: str, **fields: Any) -> SignedCallback:
+        """The testing kit's builder: signed with this provider's secret."""
+        return acme_callback(self.secret.decode(), **fields)
+
     def answer(self, status: int, reason: str) -> Response:
         payload = {"received": True} if status < 300 else {"error": reason}
         return Response(json.dumps(payload), status=status, mimetype="application/json")
@@ -583,15 +587,18 @@ def test_the_fixture_captures_a_host_providers_events(orderhooks: OrderHooksClie
     assert [e.signal for e in events] == ["acme.order-settled"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="kit gap: testing.build() and OrderHooksClient.deliver() know the built-in "
-    "KINDS only; a host provider cannot register a builder",
-    raises=ValueError,
-)
 def test_the_fixture_builds_a_host_providers_callback(orderhooks: OrderHooksClient) -> None:
-    cb = orderhooks.build("acme")
-    assert cb.provider == "acme"
+    # AcmeProvider.sample() signs with the configured ACME_SECRET.
+    at = int(orderhooks.app.extensions["orderhooks"].clock())
+    cb = orderhooks.build("acme", delivery="dlv-sample", at=at)
+    assert (cb.provider, cb.callback, cb.key) == ("acme", "order-settled", "dlv-sample")
+    assert orderhooks.build("acme:order-settled", delivery="dlv-x", at=at).key == "dlv-x"
+    with orderhooks.captured() as events:
+        first, again = orderhooks.deliver_twice("acme", delivery="dlv-twice", at=at)
+    assert (first.status_code, again.status_code) == (200, 200)
+    assert [e.signal for e in events] == ["acme.order-settled"]
+    with pytest.raises(ValueError, match="Unknown callback kind 'nope'"):
+        orderhooks.build("nope")
 
 
 # -- refusals -------------------------------------------------------------------------

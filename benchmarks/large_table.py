@@ -807,30 +807,7 @@ def proposals(t: sa.Table, key: str, end: datetime) -> list[tuple[str, str, Call
     by_key = sa.or_(
         *(sa.and_(t.c.provider == p, t.c.callback == c, t.c.key == key) for p, c in PAIRS)
     )
-    console_cols = (t.c.provider, t.c.callback, t.c.key, t.c.status, t.c.created_at)
-    console_order = (t.c.created_at.desc(), *pk_desc)
-
-    def by_status(status: str) -> Any:
-        # SQLite picks the (status, updated_at) index for the filter and
-        # then sorts every match; the hint keeps the created_at order.
-        return (
-            sa.select(*console_cols)
-            .with_hint(t, "INDEXED BY ix_orderhooks_deliveries_created", "sqlite")
-            .where(t.c.status == status)
-            .order_by(*console_order)
-            .limit(51)
-        )
-
-    hinted = [
-        (
-            f"console list, status {status}, INDEXED BY the created_at index",
-            how,
-            sql(by_status(status)),
-        )
-        for status in ("failed", "dead", "done")
-    ]
     return [
-        *hinted,
         (
             "deliveries, ordered by created_at DESC + primary key DESC",
             how,

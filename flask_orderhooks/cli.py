@@ -53,6 +53,11 @@ def _state() -> AppState:
         raise click.ClickException(str(exc)) from None
 
 
+def _routes(state: AppState) -> list[tuple[str, str]]:
+    """Every configured ``(provider, callback)``: a key is found by primary key."""
+    return [(name, cb) for name, provider in state.providers.items() for cb in provider.routes]
+
+
 def _now(state: AppState) -> datetime:
     # The extension's clock, not the wall clock: rows are stamped with it.
     return datetime.fromtimestamp(state.clock(), UTC)
@@ -80,13 +85,13 @@ def orderhooks() -> None:
 @click.option(
     "--provider", metavar="NAME", help="Only this platform (igv, gateway, sud or a host's own)."
 )
-@click.option("--since", type=Duration(), help="Only those updated within this age, e.g. 24h.")
+@click.option("--since", type=Duration(), help="Only those received within this age, e.g. 24h.")
 @click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
 @with_appcontext
 def deliveries_command(
     status: str | None, provider: str | None, since: timedelta | None, limit: int
 ) -> None:
-    """List stored deliveries, newest first."""
+    """List stored deliveries, newest received first."""
     state = _state()
     store = state.store
     cutoff = _now(state) - since if since is not None else None
@@ -94,10 +99,10 @@ def deliveries_command(
     if not rows:
         click.echo("No deliveries.")
         return
-    header = ("UPDATED (UTC)", "PROVIDER", "CALLBACK", "KEY", "STATUS", "ATTEMPTS", "ERROR")
+    header = ("RECEIVED (UTC)", "PROVIDER", "CALLBACK", "KEY", "STATUS", "ATTEMPTS", "ERROR")
     table = [header] + [
         (
-            r.updated_at.strftime("%Y-%m-%d %H:%M:%S"),
+            r.created_at.strftime("%Y-%m-%d %H:%M:%S"),
             r.provider,
             r.callback,
             r.key,
@@ -120,7 +125,7 @@ def deliveries_command(
 def show_command(key: str) -> None:
     """Show every delivery stored under KEY, with its body and last error."""
     state = _state()
-    rows = state.store.get(key)
+    rows = state.store.get(key, routes=_routes(state))
     if not rows:
         raise click.ClickException(f"No delivery is stored under the key {key!r}.")
     for r in rows:
@@ -165,7 +170,7 @@ def replay_command(key: str | None, all_failed: bool, all_dead: bool, force: boo
     if statuses:
         rows = [row for status in statuses for row in state.store.list(status=status)]
     else:
-        rows = state.store.get(key or "")
+        rows = state.store.get(key or "", routes=_routes(state))
     if not rows:
         raise click.ClickException(
             f"No {' or '.join(statuses)} deliveries."

@@ -47,7 +47,7 @@ def test_deliveries_lists_and_filters(recorder: RecorderFactory) -> None:
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0].split() == [
-        "UPDATED",
+        "RECEIVED",
         "(UTC)",
         "PROVIDER",
         "CALLBACK",

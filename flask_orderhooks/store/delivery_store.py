@@ -9,7 +9,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -604,16 +604,33 @@ class DeliveryStore:
     # -- operators' view ---------------------------------------------------------
 
     def get(
-        self, key: str, provider: str | None = None, callback: str | None = None
+        self,
+        key: str,
+        provider: str | None = None,
+        callback: str | None = None,
+        *,
+        routes: Iterable[tuple[str, str]] = (),
     ) -> builtins.list[StoredDelivery]:
-        """Every stored delivery with ``key`` (one per provider and callback)."""
+        """Every stored delivery with ``key`` (one per provider and callback).
+
+        :param routes: the ``(provider, callback)`` pairs to look under
+            first, one primary-key lookup each (the key is the primary key's
+            last column: alone it is a scan of the whole table). Only when
+            none of them holds the key is the whole table searched.
+        """
         t = self.table
         query = sa.select(t).where(t.c.key == key)
         if provider is not None:
             query = query.where(t.c.provider == provider)
         if callback is not None:
             query = query.where(t.c.callback == callback)
-        return self._rows(query.order_by(t.c.provider, t.c.callback))
+        query = query.order_by(t.c.provider, t.c.callback)
+        pairs = [(p, c) for p, c in routes if provider in (None, p) and callback in (None, c)]
+        if pairs:
+            found = self._rows(query.where(sa.tuple_(t.c.provider, t.c.callback).in_(pairs)))
+            if found:
+                return found
+        return self._rows(query)
 
     def list(
         self,
@@ -623,7 +640,8 @@ class DeliveryStore:
         since: datetime | None = None,
         limit: int | None = None,
     ) -> builtins.list[StoredDelivery]:
-        """Stored deliveries, newest first."""
+        """Stored deliveries, newest received first (``since``: received
+        since), read along the ``created_at`` index."""
         t = self.table
         query = sa.select(t)
         if status is not None:
@@ -631,8 +649,12 @@ class DeliveryStore:
         if provider is not None:
             query = query.where(t.c.provider == provider)
         if since is not None:
-            query = query.where(t.c.updated_at >= sa.bindparam("since", since, type_=WHEN))
-        query = query.order_by(t.c.updated_at.desc(), t.c.key)
+            query = query.where(t.c.created_at >= sa.bindparam("since", since, type_=WHEN))
+        # Ties broken in the primary key's order, descending: the order an
+        # index on created_at (InnoDB: with the primary key appended) keeps.
+        query = query.order_by(
+            t.c.created_at.desc(), t.c.provider.desc(), t.c.callback.desc(), t.c.key.desc()
+        )
         if limit is not None:
             query = query.limit(limit)
         return self._rows(query)

@@ -9,15 +9,13 @@ checkers (:func:`read_secrets`, :func:`read_seconds`).
 
 from __future__ import annotations
 
-import ipaddress
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .exc import ConfigurationError
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+from .networks import IPNetwork, parse_networks
 
 DEFAULTS: dict[str, Any] = {
     "ORDERHOOKS_URL_PREFIX": "/orderhooks",
@@ -236,13 +234,5 @@ def _allowed_ips(value: object, providers: Sequence[str]) -> Mapping[str, tuple[
             raise ConfigurationError(
                 f"{key}[{platform!r}]", "must be a non-empty list of addresses or CIDR networks."
             )
-        parsed = []
-        for network in networks:
-            try:
-                parsed.append(ipaddress.ip_network(network, strict=False))
-            except (TypeError, ValueError):
-                raise ConfigurationError(
-                    f"{key}[{platform!r}]", f"{network!r} is not an address or CIDR network."
-                ) from None
-        allowed[platform] = tuple(parsed)
+        allowed[platform] = parse_networks(f"{key}[{platform!r}]", networks)
     return allowed

@@ -17,7 +17,6 @@ request, so the number of series is bounded whatever the platforms send.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import math
 import os
@@ -30,10 +29,10 @@ import sqlalchemy as sa
 from flask import Blueprint, Flask, Response, current_app, has_app_context, request
 from sqlalchemy.exc import DBAPIError
 
-from .config import IPNetwork
 from .exc import ConfigurationError
 from .gateway import GatewayProvider
 from .igv import IGVProvider
+from .networks import IPNetwork, address_allowed, parse_networks
 from .store.table import DEAD, FAILED, PENDING, PROCESSING
 from .sud import SUDProvider
 
@@ -293,8 +292,7 @@ class Metrics:
 
     def allowed(self) -> bool:
         """Whether the current request may read the metrics; logs a refusal."""
-        address = _client_address(request.remote_addr)
-        if address is not None and any(address in network for network in self.allowed_networks):
+        if address_allowed(request.remote_addr, self.allowed_networks):
             return True
         check = self._hooks.console_access_check
         if check is not None:
@@ -431,19 +429,6 @@ def _error_text(exc: Exception) -> str:
     return f"{type(inner).__name__}: {lines[0] if lines else ''}"
 
 
-def _client_address(
-    remote: str | None,
-) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        address = ipaddress.ip_address(remote or "")
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        # A dual-stack listener reports IPv4 clients as ::ffff:a.b.c.d.
-        return address.ipv4_mapped
-    return address
-
-
 def _register_all(registry: CollectorRegistry, metrics: Sequence[Collector]) -> None:
     done: list[Collector] = []
     try:
@@ -574,13 +559,7 @@ def _allowed_ips(value: object) -> tuple[IPNetwork, ...]:
             'must be a list of addresses or CIDR networks, such as ["127.0.0.1", "10.0.0.0/8"] '
             "(an empty list: only the console_access function decides).",
         )
-    networks = []
-    for item in value:
-        try:
-            networks.append(ipaddress.ip_network(item, strict=False))
-        except (TypeError, ValueError):
-            raise ConfigurationError(key, f"{item!r} is not an address or CIDR network.") from None
-    return tuple(networks)
+    return parse_networks(key, value)
 
 
 def _registry(value: object) -> CollectorRegistry | None:

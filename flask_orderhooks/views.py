@@ -9,7 +9,6 @@ neither success nor a clean failure.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -26,6 +25,7 @@ from .exc import (
     RequestRefused,
     SourceForbidden,
 )
+from .networks import address_allowed
 from .provider import Delivery, Provider
 from .signals import callback_unhandled
 
@@ -128,16 +128,7 @@ def missing_receiver(app: Flask, delivery: Delivery) -> NamedSignal | None:
 
 def _check_source(state: AppState, platform: str) -> None:
     networks = state.settings.allowed_ips.get(platform)
-    if not networks:
-        return
-    try:
-        address = ipaddress.ip_address(request.remote_addr or "")
-    except ValueError:
-        raise SourceForbidden("The client address is not allowed.") from None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        # A dual-stack listener reports IPv4 clients as ::ffff:a.b.c.d.
-        address = address.ipv4_mapped
-    if not any(address in network for network in networks):
+    if networks and not address_allowed(request.remote_addr, networks):
         raise SourceForbidden("The client address is not allowed.")
 
 

@@ -53,11 +53,6 @@ def _state() -> AppState:
         raise click.ClickException(str(exc)) from None
 
 
-def _routes(state: AppState) -> list[tuple[str, str]]:
-    """Every configured ``(provider, callback)``: a key is found by primary key."""
-    return [(name, cb) for name, provider in state.providers.items() for cb in provider.routes]
-
-
 def _now(state: AppState) -> datetime:
     # The extension's clock, not the wall clock: rows are stamped with it.
     return datetime.fromtimestamp(state.clock(), UTC)
@@ -125,7 +120,7 @@ def deliveries_command(
 def show_command(key: str) -> None:
     """Show every delivery stored under KEY, with its body and last error."""
     state = _state()
-    rows = state.store.get(key, routes=_routes(state))
+    rows = state.store.get(key, routes=state.routes)
     if not rows:
         raise click.ClickException(f"No delivery is stored under the key {key!r}.")
     for r in rows:
@@ -170,7 +165,7 @@ def replay_command(key: str | None, all_failed: bool, all_dead: bool, force: boo
     if statuses:
         rows = [row for status in statuses for row in state.store.list(status=status)]
     else:
-        rows = state.store.get(key or "", routes=_routes(state))
+        rows = state.store.get(key or "", routes=state.routes)
     if not rows:
         raise click.ClickException(
             f"No {' or '.join(statuses)} deliveries."

@@ -65,6 +65,12 @@ class AppState:
     #: Observers of answers, dispatches and attempts (metrics).
     instruments: Instruments = field(default_factory=Instruments)
 
+    @property
+    def routes(self) -> list[tuple[str, str]]:
+        """Every configured ``(provider, callback)``: under these a key is
+        found by primary key, and metrics label series."""
+        return [(name, cb) for name, provider in self.providers.items() for cb in provider.routes]
+
 
 class OrderHooks:
     """Receive verified, de-duplicated order and payment callbacks.

@@ -21,9 +21,9 @@ import logging
 import math
 import os
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 from flask import Blueprint, Flask, Response, current_app, has_app_context, request
@@ -97,6 +97,8 @@ OUTCOMES: tuple[str, ...] = ("done", "failed")
 #: The label value of anything outside the fixed sets (a provider of a row
 #: whose platform is gone, say): one series, never one per value.
 OTHER = "other"
+_Metric = TypeVar("_Metric", Counter, Histogram)
+_Value = TypeVar("_Value", int, str)
 
 #: PostgreSQL: the longest the scrape's count may run (milliseconds); a
 #: scrape that waits longer than Prometheus does (10 s) only holds a worker.
@@ -147,11 +149,7 @@ class Metrics:
         self.allowed_networks = tuple(allowed)
         self._hooks = hooks
         self._app = weakref.ref(app)
-        configured = {
-            (provider.name, callback)
-            for provider in state.providers.values()
-            for callback in provider.routes
-        }
+        configured = set(state.routes)
         # Rows of a platform turned off since keep their names when a worker
         # attempts them; only the configured routes start at zero.
         self._routes = _BUILTIN_ROUTES | configured
@@ -189,12 +187,12 @@ class Metrics:
         self._answer_children: dict[tuple[str, str, int], Counter] = {}
         self._dispatch_children: dict[tuple[str, str, str], Histogram] = {}
         self._attempt_children: dict[tuple[str, str, str], Counter] = {}
-        for provider_name, callback in sorted(configured):
+        for route in sorted(configured):
             for status in ANSWER_STATUSES:
-                self._answer_child(provider_name, callback, status)
+                self._child(self._requests, self._answer_children, *route, status, ANSWER_STATUSES)
             for outcome in OUTCOMES:
-                self._dispatch_child(provider_name, callback, outcome)
-                self._attempt_child(provider_name, callback, outcome)
+                self._child(self._dispatch, self._dispatch_children, *route, outcome, OUTCOMES)
+                self._child(self._attempts, self._attempt_children, *route, outcome, OUTCOMES)
 
     def __repr__(self) -> str:
         mode = "multiprocess" if self.multiprocess_dir else "process-local"
@@ -206,52 +204,49 @@ class Metrics:
         """Count one answer (``orderhooks_requests_total``)."""
         child = self._answer_children.get((provider, callback, status))
         if child is None:
-            child = self._answer_child(provider, callback, status)
+            child = self._child(
+                self._requests, self._answer_children, provider, callback, status, ANSWER_STATUSES
+            )
         child.inc()
 
     def dispatched(self, provider: str, callback: str, outcome: str, seconds: float) -> None:
         """Observe one dispatch's duration (``orderhooks_dispatch_seconds``)."""
         child = self._dispatch_children.get((provider, callback, outcome))
         if child is None:
-            child = self._dispatch_child(provider, callback, outcome)
+            child = self._child(
+                self._dispatch, self._dispatch_children, provider, callback, outcome, OUTCOMES
+            )
         child.observe(seconds)
 
     def attempted(self, provider: str, callback: str, outcome: str) -> None:
         """Count one worker attempt (``orderhooks_attempts_total``)."""
         child = self._attempt_children.get((provider, callback, outcome))
         if child is None:
-            child = self._attempt_child(provider, callback, outcome)
+            child = self._child(
+                self._attempts, self._attempt_children, provider, callback, outcome, OUTCOMES
+            )
         child.inc()
 
-    def _labels(self, provider: str, callback: str) -> tuple[str, str, bool]:
-        """The route's label values, and whether they are the route's own
-        (only those children are cached: the cache stays bounded too)."""
+    def _child(
+        self,
+        metric: _Metric,
+        cache: dict[tuple[str, str, _Value], _Metric],
+        provider: str,
+        callback: str,
+        value: _Value,
+        allowed: Container[_Value],
+    ) -> _Metric:
+        """``metric``'s series for a route and a value, with ``other`` for
+        anything outside the fixed label sets; only the route's own series
+        are cached, so the cache stays bounded too."""
         if (provider, callback) in self._routes:
-            return provider, callback, True
-        return OTHER, OTHER, False
-
-    def _answer_child(self, provider: str, callback: str, status: int) -> Counter:
-        p, c, known = self._labels(provider, callback)
-        code = str(status) if status in ANSWER_STATUSES else OTHER
-        child = self._requests.labels(p, c, code)
-        if known and code != OTHER:
-            self._answer_children[(provider, callback, status)] = child
-        return child
-
-    def _dispatch_child(self, provider: str, callback: str, outcome: str) -> Histogram:
-        p, c, known = self._labels(provider, callback)
-        label = outcome if outcome in OUTCOMES else OTHER
-        child = self._dispatch.labels(p, c, label)
+            p, c, known = provider, callback, True
+        else:
+            p, c, known = OTHER, OTHER, False
+        label = str(value) if value in allowed else OTHER
+        child = metric.labels(p, c, label)
         if known and label != OTHER:
-            self._dispatch_children[(provider, callback, outcome)] = child
-        return child
-
-    def _attempt_child(self, provider: str, callback: str, outcome: str) -> Counter:
-        p, c, known = self._labels(provider, callback)
-        label = outcome if outcome in OUTCOMES else OTHER
-        child = self._attempts.labels(p, c, label)
-        if known and label != OTHER:
-            self._attempt_children[(provider, callback, outcome)] = child
+            cache[(provider, callback, value)] = child
         return child
 
     # -- the scrape ------------------------------------------------------------------

@@ -102,9 +102,6 @@ def make_blueprint(hooks: OrderHooks, state: AppState, settings: ConsoleSettings
     )
     store = state.store
 
-    def pairs() -> list[tuple[str, str]]:
-        return [(name, cb) for name, p in state.providers.items() for cb in p.routes]
-
     def app() -> Flask:
         return current_app._get_current_object()  # type: ignore[attr-defined,no-any-return]
 
@@ -172,7 +169,7 @@ def make_blueprint(hooks: OrderHooks, state: AppState, settings: ConsoleSettings
                 errors.append(f"The {label} time {value!r} is not a time such as 2026-05-04T10:00.")
                 return None
 
-        callbacks = sorted({cb for _, cb in pairs()})
+        callbacks = sorted({cb for _, cb in state.routes})
         filters = Filters(
             status=choice("status", STATUSES),
             provider=choice("provider", sorted(state.providers)),
@@ -201,7 +198,9 @@ def make_blueprint(hooks: OrderHooks, state: AppState, settings: ConsoleSettings
         }
         if errors:
             return page("list.html", 400, rows=[], next_url=None, newest_url=None, **context)
-        result = list_page(store, filters, pairs=pairs(), after=after, limit=settings.page_size)
+        result = list_page(
+            store, filters, pairs=state.routes, after=after, limit=settings.page_size
+        )
         # The filters ride along to the next page; nothing else does.
         kept: dict[str, Any] = {name: args[name] for name in _FILTER_ARGS if args.get(name)}
         next_url = None

@@ -15,9 +15,6 @@ from typing import Protocol
 
 logger = logging.getLogger("flask_orderhooks")
 
-#: How a dispatch ended: every receiver returned, or one raised.
-DispatchOutcome = str  # "done" | "failed"
-
 
 class Observer(Protocol):
     """Hears about answers, dispatches and worker attempts.

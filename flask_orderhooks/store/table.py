@@ -106,7 +106,7 @@ class Utf8Binary(sa.types.TypeDecorator[str]):
         return value.encode("utf-8") if value is not None else None
 
     def process_result_value(self, value: bytes | None, dialect: Dialect) -> str | None:
-        return bytes(value).decode("utf-8") if value is not None else None
+        return text_of(value)
 
 
 KEY = sa.String(MAX_KEY_LENGTH).with_variant(Utf8Binary(MAX_KEY_LENGTH * 4), *MYSQL)

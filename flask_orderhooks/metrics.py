@@ -338,9 +338,10 @@ class _StoreCollector:
         self._app = app
         self._state = state
         table = state.store.table
-        # Served by ix_orderhooks_deliveries_status_updated (status first):
-        # it reads the entries of these four statuses only, never the done
-        # rows, however many there are.
+        # Served by an index that leads with status (the planner picks
+        # (status, updated_at) or (status, created_at)): it reads the entries
+        # of these four statuses only, never the done rows, however many
+        # there are.
         self.query = (
             sa.select(table.c.status, sa.func.count())
             .where(table.c.status.in_(COUNTED_STATUSES))

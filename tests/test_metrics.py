@@ -609,6 +609,13 @@ def test_without_prometheus_client_the_import_names_the_extra(
 
 # -- the count's plan: the status index, never the done rows ------------------------
 
+#: The indexes that lead with status: the count reads the same entries from
+#: either, and the planner picks one.
+STATUS_INDEXES = (
+    "ix_orderhooks_deliveries_status_updated",
+    "ix_orderhooks_deliveries_status_created",
+)
+
 
 def test_sqlite_counts_through_the_status_index(
     make_own: Callable[..., tuple[Flask, OrderHooks]],
@@ -621,10 +628,10 @@ def test_sqlite_counts_through_the_status_index(
     sql = str(query.compile(state.store.engine, compile_kwargs={"literal_binds": True}))
     with state.store.engine.connect() as connection:
         plan = [row[3] for row in connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}")]
-    assert plan == [
-        "SEARCH orderhooks_deliveries USING COVERING INDEX "
-        "ix_orderhooks_deliveries_status_updated (status=?)"
-    ]
+    assert plan in (
+        [f"SEARCH orderhooks_deliveries USING COVERING INDEX {name} (status=?)"]
+        for name in STATUS_INDEXES
+    )
 
 
 @pytest.mark.postgres
@@ -656,7 +663,7 @@ def test_postgresql_counts_through_the_status_index(
         sql = str(query.compile(engine, compile_kwargs={"literal_binds": True}))
         with engine.connect() as connection:
             plan = "\n".join(row[0] for row in connection.exec_driver_sql(f"EXPLAIN {sql}"))
-        assert "ix_orderhooks_deliveries_status_updated" in plan, plan
+        assert any(name in plan for name in STATUS_INDEXES), plan
         assert "Seq Scan" not in plan, plan
         assert get_metrics(app).store_collector.count() == {
             "failed": 10,

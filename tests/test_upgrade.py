@@ -76,6 +76,7 @@ pytestmark = pytest.mark.parametrize(
 
 CREATED_INDEX = "ix_orderhooks_deliveries_created"
 REFERENCE_INDEX = "ix_orderhooks_deliveries_reference"
+STATUS_CREATED_INDEX = "ix_orderhooks_deliveries_status_created"
 #: What the first use adds to each version's table, in the warning's order:
 #: the columns in the table's order, then the indexes by name.
 ADDED = {
@@ -87,8 +88,16 @@ ADDED = {
         CREATED_INDEX,
         DUE_INDEX,
         REFERENCE_INDEX,
+        STATUS_CREATED_INDEX,
     ),
-    "0.2": ("reference", "failures", "compacted_at", CREATED_INDEX, REFERENCE_INDEX),
+    "0.2": (
+        "reference",
+        "failures",
+        "compacted_at",
+        CREATED_INDEX,
+        REFERENCE_INDEX,
+        STATUS_CREATED_INDEX,
+    ),
 }
 
 #: The platform's success answer, per provider.
@@ -97,14 +106,16 @@ UPGRADE_WARNING = {
     "0.1": (
         "OrderHooks: upgraded the table orderhooks_deliveries: added next_attempt_at, "
         "reference, failures, compacted_at, ix_orderhooks_deliveries_created, "
-        "ix_orderhooks_deliveries_due, ix_orderhooks_deliveries_reference"
+        "ix_orderhooks_deliveries_due, ix_orderhooks_deliveries_reference, "
+        "ix_orderhooks_deliveries_status_created"
     ),
     "0.2": (
         "OrderHooks: upgraded the table orderhooks_deliveries: added reference, failures, "
-        "compacted_at, ix_orderhooks_deliveries_created, ix_orderhooks_deliveries_reference"
+        "compacted_at, ix_orderhooks_deliveries_created, ix_orderhooks_deliveries_reference, "
+        "ix_orderhooks_deliveries_status_created"
     ),
 }
-INDEXES_ADDED_BY_0_2_AND_0_3 = (DUE_INDEX, CREATED_INDEX, REFERENCE_INDEX)
+INDEXES_ADDED_BY_0_2_AND_0_3 = (DUE_INDEX, CREATED_INDEX, REFERENCE_INDEX, STATUS_CREATED_INDEX)
 #: The current table's columns, in order: 0.1.0's, 0.2's due time, 0.3's three.
 CURRENT_COLUMNS = [*LEGACY_COLUMNS, "next_attempt_at", "reference", "failures", "compacted_at"]
 _DELIVERY_SIGNALS = (
@@ -240,6 +251,7 @@ def assert_upgraded(engine: sa.Engine) -> None:
         ),
         CREATED_INDEX: (["created_at"], False, None),
         REFERENCE_INDEX: (["reference"], False, None),
+        STATUS_CREATED_INDEX: (["status", "created_at"], False, None),
     }
     assert inspector.get_pk_constraint(TABLE_NAME)["constrained_columns"] == [
         "provider",
@@ -717,16 +729,18 @@ _NEW_COLUMNS = {
         ("compacted_at", _WHEN_TYPE),
     ],
 }
-#: (index, its column, its options) by name, per version of the old table.
-_NEW_INDEXES = {
+#: (index, its columns, its options) by name, per version of the old table.
+_NEW_INDEXES: dict[str, list[tuple[str, tuple[str, ...], str]]] = {
     "0.1": [
-        (CREATED_INDEX, "created_at", ""),
-        (DUE_INDEX, "next_attempt_at", f", {_WHERE}"),
-        (REFERENCE_INDEX, "reference", ""),
+        (CREATED_INDEX, ("created_at",), ""),
+        (DUE_INDEX, ("next_attempt_at",), f", {_WHERE}"),
+        (REFERENCE_INDEX, ("reference",), ""),
+        (STATUS_CREATED_INDEX, ("status", "created_at"), ""),
     ],
     "0.2": [
-        (CREATED_INDEX, "created_at", ""),
-        (REFERENCE_INDEX, "reference", ""),
+        (CREATED_INDEX, ("created_at",), ""),
+        (REFERENCE_INDEX, ("reference",), ""),
+        (STATUS_CREATED_INDEX, ("status", "created_at"), ""),
     ],
 }
 
@@ -741,8 +755,8 @@ def upgrade_ops(version: str, batch: bool) -> list[str]:
                 for name, type_ in _NEW_COLUMNS[version]
             ],
             *[
-                f"batch_op.create_index('{name}', ['{column}'], unique=False{options})"
-                for name, column, options in _NEW_INDEXES[version]
+                f"batch_op.create_index('{name}', {list(columns)!r}, unique=False{options})"
+                for name, columns, options in _NEW_INDEXES[version]
             ],
         ]
     return [
@@ -751,8 +765,8 @@ def upgrade_ops(version: str, batch: bool) -> list[str]:
             for name, type_ in _NEW_COLUMNS[version]
         ],
         *[
-            f"op.create_index('{name}', '{TABLE_NAME}', ['{column}'], unique=False{options})"
-            for name, column, options in _NEW_INDEXES[version]
+            f"op.create_index('{name}', '{TABLE_NAME}', {list(columns)!r}, unique=False{options})"
+            for name, columns, options in _NEW_INDEXES[version]
         ],
     ]
 
@@ -808,8 +822,9 @@ def upgrade_ddl(version: str, dialect: str) -> list[str]:
             for name, _type in _NEW_COLUMNS[version]
         ],
         *[
-            f"CREATE INDEX {name} ON {TABLE_NAME} ({column})" + (where if name == DUE_INDEX else "")
-            for name, column, _options in _NEW_INDEXES[version]
+            f"CREATE INDEX {name} ON {TABLE_NAME} ({', '.join(columns)})"
+            + (where if name == DUE_INDEX else "")
+            for name, columns, _options in _NEW_INDEXES[version]
         ],
     ]
 

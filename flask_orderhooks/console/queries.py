@@ -10,13 +10,14 @@ a time range                              the same index, as a range
 search by key                             the primary key ``(provider, callback,
                                           key)``, one lookup per known callback
 search by order id                        ``ix_orderhooks_deliveries_reference``
-a status filter                           ``ix_orderhooks_deliveries_created`` for
-                                          common statuses, or
-                                          ``ix_orderhooks_deliveries_status_updated``
-                                          for rare ones (the planner picks)
+a status filter                           ``ix_orderhooks_deliveries_status_created``
+                                          (``status, created_at``), one status's
+                                          range read backwards (PostgreSQL may read
+                                          the created index for done, nearly every
+                                          row)
 one delivery                              the primary key
-the chart's 24 hours                      ``ix_orderhooks_deliveries_created``, as a
-                                          range
+the chart's 24 hours                      ``ix_orderhooks_deliveries_status_created``
+                                          alone: one created_at range per status
 ========================================  ==========================================
 """
 
@@ -32,7 +33,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from ..store import MAX_KEY_LENGTH, DeliveryStore, StoredDelivery
+from ..store import MAX_KEY_LENGTH, STATUSES, DeliveryStore, StoredDelivery
 from ..store.table import MYSQL, REFERENCE, WHEN, text_of
 
 
@@ -285,10 +286,24 @@ def _hour(dialect: str, t: sa.Table) -> sa.ColumnElement[Any]:
 
 
 def hourly_query(dialect: str, t: sa.Table, *, start: datetime, end: datetime) -> sa.Select[Any]:
-    """The chart's statement: one GROUP BY over a range of created_at."""
+    """The chart's statement: one GROUP BY over a range of created_at, read
+    from ``ix_orderhooks_deliveries_status_created`` alone."""
+    # Every status the store writes, so no row is left out: the condition
+    # turns the index's leading column into one created_at range per status,
+    # and the planner counts from the index without reading a table row
+    # (PostgreSQL: on pages its visibility map marks all-visible). Inlined:
+    # the planner sees the same five values whether the plan is custom or
+    # generic.
+    every_status: sa.BindParameter[list[str]] = sa.bindparam(
+        "statuses", list(STATUSES), expanding=True, literal_execute=True
+    )
     return (
         sa.select(_hour(dialect, t).label("bucket"), t.c.status, sa.func.count().label("n"))
-        .where(t.c.created_at >= _when("start", start), t.c.created_at < _when("end", end))
+        .where(
+            t.c.status.in_(every_status),
+            t.c.created_at >= _when("start", start),
+            t.c.created_at < _when("end", end),
+        )
         # By the output name: the expression written twice would carry its
         # format string as two parameters, which PostgreSQL does not
         # recognise as the same expression.

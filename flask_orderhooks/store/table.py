@@ -33,6 +33,9 @@ STATUSES = (PENDING, PROCESSING, DONE, FAILED, DEAD)
 DUE_INDEX = "ix_orderhooks_deliveries_due"
 #: Newest first, for the console's list and its time range (keyset pages).
 CREATED_INDEX = "ix_orderhooks_deliveries_created"
+#: Newest first within one status: the console's and the CLI's status
+#: filter, and the chart's counts read from the index alone.
+STATUS_CREATED_INDEX = "ix_orderhooks_deliveries_status_created"
 #: The order id found in the body, for the console's search box.
 REFERENCE_INDEX = "ix_orderhooks_deliveries_reference"
 #: Longest order id kept for the search (longer ones are not searchable).
@@ -168,6 +171,12 @@ def deliveries_table(metadata: sa.MetaData) -> sa.Table:
         sa.Index("ix_orderhooks_deliveries_status_updated", "status", "updated_at"),
         due_index(),
         sa.Index(CREATED_INDEX, "created_at"),
+        # 0.3. A status filter ordered by created_at: one range in index
+        # order, stopped after a page, instead of every row of that status
+        # sorted (SQLite picked (status, updated_at) and sorted every done
+        # row of 10 million). InnoDB appends the primary key, which is the
+        # lists' tie-break. The chart counts from it alone.
+        sa.Index(STATUS_CREATED_INDEX, "status", "created_at"),
         sa.Index(REFERENCE_INDEX, "reference"),
         # MySQL and MariaDB: transactions, and keys whatever their characters.
         mysql_engine="InnoDB",

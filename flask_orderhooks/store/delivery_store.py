@@ -30,6 +30,7 @@ from ..exc import (
 from ..provider import Delivery
 from .errors import is_busy, mysql_lock_wait
 from .mysql import MySQLStatements
+from .one_trip import ClaimAndBegin, begin_command, claim_committed
 from .retention import compact_old, delete_old
 from .retries import NO_RETRIES, RetrySchedule
 from .sqlite import relaxed_sqlite_sync
@@ -193,11 +194,76 @@ class DeliveryStore:
         :raises StoreUnavailable: the store failed or another worker holds it.
         """
         _check_key(delivery)
-        claim = self.claim(delivery)
+        deadline = time.monotonic() + self.duplicate_wait
+        if self._claim_and_begin is not None:
+            outcome = self._deliver_in_one_trip(delivery, dispatch, deadline)
+            if outcome is not None:
+                return outcome
+        claim = self._claim(delivery, deadline=deadline, force=False)
         if claim is None:
             return "duplicate"
         self.dispatch(delivery, claim, dispatch)
         return "dispatched"
+
+    def _deliver_in_one_trip(
+        self, delivery: Delivery, dispatch: Callable[[], None], deadline: float
+    ) -> Outcome | None:
+        """:meth:`deliver` with the claim and the dispatch's first statements
+        in one round trip (:mod:`.one_trip`); ``None`` when the usual steps
+        must go on: the host's session had begun, the claim waited out its
+        lock wait, or another worker holds the delivery."""
+        assert self._claim_and_begin is not None
+        begin = begin_command(self.engine)
+        if begin is None:
+            return None
+        self._ensure_table(delivery)
+        digest = hashlib.sha256(delivery.body).hexdigest()
+        token = secrets.token_hex(16)
+        params = self._claim_params(delivery, token, digest, deadline - time.monotonic(), False)
+        with self._store_errors(delivery), self._dispatch_transaction() as session:
+            connection = session.connection_to_begin()
+            if connection is None:
+                return None
+            try:
+                trip = self._claim_and_begin.run(connection, begin, params)
+            except DBAPIError as exc:
+                committed = claim_committed(connection)
+                session.rollback()
+                if committed is False:
+                    if is_busy(exc):
+                        # Nothing was claimed: the usual loop waits, to the same deadline.
+                        return None
+                    raise
+                # The claim committed (or the connection went and nobody can
+                # tell): no receiver ran, so hand it back for the next retry.
+                self._hand_back(delivery, token, exc)
+                raise
+            if trip.claimed is None or trip.claimed[0] != token:
+                session.rollback()
+                if trip.state is not None and self._settled(delivery, digest, trip.state):
+                    return "duplicate"
+                return None
+            claim = Claim(token=token, attempt=int(trip.claimed[1]))
+            if not trip.marked:
+                session.rollback()
+                raise StoreUnavailable("The claim on this delivery expired; retry later.")
+            self._run_receivers(session, delivery, claim, dispatch)
+        return "dispatched"
+
+    def _hand_back(self, delivery: Delivery, token: str, exc: BaseException) -> None:
+        """A claim the one-trip query may have committed before it failed:
+        recorded as a failed attempt now, as :meth:`dispatch` does, rather
+        than left to its lease (nothing matches if it never committed)."""
+        assert self._claim_and_begin is not None
+        try:
+            with self._own_transaction() as connection:
+                row = self._claim_and_begin.attempt_of(
+                    connection, {**self._key_params(delivery), "p_token": token}
+                )
+        except SQLAlchemyError:
+            return
+        if row is not None:
+            self._mark_failed(delivery, Claim(token=token, attempt=int(row[0])), exc)
 
     def accept(self, delivery: Delivery) -> Outcome:
         """Store ``delivery`` as pending for a worker (deferred dispatch).
@@ -296,10 +362,12 @@ class DeliveryStore:
 
         :param force: take a ``done`` delivery too (``replay --force``).
         """
+        return self._claim(delivery, deadline=time.monotonic() + self.duplicate_wait, force=force)
+
+    def _claim(self, delivery: Delivery, *, deadline: float, force: bool) -> Claim | None:
         self._ensure_table(delivery)
         digest = hashlib.sha256(delivery.body).hexdigest()
         token = secrets.token_hex(16)
-        deadline = time.monotonic() + self.duplicate_wait
         while True:
             remaining = deadline - time.monotonic()
             try:
@@ -314,19 +382,8 @@ class DeliveryStore:
             if row is not None and row[0] == token:
                 return Claim(token=token, attempt=int(row[1]))
             # None: purged between the two statements, so claim again.
-            if current is not None:
-                status, stored_digest, _lease = current
-                if status == DONE:
-                    if stored_digest != digest:
-                        logger.warning(
-                            "%s %s %s: already done; a resend with a different body was ignored",
-                            delivery.provider,
-                            delivery.callback,
-                            delivery.key,
-                        )
-                    return None
-                if stored_digest != digest:
-                    raise KeyConflict("This key is stored with a different body.")
+            if current is not None and self._settled(delivery, digest, current):
+                return None
             if time.monotonic() >= deadline:
                 raise StoreUnavailable("Another worker is handling this delivery; retry later.")
             time.sleep(min(_POLL_INTERVAL, max(0.0, deadline - time.monotonic())))
@@ -340,23 +397,49 @@ class DeliveryStore:
             self._store_errors(delivery),
             self._own_transaction(lock_wait=remaining) as connection,
         ):
-            now = self._now()
             row = self._sql.claim.first(
-                connection,
-                {
-                    **self._key_params(delivery),
-                    **_row_params(delivery, token, digest),
-                    "p_lease": now + timedelta(seconds=self.claim_timeout),
-                    "p_now": now,
-                    "p_takeover": DONE if force else FAILED,
-                    # PostgreSQL's lock_timeout: ON CONFLICT waits for
-                    # another worker's row lock, unbounded by default.
-                    "p_ms": f"{max(1, int(remaining * 1000))}ms",
-                },
+                connection, self._claim_params(delivery, token, digest, remaining, force)
             )
             if row is not None and row[0] == token:
                 return row, None
             return row, self._sql.state.first(connection, self._key_params(delivery))
+
+    def _claim_params(
+        self, delivery: Delivery, token: str, digest: str, remaining: float, force: bool
+    ) -> dict[str, Any]:
+        now = self._now()
+        return {
+            **self._key_params(delivery),
+            **_row_params(delivery, token, digest),
+            "p_lease": now + timedelta(seconds=self.claim_timeout),
+            "p_now": now,
+            "p_takeover": DONE if force else FAILED,
+            # PostgreSQL's lock_timeout: ON CONFLICT waits for another
+            # worker's row lock, unbounded by default.
+            "p_ms": f"{max(1, int(remaining * 1000))}ms",
+        }
+
+    @staticmethod
+    def _settled(delivery: Delivery, digest: str, current: tuple[Any, ...]) -> bool:
+        """Whether a claim that did not win is a duplicate, seeing the row's
+        ``(status, body_sha256, lease)``: ``True`` when it is done; ``False``
+        when another worker holds it (wait and claim again).
+
+        :raises KeyConflict: the key is stored, not done, with another body.
+        """
+        status, stored_digest, _lease = current
+        if status == DONE:
+            if stored_digest != digest:
+                logger.warning(
+                    "%s %s %s: already done; a resend with a different body was ignored",
+                    delivery.provider,
+                    delivery.callback,
+                    delivery.key,
+                )
+            return True
+        if stored_digest != digest:
+            raise KeyConflict("This key is stored with a different body.")
+        return False
 
     def dispatch(self, delivery: Delivery, claim: Claim, dispatch: Callable[[], None]) -> None:
         """Run ``dispatch`` inside the transaction that marks the claim done."""
@@ -373,25 +456,37 @@ class DeliveryStore:
             if not marked:
                 session.rollback()
                 raise StoreUnavailable("The claim on this delivery expired; retry later.")
-            try:
-                dispatch()
-            except Exception as exc:
-                session.rollback()
-                self._mark_failed(delivery, claim, exc)
-                if isinstance(exc, CallbackError):
-                    raise
-                raise ReceiverFailed("A receiver failed; the delivery will be retried.") from exc
-            try:
-                session.commit()
-            except IntegrityError as exc:
-                # Flushed at commit: the receivers' writes broke a constraint.
-                session.rollback()
-                self._mark_failed(delivery, claim, exc)
-                raise ReceiverFailed("A receiver failed; the delivery will be retried.") from exc
-            except SQLAlchemyError as exc:
-                session.rollback()
-                self._mark_failed(delivery, claim, exc)
+            self._run_receivers(session, delivery, claim, dispatch)
+
+    def _run_receivers(
+        self,
+        session: Transaction,
+        delivery: Keyed,
+        claim: Claim,
+        dispatch: Callable[[], None],
+    ) -> None:
+        """Run ``dispatch`` in ``session``, which holds the claim's
+        uncommitted done mark, and commit both; a failure rolls both back
+        and is recorded as a failed attempt."""
+        try:
+            dispatch()
+        except Exception as exc:
+            session.rollback()
+            self._mark_failed(delivery, claim, exc)
+            if isinstance(exc, CallbackError):
                 raise
+            raise ReceiverFailed("A receiver failed; the delivery will be retried.") from exc
+        try:
+            session.commit()
+        except IntegrityError as exc:
+            # Flushed at commit: the receivers' writes broke a constraint.
+            session.rollback()
+            self._mark_failed(delivery, claim, exc)
+            raise ReceiverFailed("A receiver failed; the delivery will be retried.") from exc
+        except SQLAlchemyError as exc:
+            session.rollback()
+            self._mark_failed(delivery, claim, exc)
+            raise
 
     def _see_the_claim(self, session: Transaction, delivery: Delivery) -> None:
         """Make sure the dispatch transaction can see the committed claim.
@@ -553,6 +648,13 @@ class DeliveryStore:
             claim=Claim(token=taken, attempt=stored.attempts),
             lease_lost=taken == lost_token,
         )
+
+    @functools.cached_property
+    def _claim_and_begin(self) -> ClaimAndBegin | None:
+        # PostgreSQL with psycopg 3 only; the others take the usual steps.
+        if self.dialect != "postgresql" or not ClaimAndBegin.usable(self.engine.dialect):
+            return None
+        return ClaimAndBegin(self.table, self._sql, self.engine.dialect)
 
     @functools.cached_property
     def _sql(self) -> Statements:

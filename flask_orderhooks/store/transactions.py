@@ -15,6 +15,13 @@ class Transaction(Protocol):
         """The transaction's connection, its transaction begun."""
         ...
 
+    def connection_to_begin(self) -> Connection | None:
+        """The transaction's connection in the driver's autocommit mode, for
+        the store to send BEGIN itself (with the statements before it, in one
+        round trip); ``None`` when the transaction has begun already. The
+        connection's own mode is given back when it returns to the pool."""
+        ...
+
     def commit(self) -> None: ...
 
     def rollback(self) -> None: ...
@@ -30,6 +37,12 @@ class SessionTransaction:
 
     def connection(self) -> Connection:
         return self.session.connection()
+
+    def connection_to_begin(self) -> Connection | None:
+        if self.session.in_transaction():
+            # The host's code used the session before the callback view.
+            return None
+        return self.session.connection(execution_options=_AUTOCOMMIT)
 
     def commit(self) -> None:
         self.session.commit()
@@ -48,11 +61,22 @@ class ConnectionTransaction:
     def connection(self) -> Connection:
         return begun(self._connection)
 
+    def connection_to_begin(self) -> Connection | None:
+        if self._connection.in_transaction():
+            return None
+        return begun(self._connection.execution_options(**_AUTOCOMMIT))
+
     def commit(self) -> None:
         self._connection.commit()
 
     def rollback(self) -> None:
         self._connection.rollback()
+
+
+# SQLAlchemy's name for the driver's autocommit mode; on PostgreSQL a BEGIN
+# the store sends itself then opens a transaction the driver carries on
+# (psycopg follows the server's transaction status, not its own flag).
+_AUTOCOMMIT = {"isolation_level": "AUTOCOMMIT"}
 
 
 def begun(connection: Connection) -> Connection:

@@ -37,7 +37,12 @@ class DriverStatement:
     (literals) are converted once, here.
     """
 
-    def __init__(self, statement: ClauseElement, dialect: Dialect) -> None:
+    def __init__(
+        self, statement: ClauseElement, dialect: Dialect, *, prefix: tuple[str, str] | None = None
+    ) -> None:
+        """:param prefix: ``(text, name)``: SQL written before the statement,
+        with one parameter ``name`` (an integer) where ``text`` says ``{}``;
+        e.g. MariaDB's ``SET STATEMENT variable = {} FOR``."""
         compiled = statement.compile(dialect=dialect)
         if not isinstance(compiled, SQLCompiler):
             raise TypeError(f"Not a SQL statement: {statement!r}")
@@ -58,8 +63,23 @@ class DriverStatement:
             else:
                 value = bind.effective_value
                 self._defaults[name] = process(value) if process else value
-        self._required = tuple(required.items())
         self._order = tuple(compiled.positiontup or ()) if compiled.positional else None
+        if prefix is not None:
+            text, name = prefix
+            if compiled.positional:
+                if dialect.paramstyle != "format":
+                    raise ValueError(
+                        f"A prefix needs the format paramstyle, not {dialect.paramstyle}."
+                    )
+                placeholder = "%s"
+                self._order = (name, *(self._order or ()))
+            elif dialect.paramstyle == "pyformat":
+                placeholder = f"%({name})s"
+            else:
+                raise ValueError(f"A prefix needs a format paramstyle, not {dialect.paramstyle}.")
+            self.sql = text.format(placeholder) + " " + self.sql
+            required[name] = int
+        self._required = tuple(required.items())
         # Result conversions (SQLite's datetimes arrive as text), only where a
         # type has one: the store's hot statements return strings and ints.
         described = getattr(statement, "returning_column_descriptions", None)

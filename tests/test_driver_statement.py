@@ -137,3 +137,21 @@ def test_refuses_what_cannot_be_compiled_once(engine: sa.Engine) -> None:
 
 def test_repr_shows_the_sql_not_parameters(engine: sa.Engine) -> None:
     assert repr(DriverStatement(insert, engine.dialect)).startswith("<DriverStatement 'INSERT INTO")
+
+
+def test_a_prefix_with_one_integer_parameter_in_each_paramstyle() -> None:
+    """MariaDB's ``SET STATEMENT v = {} FOR`` before a statement: a ``%s``
+    placed first for PyMySQL's positional style, ``%(name)s`` for pyformat;
+    other styles are refused rather than written wrong."""
+    from sqlalchemy.dialects import mysql, postgresql, sqlite
+
+    select = sa.select(things.c.kind).where(things.c.key == sa.bindparam("p_key"))
+    prefix = ("SET STATEMENT innodb_lock_wait_timeout = {} FOR", "p_wait")
+    positional = DriverStatement(select, mysql.dialect(paramstyle="format"), prefix=prefix)
+    assert positional.sql.startswith("SET STATEMENT innodb_lock_wait_timeout = %s FOR SELECT")
+    assert positional._order == ("p_wait", "p_key")
+    assert positional.values({"p_key": "k", "p_wait": 2.0}) == {"p_key": "k", "p_wait": 2}
+    named = DriverStatement(select, postgresql.dialect(paramstyle="pyformat"), prefix=prefix)
+    assert named.sql.startswith("SET STATEMENT innodb_lock_wait_timeout = %(p_wait)s FOR SELECT")
+    with pytest.raises(ValueError, match="paramstyle"):
+        DriverStatement(select, sqlite.dialect(), prefix=prefix)

@@ -14,11 +14,14 @@ import pymysql
 import pytest
 import sqlalchemy as sa
 from flask import Flask
+from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.exc import DBAPIError
 
+from flask_orderhooks import OrderHooks, order_pending_delivery
 from flask_orderhooks.driver_statement import DriverStatement
 from flask_orderhooks.store import DUE_INDEX, TABLE_NAME, DeliveryStore
-from tests.conftest import Recorder
+from flask_orderhooks.store.mysql import MySQLStatements
+from tests.conftest import BASE_CONFIG, Recorder
 from tests.test_durability import make, post, rows
 
 RecorderFactory = Callable[..., tuple[Flask, Recorder]]
@@ -124,12 +127,92 @@ def test_a_deadlock_is_tried_again(recorder: RecorderFactory, monkeypatch: Any) 
     assert rows(app)[0].attempts == 1
 
 
-def test_lock_waits_are_whole_seconds_and_given_back(recorder: RecorderFactory) -> None:
+def sent_to_the_server(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every command PyMySQL sends from now on, as text (the store's own
+    statements run on the driver cursor, which SQLAlchemy's events miss)."""
+    seen: list[str] = []
+    original = pymysql.connections.Connection._execute_command
+
+    def spy(self: Any, command: int, sql: Any) -> Any:
+        seen.append(sql.decode(errors="replace") if isinstance(sql, bytes) else str(sql))
+        return original(self, command, sql)
+
+    monkeypatch.setattr(pymysql.connections.Connection, "_execute_command", spy)
+    return seen
+
+
+def as_mysql_8(store: DeliveryStore) -> None:
+    """The statements MySQL 8 gets (it has no SET STATEMENT), run on MariaDB:
+    the lock wait set on the session around the claim."""
+    store.__dict__["_sql"] = MySQLStatements(
+        store.table, store.engine.dialect, statement_lock_wait=False
+    )
+
+
+def test_mariadb_bounds_the_lock_wait_in_the_statement_in_whole_seconds(
+    recorder: RecorderFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """innodb_lock_wait_timeout refuses 0.5 (error 1232): a 0.5 s duplicate
-    wait becomes 1 s, and the session's value goes back afterwards (the
-    connection may be the host's)."""
+    wait becomes 1 s. On MariaDB the writes that may wait carry it (SET
+    STATEMENT … FOR), so the session, which may be the host's, never changes."""
     app, _rec = recorder(ORDERHOOKS_DUPLICATE_WAIT=0.5)
     store = store_of(app)
+    cb = make("igv", app)
+    seen = sent_to_the_server(monkeypatch)
+    assert post(app, cb).status_code == 200
+    waits = [sql for sql in seen if "innodb_lock_wait_timeout" in sql]
+    assert len(waits) == 1, seen
+    assert waits[0].startswith("SET STATEMENT innodb_lock_wait_timeout = 1 FOR INSERT INTO")
+    assert not [sql for sql in seen if sql.startswith("SET SESSION")]
+    with store.engine.connect() as connection:
+        session, server = connection.exec_driver_sql(
+            "SELECT @@SESSION.innodb_lock_wait_timeout, @@GLOBAL.innodb_lock_wait_timeout"
+        ).one()
+    assert session == server
+
+
+def _ignore(_sender: object, **_event: object) -> None:
+    pass
+
+
+def test_mariadb_deferred_acceptance_bounds_its_wait_in_the_statement(
+    backend: str, mariadb_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The acceptance waits at most 0.1 s for a row lock, 1 s in whole
+    seconds. Here it is the first statement of an app whose engine never
+    connected before (its table made by another engine): the dialect tells
+    MariaDB from MySQL only at its first connection."""
+    assert backend == "mariadb"
+    app = Flask("fresh_mariadb")
+    app.config.update(
+        BASE_CONFIG, SQLALCHEMY_DATABASE_URI=mariadb_url, ORDERHOOKS_DISPATCH="deferred"
+    )
+    db = SQLAlchemy(app)
+    OrderHooks(app, db=db)
+    order_pending_delivery.connect(_ignore, app, weak=False)
+    other = sa.create_engine(mariadb_url)
+    db.metadata.create_all(other)
+    try:
+        cb = make("igv", app)
+        seen = sent_to_the_server(monkeypatch)
+        assert post(app, cb).status_code == 200
+    finally:
+        order_pending_delivery.disconnect(_ignore, app)
+        db.metadata.drop_all(other)
+        other.dispose()
+        with app.app_context():
+            db.engine.dispose()
+    waits = [sql for sql in seen if "innodb_lock_wait_timeout" in sql]
+    assert len(waits) == 1, seen
+    assert waits[0].startswith("SET STATEMENT innodb_lock_wait_timeout = 1 FOR INSERT INTO")
+
+
+def test_mysql_8_lock_waits_are_whole_seconds_and_given_back(recorder: RecorderFactory) -> None:
+    """Without SET STATEMENT the session's value is set around the claim and
+    goes back afterwards (the connection may be the host's)."""
+    app, _rec = recorder(ORDERHOOKS_DUPLICATE_WAIT=0.5)
+    store = store_of(app)
+    as_mysql_8(store)
     seen = lock_wait_statements(store, lambda: post(app, make("igv", app)).status_code == 200)
     assert seen == [
         "SET SESSION innodb_lock_wait_timeout = 1",
@@ -206,10 +289,12 @@ def test_per_delivery_statements_use_the_primary_key(recorder: RecorderFactory) 
 
 
 def test_the_own_store_sets_its_lock_wait_once(recorder: RecorderFactory) -> None:
-    """Without db= the engine is the store's alone: the session keeps its
-    lock wait, set once per connection instead of twice per claim."""
+    """Without db= the engine is the store's alone: on MySQL 8 the session
+    keeps its lock wait, set once per connection instead of twice per claim."""
     app, _rec = recorder(host_db=False, ORDERHOOKS_DUPLICATE_WAIT=2.5)
     store = store_of(app)
+    post(app, make("igv", app))
+    as_mysql_8(store)
     seen = lock_wait_statements(
         store, lambda: all(post(app, make("igv", app)).status_code == 200 for _ in range(3))
     )

@@ -28,7 +28,7 @@ from ..exc import (
     StoreUnavailable,
 )
 from ..provider import Delivery
-from .errors import is_busy, mysql_lock_wait
+from .errors import is_busy, mysql_lock_wait, whole_seconds
 from .mysql import MySQLStatements
 from .one_trip import ClaimAndBegin, begin_command, claim_committed
 from .retention import compact_old, delete_old
@@ -140,20 +140,21 @@ class DeliveryStore:
         save, and switching the isolation level costs more than the BEGIN
         and COMMIT, so it is one plain transaction, at ``synchronous=NORMAL``
         in WAL mode (see :func:`relaxed_sqlite_sync`). On MySQL it is one
-        plain transaction too; ``lock_wait`` bounds its row-lock waits
-        (PostgreSQL's statements carry their own ``lock_timeout``).
+        plain transaction too; ``lock_wait`` bounds its row-lock waits, set
+        around it on MySQL 8 (MariaDB's and PostgreSQL's statements carry
+        their own bound: ``SET STATEMENT``, ``lock_timeout``).
         """
         if self.dialect == "postgresql":
             with self._autocommit_engine.connect() as connection:
                 yield connection
             return
         if self.dialect in MYSQL:
-            with (
-                self.engine.connect() as connection,
-                mysql_lock_wait(connection, lock_wait, give_back=self.shared_engine),
-            ):
-                yield begun(connection)
-                connection.commit()
+            with self.engine.connect() as connection:
+                # MariaDB's statements carry the wait themselves.
+                session_wait = None if self._sql.statement_lock_wait else lock_wait
+                with mysql_lock_wait(connection, session_wait, give_back=self.shared_engine):
+                    yield begun(connection)
+                    connection.commit()
             return
         with self.engine.connect() as connection:
             if durable:
@@ -346,6 +347,7 @@ class DeliveryStore:
                         **params,
                         "p_now": self._now(),
                         "p_ms": f"{max(1, int(lock_wait * 1000))}ms",
+                        "p_lock_wait": whole_seconds(lock_wait),
                     },
                 )
         except DBAPIError as exc:
@@ -417,6 +419,8 @@ class DeliveryStore:
             # PostgreSQL's lock_timeout: ON CONFLICT waits for another
             # worker's row lock, unbounded by default.
             "p_ms": f"{max(1, int(remaining * 1000))}ms",
+            # MariaDB's innodb_lock_wait_timeout (whole seconds).
+            "p_lock_wait": whole_seconds(remaining),
         }
 
     @staticmethod
@@ -661,6 +665,11 @@ class DeliveryStore:
         # Built once: constructing these per request costs more CPU than the
         # round trips they make on a local PostgreSQL.
         if self.dialect in MYSQL:
+            if getattr(self.engine.dialect, "server_version_info", None) is None:
+                # The dialect tells MariaDB (SET STATEMENT) from MySQL at its
+                # first connection.
+                with self.engine.connect():
+                    pass
             # Same operations and rows, several statements each.
             return MySQLStatements(self.table, self.engine.dialect)  # type: ignore[return-value]
         return Statements(self.table, self.engine.dialect)

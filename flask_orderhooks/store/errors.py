@@ -44,7 +44,7 @@ def mysql_lock_wait(
     if seconds is None:
         yield
         return
-    whole = max(1, math.ceil(seconds))
+    whole = whole_seconds(seconds)
     if give_back or connection.info.get(_LOCK_WAIT_KEY) != whole:
         connection.exec_driver_sql(f"SET SESSION innodb_lock_wait_timeout = {whole}")
         connection.info[_LOCK_WAIT_KEY] = whole
@@ -60,6 +60,12 @@ def mysql_lock_wait(
                     connection.rollback()
                 connection.exec_driver_sql("SET SESSION innodb_lock_wait_timeout = DEFAULT")
                 connection.info.pop(_LOCK_WAIT_KEY, None)
+
+
+def whole_seconds(seconds: float) -> int:
+    """``innodb_lock_wait_timeout`` for a wait of ``seconds``: whole seconds,
+    rounded up, at least one (MySQL refuses fractions with error 1232)."""
+    return max(1, math.ceil(seconds))
 
 
 _LOCK_WAIT_KEY = "orderhooks_lock_wait"

@@ -39,11 +39,28 @@ from .statements import (
 )
 from .table import DONE, PENDING, PROCESSING, WHEN
 
+#: MariaDB's per-statement setting: the row-lock wait bounded for the one
+#: statement that may wait, with no SET before and after it (two round trips).
+#: MySQL 8 has no SET STATEMENT: there the session variable is set around the
+#: transaction (``errors.mysql_lock_wait``).
+_LOCK_WAIT = ("SET STATEMENT innodb_lock_wait_timeout = {} FOR", "p_lock_wait")
+
 
 class MySQLStatements:
-    """The store's operations on MySQL and MariaDB."""
+    """The store's operations on MySQL and MariaDB.
 
-    def __init__(self, t: sa.Table, dialect: Dialect) -> None:
+    ``statement_lock_wait`` (MariaDB): the writes that may wait for another
+    transaction's row lock (the claim, the acceptance, the revival) carry
+    their own bound, ``p_lock_wait`` whole seconds.
+    """
+
+    def __init__(
+        self, t: sa.Table, dialect: Dialect, *, statement_lock_wait: bool | None = None
+    ) -> None:
+        if statement_lock_wait is None:
+            statement_lock_wait = bool(getattr(dialect, "is_mariadb", False))
+        self.statement_lock_wait = statement_lock_wait
+        waits = _LOCK_WAIT if self.statement_lock_wait else None
         key = (
             t.c.provider == sa.bindparam("p_provider"),
             t.c.callback == sa.bindparam("p_callback"),
@@ -130,10 +147,11 @@ class MySQLStatements:
             )
         )
         self.claim = _UpsertThenRead(
-            DriverStatement(claim, dialect), DriverStatement(token_and_attempts, dialect)
+            DriverStatement(claim, dialect, prefix=waits),
+            DriverStatement(token_and_attempts, dialect),
         )
         self.accept = _UpsertThenRead(
-            DriverStatement(accept, dialect),
+            DriverStatement(accept, dialect, prefix=waits),
             DriverStatement(sa.select(t.c.claim_token).where(*key), dialect),
         )
         self.state = DriverStatement(
@@ -152,6 +170,7 @@ class MySQLStatements:
                     updated_at=now,
                 ),
                 dialect,
+                prefix=waits,
             ),
             DriverStatement(sa.select(t.c.claim_token).where(*key), dialect),
         )

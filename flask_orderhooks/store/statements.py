@@ -45,6 +45,11 @@ LEASE_LOST = (
 class Statements:
     """The store's statements, with bound parameters named ``p_*``."""
 
+    #: Whether the writes that may wait for a row lock bound the wait
+    #: themselves (``p_lock_wait``: MariaDB's SET STATEMENT); PostgreSQL's
+    #: carry ``lock_timeout`` in ``p_ms``.
+    statement_lock_wait = False
+
     def __init__(self, t: sa.Table, engine_dialect: Dialect) -> None:
         dialect = engine_dialect.name
         when = WHEN

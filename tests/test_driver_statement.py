@@ -143,7 +143,7 @@ def test_a_prefix_with_one_integer_parameter_in_each_paramstyle() -> None:
     """MariaDB's ``SET STATEMENT v = {} FOR`` before a statement: a ``%s``
     placed first for PyMySQL's positional style, ``%(name)s`` for pyformat;
     other styles are refused rather than written wrong."""
-    from sqlalchemy.dialects import mysql, postgresql, sqlite
+    from sqlalchemy.dialects import mysql, sqlite
 
     select = sa.select(things.c.kind).where(things.c.key == sa.bindparam("p_key"))
     prefix = ("SET STATEMENT innodb_lock_wait_timeout = {} FOR", "p_wait")
@@ -151,7 +151,9 @@ def test_a_prefix_with_one_integer_parameter_in_each_paramstyle() -> None:
     assert positional.sql.startswith("SET STATEMENT innodb_lock_wait_timeout = %s FOR SELECT")
     assert positional._order == ("p_wait", "p_key")
     assert positional.values({"p_key": "k", "p_wait": 2.0}) == {"p_key": "k", "p_wait": 2}
-    named = DriverStatement(select, postgresql.dialect(paramstyle="pyformat"), prefix=prefix)
+    psycopg = sa.create_engine("postgresql+psycopg://u@127.0.0.1:1/x").dialect
+    assert psycopg.paramstyle == "pyformat"
+    named = DriverStatement(select, psycopg, prefix=prefix)
     assert named.sql.startswith("SET STATEMENT innodb_lock_wait_timeout = %(p_wait)s FOR SELECT")
     with pytest.raises(ValueError, match="paramstyle"):
         DriverStatement(select, sqlite.dialect(), prefix=prefix)

@@ -111,6 +111,10 @@ class DriverStatement:
             values[name] = process(value) if process else value
         return values
 
+    def values_given(self) -> dict[str, Any]:
+        """The parameters the statement itself gives a value (its literals)."""
+        return dict(self._defaults)
+
     def rows(self, cursor: Any) -> list[tuple[Any, ...]]:
         """The rows of ``cursor``'s current result, converted as :meth:`first`
         converts them (for a script of statements run in one query)."""

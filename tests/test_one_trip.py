@@ -3,6 +3,7 @@ in one round trip (``flask_orderhooks/store/one_trip.py``)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import uuid
 from collections.abc import Callable, Iterator
@@ -43,6 +44,19 @@ def stored(app: Flask, cb: SignedCallback) -> tuple[str, int]:
     return row.status, row.attempts
 
 
+def spy_on_trips(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The BEGIN of every one-trip query sent from now on."""
+    sent: list[str] = []
+    original = ClaimAndBegin.run
+
+    def run(self: ClaimAndBegin, connection: Any, begin: str, parameters: Any) -> Any:
+        sent.append(begin)
+        return original(self, connection, begin, parameters)
+
+    monkeypatch.setattr(ClaimAndBegin, "run", run)
+    return sent
+
+
 @pytest.fixture
 def wire() -> Iterator[WireRecorder]:
     recorder = WireRecorder()
@@ -76,7 +90,7 @@ def test_a_first_delivery_costs_one_round_trip_before_its_receivers(
     # callback would: 3 round trips in all, as the naive endpoint's
     # BEGIN, INSERT, COMMIT (5 before: claim, BEGIN, done mark, INSERT, COMMIT).
     assert [t.split(" (")[0] for t in trips] == [
-        "INSERT INTO orderhooks_deliveries",
+        "BEGIN; INSERT INTO orderhooks_deliveries",
         "INSERT INTO test_credits",
         "COMMIT",
     ], trips
@@ -84,7 +98,7 @@ def test_a_first_delivery_costs_one_round_trip_before_its_receivers(
     assert post(app, first)[0] == 200
     trips = wire.wire()
     assert len(trips) == 2, trips
-    assert trips[0].startswith("INSERT INTO orderhooks_deliveries")
+    assert trips[0].startswith("BEGIN; INSERT INTO orderhooks_deliveries")
     assert "; COMMIT; BEGIN; UPDATE orderhooks_deliveries SET status=" in trips[0]
     assert trips[1] == "ROLLBACK"
     assert len(rec.events) == 4
@@ -95,13 +109,14 @@ def test_a_first_delivery_costs_one_round_trip_before_its_receivers(
 @on_postgresql
 @pytest.mark.parametrize("level", [None, "READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE"])
 def test_the_dispatch_runs_at_the_engines_isolation_level(
-    recorder: RecorderFactory, level: str | None
+    recorder: RecorderFactory, level: str | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The store sends the dispatch's BEGIN itself: with the host engine's
     isolation level, as psycopg would have, and with a synchronous commit
     (the claim's relaxed one was local to the claim)."""
     options = {} if level is None else {"isolation_level": level}
     app, rec = recorder(SQLALCHEMY_ENGINE_OPTIONS=options)
+    trips = spy_on_trips(monkeypatch)
     seen: list[tuple[Any, ...]] = []
 
     def look(_event: object) -> None:
@@ -122,6 +137,7 @@ def test_the_dispatch_runs_at_the_engines_isolation_level(
     assert seen == [((level or "read committed").lower(), "on")]
     assert rec.credits() == 1
     assert stored(app, cb) == ("done", 1)
+    assert trips == [f"BEGIN ISOLATION LEVEL {level}" if level else "BEGIN"] * 2
 
 
 @on_postgresql
@@ -271,3 +287,97 @@ def test_the_one_trip_is_taken_only_where_it_can_be() -> None:
     assert begin_command(sa.create_engine(url, isolation_level="AUTOCOMMIT")) is None
     assert begin_command(plain.execution_options(postgresql_readonly=True)) is None
     assert begin_command(plain.execution_options(postgresql_deferrable=True)) is None
+
+
+@on_postgresql
+def test_the_server_has_nothing_to_warn_about(recorder: RecorderFactory) -> None:
+    """No notice for the client (nor a WARNING line in the server's log): the
+    claim's COMMIT closes a transaction the query began itself."""
+    app, rec = recorder()
+    assert rec.db is not None
+    notices: list[str] = []
+    with app.app_context():
+        engine = rec.db.engine
+
+        @sa.event.listens_for(engine, "connect")
+        def listen(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.add_notice_handler(lambda n: notices.append(n.message_primary))
+
+        engine.dispose()
+    cb = make(app)
+    assert post(app, cb)[0] == 200
+    assert post(app, cb)[0] == 200
+    assert (notices, len(rec.events)) == ([], 1)
+
+
+@on_postgresql
+def test_sessions_with_settings_or_begin_hooks_keep_the_drivers_begin(
+    recorder: RecorderFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session with its own isolation level, or a hook that runs a
+    statement when the session's transaction begins (a SET LOCAL for a
+    tenant), needs the driver's BEGIN: the usual statements, and the receivers
+    see the session's settings."""
+    app, rec = recorder()
+    assert rec.db is not None
+    db = rec.db
+    trips = spy_on_trips(monkeypatch)
+    seen: list[tuple[Any, ...]] = []
+
+    def look(_event: object) -> None:
+        seen.append(
+            db.session.execute(
+                sa.text(
+                    "SELECT current_setting('transaction_isolation'),"
+                    " current_setting('application_name')"
+                )
+            ).one()[:]
+        )
+
+    rec.hook = look
+
+    def tenant(session: Any, _transaction: Any, connection: Any) -> None:
+        connection.exec_driver_sql("SET LOCAL application_name = 'tenant42'")
+
+    with app.app_context():
+        session_class = type(db.session())
+    sa.event.listen(session_class, "after_begin", tenant)
+    try:
+        assert post(app, make(app))[0] == 200
+    finally:
+        sa.event.remove(session_class, "after_begin", tenant)
+    assert seen == [("read committed", "tenant42")]
+    assert trips == []
+    # And a plain session takes the one trip again.
+    assert post(app, make(app))[0] == 200
+    assert trips == ["BEGIN"]
+    assert len(rec.events) == 2
+
+
+@on_postgresql
+def test_a_receiver_that_swallows_a_database_error_fails_the_delivery(
+    recorder: RecorderFactory,
+) -> None:
+    """PostgreSQL answers the COMMIT of a transaction in error with a ROLLBACK
+    that psycopg reports as a success: answered 200, the delivery would stay
+    undone. It is a failed attempt instead, retried."""
+    app, rec = recorder()
+    assert rec.db is not None
+    db = rec.db
+    broken = [True]
+
+    def swallow(_event: object) -> None:
+        if broken[0]:
+            with contextlib.suppress(sa.exc.DBAPIError):
+                db.session.execute(sa.text("SELECT 1 / 0"))
+
+    rec.hook = swallow
+    cb = make(app)
+    assert post(app, cb) == (500, "A receiver failed; the delivery will be retried.")
+    with app.app_context():
+        (row,) = app.extensions["orderhooks"].store.get(cb.key)
+    assert (row.status, row.attempts) == ("failed", 1)
+    assert (row.error or "").startswith("AbortedTransaction:")
+    broken[0] = False
+    assert post(app, cb)[0] == 200
+    assert stored(app, cb) == ("done", 2)

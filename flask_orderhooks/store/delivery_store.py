@@ -30,7 +30,7 @@ from ..exc import (
 from ..provider import Delivery
 from .errors import is_busy, mysql_lock_wait, whole_seconds
 from .mysql import MySQLStatements
-from .one_trip import ClaimAndBegin, begin_command, claim_committed
+from .one_trip import ClaimAndBegin, begin_command
 from .retention import compact_old, delete_old
 from .retries import NO_RETRIES, RetrySchedule
 from .sqlite import relaxed_sqlite_sync
@@ -227,17 +227,16 @@ class DeliveryStore:
                 return None
             try:
                 trip = self._claim_and_begin.run(connection, begin, params)
-            except DBAPIError as exc:
-                committed = claim_committed(connection)
+            except Exception as exc:
                 session.rollback()
-                if committed is False:
-                    if is_busy(exc):
-                        # Nothing was claimed: the usual loop waits, to the same deadline.
-                        return None
+                # Before or after the claim's COMMIT, or the connection went
+                # and nobody can tell: no receiver ran, so a claim that was
+                # stored is handed back for the next retry now.
+                if self._hand_back(delivery, token, exc):
                     raise
-                # The claim committed (or the connection went and nobody can
-                # tell): no receiver ran, so hand it back for the next retry.
-                self._hand_back(delivery, token, exc)
+                if isinstance(exc, DBAPIError) and is_busy(exc):
+                    # Nothing was claimed: the usual loop waits, to the same deadline.
+                    return None
                 raise
             if trip.claimed is None or trip.claimed[0] != token:
                 session.rollback()
@@ -251,10 +250,12 @@ class DeliveryStore:
             self._run_receivers(session, delivery, claim, dispatch)
         return "dispatched"
 
-    def _hand_back(self, delivery: Delivery, token: str, exc: BaseException) -> None:
+    def _hand_back(self, delivery: Delivery, token: str, exc: BaseException) -> bool:
         """A claim the one-trip query may have committed before it failed:
         recorded as a failed attempt now, as :meth:`dispatch` does, rather
-        than left to its lease (nothing matches if it never committed)."""
+        than left to its lease. Whether the claim was found (the token is
+        this request's own: nothing matches if it never committed; ``True``
+        too when the store cannot be asked, so that nothing claims again)."""
         assert self._claim_and_begin is not None
         try:
             with self._own_transaction() as connection:
@@ -262,9 +263,11 @@ class DeliveryStore:
                     connection, {**self._key_params(delivery), "p_token": token}
                 )
         except SQLAlchemyError:
-            return
-        if row is not None:
-            self._mark_failed(delivery, Claim(token=token, attempt=int(row[0])), exc)
+            return True
+        if row is None:
+            return False
+        self._mark_failed(delivery, Claim(token=token, attempt=int(row[0])), exc)
+        return True
 
     def accept(self, delivery: Delivery) -> Outcome:
         """Store ``delivery`` as pending for a worker (deferred dispatch).
@@ -480,6 +483,18 @@ class DeliveryStore:
             if isinstance(exc, CallbackError):
                 raise
             raise ReceiverFailed("A receiver failed; the delivery will be retried.") from exc
+        if _aborted(session):
+            # A receiver caught a database error and carried on: PostgreSQL
+            # would answer the COMMIT with a ROLLBACK that psycopg reports as
+            # a success, and the delivery would be answered done undone.
+            session.rollback()
+            self.record_failure(
+                delivery,
+                claim,
+                "AbortedTransaction: a receiver's statement failed and the error was "
+                "caught; the dispatch's transaction could only roll back.",
+            )
+            raise ReceiverFailed("A receiver failed; the delivery will be retried.")
         try:
             session.commit()
         except IntegrityError as exc:
@@ -877,6 +892,17 @@ def _row_params(delivery: Delivery, token: str, digest: str) -> dict[str, Any]:
 def _check_key(delivery: Delivery) -> None:
     if len(delivery.key) > MAX_KEY_LENGTH:
         raise MalformedPayload(f"The idempotency key is longer than {MAX_KEY_LENGTH}.")
+
+
+def _aborted(session: Transaction) -> bool:
+    """Whether the transaction is in error (PostgreSQL: a statement in it
+    failed; libpq's PQTRANS_INERROR, which psycopg and psycopg2 report)."""
+    raw = session.connection().connection.dbapi_connection
+    info = getattr(raw, "info", None)
+    return getattr(info, "transaction_status", None) == _PQTRANS_INERROR
+
+
+_PQTRANS_INERROR = 3
 
 
 def _busy_cause(exc: StoreUnavailable) -> bool:

@@ -58,7 +58,11 @@ class MySQLStatements:
         self, t: sa.Table, dialect: Dialect, *, statement_lock_wait: bool | None = None
     ) -> None:
         if statement_lock_wait is None:
-            statement_lock_wait = bool(getattr(dialect, "is_mariadb", False))
+            # The prefix is written for PyMySQL's (and mysqlclient's)
+            # paramstyle; MariaDB Connector/Python's qmark keeps the session's.
+            statement_lock_wait = bool(getattr(dialect, "is_mariadb", False)) and (
+                dialect.paramstyle in ("format", "pyformat")
+            )
         self.statement_lock_wait = statement_lock_wait
         waits = _LOCK_WAIT if self.statement_lock_wait else None
         key = (

@@ -42,10 +42,6 @@ from sqlalchemy.engine import Connection, Dialect, Engine
 from ..driver_statement import DriverStatement, driver_cursor
 from .statements import Statements
 
-# psycopg's transaction status after the query (libpq's PGTransactionStatusType).
-_IDLE = 0
-_INERROR = 3
-
 
 @dataclass(frozen=True)
 class Trip:
@@ -83,8 +79,12 @@ class ClaimAndBegin:
             ),
             dialect,
         ).first
-        self._before_begin = f"{sql.claim.sql}; COMMIT; "
+        # BEGIN before the claim too: a COMMIT that closes the implicit
+        # transaction of a multi-statement query commits it, but makes the
+        # server log "WARNING: there is no transaction in progress".
+        self._before_begin = f"BEGIN; {sql.claim.sql}; COMMIT; "
         self._after_begin = f"; {sql.mark_done.sql}; {sql.state.sql}"
+        _check_shared_names(sql.claim, sql.mark_done, sql.state)
 
     @staticmethod
     def usable(dialect: Dialect) -> bool:
@@ -100,9 +100,8 @@ class ClaimAndBegin:
         transaction); the dispatch's transaction, opened with ``begin``
         (:func:`begin_command`), is open afterwards.
 
-        :raises sqlalchemy.exc.DBAPIError: the query failed; if the claim
-            had committed, the connection's transaction is in error (see
-            :func:`claim_committed`).
+        :raises sqlalchemy.exc.DBAPIError: the query failed, before or
+            after the claim's COMMIT (the caller looks the claim up).
         """
         from psycopg import ClientCursor  # noqa: PLC0415 (the [postgres] extra)
 
@@ -114,6 +113,8 @@ class ClaimAndBegin:
         }
         with driver_cursor(connection, script, self._dialect, ClientCursor) as cursor:
             cursor.execute(script, values)
+            # BEGIN: no rows.
+            cursor.nextset()
             claimed = self._claim.rows(cursor)
             # COMMIT, BEGIN: no rows.
             cursor.nextset()
@@ -129,21 +130,6 @@ class ClaimAndBegin:
         )
 
 
-def claim_committed(connection: Connection) -> bool | None:
-    """After :meth:`ClaimAndBegin.run` raised: ``True`` if the claim had
-    committed (the error came after ``BEGIN``), ``False`` if it had not,
-    ``None`` when the connection is gone and nobody can tell."""
-    raw: Any = None if connection.invalidated else connection.connection.dbapi_connection
-    if raw is None:
-        return None
-    status = raw.info.transaction_status
-    if status == _IDLE:
-        return False
-    if status == _INERROR:
-        return True
-    return None
-
-
 def begin_command(engine: Engine) -> str | None:
     """The BEGIN psycopg would send on a connection of ``engine``: with the
     isolation level the engine sets (``create_engine(isolation_level=…)`` or
@@ -155,14 +141,29 @@ def begin_command(engine: Engine) -> str | None:
         return None
     # SQLAlchemy keeps create_engine's level here, and gives it back to each
     # connection returned to the pool (what the dispatch's BEGIN must open).
-    level = options.get(
-        "isolation_level", getattr(engine.dialect, "_on_connect_isolation_level", None)
-    )
+    # Not knowing it would mean guessing: the usual path then.
+    if not hasattr(engine.dialect, "_on_connect_isolation_level"):
+        return None
+    level = options.get("isolation_level", engine.dialect._on_connect_isolation_level)
     if level is None:
         return "BEGIN"
+    # SQLAlchemy takes "repeatable_read" as well as "REPEATABLE READ".
+    level = str(level).upper().replace("_", " ")
     if level not in _LEVELS:
         return None
     return f"BEGIN ISOLATION LEVEL {level}"
 
 
 _LEVELS = frozenset({"READ UNCOMMITTED", "READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE"})
+
+
+def _check_shared_names(*statements: DriverStatement) -> None:
+    """The statements share one parameter dict: a name two of them use must
+    mean one value (a literal SQLAlchemy named ``param_1`` in two of them
+    would otherwise take the other's value)."""
+    seen: dict[str, Any] = {}
+    for statement in statements:
+        for name, value in statement.values_given().items():
+            if name in seen and seen[name] != value:
+                raise ValueError(f"Parameter {name!r} means two values in one query.")
+            seen[name] = value

@@ -39,10 +39,23 @@ class SessionTransaction:
         return self.session.connection()
 
     def connection_to_begin(self) -> Connection | None:
-        if self.session.in_transaction():
+        session = self.session
+        if session.in_transaction():
             # The host's code used the session before the callback view.
             return None
-        return self.session.connection(execution_options=_AUTOCOMMIT)
+        bind = session.get_bind()
+        if (
+            isinstance(bind, Connection)
+            or getattr(session, "execution_options", None)
+            or session.dispatch.after_begin
+            or bind.dispatch.begin
+        ):
+            # A session joined to an outer transaction, settings of the
+            # session's own (an isolation level), or hooks that run when its
+            # transaction begins (a SET LOCAL): they need the driver's BEGIN,
+            # so the usual statements.
+            return None
+        return session.connection(execution_options=_AUTOCOMMIT)
 
     def commit(self) -> None:
         self.session.commit()
@@ -62,7 +75,7 @@ class ConnectionTransaction:
         return begun(self._connection)
 
     def connection_to_begin(self) -> Connection | None:
-        if self._connection.in_transaction():
+        if self._connection.in_transaction() or self._connection.dispatch.begin:
             return None
         return begun(self._connection.execution_options(**_AUTOCOMMIT))
 

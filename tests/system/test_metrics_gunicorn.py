@@ -151,10 +151,14 @@ def test_every_scrape_counts_both_workers_exactly(
     # "Booting worker" is logged before the worker loads the app; its metrics
     # files appear once post_worker_init has registered them: only then can
     # it take a request, and the burst below reach both workers.
-    wait_for(
-        lambda: len({p.stem.split("_")[-1] for p in multiproc.glob("counter_*.db")}) >= 2,
-        "both gunicorn workers to register their metrics",
-    )
+    # Named by the workers' own pids: a file of the master's (or of a worker
+    # that died at boot) says nothing about who can take a request.
+    def registered() -> bool:
+        workers = set(server.booted_pids())
+        files = {int(p.stem.split("_")[-1]) for p in multiproc.glob("counter_*.db")}
+        return len(workers) >= 2 and workers <= files
+
+    wait_for(registered, "both gunicorn workers to register their metrics")
     first = [signed("igv", f"m{i:03d}") for i in range(12)] + [
         signed("collect", f"m{i:03d}") for i in range(4)
     ]

@@ -20,8 +20,8 @@ these statements.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import suppress
 from typing import Any
 
 from sqlalchemy.engine import Connection, Dialect
@@ -53,6 +53,7 @@ class DriverStatement:
         self.statement = statement
         self.sql = compiled.string
         self._dialect = dialect
+        self._error = dialect.loaded_dbapi.Error
         self._defaults: dict[str, Any] = {}
         # By name: a parameter used several times (p_now) is converted once.
         required: dict[str, Callable[[Any], Any] | None] = {}
@@ -96,7 +97,14 @@ class DriverStatement:
     ) -> tuple[Any, ...] | None:
         """Execute on ``connection``'s cursor; the first row, if any."""
         rows, _count = self._run(connection, parameters)
-        return self._convert(rows[0]) if rows else None
+        if not rows:
+            return None
+        if self._results is None:
+            return tuple(rows[0])
+        return tuple(
+            process(value) if process is not None and value is not None else value
+            for process, value in zip(self._results, rows[0], strict=True)
+        )
 
     def rowcount(self, connection: Connection, parameters: Mapping[str, Any]) -> int:
         """Execute on ``connection``'s cursor; the rows it matched (for
@@ -111,71 +119,37 @@ class DriverStatement:
             values[name] = process(value) if process else value
         return values
 
-    def values_given(self) -> dict[str, Any]:
-        """The parameters the statement itself gives a value (its literals)."""
-        return dict(self._defaults)
-
-    def rows(self, cursor: Any) -> list[tuple[Any, ...]]:
-        """The rows of ``cursor``'s current result, converted as :meth:`first`
-        converts them (for a script of statements run in one query)."""
-        rows = cursor.fetchall() if cursor.description is not None else []
-        return [self._convert(row) for row in rows]
-
-    def _convert(self, row: Sequence[Any]) -> tuple[Any, ...]:
-        if self._results is None:
-            return tuple(row)
-        return tuple(
-            process(value) if process is not None and value is not None else value
-            for process, value in zip(self._results, row, strict=True)
-        )
-
     def _run(
         self, connection: Connection, parameters: Mapping[str, Any]
     ) -> tuple[Sequence[Any], int]:
         values = self.values(parameters)
         arguments: Any = values if self._order is None else [values[n] for n in self._order]
-        with driver_cursor(connection, self.sql, self._dialect) as cursor:
+        proxy = connection.connection
+        cursor = proxy.cursor()
+        try:
             cursor.execute(self.sql, arguments)
             rows = cursor.fetchall() if cursor.description is not None else []
             count = cursor.rowcount
+        except self._error as exc:
+            gone = self._dialect.is_disconnect(exc, proxy.dbapi_connection, cursor)
+            if gone:
+                connection.invalidate(exc)
+            # Parameters hidden: they hold bodies and signed headers, and this
+            # text is logged and stored as a failed attempt's error.
+            raise DBAPIError.instance(
+                self.sql,
+                None,
+                exc,
+                self._error,
+                hide_parameters=True,
+                connection_invalidated=gone,
+                dialect=self._dialect,
+            ) from exc
+        finally:
+            # The statement's own outcome is what matters.
+            with suppress(self._error):
+                cursor.close()
         return rows, count
 
     def __repr__(self) -> str:
         return f"<DriverStatement {self.sql[:40]!r}...>"
-
-
-@contextmanager
-def driver_cursor(
-    connection: Connection,
-    sql: str,
-    dialect: Dialect,
-    factory: Callable[[Any], Any] | None = None,
-) -> Iterator[Any]:
-    """A cursor of ``connection``'s DB-API connection (made by ``factory``
-    from it, if given), closed afterwards. Driver errors are raised as
-    SQLAlchemy's (``sql`` names the statement), and the connection is
-    invalidated when the dialect sees it gone."""
-    proxy = connection.connection
-    error = dialect.loaded_dbapi.Error
-    cursor = proxy.cursor() if factory is None else factory(proxy.dbapi_connection)
-    try:
-        yield cursor
-    except error as exc:
-        gone = dialect.is_disconnect(exc, proxy.dbapi_connection, cursor)
-        if gone:
-            connection.invalidate(exc)
-        # Parameters hidden: they hold bodies and signed headers, and this
-        # text is logged and stored as a failed attempt's error.
-        raise DBAPIError.instance(
-            sql,
-            None,
-            exc,
-            error,
-            hide_parameters=True,
-            connection_invalidated=gone,
-            dialect=dialect,
-        ) from exc
-    finally:
-        # The statement's own outcome is what matters.
-        with suppress(error):
-            cursor.close()

@@ -140,20 +140,20 @@ def test_repr_shows_the_sql_not_parameters(engine: sa.Engine) -> None:
 
 
 def test_a_prefix_with_one_integer_parameter_in_each_paramstyle() -> None:
-    """MariaDB's ``SET STATEMENT v = {} FOR`` before a statement: a ``%s``
-    placed first for PyMySQL's positional style, ``%(name)s`` for pyformat;
+    """MariaDB's ``SET STATEMENT v = {} FOR`` before a statement: ``%(name)s``
+    for pyformat, a ``%s`` placed first for the positional format style;
     other styles are refused rather than written wrong."""
-    from sqlalchemy.dialects import mysql, sqlite
-
     select = sa.select(things.c.kind).where(things.c.key == sa.bindparam("p_key"))
     prefix = ("SET STATEMENT innodb_lock_wait_timeout = {} FOR", "p_wait")
-    positional = DriverStatement(select, mysql.dialect(paramstyle="format"), prefix=prefix)
+    url = "mysql+pymysql://u@127.0.0.1:1/x"
+    positional_dialect = sa.create_engine(url, paramstyle="format").dialect
+    positional = DriverStatement(select, positional_dialect, prefix=prefix)
     assert positional.sql.startswith("SET STATEMENT innodb_lock_wait_timeout = %s FOR SELECT")
     assert positional._order == ("p_wait", "p_key")
     assert positional.values({"p_key": "k", "p_wait": 2.0}) == {"p_key": "k", "p_wait": 2}
-    psycopg = sa.create_engine("postgresql+psycopg://u@127.0.0.1:1/x").dialect
-    assert psycopg.paramstyle == "pyformat"
-    named = DriverStatement(select, psycopg, prefix=prefix)
+    named_dialect = sa.create_engine(url).dialect
+    assert named_dialect.paramstyle == "pyformat"  # PyMySQL's default with SQLAlchemy 2.1
+    named = DriverStatement(select, named_dialect, prefix=prefix)
     assert named.sql.startswith("SET STATEMENT innodb_lock_wait_timeout = %(p_wait)s FOR SELECT")
     with pytest.raises(ValueError, match="paramstyle"):
-        DriverStatement(select, sqlite.dialect(), prefix=prefix)
+        DriverStatement(select, sa.create_engine("sqlite://").dialect, prefix=prefix)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
@@ -458,3 +459,40 @@ def test_sqlite_claim_relaxes_sync_only_for_itself(tmp_path: Path) -> None:
         "UPDATE orderhooks_deliveries SET status='done',",
         "COMMIT",
     ], "claim at NORMAL, dispatch at FULL"
+
+
+@pytest.mark.parametrize(
+    "backend", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+)
+def test_a_receiver_that_swallows_a_database_error_fails_the_delivery(
+    recorder: RecorderFactory,
+) -> None:
+    """PostgreSQL answers the COMMIT of a transaction in error with a ROLLBACK
+    that psycopg reports as a success: answered 200, the delivery would stay
+    processing with nothing done. It is a failed attempt instead, retried."""
+    app, rec = recorder()
+    assert rec.db is not None
+    db = rec.db
+    broken = [True]
+
+    def swallow(_event: object) -> None:
+        if broken[0]:
+            with contextlib.suppress(sa.exc.DBAPIError):
+                db.session.execute(sa.text("SELECT 1 / 0"))
+
+    rec.hook = swallow
+    cb = make("igv", app)
+    response = post(app, cb)
+    assert (response.status_code, response.get_data(as_text=True)) == (
+        500,
+        "A receiver failed; the delivery will be retried.",
+    )
+    (row,) = rows(app)
+    assert (row.status, row.attempts) == ("failed", 1)
+    assert (row.error or "").startswith("AbortedTransaction:")
+    assert rec.credits() == 0
+    broken[0] = False
+    assert post(app, cb).status_code == 200
+    (row,) = rows(app)
+    assert (row.status, row.attempts) == ("done", 2)
+    assert rec.credits() == 1

@@ -30,7 +30,6 @@ from ..exc import (
 from ..provider import Delivery
 from .errors import is_busy, mysql_lock_wait, whole_seconds
 from .mysql import MySQLStatements
-from .one_trip import ClaimAndBegin, begin_command
 from .retention import compact_old, delete_old
 from .retries import NO_RETRIES, RetrySchedule
 from .sqlite import relaxed_sqlite_sync
@@ -195,79 +194,11 @@ class DeliveryStore:
         :raises StoreUnavailable: the store failed or another worker holds it.
         """
         _check_key(delivery)
-        deadline = time.monotonic() + self.duplicate_wait
-        if self._claim_and_begin is not None:
-            outcome = self._deliver_in_one_trip(delivery, dispatch, deadline)
-            if outcome is not None:
-                return outcome
-        claim = self._claim(delivery, deadline=deadline, force=False)
+        claim = self.claim(delivery)
         if claim is None:
             return "duplicate"
         self.dispatch(delivery, claim, dispatch)
         return "dispatched"
-
-    def _deliver_in_one_trip(
-        self, delivery: Delivery, dispatch: Callable[[], None], deadline: float
-    ) -> Outcome | None:
-        """:meth:`deliver` with the claim and the dispatch's first statements
-        in one round trip (:mod:`.one_trip`); ``None`` when the usual steps
-        must go on: the host's session had begun, the claim waited out its
-        lock wait, or another worker holds the delivery."""
-        assert self._claim_and_begin is not None
-        begin = begin_command(self.engine)
-        if begin is None:
-            return None
-        self._ensure_table(delivery)
-        digest = hashlib.sha256(delivery.body).hexdigest()
-        token = secrets.token_hex(16)
-        params = self._claim_params(delivery, token, digest, deadline - time.monotonic(), False)
-        with self._store_errors(delivery), self._dispatch_transaction() as session:
-            connection = session.connection_to_begin()
-            if connection is None:
-                return None
-            try:
-                trip = self._claim_and_begin.run(connection, begin, params)
-            except Exception as exc:
-                session.rollback()
-                # Before or after the claim's COMMIT, or the connection went
-                # and nobody can tell: no receiver ran, so a claim that was
-                # stored is handed back for the next retry now.
-                if self._hand_back(delivery, token, exc):
-                    raise
-                if isinstance(exc, DBAPIError) and is_busy(exc):
-                    # Nothing was claimed: the usual loop waits, to the same deadline.
-                    return None
-                raise
-            if trip.claimed is None or trip.claimed[0] != token:
-                session.rollback()
-                if trip.state is not None and self._settled(delivery, digest, trip.state):
-                    return "duplicate"
-                return None
-            claim = Claim(token=token, attempt=int(trip.claimed[1]))
-            if not trip.marked:
-                session.rollback()
-                raise StoreUnavailable("The claim on this delivery expired; retry later.")
-            self._run_receivers(session, delivery, claim, dispatch)
-        return "dispatched"
-
-    def _hand_back(self, delivery: Delivery, token: str, exc: BaseException) -> bool:
-        """A claim the one-trip query may have committed before it failed:
-        recorded as a failed attempt now, as :meth:`dispatch` does, rather
-        than left to its lease. Whether the claim was found (the token is
-        this request's own: nothing matches if it never committed; ``True``
-        too when the store cannot be asked, so that nothing claims again)."""
-        assert self._claim_and_begin is not None
-        try:
-            with self._own_transaction() as connection:
-                row = self._claim_and_begin.attempt_of(
-                    connection, {**self._key_params(delivery), "p_token": token}
-                )
-        except SQLAlchemyError:
-            return True
-        if row is None:
-            return False
-        self._mark_failed(delivery, Claim(token=token, attempt=int(row[0])), exc)
-        return True
 
     def accept(self, delivery: Delivery) -> Outcome:
         """Store ``delivery`` as pending for a worker (deferred dispatch).
@@ -667,13 +598,6 @@ class DeliveryStore:
             claim=Claim(token=taken, attempt=stored.attempts),
             lease_lost=taken == lost_token,
         )
-
-    @functools.cached_property
-    def _claim_and_begin(self) -> ClaimAndBegin | None:
-        # PostgreSQL with psycopg 3 only; the others take the usual steps.
-        if self.dialect != "postgresql" or not ClaimAndBegin.usable(self.engine.dialect):
-            return None
-        return ClaimAndBegin(self.table, self._sql, self.engine.dialect)
 
     @functools.cached_property
     def _sql(self) -> Statements:

@@ -467,14 +467,11 @@ class _Trap:
     """A one-shot connection cut, triggered by ``marker`` in a statement's text.
 
     ``commit``: on the connection that sent ``marker``, forward the next COMMIT,
-    then cut before its answer. ``answer``: forward the message holding
-    ``marker`` itself, then cut before its answer. Otherwise cut instead of
-    forwarding ``marker``.
+    then cut before its answer. Otherwise cut instead of forwarding ``marker``.
     """
 
     marker: bytes
     commit: bool
-    answer: bool = False
     committed: Callable[[], bool] | None = None
     sprung: threading.Event = field(default_factory=threading.Event)
 
@@ -530,16 +527,6 @@ class Forwarder:
         :returns: an event set once the trap has sprung.
         """
         self._trap = _Trap(marker, commit=True, committed=committed)
-        return self._trap.sprung
-
-    def lose_answer(self, marker: bytes, ran: Callable[[], bool]) -> threading.Event:
-        """Arm a one-shot trap: forward the message holding ``marker``, wait
-        until ``ran()`` (asked over another connection) says the database ran
-        it, then cut the connection without passing the answer on.
-
-        :returns: an event set once the trap has sprung.
-        """
-        self._trap = _Trap(marker, commit=False, answer=True, committed=ran)
         return self._trap.sprung
 
     def cut_before(self, marker: bytes) -> threading.Event:
@@ -599,13 +586,7 @@ class Forwarder:
 
     def _spring(self, trap: _Trap, link: _Link, data: bytes) -> bool:
         """Cut ``link`` if ``data`` springs ``trap``; whether it did."""
-        if trap.answer:
-            if trap.marker not in data:
-                return False
-            link.muted.set()
-            link.upstream.sendall(data)
-            self._wait_until(trap)
-        elif not trap.commit:
+        if not trap.commit:
             if trap.marker not in data:
                 return False
         else:
@@ -615,18 +596,14 @@ class Forwarder:
             link.muted.set()
             link.upstream.sendall(data)
             # Cut only once the commit is durable: the app never hears of it.
-            self._wait_until(trap)
+            deadline = time.monotonic() + 20
+            while trap.committed is not None and not trap.committed():
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)
         trap.sprung.set()
         self._cut(link)
         return True
-
-    @staticmethod
-    def _wait_until(trap: _Trap) -> None:
-        deadline = time.monotonic() + 20
-        while trap.committed is not None and not trap.committed():
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.02)
 
     def _to_app(self, link: _Link) -> None:
         try:

@@ -148,6 +148,7 @@ def test_every_scrape_counts_both_workers_exactly(
     url = str(request.getfixturevalue(URL_FIXTURES[backend]))
     # Slow receivers, sent eight at a time: both sync workers must take some.
     server = start_server(url, workers=2, receiver_delay=0.1)
+
     # "Booting worker" is logged before the worker loads the app; its metrics
     # files appear once post_worker_init has registered them: only then can
     # it take a request, and the burst below reach both workers.

@@ -162,6 +162,24 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
+def empty_database_url(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[str]:
+    """A database of the test's own holding nothing yet, on ``backend``, in
+    which the table has the name other tests use (the upgrade tests)."""
+    if backend == "postgresql":
+        request.getfixturevalue("postgres_url")  # skips (loudly) without a server
+        with private_schema(PG_URL, "orderhooks_upgrade") as schema_url:
+            yield schema_url
+    elif backend == "mariadb":
+        request.getfixturevalue("mariadb_url")  # skips (loudly) without a server
+        with private_database(MARIADB_URL, "orderhooks_upgrade") as database_url:
+            yield database_url
+    else:
+        yield f"sqlite:///{tmp_path / 'orderhooks.sqlite3'}"
+
+
+@pytest.fixture
 def database_uri(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
     if backend == "postgresql":
         return str(request.getfixturevalue("postgres_url"))

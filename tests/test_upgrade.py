@@ -47,10 +47,6 @@ from flask_orderhooks.store import DUE_INDEX, StandaloneDatabase
 from flask_orderhooks.testing import SignedCallback, build
 from tests.conftest import (
     BASE_CONFIG,
-    MARIADB_URL,
-    PG_URL,
-    private_database,
-    private_schema,
 )
 from tests.legacy_schema import (
     COLUMNS,
@@ -294,18 +290,8 @@ def as_upgraded(old: dict[str, LegacyRow]) -> dict[str, dict[str, Any]]:
 
 
 @pytest.fixture
-def url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
-    """A database of this test's own holding nothing yet."""
-    if backend == "postgresql":
-        request.getfixturevalue("postgres_url")  # skips (loudly) without a server
-        with private_schema(PG_URL, "orderhooks_upgrade") as schema_url:
-            yield schema_url
-    elif backend == "mariadb":
-        request.getfixturevalue("mariadb_url")  # skips (loudly) without a server
-        with private_database(MARIADB_URL, "orderhooks_upgrade") as database_url:
-            yield database_url
-    else:
-        yield f"sqlite:///{tmp_path / 'orderhooks.sqlite3'}"
+def url(empty_database_url: str) -> str:
+    return empty_database_url
 
 
 @pytest.fixture

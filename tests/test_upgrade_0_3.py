@@ -25,14 +25,7 @@ from flask_orderhooks import OrderHooks
 from flask_orderhooks.store import TABLE_NAME, deliveries_table
 from flask_orderhooks.store.table import STATUS_CREATED_INDEX
 from flask_orderhooks.store.upgrade import upgrade_table
-from tests.conftest import (
-    BACKENDS,
-    BASE_CONFIG,
-    MARIADB_URL,
-    PG_URL,
-    private_database,
-    private_schema,
-)
+from tests.conftest import BACKENDS, BASE_CONFIG
 
 pytestmark = pytest.mark.parametrize("backend", BACKENDS)
 
@@ -40,18 +33,8 @@ WHEN = datetime(2026, 5, 4, 12, 30, tzinfo=UTC)
 
 
 @pytest.fixture
-def url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
-    """A database of this test's own: the table has the name other tests use."""
-    if backend == "postgresql":
-        request.getfixturevalue("postgres_url")  # skips (loudly) without a server
-        with private_schema(PG_URL, "orderhooks_upgrade_0_3") as schema_url:
-            yield schema_url
-    elif backend == "mariadb":
-        request.getfixturevalue("mariadb_url")  # skips (loudly) without a server
-        with private_database(MARIADB_URL, "orderhooks_upgrade_0_3") as database_url:
-            yield database_url
-    else:
-        yield f"sqlite:///{tmp_path / 'orderhooks.sqlite3'}"
+def url(empty_database_url: str) -> str:
+    return empty_database_url
 
 
 @pytest.fixture

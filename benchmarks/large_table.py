@@ -77,6 +77,7 @@ from flask_orderhooks.cli import orderhooks as orderhooks_cli
 from flask_orderhooks.extension import get_extension
 from flask_orderhooks.store import TABLE_NAME, DeliveryStore, deliveries_table
 from flask_orderhooks.store import table as table_module
+from flask_orderhooks.store.table import REFERENCE
 from flask_orderhooks.testing import (
     gateway_collect,
     gateway_payout,
@@ -445,7 +446,9 @@ def load(store: Store, generator: Generator, chunk: int) -> float:
     table = deliveries_table(sa.MetaData())
     names = column_names(table)
     dialect = engine.dialect
-    processors = [table.c[n].type._cached_bind_processor(dialect) for n in names]
+    # The order id is bound as the store binds it: its UTF-8 bytes on MySQL.
+    types = {n: table.c[n].type for n in names} | {"reference": REFERENCE}
+    processors = [types[n]._cached_bind_processor(dialect) for n in names]
     started = time.monotonic()
     done = 0
 
@@ -876,6 +879,14 @@ def query_specs(
         with side.inline.app_context():
             return len(side.delivery_store.get(key))
 
+    def show(side: Side) -> int:
+        result = side.inline.test_cli_runner().invoke(orderhooks_cli, ["show", key])
+        if result.exit_code != 0 and "No delivery is stored" in result.output:
+            return 0  # the empty side: looked for, not found
+        if result.exit_code != 0:
+            raise SystemExit(f"flask orderhooks show {key}: {result.output}")
+        return result.output.count("\n  status:   ")
+
     def next_page(side: Side) -> int:
         with side.inline.app_context(), side.delivery_store.engine.connect() as connection:
             last = connection.execute(newest).all()[-1]
@@ -899,7 +910,8 @@ def query_specs(
         ("flask orderhooks deliveries --status failed", "CLI", cli("--status", "failed")),
         ("flask orderhooks deliveries --status done", "CLI", cli("--status", "done")),
         ("flask orderhooks deliveries --since 24h", "CLI", cli("--since", "24h")),
-        ("search by key: store.get(key) (flask orderhooks show)", "store", get),
+        ("flask orderhooks show KEY", "CLI (store.get under the configured routes)", show),
+        ("search by key alone: store.get(key), no routes", "store (the CLI's fallback)", get),
         (
             "search by key with its provider and callback",
             "SQL (the primary key's columns)",

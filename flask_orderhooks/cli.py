@@ -116,13 +116,20 @@ def deliveries_command(
 
 @orderhooks.command("show")
 @click.argument("key")
+@click.option(
+    "--anywhere",
+    is_flag=True,
+    help="Also look under providers and callbacks no longer configured: a scan of "
+    "the whole table (seconds on a large one).",
+)
 @with_appcontext
-def show_command(key: str) -> None:
+def show_command(key: str, anywhere: bool) -> None:
     """Show every delivery stored under KEY, with its body and last error."""
     state = _state()
-    rows = state.store.get(key, routes=state.routes)
+    rows = state.store.get(key, routes=state.routes, anywhere=anywhere)
     if not rows:
-        raise click.ClickException(f"No delivery is stored under the key {key!r}.")
+        hint = "" if anywhere else " under a configured route (--anywhere looks everywhere)"
+        raise click.ClickException(f"No delivery is stored under the key {key!r}{hint}.")
     for r in rows:
         click.echo(f"{r.provider} {r.callback} {r.key}")
         click.echo(f"  status:   {r.status}")
@@ -165,7 +172,8 @@ def replay_command(key: str | None, all_failed: bool, all_dead: bool, force: boo
     if statuses:
         rows = [row for status in statuses for row in state.store.list(status=status)]
     else:
-        rows = state.store.get(key or "", routes=state.routes)
+        # Only configured routes: a delivery of any other has no receiver to replay to.
+        rows = state.store.get(key or "", routes=state.routes, anywhere=False)
     if not rows:
         raise click.ClickException(
             f"No {' or '.join(statuses)} deliveries."

@@ -16,6 +16,7 @@ from werkzeug.serving import make_server
 
 from flask_orderhooks import OrderHooks
 from flask_orderhooks.cli import orderhooks
+from flask_orderhooks.provider import Delivery
 from flask_orderhooks.testing import SignedCallback, build
 from tests.conftest import IGV_SECRET, Recorder
 
@@ -81,7 +82,34 @@ def test_show_prints_attempts_error_and_body_but_no_secret(recorder: RecorderFac
     assert IGV_SECRET not in result.output
     missing = run(app, "show", "nope")
     assert missing.exit_code == 1
-    assert "No delivery is stored under the key 'nope'." in missing.output
+    assert (
+        "No delivery is stored under the key 'nope' under a configured route "
+        "(--anywhere looks everywhere)." in missing.output
+    )
+    assert (
+        "No delivery is stored under the key 'nope'."
+        in run(app, "show", "--anywhere", "nope").output
+    )
+
+
+def test_show_looks_under_retired_routes_only_when_asked(recorder: RecorderFactory) -> None:
+    """A key is a primary-key lookup under each configured route; a row of a
+    provider or callback no longer configured is found by --anywhere, a scan
+    of the whole table, and never replayed (no receiver is left for it)."""
+    app, _rec = recorder()
+    hooks: OrderHooks = app.extensions["orderhooks"]
+    retired = Delivery(
+        provider="retired", callback="old", key="old-1", body=b"{}", headers={}, dispatches=()
+    )
+    with app.app_context():
+        assert hooks.state(app).store.deliver(retired, lambda: None) == "dispatched"
+    assert run(app, "show", "old-1").exit_code == 1
+    found = run(app, "show", "--anywhere", "old-1")
+    assert found.exit_code == 0, found.output
+    assert "retired old old-1" in found.output
+    assert "status:   done" in found.output
+    refused = run(app, "replay", "--force", "old-1")
+    assert "No delivery is stored under the key 'old-1'." in refused.output
 
 
 def test_replay_failed_then_refuses_done_unless_forced(recorder: RecorderFactory) -> None:

@@ -879,12 +879,15 @@ def query_specs(
         with side.inline.app_context():
             return len(side.delivery_store.get(key))
 
+    # The CLI looks under the app's configured routes (these apps: iGV only).
+    routed = next(k for k, _r, p, c in samples[len(samples) // 2 :] if p == "igv")
+
     def show(side: Side) -> int:
-        result = side.inline.test_cli_runner().invoke(orderhooks_cli, ["show", key])
+        result = side.inline.test_cli_runner().invoke(orderhooks_cli, ["show", routed])
         if result.exit_code != 0 and "No delivery is stored" in result.output:
             return 0  # the empty side: looked for, not found
         if result.exit_code != 0:
-            raise SystemExit(f"flask orderhooks show {key}: {result.output}")
+            raise SystemExit(f"flask orderhooks show {routed}: {result.output}")
         return result.output.count("\n  status:   ")
 
     def next_page(side: Side) -> int:

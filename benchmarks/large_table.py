@@ -92,12 +92,17 @@ from .apps import PATH, create_tables, make_app, signed
 from .harness import (
     DEFAULT_MARIADB_URL,
     DEFAULT_PG_URL,
+    checkout_line,
     cpu_seconds,
     mariadb_version,
     postgres_version,
     thread_group,
 )
 from .paired import postgres_cpu_seconds
+
+#: The package this process imported, as git saw it when the run began (the
+#: working tree may change while a long run goes on).
+CHECKOUT = checkout_line() or "(not a git checkout)"
 
 DAY = 86400.0
 TARGET_RATIO = 1.10
@@ -1130,6 +1135,7 @@ def report(
         f"- Command: `{command}`",
         f"- Date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}; load average before "
         f"{load_before[0]:.2f}, after {load_after[0]:.2f} (2 cores, shared)",
+        f"- Checkout: {CHECKOUT}",
         f"- Fill: {filled:,} rows ({counts}) in {load_seconds:.0f} s "
         f"({filled / load_seconds if load_seconds == load_seconds and load_seconds else 0:,.0f} "
         f"rows/s); {size}",

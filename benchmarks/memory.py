@@ -47,12 +47,17 @@ from .harness import (
     Database,
     Server,
     WorkerProcess,
+    checkout_line,
     children,
     make_tables,
     settle,
     write_ids,
 )
 from .openloop import run_generator
+
+#: The package this process imported, as git saw it when the run began (the
+#: working tree may change while a long run goes on).
+CHECKOUT = checkout_line() or "(not a git checkout)"
 
 KINDS: tuple[Kind, ...] = ("bare", "orderhooks", "orderhooks-deferred")
 TARGET_MB = 15.0
@@ -205,6 +210,7 @@ def report(
         f"- Command: `{command}`",
         f"- Date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}; load average before "
         f"{load[0]:.2f}, after {load[1]:.2f}",
+        f"- Checkout: {CHECKOUT}",
         f"- {args.deliveries:,} deliveries per configuration (gunicorn, 2 sync workers, 16 "
         f"clients), RSS read every {args.every:,}; leak check after the first "
         f"{args.warmup:,}",

@@ -69,11 +69,16 @@ from .harness import (
     Config,
     Database,
     Server,
+    checkout_line,
     make_tables,
     run_wrk,
     settle,
     write_ids,
 )
+
+#: The package this process imported, as git saw it when the run began (the
+#: working tree may change while a long run goes on).
+CHECKOUT = checkout_line() or "(not a git checkout)"
 
 FRACTIONS = (0.25, 0.50, 0.75)
 KINDS: tuple[Kind, ...] = ("naive", "orderhooks", "orderhooks-deferred")
@@ -403,6 +408,7 @@ def report(
         f"- Command: `{command}`",
         f"- Date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}; load average before "
         f"{load[0][0]:.2f}, after {load[1][0]:.2f} (2 cores, shared with other sessions)",
+        f"- Checkout: {CHECKOUT}",
         f"- naive's maximum (closed loop, wrk 2 threads x 16 connections, {args.max_duration} s): "
         + ", ".join(f"**{m:.0f}**" for m in maxima)
         + f" req/s (measured at the start of each of the {args.rounds} round(s)); points "

@@ -496,3 +496,64 @@ def test_a_receiver_that_swallows_a_database_error_fails_the_delivery(
     (row,) = rows(app)
     assert (row.status, row.attempts) == ("done", 2)
     assert rec.credits() == 1
+
+
+def test_a_receiver_that_rolls_back_the_session_fails_the_delivery(
+    recorder: RecorderFactory,
+) -> None:
+    """db.session.rollback() in a receiver takes the done mark with it: the
+    callback must not be answered done (a worker would dispatch it again
+    after its lease). What the receiver wrote afterwards is rolled back too,
+    the attempt is failed, and the retry dispatches once."""
+    app, rec = recorder()
+    assert rec.db is not None
+    db = rec.db
+    rolling = [True]
+
+    def roll_back(_event: object) -> None:
+        if rolling[0]:
+            db.session.rollback()
+            db.session.add(Credit(key="written after the rollback"))
+
+    rec.hook = roll_back
+    cb = make("igv", app)
+    response = post(app, cb)
+    assert (response.status_code, response.get_data(as_text=True)) == (
+        500,
+        "A receiver failed; the delivery will be retried.",
+    )
+    (row,) = rows(app)
+    assert (row.status, row.attempts) == ("failed", 1)
+    assert (row.error or "").startswith("EndedTransaction:")
+    assert rec.credits() == 0
+    rolling[0] = False
+    assert post(app, cb).status_code == 200
+    assert post(app, cb).status_code == 200
+    (row,) = rows(app)
+    assert (row.status, row.attempts) == ("done", 2)
+    assert rec.credits() == 1
+
+
+def test_a_receiver_that_commits_the_session_is_done_once(
+    recorder: RecorderFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """db.session.commit() in a receiver commits the done mark with what it
+    wrote so far; what it writes afterwards commits at the end, and the
+    delivery is done, once, with a warning."""
+    app, rec = recorder()
+    assert rec.db is not None
+    db = rec.db
+
+    def commit(_event: object) -> None:
+        db.session.commit()
+        db.session.add(Credit(key="written after the commit"))
+
+    rec.hook = commit
+    cb = make("igv", app)
+    assert post(app, cb).status_code == 200
+    assert post(app, cb).status_code == 200
+    (row,) = rows(app)
+    assert (row.status, row.attempts) == ("done", 1)
+    assert len(rec.events) == 1
+    assert rec.credits() == 2
+    assert "a receiver committed the dispatch's transaction itself" in caplog.text

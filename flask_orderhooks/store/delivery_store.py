@@ -406,6 +406,7 @@ class DeliveryStore:
         """Run ``dispatch`` in ``session``, which holds the claim's
         uncommitted done mark, and commit both; a failure rolls both back
         and is recorded as a failed attempt."""
+        marked_in = session.current()
         try:
             dispatch()
         except Exception as exc:
@@ -414,6 +415,8 @@ class DeliveryStore:
             if isinstance(exc, CallbackError):
                 raise
             raise ReceiverFailed("A receiver failed; the delivery will be retried.") from exc
+        if session.current() is not marked_in and not self._ended_done(session, delivery, claim):
+            raise ReceiverFailed("A receiver failed; the delivery will be retried.")
         if _aborted(session):
             # A receiver caught a database error and carried on: PostgreSQL
             # would answer the COMMIT with a ROLLBACK that psycopg reports as
@@ -437,6 +440,33 @@ class DeliveryStore:
             session.rollback()
             self._mark_failed(delivery, claim, exc)
             raise
+
+    def _ended_done(self, session: Transaction, delivery: Keyed, claim: Claim) -> bool:
+        """A receiver committed or rolled back the dispatch's transaction
+        itself. Committed: the done mark went with it, and what it wrote
+        since commits now (``True``). Rolled back: the done mark is gone, so
+        what it wrote since is rolled back too and the attempt fails
+        (``False``), or the platform would hear "done" of an undone delivery
+        and a worker dispatch it again after the lease."""
+        with self._store_errors(delivery), self._own_transaction() as connection:
+            current = self._sql.state.first(connection, self._key_params(delivery))
+        if current is not None and current[0] == DONE:
+            logger.warning(
+                "%s %s %s: a receiver committed the dispatch's transaction itself; "
+                "the done mark went with it, and what followed is committed after",
+                delivery.provider,
+                delivery.callback,
+                delivery.key,
+            )
+            return True
+        session.rollback()
+        self.record_failure(
+            delivery,
+            claim,
+            "EndedTransaction: a receiver rolled back the dispatch's transaction, and "
+            "the done mark with it.",
+        )
+        return False
 
     def _see_the_claim(self, session: Transaction, delivery: Delivery) -> None:
         """Make sure the dispatch transaction can see the committed claim.

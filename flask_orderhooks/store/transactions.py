@@ -15,6 +15,11 @@ class Transaction(Protocol):
         """The transaction's connection, its transaction begun."""
         ...
 
+    def current(self) -> object:
+        """What identifies the transaction now open (``None`` for none): a
+        receiver that commits or rolls back ends the one the done mark is in."""
+        ...
+
     def commit(self) -> None: ...
 
     def rollback(self) -> None: ...
@@ -30,6 +35,9 @@ class SessionTransaction:
 
     def connection(self) -> Connection:
         return self.session.connection()
+
+    def current(self) -> object:
+        return self.session.get_transaction()
 
     def commit(self) -> None:
         self.session.commit()
@@ -47,6 +55,9 @@ class ConnectionTransaction:
 
     def connection(self) -> Connection:
         return begun(self._connection)
+
+    def current(self) -> object:
+        return self._connection.get_transaction()
 
     def commit(self) -> None:
         self._connection.commit()

@@ -99,13 +99,18 @@ def _nothing_ran(driver: WebDriver) -> None:
 def _navigate(driver: WebDriver, element: WebElement) -> None:
     """Click ``element`` and wait until the page it leads to has replaced
     this one (a click returns before the navigation ends)."""
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
     old = driver.find_element(By.TAG_NAME, "html")
     element.click()
-    WebDriverWait(driver, PAGE_TIMEOUT).until(expected_conditions.staleness_of(old))
+    # Mid-navigation chromedriver may answer "Node with given id does not
+    # belong to the document" instead of a stale-element error: stale too.
+    WebDriverWait(driver, PAGE_TIMEOUT, ignored_exceptions=[WebDriverException]).until(
+        expected_conditions.staleness_of(old)
+    )
     WebDriverWait(driver, PAGE_TIMEOUT).until(
         lambda d: d.execute_script("return document.readyState") == "complete"
     )

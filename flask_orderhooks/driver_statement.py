@@ -111,18 +111,13 @@ class DriverStatement:
         databases whose ``UPDATE`` has no ``RETURNING``)."""
         return self._run(connection, parameters)[1]
 
-    def values(self, parameters: Mapping[str, Any]) -> dict[str, Any]:
-        """The statement's parameters by bind name, converted for the driver."""
+    def _run(
+        self, connection: Connection, parameters: Mapping[str, Any]
+    ) -> tuple[Sequence[Any], int]:
         values = dict(self._defaults)
         for name, process in self._required:
             value = parameters[name]
             values[name] = process(value) if process else value
-        return values
-
-    def _run(
-        self, connection: Connection, parameters: Mapping[str, Any]
-    ) -> tuple[Sequence[Any], int]:
-        values = self.values(parameters)
         arguments: Any = values if self._order is None else [values[n] for n in self._order]
         proxy = connection.connection
         cursor = proxy.cursor()

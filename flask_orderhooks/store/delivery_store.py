@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -298,12 +298,10 @@ class DeliveryStore:
 
         :param force: take a ``done`` delivery too (``replay --force``).
         """
-        return self._claim(delivery, deadline=time.monotonic() + self.duplicate_wait, force=force)
-
-    def _claim(self, delivery: Delivery, *, deadline: float, force: bool) -> Claim | None:
         self._ensure_table(delivery)
         digest = hashlib.sha256(delivery.body).hexdigest()
         token = secrets.token_hex(16)
+        deadline = time.monotonic() + self.duplicate_wait
         while True:
             remaining = deadline - time.monotonic()
             try:
@@ -318,8 +316,19 @@ class DeliveryStore:
             if row is not None and row[0] == token:
                 return Claim(token=token, attempt=int(row[1]))
             # None: purged between the two statements, so claim again.
-            if current is not None and self._settled(delivery, digest, current):
-                return None
+            if current is not None:
+                status, stored_digest, _lease = current
+                if status == DONE:
+                    if stored_digest != digest:
+                        logger.warning(
+                            "%s %s %s: already done; a resend with a different body was ignored",
+                            delivery.provider,
+                            delivery.callback,
+                            delivery.key,
+                        )
+                    return None
+                if stored_digest != digest:
+                    raise KeyConflict("This key is stored with a different body.")
             if time.monotonic() >= deadline:
                 raise StoreUnavailable("Another worker is handling this delivery; retry later.")
             time.sleep(min(_POLL_INTERVAL, max(0.0, deadline - time.monotonic())))
@@ -333,51 +342,25 @@ class DeliveryStore:
             self._store_errors(delivery),
             self._own_transaction(lock_wait=remaining) as connection,
         ):
+            now = self._now()
             row = self._sql.claim.first(
-                connection, self._claim_params(delivery, token, digest, remaining, force)
+                connection,
+                {
+                    **self._key_params(delivery),
+                    **_row_params(delivery, token, digest),
+                    "p_lease": now + timedelta(seconds=self.claim_timeout),
+                    "p_now": now,
+                    "p_takeover": DONE if force else FAILED,
+                    # PostgreSQL's lock_timeout: ON CONFLICT waits for
+                    # another worker's row lock, unbounded by default.
+                    "p_ms": f"{max(1, int(remaining * 1000))}ms",
+                    # MariaDB's innodb_lock_wait_timeout (whole seconds).
+                    "p_lock_wait": whole_seconds(remaining),
+                },
             )
             if row is not None and row[0] == token:
                 return row, None
             return row, self._sql.state.first(connection, self._key_params(delivery))
-
-    def _claim_params(
-        self, delivery: Delivery, token: str, digest: str, remaining: float, force: bool
-    ) -> dict[str, Any]:
-        now = self._now()
-        return {
-            **self._key_params(delivery),
-            **_row_params(delivery, token, digest),
-            "p_lease": now + timedelta(seconds=self.claim_timeout),
-            "p_now": now,
-            "p_takeover": DONE if force else FAILED,
-            # PostgreSQL's lock_timeout: ON CONFLICT waits for another
-            # worker's row lock, unbounded by default.
-            "p_ms": f"{max(1, int(remaining * 1000))}ms",
-            # MariaDB's innodb_lock_wait_timeout (whole seconds).
-            "p_lock_wait": whole_seconds(remaining),
-        }
-
-    @staticmethod
-    def _settled(delivery: Delivery, digest: str, current: tuple[Any, ...]) -> bool:
-        """Whether a claim that did not win is a duplicate, seeing the row's
-        ``(status, body_sha256, lease)``: ``True`` when it is done; ``False``
-        when another worker holds it (wait and claim again).
-
-        :raises KeyConflict: the key is stored, not done, with another body.
-        """
-        status, stored_digest, _lease = current
-        if status == DONE:
-            if stored_digest != digest:
-                logger.warning(
-                    "%s %s %s: already done; a resend with a different body was ignored",
-                    delivery.provider,
-                    delivery.callback,
-                    delivery.key,
-                )
-            return True
-        if stored_digest != digest:
-            raise KeyConflict("This key is stored with a different body.")
-        return False
 
     def dispatch(self, delivery: Delivery, claim: Claim, dispatch: Callable[[], None]) -> None:
         """Run ``dispatch`` inside the transaction that marks the claim done."""
@@ -414,59 +397,66 @@ class DeliveryStore:
             self._mark_failed(delivery, claim, exc)
             if isinstance(exc, CallbackError):
                 raise
-            raise ReceiverFailed("A receiver failed; the delivery will be retried.") from exc
-        if session.current() is not marked_in and not self._ended_done(session, delivery, claim):
-            raise ReceiverFailed("A receiver failed; the delivery will be retried.")
+            raise ReceiverFailed(_RECEIVER_FAILED) from exc
+        if session.current() is not marked_in and not self._committed_done(delivery):
+            # A receiver rolled back the dispatch's transaction, and the done
+            # mark with it: answered "done", the delivery would stay
+            # processing and a worker dispatch it again after the lease.
+            # What the receiver wrote since goes too.
+            self._fail_attempt(
+                session,
+                delivery,
+                claim,
+                "EndedTransaction: a receiver rolled back the dispatch's transaction, and "
+                "the done mark with it.",
+            )
         if _aborted(session):
             # A receiver caught a database error and carried on: PostgreSQL
             # would answer the COMMIT with a ROLLBACK that psycopg reports as
             # a success, and the delivery would be answered done undone.
-            session.rollback()
-            self.record_failure(
+            self._fail_attempt(
+                session,
                 delivery,
                 claim,
                 "AbortedTransaction: a receiver's statement failed and the error was "
                 "caught; the dispatch's transaction could only roll back.",
             )
-            raise ReceiverFailed("A receiver failed; the delivery will be retried.")
         try:
             session.commit()
         except IntegrityError as exc:
             # Flushed at commit: the receivers' writes broke a constraint.
             session.rollback()
             self._mark_failed(delivery, claim, exc)
-            raise ReceiverFailed("A receiver failed; the delivery will be retried.") from exc
+            raise ReceiverFailed(_RECEIVER_FAILED) from exc
         except SQLAlchemyError as exc:
             session.rollback()
             self._mark_failed(delivery, claim, exc)
             raise
 
-    def _ended_done(self, session: Transaction, delivery: Keyed, claim: Claim) -> bool:
+    def _committed_done(self, delivery: Keyed) -> bool:
         """A receiver committed or rolled back the dispatch's transaction
-        itself. Committed: the done mark went with it, and what it wrote
-        since commits now (``True``). Rolled back: the done mark is gone, so
-        what it wrote since is rolled back too and the attempt fails
-        (``False``), or the platform would hear "done" of an undone delivery
-        and a worker dispatch it again after the lease."""
+        itself: whether the done mark went with a commit (what the receiver
+        wrote since then commits at the end, as usual)."""
         with self._store_errors(delivery), self._own_transaction() as connection:
             current = self._sql.state.first(connection, self._key_params(delivery))
-        if current is not None and current[0] == DONE:
-            logger.warning(
-                "%s %s %s: a receiver committed the dispatch's transaction itself; "
-                "the done mark went with it, and what followed is committed after",
-                delivery.provider,
-                delivery.callback,
-                delivery.key,
-            )
-            return True
-        session.rollback()
-        self.record_failure(
-            delivery,
-            claim,
-            "EndedTransaction: a receiver rolled back the dispatch's transaction, and "
-            "the done mark with it.",
+        if current is None or current[0] != DONE:
+            return False
+        logger.warning(
+            "%s %s %s: a receiver committed the dispatch's transaction itself; "
+            "the done mark went with it, and what followed is committed after",
+            delivery.provider,
+            delivery.callback,
+            delivery.key,
         )
-        return False
+        return True
+
+    def _fail_attempt(
+        self, session: Transaction, delivery: Keyed, claim: Claim, error: str
+    ) -> NoReturn:
+        """Roll the dispatch back and record its attempt as failed with ``error``."""
+        session.rollback()
+        self.record_failure(delivery, claim, error)
+        raise ReceiverFailed(_RECEIVER_FAILED)
 
     def _see_the_claim(self, session: Transaction, delivery: Delivery) -> None:
         """Make sure the dispatch transaction can see the committed claim.
@@ -864,6 +854,8 @@ def _aborted(session: Transaction) -> bool:
 
 
 _PQTRANS_INERROR = 3
+
+_RECEIVER_FAILED = "A receiver failed; the delivery will be retried."
 
 
 def _busy_cause(exc: StoreUnavailable) -> bool:

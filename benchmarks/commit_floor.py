@@ -47,7 +47,11 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from .harness import DEFAULT_MARIADB_URL, DEFAULT_PG_URL, private_database, private_schema
+from .harness import (
+    add_database_urls,
+    private_database,
+    private_schema,
+)
 
 Connect = Callable[[], Any]
 Shape = Callable[[Any, str], None]
@@ -263,12 +267,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--batch", type=int, default=500, help="operations per thread [500]")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument(
-        "--pg-url", default=os.environ.get("ORDERHOOKS_BENCH_POSTGRES_URL", DEFAULT_PG_URL)
-    )
-    parser.add_argument(
-        "--mariadb-url", default=os.environ.get("ORDERHOOKS_BENCH_MARIADB_URL", DEFAULT_MARIADB_URL)
-    )
+    add_database_urls(parser)
     return parser.parse_args(argv)
 
 

@@ -79,6 +79,17 @@ DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 DEFAULT_MARIADB_URL = "mysql+pymysql://root@127.0.0.1:3306/test?charset=utf8mb4"
 
 
+def add_database_urls(parser: argparse.ArgumentParser) -> None:
+    """``--pg-url`` and ``--mariadb-url``, defaulting to the environment's
+    ``ORDERHOOKS_BENCH_*_URL`` or the machine's servers."""
+    parser.add_argument(
+        "--pg-url", default=os.environ.get("ORDERHOOKS_BENCH_POSTGRES_URL", DEFAULT_PG_URL)
+    )
+    parser.add_argument(
+        "--mariadb-url", default=os.environ.get("ORDERHOOKS_BENCH_MARIADB_URL", DEFAULT_MARIADB_URL)
+    )
+
+
 @contextmanager
 def private_schema(pg_url: str, prefix: str) -> Iterator[str]:
     """A URL whose connections use a fresh schema, dropped afterwards: the

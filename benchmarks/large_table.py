@@ -90,8 +90,7 @@ from flask_orderhooks.testing import (
 from . import sections
 from .apps import PATH, create_tables, make_app, signed
 from .harness import (
-    DEFAULT_MARIADB_URL,
-    DEFAULT_PG_URL,
+    add_database_urls,
     checkout_line,
     cpu_seconds,
     mariadb_version,
@@ -1226,12 +1225,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=50, help="operations per side per round [50]")
     parser.add_argument("--repeat", type=int, default=7, help="timings per query [7]")
     parser.add_argument("--chunk", type=int, default=100_000, help="rows per load transaction")
-    parser.add_argument(
-        "--pg-url", default=os.environ.get("ORDERHOOKS_BENCH_POSTGRES_URL", DEFAULT_PG_URL)
-    )
-    parser.add_argument(
-        "--mariadb-url", default=os.environ.get("ORDERHOOKS_BENCH_MARIADB_URL", DEFAULT_MARIADB_URL)
-    )
+    add_database_urls(parser)
     parser.add_argument("--sqlite-dir", default=tempfile.gettempdir(), help="[the temp dir]")
     parser.add_argument(
         "--keep", action="store_true", help="keep the filled store (prints its name)"

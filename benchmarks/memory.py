@@ -41,12 +41,11 @@ import sqlalchemy as sa
 from . import sections
 from .apps import Kind, status_counts, stored_count, undrained_count
 from .harness import (
-    DEFAULT_MARIADB_URL,
-    DEFAULT_PG_URL,
     Config,
     Database,
     Server,
     WorkerProcess,
+    add_database_urls,
     checkout_line,
     children,
     make_tables,
@@ -261,12 +260,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--every", type=int, default=10_000, help="sample interval [10,000]")
     parser.add_argument("--warmup", type=int, default=20_000, help="leak check from [20,000]")
     parser.add_argument("--drain-timeout", type=float, default=1800.0)
-    parser.add_argument(
-        "--pg-url", default=os.environ.get("ORDERHOOKS_BENCH_POSTGRES_URL", DEFAULT_PG_URL)
-    )
-    parser.add_argument(
-        "--mariadb-url", default=os.environ.get("ORDERHOOKS_BENCH_MARIADB_URL", DEFAULT_MARIADB_URL)
-    )
+    add_database_urls(parser)
     parser.add_argument("--results", action="store_true", help="write RESULTS.md's section")
     return parser.parse_args(argv)
 

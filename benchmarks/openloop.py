@@ -62,13 +62,12 @@ from typing import Any
 from . import sections
 from .apps import PATH, Kind, stored_count
 from .harness import (
-    DEFAULT_MARIADB_URL,
-    DEFAULT_PG_URL,
     SERVER_BACKENDS,
     BenchError,
     Config,
     Database,
     Server,
+    add_database_urls,
     checkout_line,
     make_tables,
     run_wrk,
@@ -481,12 +480,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--max-duration", type=int, default=8, help="naive's maximum pass [8]")
     parser.add_argument("--rounds", type=int, default=1, help="[1]")
     parser.add_argument("--max-rate", type=float, help="skip step 1: naive's maximum is this")
-    parser.add_argument(
-        "--pg-url", default=os.environ.get("ORDERHOOKS_BENCH_POSTGRES_URL", DEFAULT_PG_URL)
-    )
-    parser.add_argument(
-        "--mariadb-url", default=os.environ.get("ORDERHOOKS_BENCH_MARIADB_URL", DEFAULT_MARIADB_URL)
-    )
+    add_database_urls(parser)
     parser.add_argument("--results", action="store_true", help="write RESULTS.md's section")
     return parser.parse_args(argv)
 

@@ -461,6 +461,40 @@ def test_sqlite_claim_relaxes_sync_only_for_itself(tmp_path: Path) -> None:
     ], "claim at NORMAL, dispatch at FULL"
 
 
+def _fails_once_then_dispatches(
+    recorder: RecorderFactory, misbehave: Callable[[Any], None], error: str
+) -> None:
+    """The first attempt's receiver calls ``misbehave(db)``: a failed
+    attempt whose error starts with ``error``, answered 500, nothing written;
+    the retry dispatches once and a resend is a duplicate."""
+    app, rec = recorder()
+    assert rec.db is not None
+    db = rec.db
+    first = [True]
+
+    def hook(_event: object) -> None:
+        if first[0]:
+            first[0] = False
+            misbehave(db)
+
+    rec.hook = hook
+    cb = make("igv", app)
+    response = post(app, cb)
+    assert (response.status_code, response.get_data(as_text=True)) == (
+        500,
+        "A receiver failed; the delivery will be retried.",
+    )
+    (row,) = rows(app)
+    assert (row.status, row.attempts) == ("failed", 1)
+    assert (row.error or "").startswith(error)
+    assert rec.credits() == 0
+    assert post(app, cb).status_code == 200
+    assert post(app, cb).status_code == 200
+    (row,) = rows(app)
+    assert (row.status, row.attempts) == ("done", 2)
+    assert rec.credits() == 1
+
+
 @pytest.mark.parametrize(
     "backend", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
 )
@@ -470,32 +504,12 @@ def test_a_receiver_that_swallows_a_database_error_fails_the_delivery(
     """PostgreSQL answers the COMMIT of a transaction in error with a ROLLBACK
     that psycopg reports as a success: answered 200, the delivery would stay
     processing with nothing done. It is a failed attempt instead, retried."""
-    app, rec = recorder()
-    assert rec.db is not None
-    db = rec.db
-    broken = [True]
 
-    def swallow(_event: object) -> None:
-        if broken[0]:
-            with contextlib.suppress(sa.exc.DBAPIError):
-                db.session.execute(sa.text("SELECT 1 / 0"))
+    def swallow(db: Any) -> None:
+        with contextlib.suppress(sa.exc.DBAPIError):
+            db.session.execute(sa.text("SELECT 1 / 0"))
 
-    rec.hook = swallow
-    cb = make("igv", app)
-    response = post(app, cb)
-    assert (response.status_code, response.get_data(as_text=True)) == (
-        500,
-        "A receiver failed; the delivery will be retried.",
-    )
-    (row,) = rows(app)
-    assert (row.status, row.attempts) == ("failed", 1)
-    assert (row.error or "").startswith("AbortedTransaction:")
-    assert rec.credits() == 0
-    broken[0] = False
-    assert post(app, cb).status_code == 200
-    (row,) = rows(app)
-    assert (row.status, row.attempts) == ("done", 2)
-    assert rec.credits() == 1
+    _fails_once_then_dispatches(recorder, swallow, "AbortedTransaction:")
 
 
 def test_a_receiver_that_rolls_back_the_session_fails_the_delivery(
@@ -505,33 +519,12 @@ def test_a_receiver_that_rolls_back_the_session_fails_the_delivery(
     callback must not be answered done (a worker would dispatch it again
     after its lease). What the receiver wrote afterwards is rolled back too,
     the attempt is failed, and the retry dispatches once."""
-    app, rec = recorder()
-    assert rec.db is not None
-    db = rec.db
-    rolling = [True]
 
-    def roll_back(_event: object) -> None:
-        if rolling[0]:
-            db.session.rollback()
-            db.session.add(Credit(key="written after the rollback"))
+    def roll_back(db: Any) -> None:
+        db.session.rollback()
+        db.session.add(Credit(key="written after the rollback"))
 
-    rec.hook = roll_back
-    cb = make("igv", app)
-    response = post(app, cb)
-    assert (response.status_code, response.get_data(as_text=True)) == (
-        500,
-        "A receiver failed; the delivery will be retried.",
-    )
-    (row,) = rows(app)
-    assert (row.status, row.attempts) == ("failed", 1)
-    assert (row.error or "").startswith("EndedTransaction:")
-    assert rec.credits() == 0
-    rolling[0] = False
-    assert post(app, cb).status_code == 200
-    assert post(app, cb).status_code == 200
-    (row,) = rows(app)
-    assert (row.status, row.attempts) == ("done", 2)
-    assert rec.credits() == 1
+    _fails_once_then_dispatches(recorder, roll_back, "EndedTransaction:")
 
 
 def test_a_receiver_that_commits_the_session_is_done_once(

@@ -33,14 +33,9 @@ WHEN = datetime(2026, 5, 4, 12, 30, tzinfo=UTC)
 
 
 @pytest.fixture
-def url(empty_database_url: str) -> str:
-    return empty_database_url
-
-
-@pytest.fixture
-def engine(url: str) -> Iterator[sa.Engine]:
-    """An earlier 0.3 build's table at ``url``, holding one done delivery."""
-    engine = sa.create_engine(url)
+def engine(empty_database_url: str) -> Iterator[sa.Engine]:
+    """An earlier 0.3 build's table at ``empty_database_url``, holding one done delivery."""
+    engine = sa.create_engine(empty_database_url)
     table = deliveries_table(sa.MetaData())
     (index,) = [i for i in table.indexes if i.name == STATUS_CREATED_INDEX]
     with engine.begin() as connection:
@@ -75,11 +70,11 @@ def _indexes(engine: sa.Engine) -> dict[str, list[str]]:
 
 
 def test_own_store_adds_only_the_index(
-    url: str, engine: sa.Engine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    empty_database_url: str, engine: sa.Engine, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     assert STATUS_CREATED_INDEX not in _indexes(engine)
     app = Flask("upgrade_0_3", instance_path=str(tmp_path / "instance"))
-    app.config.update(BASE_CONFIG, ORDERHOOKS_DATABASE_URI=url)
+    app.config.update(BASE_CONFIG, ORDERHOOKS_DATABASE_URI=empty_database_url)
     hooks = OrderHooks(app)
     caplog.set_level(logging.WARNING, logger="flask_orderhooks")
     try:
@@ -96,11 +91,13 @@ def test_own_store_adds_only_the_index(
         standalone.engine.dispose()
 
 
-def test_autogenerate_adds_only_the_index(url: str, engine: sa.Engine, tmp_path: Path) -> None:
+def test_autogenerate_adds_only_the_index(
+    empty_database_url: str, engine: sa.Engine, tmp_path: Path
+) -> None:
     """With ``db=``, what ``flask db migrate`` compares: one index to add,
     and nothing once it is there."""
     app = Flask("upgrade_0_3_host", instance_path=str(tmp_path / "instance"))
-    app.config.update(BASE_CONFIG, SQLALCHEMY_DATABASE_URI=url)
+    app.config.update(BASE_CONFIG, SQLALCHEMY_DATABASE_URI=empty_database_url)
     db = SQLAlchemy(app)
     OrderHooks(app, db=db)
     try:

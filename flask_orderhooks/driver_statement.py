@@ -52,8 +52,6 @@ class DriverStatement:
         #: What was compiled, and the SQL the driver runs.
         self.statement = statement
         self.sql = compiled.string
-        self._dialect = dialect
-        self._error = dialect.loaded_dbapi.Error
         self._defaults: dict[str, Any] = {}
         # By name: a parameter used several times (p_now) is converted once.
         required: dict[str, Callable[[Any], Any] | None] = {}
@@ -119,32 +117,47 @@ class DriverStatement:
             value = parameters[name]
             values[name] = process(value) if process else value
         arguments: Any = values if self._order is None else [values[n] for n in self._order]
-        proxy = connection.connection
-        cursor = proxy.cursor()
-        try:
-            cursor.execute(self.sql, arguments)
-            rows = cursor.fetchall() if cursor.description is not None else []
-            count = cursor.rowcount
-        except self._error as exc:
-            gone = self._dialect.is_disconnect(exc, proxy.dbapi_connection, cursor)
-            if gone:
-                connection.invalidate(exc)
-            # Parameters hidden: they hold bodies and signed headers, and this
-            # text is logged and stored as a failed attempt's error.
-            raise DBAPIError.instance(
-                self.sql,
-                None,
-                exc,
-                self._error,
-                hide_parameters=True,
-                connection_invalidated=gone,
-                dialect=self._dialect,
-            ) from exc
-        finally:
-            # The statement's own outcome is what matters.
-            with suppress(self._error):
-                cursor.close()
-        return rows, count
+        return run_on_cursor(connection, self.sql, arguments)
 
     def __repr__(self) -> str:
         return f"<DriverStatement {self.sql[:40]!r}...>"
+
+
+def run_on_cursor(
+    connection: Connection, sql: str, arguments: Any = ()
+) -> tuple[Sequence[Any], int]:
+    """Run ``sql`` on ``connection``'s DB-API cursor: its rows (empty for a
+    statement that returns none) and its rowcount.
+
+    A driver error is raised as SQLAlchemy's :class:`~sqlalchemy.exc.DBAPIError`
+    subclass, its parameters hidden, and a connection the dialect sees as
+    disconnected is invalidated first.
+    """
+    dialect = connection.dialect
+    error = dialect.loaded_dbapi.Error
+    proxy = connection.connection
+    cursor = proxy.cursor()
+    try:
+        cursor.execute(sql, arguments)
+        rows = cursor.fetchall() if cursor.description is not None else []
+        count = cursor.rowcount
+    except error as exc:
+        gone = dialect.is_disconnect(exc, proxy.dbapi_connection, cursor)
+        if gone:
+            connection.invalidate(exc)
+        # Parameters hidden: they hold bodies and signed headers, and this
+        # text is logged and stored as a failed attempt's error.
+        raise DBAPIError.instance(
+            sql,
+            None,
+            exc,
+            error,
+            hide_parameters=True,
+            connection_invalidated=gone,
+            dialect=dialect,
+        ) from exc
+    finally:
+        # The statement's own outcome is what matters.
+        with suppress(error):
+            cursor.close()
+    return rows, count

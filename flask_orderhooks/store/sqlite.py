@@ -9,6 +9,8 @@ from typing import Any
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
+from ..driver_statement import run_on_cursor
+
 
 @contextmanager
 def relaxed_sqlite_sync(connection: Connection) -> Iterator[None]:
@@ -24,13 +26,13 @@ def relaxed_sqlite_sync(connection: Connection) -> Iterator[None]:
     """
     wal = connection.info.get(WAL_KEY)
     if wal is None:
-        mode = connection.exec_driver_sql("PRAGMA journal_mode").scalar()
+        mode = _pragma(connection, "PRAGMA journal_mode")
         wal = connection.info[WAL_KEY] = str(mode).lower() == "wal"
-    level = int(connection.exec_driver_sql("PRAGMA synchronous").scalar() or 0) if wal else 0
+    level = int(_pragma(connection, "PRAGMA synchronous") or 0) if wal else 0
     if level <= SQLITE_NORMAL:
         yield
         return
-    connection.exec_driver_sql(f"PRAGMA synchronous = {SQLITE_NORMAL}")
+    _pragma(connection, f"PRAGMA synchronous = {SQLITE_NORMAL}")
     try:
         yield
     finally:
@@ -39,11 +41,19 @@ def relaxed_sqlite_sync(connection: Connection) -> Iterator[None]:
             # still open only when the claim failed.
             if connection.in_transaction():
                 connection.rollback()
-            connection.exec_driver_sql(f"PRAGMA synchronous = {level}")
+            _pragma(connection, f"PRAGMA synchronous = {level}")
         except SQLAlchemyError:
             # Never hand a connection back to the pool at the relaxed level.
             connection.invalidate()
             raise
+
+
+def _pragma(connection: Connection, sql: str) -> Any:
+    """A PRAGMA's value, run on the driver's cursor. Every claim runs three;
+    through ``exec_driver_sql`` they cost about 80 µs of CPU a claim, on the
+    driver's cursor about 14 (``sqlite3`` has no round trip: CPU is the cost)."""
+    rows, _count = run_on_cursor(connection, sql)
+    return rows[0][0] if rows else None
 
 
 WAL_KEY = "orderhooks_wal"

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError
@@ -94,7 +94,7 @@ class DriverStatement:
         self, connection: Connection, parameters: Mapping[str, Any]
     ) -> tuple[Any, ...] | None:
         """Execute on ``connection``'s cursor; the first row, if any."""
-        rows, _count = self._run(connection, parameters)
+        rows = self._run(connection, parameters).rows
         if not rows:
             return None
         if self._results is None:
@@ -107,11 +107,13 @@ class DriverStatement:
     def rowcount(self, connection: Connection, parameters: Mapping[str, Any]) -> int:
         """Execute on ``connection``'s cursor; the rows it matched (for
         databases whose ``UPDATE`` has no ``RETURNING``)."""
-        return self._run(connection, parameters)[1]
+        return self._run(connection, parameters).rowcount
 
-    def _run(
-        self, connection: Connection, parameters: Mapping[str, Any]
-    ) -> tuple[Sequence[Any], int]:
+    def run(self, connection: Connection, parameters: Mapping[str, Any]) -> Ran:
+        """Execute on ``connection``'s cursor; everything the driver reported."""
+        return self._run(connection, parameters)
+
+    def _run(self, connection: Connection, parameters: Mapping[str, Any]) -> Ran:
         values = dict(self._defaults)
         for name, process in self._required:
             value = parameters[name]
@@ -123,11 +125,20 @@ class DriverStatement:
         return f"<DriverStatement {self.sql[:40]!r}...>"
 
 
-def run_on_cursor(
-    connection: Connection, sql: str, arguments: Any = ()
-) -> tuple[Sequence[Any], int]:
-    """Run ``sql`` on ``connection``'s DB-API cursor: its rows (empty for a
-    statement that returns none) and its rowcount.
+class Ran(NamedTuple):
+    """What the driver reported of one statement."""
+
+    #: Its rows (empty for a statement that returns none).
+    rows: Sequence[Any]
+    #: The rows it matched, or the driver's -1 for "unknown".
+    rowcount: int
+    #: The cursor's ``lastrowid``: MySQL's insert id (``LAST_INSERT_ID``),
+    #: SQLite's rowid; ``None`` where the driver has none (psycopg).
+    lastrowid: int | None
+
+
+def run_on_cursor(connection: Connection, sql: str, arguments: Any = ()) -> Ran:
+    """Run ``sql`` on ``connection``'s DB-API cursor: what the driver reported.
 
     A driver error is raised as SQLAlchemy's :class:`~sqlalchemy.exc.DBAPIError`
     subclass, its parameters hidden, and a connection the dialect sees as
@@ -140,7 +151,8 @@ def run_on_cursor(
     try:
         cursor.execute(sql, arguments)
         rows = cursor.fetchall() if cursor.description is not None else []
-        count = cursor.rowcount
+        # psycopg's cursors have no lastrowid.
+        ran = Ran(rows, cursor.rowcount, getattr(cursor, "lastrowid", None))
     except error as exc:
         gone = dialect.is_disconnect(exc, proxy.dbapi_connection, cursor)
         if gone:
@@ -160,4 +172,4 @@ def run_on_cursor(
         # The statement's own outcome is what matters.
         with suppress(error):
             cursor.close()
-    return rows, count
+    return ran

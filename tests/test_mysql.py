@@ -299,3 +299,96 @@ def test_the_own_store_sets_its_lock_wait_once(recorder: RecorderFactory) -> Non
         store, lambda: all(post(app, make("igv", app)).status_code == 200 for _ in range(3))
     )
     assert seen == ["SET SESSION innodb_lock_wait_timeout = 3"]
+
+
+def _reads_back(seen: list[str]) -> list[str]:
+    return [sql for sql in seen if sql.startswith("SELECT")]
+
+
+def test_an_upsert_that_inserted_reads_nothing_back(
+    recorder: RecorderFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim's insert id says it inserted its row (LAST_INSERT_ID(1)): a
+    first delivery sends no SELECT after it. A duplicate, and a resend that
+    takes a failed delivery over, read the row: only the read knows it."""
+    app, rec = recorder()
+    cb = make("igv", app)
+    seen = sent_to_the_server(monkeypatch)
+    assert post(app, cb).status_code == 200
+    assert _reads_back(seen) == [], seen
+    assert [row.attempts for row in rows(app)] == [1]
+
+    seen.clear()
+    assert post(app, cb).status_code == 200
+    assert len(_reads_back(seen)) == 2, seen  # the claim's row, then its state
+    assert len(rec.events) == 1
+
+    rec.fail_next = 1
+    failed = make("igv", app)
+    assert post(app, failed).status_code == 500
+    seen.clear()
+    assert post(app, failed).status_code == 200
+    assert len(_reads_back(seen)) == 1, seen  # the takeover's row: attempt 2
+    assert sorted(row.attempts for row in rows(app)) == [1, 2]
+    assert len(rec.events) == 3
+
+
+def test_a_deferred_acceptance_that_inserted_reads_nothing_back(
+    recorder: RecorderFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app, rec = recorder(ORDERHOOKS_DISPATCH="deferred")
+    cb = make("igv", app)
+    seen = sent_to_the_server(monkeypatch)
+    assert post(app, cb).status_code == 200
+    assert _reads_back(seen) == [], seen
+    seen.clear()
+    assert post(app, cb).status_code == 200
+    assert _reads_back(seen), seen
+    assert [(row.status, row.attempts) for row in rows(app)] == [("pending", 0)]
+    assert rec.events == []
+
+
+@pytest.mark.parametrize("kind", ["claim", "accept"])
+def test_a_duplicate_key_never_reports_the_inserted_id(
+    recorder: RecorderFactory, kind: str
+) -> None:
+    """What the shortcut rests on, asked of the server: on one connection,
+    after an upsert that inserted (insert id 1), an upsert of the same key
+    (left alone, or taken over) reports 2 or more, and the next new key 1
+    again. Were a duplicate ever reported as inserted, it would be dispatched
+    twice."""
+    app, _rec = recorder()
+    store = store_of(app)
+    statement = getattr(store._sql, kind).upsert
+    now = datetime.now(UTC)
+
+    def upsert(connection: sa.Connection, key: str, token: str) -> tuple[int, int | None]:
+        params = {
+            "p_provider": "igv",
+            "p_callback": "order-status",
+            "p_key": key,
+            "p_token": token,
+            "p_digest": "d" * 64,
+            "p_body": b"{}",
+            "p_headers": "{}",
+            "p_reference": None,
+            "p_now": now,
+            "p_lease": now,
+            "p_takeover": "failed",
+            "p_lock_wait": 1,
+        }
+        ran = statement.run(connection, params)
+        return ran.rowcount, ran.lastrowid
+
+    with app.app_context(), store.engine.connect() as connection:
+        connection.begin()
+        assert upsert(connection, "k1", "t1") == (1, 1)
+        left_alone = upsert(connection, "k1", "t2")
+        assert left_alone[1] is not None and left_alone[1] >= 2, left_alone
+        connection.execute(
+            sa.update(store.table).where(store.table.c.key == "k1").values(status="failed")
+        )
+        taken_over = upsert(connection, "k1", "t3")
+        assert taken_over[0] == 2 and taken_over[1] is not None and taken_over[1] >= 2
+        assert upsert(connection, "k2", "t4") == (1, 1)
+        connection.rollback()

@@ -21,6 +21,7 @@ Two MySQL rules shape the SQL:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -44,6 +45,15 @@ from .table import DONE, PENDING, PROCESSING, WHEN
 #: MySQL 8 has no SET STATEMENT: there the session variable is set around the
 #: transaction (``errors.mysql_lock_wait``).
 _LOCK_WAIT = ("SET STATEMENT innodb_lock_wait_timeout = {} FOR", "p_lock_wait")
+
+#: The insert id (``LAST_INSERT_ID``, in the statement's OK packet) of an
+#: upsert that inserted its row: its VALUES call ``LAST_INSERT_ID(1)``, and on
+#: a duplicate key its update calls ``LAST_INSERT_ID(attempts + 2)``, 2 or
+#: more. An upsert that inserted knows its row without reading it back, which
+#: saves every first delivery a round trip; any other id reads it (0 too: a
+#: server that reports none falls back to the read).
+INSERTED = 1
+_ON_DUPLICATE = 2
 
 
 class MySQLStatements:
@@ -80,10 +90,10 @@ class MySQLStatements:
         now = sa.bindparam("p_now", type_=WHEN)
         claim = _upsert(
             t,
-            new_row(t, status=PROCESSING, attempts=1, lease="p_lease", due="p_lease"),
+            _marked(new_row(t, status=PROCESSING, attempts=1, lease="p_lease", due="p_lease")),
             claim_takeover(t, digest),
             [
-                ("attempts", then(t.c.attempts + 1, t.c.attempts)),
+                ("attempts", _on_duplicate(then(t.c.attempts + 1, t.c.attempts))),
                 ("next_attempt_at", then(lease, t.c.next_attempt_at)),
                 ("updated_at", then(now, t.c.updated_at)),
                 ("lease_expires_at", then(lease, t.c.lease_expires_at)),
@@ -92,9 +102,10 @@ class MySQLStatements:
         )
         accept = _upsert(
             t,
-            new_row(t, status=PENDING, attempts=0, lease="p_now", due="p_now"),
+            _marked(new_row(t, status=PENDING, attempts=0, lease="p_now", due="p_now")),
             accept_takeover(t, digest),
             [
+                ("attempts", _on_duplicate(t.c.attempts)),
                 ("next_attempt_at", then(now, t.c.next_attempt_at)),
                 ("updated_at", then(now, t.c.updated_at)),
                 ("status", then(PENDING, t.c.status)),
@@ -153,10 +164,12 @@ class MySQLStatements:
         self.claim = _UpsertThenRead(
             DriverStatement(claim, dialect, prefix=waits),
             DriverStatement(token_and_attempts, dialect),
+            inserted=lambda params: (params["p_token"], 1),
         )
         self.accept = _UpsertThenRead(
             DriverStatement(accept, dialect, prefix=waits),
             DriverStatement(sa.select(t.c.claim_token).where(*key), dialect),
+            inserted=lambda params: (params["p_token"],),
         )
         self.state = DriverStatement(
             sa.select(t.c.status, t.c.body_sha256, t.c.lease_expires_at).where(*key), dialect
@@ -210,15 +223,42 @@ def _upsert(
     return mysql.insert(t).values(row).on_duplicate_key_update([("claim_token", decide), *then])
 
 
-class _UpsertThenRead:
-    """The upsert, then the row as it is now (the transaction's own write)."""
+def _marked(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with its ``attempts`` set through ``LAST_INSERT_ID(1)``: the
+    upsert reports :data:`INSERTED` when it inserts this row."""
+    attempts = row["attempts"].value
+    marked = sa.func.last_insert_id(INSERTED, type_=sa.Integer)
+    if attempts != INSERTED:
+        marked = marked + (attempts - INSERTED)
+    return {**row, "attempts": marked}
 
-    def __init__(self, upsert: DriverStatement, read: DriverStatement) -> None:
+
+def _on_duplicate(attempts: Any) -> Any:
+    """The update's ``attempts``, unchanged in value, passed through
+    ``LAST_INSERT_ID`` so that a duplicate key reports an insert id of at
+    least 2 (attempts are never negative), never :data:`INSERTED`."""
+    return sa.func.last_insert_id(attempts + _ON_DUPLICATE, type_=sa.Integer) - _ON_DUPLICATE
+
+
+class _UpsertThenRead:
+    """The upsert, then the row as it is now (the transaction's own write),
+    unless the upsert inserted it: ``inserted(params)`` is that row."""
+
+    def __init__(
+        self,
+        upsert: DriverStatement,
+        read: DriverStatement,
+        *,
+        inserted: Callable[[dict[str, Any]], tuple[Any, ...]],
+    ) -> None:
         self.upsert = upsert
         self.read = read
+        self.inserted = inserted
 
     def first(self, connection: Connection, params: dict[str, Any]) -> tuple[Any, ...] | None:
-        self.upsert.rowcount(connection, params)
+        ran = self.upsert.run(connection, params)
+        if ran.rowcount == 1 and ran.lastrowid == INSERTED:
+            return self.inserted(params)
         return self.read.first(connection, params)
 
 

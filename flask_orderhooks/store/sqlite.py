@@ -52,7 +52,7 @@ def _pragma(connection: Connection, sql: str) -> Any:
     """A PRAGMA's value, run on the driver's cursor. Every claim runs three;
     through ``exec_driver_sql`` they cost about 80 µs of CPU a claim, on the
     driver's cursor about 14 (``sqlite3`` has no round trip: CPU is the cost)."""
-    rows, _count = run_on_cursor(connection, sql)
+    rows = run_on_cursor(connection, sql).rows
     return rows[0][0] if rows else None
 
 

@@ -367,6 +367,52 @@ def test_a_failure_report_never_overwrites_a_committed_done(recorder: RecorderFa
     assert rec.events == []
 
 
+@pytest.mark.parametrize(
+    # SQLite locks the whole file, and its busy timeout bounds every wait.
+    "backend",
+    [
+        pytest.param("postgresql", marks=pytest.mark.postgres),
+        pytest.param("mariadb", marks=pytest.mark.mariadb),
+    ],
+)
+def test_a_failure_record_waits_for_a_held_row_no_longer_than_a_duplicate(
+    recorder: RecorderFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A backend whose client vanished mid-dispatch (a partition) still holds
+    the row's lock, for hours with default keepalives. Recording the failed
+    attempt waits at most ORDERHOOKS_DUPLICATE_WAIT (whole seconds on
+    MariaDB), logs that it could not, and leaves the lease to run out."""
+    app, _rec = recorder(ORDERHOOKS_DUPLICATE_WAIT=0.5)
+    cb = make("igv", app)
+    with app.app_context():
+        store = app.extensions["orderhooks"].store
+        delivery = read(app, cb)
+        claim = store.claim(delivery)
+        assert claim is not None
+        t = store.table
+        with store.engine.connect() as orphan:
+            # Another connection's uncommitted write holds the row's lock.
+            orphan.execute(sa.update(t).where(t.c.key == delivery.key).values(error="held"))
+            finished = threading.Event()
+
+            def record() -> None:
+                store.record_failure(delivery, claim, "RuntimeError: boom")
+                finished.set()
+
+            started = time.monotonic()
+            thread = threading.Thread(target=record)
+            thread.start()
+            waited = finished.wait(timeout=30)
+            took = time.monotonic() - started
+            orphan.rollback()
+            thread.join(timeout=30)
+        assert waited, "the failure record kept waiting for the held row"
+        assert took < 10, took
+    assert "could not record the failed attempt 1" in caplog.text
+    (row,) = rows(app)
+    assert (row.status, row.error) == ("processing", None)
+
+
 def test_a_busy_sqlite_store_does_not_strand_a_claim(tmp_path: Path) -> None:
     """Another writer holds SQLite's lock when the dispatch starts: the dispatch
     waits it out instead of leaving the claim 'processing' until its lease."""

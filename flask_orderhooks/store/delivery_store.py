@@ -546,8 +546,13 @@ class DeliveryStore:
         error = error[:MAX_ERROR_LENGTH]
         now = self._now()
         status, next_attempt = self.retries.after_failure(claim.attempt, now)
+        # The row's lock is normally free (the dispatch rolled back), but a
+        # backend whose client vanished mid-dispatch keeps it until the
+        # server notices, hours with default keepalives: wait no longer than
+        # a duplicate would. Unrecorded, the lease still runs out.
+        lock_wait = self.duplicate_wait
         try:
-            with self._own_transaction() as connection:
+            with self._own_transaction(lock_wait=lock_wait) as connection:
                 row = self._sql.mark_failed.first(
                     connection,
                     {
@@ -558,6 +563,8 @@ class DeliveryStore:
                         "p_failure": failure_line(claim.attempt, now, error) if in_history else "",
                         "p_next": next_attempt,
                         "p_now": now,
+                        "p_ms": f"{max(1, int(lock_wait * 1000))}ms",
+                        "p_lock_wait": whole_seconds(lock_wait),
                     },
                 )
         except SQLAlchemyError:

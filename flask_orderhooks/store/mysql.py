@@ -60,8 +60,8 @@ class MySQLStatements:
     """The store's operations on MySQL and MariaDB.
 
     ``statement_lock_wait`` (MariaDB): the writes that may wait for another
-    transaction's row lock (the claim, the acceptance, the revival) carry
-    their own bound, ``p_lock_wait`` whole seconds.
+    transaction's row lock (the claim, the acceptance, the revival, the
+    failure record) carry their own bound, ``p_lock_wait`` whole seconds.
     """
 
     def __init__(
@@ -193,7 +193,7 @@ class MySQLStatements:
         )
         self.mark_done = _UpdateThenRead(DriverStatement(mark_done, dialect), None)
         self.mark_failed = _UpdateThenRead(
-            DriverStatement(mark_failed, dialect), DriverStatement(whole_row, dialect)
+            DriverStatement(mark_failed, dialect, prefix=waits), DriverStatement(whole_row, dialect)
         )
         found = sa.select(t.c.provider, t.c.callback, t.c.key).order_by(t.c.next_attempt_at)
         due = found.where(t.c.next_attempt_at <= now)

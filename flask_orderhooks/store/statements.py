@@ -139,9 +139,16 @@ class Statements:
         # that still holds this token, and no index can serve it.) The
         # status (failed or dead) and the next attempt come from the retry
         # schedule.
+        failed_fence = [*key, t.c.claim_token == sa.bindparam("p_token"), t.c.status != DONE]
+        if dialect == "postgresql":
+            # A backend whose client is gone (a partition, a lost COMMIT
+            # answer) can hold the row until the server notices: bounded.
+            failed_fence.append(
+                sa.func.set_config("lock_timeout", sa.bindparam("p_ms"), True).is_not(None)
+            )
         mark_failed = (
             sa.update(t)
-            .where(*key, t.c.claim_token == sa.bindparam("p_token"), t.c.status != DONE)
+            .where(*failed_fence)
             .values(
                 status=sa.bindparam("p_status", type_=t.c.status.type),
                 error=sa.bindparam("p_error"),

@@ -220,8 +220,10 @@ class DeliveryStore:
             row = self._try_accept(delivery, token, digest)
             if row is not None and row[0] == token:
                 return "accepted"
-            with self._store_errors(delivery), self._own_transaction() as connection:
-                current = self._sql.state.first(connection, self._key_params(delivery))
+            current = self._sql.accepted_state(row)
+            if current is None:
+                with self._store_errors(delivery), self._own_transaction() as connection:
+                    current = self._sql.state.first(connection, self._key_params(delivery))
             if current is not None:
                 break
             # Not visible yet (another copy's insert, not yet committed, made
@@ -360,7 +362,7 @@ class DeliveryStore:
             )
             if row is not None and row[0] == token:
                 return row, None
-            return row, self._sql.state.first(connection, self._key_params(delivery))
+            return row, self._sql.claimed_state(connection, self._key_params(delivery), row)
 
     def dispatch(self, delivery: Delivery, claim: Claim, dispatch: Callable[[], None]) -> None:
         """Run ``dispatch`` inside the transaction that marks the claim done."""

@@ -4,8 +4,11 @@ They have ``INSERT … ON DUPLICATE KEY UPDATE`` but no ``RETURNING`` on it
 (MariaDB's ``INSERT … RETURNING`` is its own, MySQL has none), so each
 operation is a few statements in one short transaction, written so that both
 MySQL 8 and MariaDB ≥ 10.6 accept them. Each exposes ``first(connection,
-params)`` with the same rows as :class:`~.statements.Statements`, so the
-state machine in :mod:`.delivery_store` is the same for every database.
+params)`` with the same rows as :class:`~.statements.Statements` (the claim's
+and the acceptance's followed by the row's state, which
+:meth:`~MySQLStatements.claimed_state` and
+:meth:`~MySQLStatements.accepted_state` hand on), so the state machine in
+:mod:`.delivery_store` is the same for every database.
 
 Two MySQL rules shape the SQL:
 
@@ -111,7 +114,11 @@ class MySQLStatements:
                 ("status", then(PENDING, t.c.status)),
             ],
         )
-        token_and_attempts = sa.select(t.c.claim_token, t.c.attempts).where(*key)
+        # The read-backs end with the row's state (status, digest, lease), so
+        # a duplicate learns it without a statement more.
+        state_columns = (t.c.status, t.c.body_sha256, t.c.lease_expires_at)
+        claim_row = sa.select(t.c.claim_token, t.c.attempts, *state_columns).where(*key)
+        accept_row = sa.select(t.c.claim_token, *state_columns).where(*key)
         whole_row = sa.select(*[t.c[name] for name in ROW_COLUMNS]).where(*key)
         mark_done = (
             sa.update(t).where(*key, mine).values(status=DONE, next_attempt_at=None, updated_at=now)
@@ -163,13 +170,13 @@ class MySQLStatements:
         )
         self.claim = _UpsertThenRead(
             DriverStatement(claim, dialect, prefix=waits),
-            DriverStatement(token_and_attempts, dialect),
-            inserted=lambda params: (params["p_token"], 1),
+            DriverStatement(claim_row, dialect),
+            inserted=lambda p: (p["p_token"], 1, PROCESSING, p["p_digest"], p["p_lease"]),
         )
         self.accept = _UpsertThenRead(
             DriverStatement(accept, dialect, prefix=waits),
-            DriverStatement(sa.select(t.c.claim_token).where(*key), dialect),
-            inserted=lambda params: (params["p_token"],),
+            DriverStatement(accept_row, dialect),
+            inserted=lambda p: (p["p_token"], PENDING, p["p_digest"], p["p_now"]),
         )
         self.state = DriverStatement(
             sa.select(t.c.status, t.c.body_sha256, t.c.lease_expires_at).where(*key), dialect
@@ -207,6 +214,19 @@ class MySQLStatements:
             DriverStatement(take_due, dialect),
             DriverStatement(whole_row, dialect),
         )
+
+    @staticmethod
+    def claimed_state(
+        connection: Connection, params: dict[str, Any], row: tuple[Any, ...] | None
+    ) -> tuple[Any, ...] | None:
+        """(status, body_sha256, lease_expires_at) of a delivery whose claim
+        returned ``row`` and did not win: the read-back's last columns."""
+        return None if row is None else row[2:]
+
+    @staticmethod
+    def accepted_state(row: tuple[Any, ...] | None) -> tuple[Any, ...] | None:
+        """The same after an acceptance (``None``: read it)."""
+        return None if row is None else row[1:]
 
 
 def _upsert(

@@ -9,7 +9,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import Connection, Dialect
 
 from ..driver_statement import DriverStatement
 from .table import BODY, DEAD, DONE, FAILED, PENDING, PROCESSING, REFERENCE, WHEN
@@ -179,6 +179,19 @@ class Statements:
         self.claim_due_key = DriverStatement(
             _claim_due(t, only_key=True, relax_commit=relax), engine_dialect
         )
+
+    def claimed_state(
+        self, connection: Connection, params: dict[str, Any], row: tuple[Any, ...] | None
+    ) -> tuple[Any, ...] | None:
+        """(status, body_sha256, lease_expires_at) of a delivery whose claim
+        returned ``row`` and did not win, read in the claim's transaction."""
+        return self.state.first(connection, params)
+
+    @staticmethod
+    def accepted_state(row: tuple[Any, ...] | None) -> tuple[Any, ...] | None:
+        """The state an acceptance that did not store the row returned:
+        none here (``ON CONFLICT DO NOTHING`` returns nothing), so read it."""
+        return None
 
 
 def claim_takeover(t: sa.Table, digest: Any) -> sa.ColumnElement[bool]:

@@ -13,11 +13,20 @@ takes its write lock only for the batch's few milliseconds), so a row a live
 callback holds is skipped, never waited for, and taken by a later batch.
 The batch's statement repeats every condition, so a row that changed
 between the pick and the write (done → replayed) is left alone.
+
+A live callback that resends a row in the batch waits for the batch's
+commit, so a batch must be short in time, not only in rows: on a slow or
+saturated machine 500 rows took 2.9 s, near the 3 s ``duplicate_wait``.
+Batches start at :data:`FIRST_BATCH` rows, halve after one that held its
+locks longer than a quarter of the store's ``duplicate_wait``, and double,
+up to ``batch``, after one that took less than half of that
+(:class:`BatchSize`).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,8 +41,34 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("flask_orderhooks")
 
-#: Rows per batch: one batch holds its locks for a few milliseconds.
+#: Rows per batch at most: one batch holds its locks for a few milliseconds.
 BATCH = 500
+#: What batches are timed with.
+_monotonic = time.monotonic
+#: Rows of a run's first batch, before its time is known.
+FIRST_BATCH = 100
+#: Rows a batch takes at least (or ``batch``, if smaller): on MySQL the run's
+#: cursor passes rows a live callback holds only when a batch holds others
+#: too, so a batch of one would read a held row again until it is let go.
+MIN_BATCH = 10
+
+
+class BatchSize:
+    """How many rows the next batch takes: up to ``limit``, halved after a
+    batch that took longer than ``target`` seconds (down to
+    :data:`MIN_BATCH`), doubled after one that took less than half of it."""
+
+    def __init__(self, limit: int, target: float) -> None:
+        self.limit = max(1, limit)
+        self.target = target
+        self.least = min(self.limit, MIN_BATCH)
+        self.rows = min(self.limit, FIRST_BATCH)
+
+    def took(self, seconds: float) -> None:
+        if seconds > self.target:
+            self.rows = max(self.least, self.rows // 2)
+        elif seconds < self.target / 2:
+            self.rows = min(self.limit, self.rows * 2)
 
 
 @dataclass(frozen=True)
@@ -118,10 +153,7 @@ def _in_batches(
     # providers' rows). Ties on updated_at are read again and skipped by
     # the conditions, which every write repeats.
     after = t.c.updated_at >= sa.bindparam("p_from", type_=WHEN)
-    candidates = sa.select(*pk, t.c.updated_at).where(*where, after)
-    candidates = candidates.order_by(t.c.updated_at).limit(batch)
-    pick = sa.select(*pk).where(*where, after).order_by(t.c.updated_at).limit(batch)
-    pick = pick.with_for_update(skip_locked=True)
+    size = BatchSize(batch, store.duplicate_wait / 4)
     store.prepare()
     total = 0
     start = _EPOCH
@@ -130,6 +162,8 @@ def _in_batches(
     options = {"isolation_level": "READ COMMITTED"} if store.dialect in MYSQL else {}
     with store.engine.connect().execution_options(**options) as connection:
         while True:
+            rows = size.rows
+            began = _monotonic()
             with connection.begin():
                 if store.dialect in MYSQL:
                     # A locking read there locks every row its index range
@@ -138,6 +172,8 @@ def _in_batches(
                     # candidates by a plain (consistent, lock-free) read,
                     # then only those rows locked by primary key, skipping
                     # the ones a live callback holds, then the write.
+                    candidates = sa.select(*pk, t.c.updated_at).where(*where, after)
+                    candidates = candidates.order_by(t.c.updated_at).limit(rows)
                     found = connection.execute(candidates, {"p_from": start}).all()
                     picked = [tuple(row) for row in found]
                     if not picked:
@@ -160,6 +196,8 @@ def _in_batches(
                     # MATERIALIZED: a LIMIT sub-select inside IN may be run
                     # again by the plan, and with SKIP LOCKED each run picks
                     # other rows (one "batch" took 900 of 1,000 rows).
+                    pick = sa.select(*pk).where(*where, after).order_by(t.c.updated_at)
+                    pick = pick.limit(rows).with_for_update(skip_locked=True)
                     picked_cte = pick.cte("picked").prefix_with(
                         "MATERIALIZED", dialect="postgresql"
                     )
@@ -168,8 +206,9 @@ def _in_batches(
                     times = list(connection.execute(statement, {"p_from": start}).scalars())
                     done = len(times)
                     picked = times
+            size.took(_monotonic() - began)
             total += done
-            if len(picked) < batch:
+            if len(picked) < rows:
                 break
             start = max(times)
     return total

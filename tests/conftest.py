@@ -43,8 +43,23 @@ BASE_CONFIG: dict[str, Any] = {
     "ORDERHOOKS_SUD_APPS": SUD_APPS,
 }
 
-_skipped_postgres: list[str] = []
-_skipped_mariadb: list[str] = []
+#: What the run's summary prints, by section: the loud skip banners and the
+#: system tests' counts. Under pytest-xdist each worker process fills its own
+#: and hands them to the controller at its end (``workeroutput``), which
+#: prints them: this is the only conftest the controller loads.
+_SUMMARY: dict[str, list[str]] = {}
+#: The sections printed as a red banner, their first line only.
+BANNERS = ("POSTGRESQL TESTS SKIPPED", "MARIADB TESTS SKIPPED", "BROWSER TESTS SKIPPED")
+_WORKER_OUTPUT = "orderhooks_summary"
+
+
+def summary(section: str) -> list[str]:
+    """The lines of ``section`` in the run's summary, to append to."""
+    return _SUMMARY.setdefault(section, [])
+
+
+_skipped_postgres = summary("POSTGRESQL TESTS SKIPPED")
+_skipped_mariadb = summary("MARIADB TESTS SKIPPED")
 
 
 def _server_error(url: str) -> str | None:
@@ -127,13 +142,30 @@ def private_database(base_url: str, prefix: str) -> Iterator[str]:
         admin.dispose()
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    output = getattr(session.config, "workeroutput", None)
+    if output is not None:  # a pytest-xdist worker
+        output[_WORKER_OUTPUT] = {name: list(lines) for name, lines in _SUMMARY.items()}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """pytest-xdist's controller, as a worker ends: take its summary."""
+    for name, lines in getattr(node, "workeroutput", {}).get(_WORKER_OUTPUT, {}).items():
+        summary(name).extend(lines)
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if _skipped_postgres:
-        terminalreporter.write_sep("!", "POSTGRESQL TESTS SKIPPED", red=True, bold=True)
-        terminalreporter.write_line(_skipped_postgres[0], red=True)
-    if _skipped_mariadb:
-        terminalreporter.write_sep("!", "MARIADB TESTS SKIPPED", red=True, bold=True)
-        terminalreporter.write_line(_skipped_mariadb[0], red=True)
+    for name, lines in _SUMMARY.items():
+        if not lines:
+            continue
+        if name in BANNERS:
+            terminalreporter.write_sep("!", name, red=True, bold=True)
+            terminalreporter.write_line(lines[0], red=True)
+        else:
+            terminalreporter.write_sep("-", name)
+            for line in lines:
+                terminalreporter.write_line(line)
 
 
 class Base(DeclarativeBase):

@@ -22,6 +22,8 @@ import pytest
 from flask import Flask
 from werkzeug.serving import BaseWSGIServer, make_server
 
+from tests.conftest import summary
+
 if TYPE_CHECKING:
     from selenium.webdriver.chrome.webdriver import WebDriver
 
@@ -31,7 +33,8 @@ PACKAGES = ("chromium", "chromium-driver")
 #: apt-get may have to fetch about 150 MB.
 _APT_TIMEOUT = 1800
 
-skipped: list[str] = []
+#: Printed as a banner at the end of the run (tests/conftest.py).
+skipped = summary("BROWSER TESTS SKIPPED")
 _lock = threading.Lock()
 _verdict: list[str | None] = []
 

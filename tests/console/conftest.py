@@ -120,11 +120,3 @@ def make_console(
 @pytest.fixture
 def console(make_console: ConsoleFactory) -> Console:
     return make_console()
-
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    from tests.console import browser
-
-    if browser.skipped:
-        terminalreporter.write_sep("!", "BROWSER TESTS SKIPPED", red=True, bold=True)
-        terminalreporter.write_line(browser.skipped[0], red=True)

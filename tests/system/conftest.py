@@ -14,11 +14,10 @@ import json
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.conftest import BASE_CONFIG, private_database, private_schema
+from tests.conftest import BASE_CONFIG, private_database, private_schema, summary
 
 from . import server_app
 from .support import Server, Worker, prepare_database
@@ -35,7 +34,7 @@ SQLITE = "sqlite"
 URL_FIXTURES = {"postgresql": "pg_url", "mariadb": "mariadb_sys_url", "sqlite": "sqlite_url"}
 
 #: One line per system test: the counts the issue note quotes.
-_SUMMARIES: list[str] = []
+_SUMMARIES = summary("orderhooks system tests: counts")
 
 
 @pytest.fixture
@@ -49,13 +48,6 @@ def report(request: pytest.FixtureRequest) -> ReportFn:
         _SUMMARIES.append(text)
 
     return write
-
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if _SUMMARIES:
-        terminalreporter.write_sep("-", "orderhooks system tests: counts")
-        for line in _SUMMARIES:
-            terminalreporter.write_line(line)
 
 
 @pytest.fixture

@@ -94,7 +94,7 @@ class DriverStatement:
         self, connection: Connection, parameters: Mapping[str, Any]
     ) -> tuple[Any, ...] | None:
         """Execute on ``connection``'s cursor; the first row, if any."""
-        rows = self._run(connection, parameters).rows
+        rows = self.run(connection, parameters).rows
         if not rows:
             return None
         if self._results is None:
@@ -107,13 +107,10 @@ class DriverStatement:
     def rowcount(self, connection: Connection, parameters: Mapping[str, Any]) -> int:
         """Execute on ``connection``'s cursor; the rows it matched (for
         databases whose ``UPDATE`` has no ``RETURNING``)."""
-        return self._run(connection, parameters).rowcount
+        return self.run(connection, parameters).rowcount
 
     def run(self, connection: Connection, parameters: Mapping[str, Any]) -> Ran:
         """Execute on ``connection``'s cursor; everything the driver reported."""
-        return self._run(connection, parameters)
-
-    def _run(self, connection: Connection, parameters: Mapping[str, Any]) -> Ran:
         values = dict(self._defaults)
         for name, process in self._required:
             value = parameters[name]

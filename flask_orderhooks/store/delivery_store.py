@@ -282,8 +282,7 @@ class DeliveryStore:
                         **self._key_params(delivery),
                         **params,
                         "p_now": self._now(),
-                        "p_ms": f"{max(1, int(lock_wait * 1000))}ms",
-                        "p_lock_wait": whole_seconds(lock_wait),
+                        **_lock_wait_params(lock_wait),
                     },
                 )
         except DBAPIError as exc:
@@ -353,11 +352,9 @@ class DeliveryStore:
                     "p_lease": now + timedelta(seconds=self.claim_timeout),
                     "p_now": now,
                     "p_takeover": DONE if force else FAILED,
-                    # PostgreSQL's lock_timeout: ON CONFLICT waits for
-                    # another worker's row lock, unbounded by default.
-                    "p_ms": f"{max(1, int(remaining * 1000))}ms",
-                    # MariaDB's innodb_lock_wait_timeout (whole seconds).
-                    "p_lock_wait": whole_seconds(remaining),
+                    # ON CONFLICT waits for another worker's row lock,
+                    # unbounded by default.
+                    **_lock_wait_params(remaining),
                 },
             )
             if row is not None and row[0] == token:
@@ -565,8 +562,7 @@ class DeliveryStore:
                         "p_failure": failure_line(claim.attempt, now, error) if in_history else "",
                         "p_next": next_attempt,
                         "p_now": now,
-                        "p_ms": f"{max(1, int(lock_wait * 1000))}ms",
-                        "p_lock_wait": whole_seconds(lock_wait),
+                        **_lock_wait_params(lock_wait),
                     },
                 )
         except SQLAlchemyError:
@@ -833,6 +829,13 @@ class DueClaim:
 
 
 _TOKEN = ROW_COLUMNS.index("claim_token")
+
+
+def _lock_wait_params(seconds: float) -> dict[str, Any]:
+    """A statement's bound on its row-lock wait: PostgreSQL's ``lock_timeout``
+    (``p_ms``), MariaDB's ``innodb_lock_wait_timeout`` (``p_lock_wait``,
+    whole seconds)."""
+    return {"p_ms": f"{max(1, int(seconds * 1000))}ms", "p_lock_wait": whole_seconds(seconds)}
 
 
 def _row_params(delivery: Delivery, token: str, digest: str) -> dict[str, Any]:

@@ -100,9 +100,7 @@ class Statements:
         revivable = [*key, accept_takeover(t, sa.bindparam("p_digest"))]
         if dialect == "postgresql":
             # A row a worker holds would make the update wait: bounded.
-            revivable.append(
-                sa.func.set_config("lock_timeout", sa.bindparam("p_ms"), True).is_not(None)
-            )
+            revivable.append(_lock_timeout())
         revive = (
             sa.update(t)
             .where(*revivable)
@@ -143,9 +141,7 @@ class Statements:
         if dialect == "postgresql":
             # A backend whose client is gone (a partition, a lost COMMIT
             # answer) can hold the row until the server notices: bounded.
-            failed_fence.append(
-                sa.func.set_config("lock_timeout", sa.bindparam("p_ms"), True).is_not(None)
-            )
+            failed_fence.append(_lock_timeout())
         mark_failed = (
             sa.update(t)
             .where(*failed_fence)
@@ -192,6 +188,12 @@ class Statements:
         """The state an acceptance that did not store the row returned:
         none here (``ON CONFLICT DO NOTHING`` returns nothing), so read it."""
         return None
+
+
+def _lock_timeout() -> sa.ColumnElement[bool]:
+    """A condition that sets PostgreSQL's ``lock_timeout`` to ``p_ms`` for the
+    statement's transaction, evaluated before the update waits for a row."""
+    return sa.func.set_config("lock_timeout", sa.bindparam("p_ms"), True).is_not(None)
 
 
 def claim_takeover(t: sa.Table, digest: Any) -> sa.ColumnElement[bool]:

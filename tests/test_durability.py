@@ -17,7 +17,7 @@ from flask import Flask
 
 from flask_orderhooks import OrderHooks, order_pending_delivery
 from flask_orderhooks.provider import Delivery
-from flask_orderhooks.store import StandaloneDatabase
+from flask_orderhooks.store import Claim, DeliveryStore, StandaloneDatabase
 from flask_orderhooks.testing import SignedCallback, build, sud_order
 from tests.conftest import Credit, Recorder
 
@@ -37,6 +37,16 @@ def read(app: Flask, cb: SignedCallback) -> Delivery:
     hooks: OrderHooks = app.extensions["orderhooks"]
     provider = hooks.state(app).providers[cb.provider]
     return provider.read(cb.callback, cb.body, cb.headers, now=None)
+
+
+def claimed(app: Flask, cb: SignedCallback) -> tuple[DeliveryStore, Delivery, Claim]:
+    """``cb`` read and claimed, as a route would before its dispatch (in an
+    app context)."""
+    store: DeliveryStore = app.extensions["orderhooks"].store
+    delivery = read(app, cb)
+    claim = store.claim(delivery)
+    assert claim is not None
+    return store, delivery, claim
 
 
 def rows(app: Flask) -> list[Any]:
@@ -355,10 +365,7 @@ def test_a_failure_report_never_overwrites_a_committed_done(recorder: RecorderFa
     app, rec = recorder()
     cb = make("igv", app)
     with app.app_context():
-        store = app.extensions["orderhooks"].store
-        delivery = read(app, cb)
-        claim = store.claim(delivery)
-        assert claim is not None
+        store, delivery, claim = claimed(app, cb)
         store.dispatch(delivery, claim, lambda: None)
         store._mark_failed(delivery, claim, ConnectionError("commit answer lost"))
     (row,) = rows(app)
@@ -385,10 +392,7 @@ def test_a_failure_record_waits_for_a_held_row_no_longer_than_a_duplicate(
     app, _rec = recorder(ORDERHOOKS_DUPLICATE_WAIT=0.5)
     cb = make("igv", app)
     with app.app_context():
-        store = app.extensions["orderhooks"].store
-        delivery = read(app, cb)
-        claim = store.claim(delivery)
-        assert claim is not None
+        store, delivery, claim = claimed(app, cb)
         t = store.table
         with store.engine.connect() as orphan:
             # Another connection's uncommitted write holds the row's lock.
@@ -425,10 +429,7 @@ def test_a_busy_sqlite_store_does_not_strand_a_claim(tmp_path: Path) -> None:
     standalone = hooks.state(app).standalone
     assert standalone is not None
     with app.app_context():
-        store = hooks.store
-        delivery = read(app, cb)
-        claim = store.claim(delivery)
-        assert claim is not None
+        store, delivery, claim = claimed(app, cb)
         blocker = standalone.engine.raw_connection()
         blocker.cursor().execute("BEGIN IMMEDIATE")
         timer = threading.Timer(0.3, blocker.rollback)

@@ -39,14 +39,20 @@ one JSON file in ``<control>/signals`` (see :func:`signal_records`).
 ``ORDERHOOKS_SYSTEM_CLOCK_FILE`` names a file holding a number of seconds:
 every process's extension then runs on real time plus that offset, so a test
 moves the retry schedule forward in all of them at once by rewriting it.
+
+With ``ORDERHOOKS_SYSTEM_TIME_LOCKS`` set, the process times each of its
+transactions from its first locking statement to its end, and prints the count
+and the longest to stderr when it exits (see :func:`time_lock_holds`).
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 import uuid
@@ -94,6 +100,11 @@ SQLITE_TIMEOUT = "ORDERHOOKS_SYSTEM_SQLITE_TIMEOUT"
 #: A file holding the seconds every process adds to the real time: the
 #: extension's clock (see the module docstring).
 CLOCK_FILE = "ORDERHOOKS_SYSTEM_CLOCK_FILE"
+#: Set: the process reports how long its transactions held row locks.
+TIME_LOCKS = "ORDERHOOKS_SYSTEM_TIME_LOCKS"
+#: The line :func:`time_lock_holds` prints at exit.
+LOCK_HOLDS_LINE = "orderhooks-system: {count} lock-holding transactions, longest {ms:.0f} ms"
+LOCK_HOLDS = re.compile(r"orderhooks-system: (\d+) lock-holding transactions, longest (\d+) ms")
 #: Config keys read from the environment as JSON values.
 JSON_CONFIG_KEYS = (
     "ORDERHOOKS_IGV_SECRET",
@@ -332,6 +343,9 @@ def build_app(
         hooks = OrderHooks(app, db=db, clock=offset_clock(Path(settings[CLOCK_FILE])))
     else:
         hooks = OrderHooks(app, db=db)
+    if TIME_LOCKS in settings:
+        with app.app_context():
+            time_lock_holds(db.engine)
     if DISPATCH_DELAY in settings:
         _delay_dispatch(hooks.state(app).store, float(settings[DISPATCH_DELAY]))
     if connect_receivers:
@@ -353,6 +367,43 @@ def build_app(
         if control is not None:
             _connect_signal_records(app, control)
     return app, db, hooks
+
+
+def time_lock_holds(engine: sa.Engine) -> None:
+    """Time each transaction on ``engine`` from its first locking statement
+    (a write or ``FOR UPDATE``) to its commit or rollback, and print how many
+    there were and the longest when the process exits.
+
+    The server's own catalog cannot say this on MariaDB: its
+    ``innodb_trx.trx_started`` and ``trx_wait_started`` were seen seconds
+    stale, and a read-only transaction's id is the connection's, batch after
+    batch. So the purge process reports it itself.
+    """
+    longest = [0.0]
+    count = [0]
+    locking = ("INSERT", "UPDATE", "DELETE", "SET STATEMENT")
+
+    def before(conn: sa.Connection, _cursor: Any, statement: str, *_: Any) -> None:
+        text = statement.lstrip().upper()
+        if "orderhooks_locked_at" not in conn.info and (
+            text.startswith(locking) or "FOR UPDATE" in text
+        ):
+            conn.info["orderhooks_locked_at"] = time.monotonic()
+
+    def ended(conn: sa.Connection) -> None:
+        began = conn.info.pop("orderhooks_locked_at", None)
+        if began is not None:
+            count[0] += 1
+            longest[0] = max(longest[0], time.monotonic() - began)
+
+    sa.event.listen(engine, "before_cursor_execute", before)
+    sa.event.listen(engine, "commit", ended)
+    sa.event.listen(engine, "rollback", ended)
+
+    def report() -> None:
+        print(LOCK_HOLDS_LINE.format(count=count[0], ms=longest[0] * 1000), file=sys.stderr)
+
+    atexit.register(report)
 
 
 def _delay_dispatch(store: DeliveryStore, seconds: float) -> None:

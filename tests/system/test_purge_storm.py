@@ -20,7 +20,7 @@ MariaDB it finishes while a live transaction holds one of its rows locked,
 leaving that row for a later run, which takes it. And one batch locks only
 the rows it purges (``test_a_batch_locks_only_the_rows_it_purges``): while a
 batch is held open, a replay of an older gateway tombstone and a fresh
-delivery are answered at once (xfail on MariaDB: see ``LOCKS_OTHERS``).
+delivery are answered at once.
 """
 
 from __future__ import annotations
@@ -209,7 +209,13 @@ def name(cb: SignedCallback) -> tuple[str, str, str]:
 
 
 def purge_process(settings: dict[str, str], url: str, log: Any) -> subprocess.Popen[str]:
-    env = {**os.environ, **settings, server_app.DATABASE_URL: url, "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        **settings,
+        server_app.DATABASE_URL: url,
+        server_app.TIME_LOCKS: "1",
+        "PYTHONUNBUFFERED": "1",
+    }
     return subprocess.Popen(
         [*FLASK_COMMAND, "orderhooks", "purge", "--older-than", PURGE_AGE],
         cwd=ROOT,
@@ -221,60 +227,59 @@ def purge_process(settings: dict[str, str], url: str, log: Any) -> subprocess.Po
 
 
 @dataclass
-class TransactionWatch:
-    """Samples, from the server's catalog, the purge's open transactions and
-    the live callbacks' row-lock waits. PostgreSQL: told apart by their
-    ``application_name``; MariaDB: transactions of this test's database,
-    purge's being those holding many row locks (a callback's hold a few).
-    What it sees is reported, never asserted: sampling may miss a batch."""
+class LockWaitWatch:
+    """Samples, from the server's catalog, the live callbacks' row-lock
+    waits, each timed by its statement's age (an upper bound on its wait).
+    PostgreSQL: the server's connections, by ``application_name``; MariaDB:
+    transactions of this test's database in ``LOCK WAIT`` holding few locks
+    (a purge batch holds more). What it sees is reported, never asserted:
+    sampling may miss a wait.
+
+    Not ``innodb_trx.trx_wait_started`` on MariaDB: on 10.11 it was seen
+    seconds stale (a callback "waiting" 13 s in a statement 3 ms old, under a
+    3 s lock-wait bound), so there the statement's age is the processlist's
+    ``time_ms``. How long purge's transactions held their locks, the purge
+    process reports itself (``server_app.time_lock_holds``).
+    """
 
     engine: sa.Engine | None
-    purge_query: sa.TextClause | None = None
-    wait_query: sa.TextClause | None = None
+    query: sa.TextClause | None = None
     params: dict[str, Any] = field(default_factory=dict)
-    seen: set[str] = field(default_factory=set)
+    waits: set[str] = field(default_factory=set)
     longest: float = 0.0
     longest_what: str = ""
-    waits: set[str] = field(default_factory=set)
-    longest_wait: float = 0.0
     samples: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
     @classmethod
-    def of(cls, url: str, purge_app: str, server_app_name: str) -> TransactionWatch:
+    def of(cls, url: str, server_app_name: str) -> LockWaitWatch:
         parsed = sa.make_url(url)
         backend = parsed.get_backend_name()
         if backend == "postgresql":
-            activity = (
-                "SELECT pid::text || ' ' || xact_start::text,"
-                " EXTRACT(EPOCH FROM clock_timestamp() - {start}) FROM pg_stat_activity"
-                " WHERE application_name = {app} AND {extra}"
-            )
             return cls(
                 sa.create_engine(parsed.difference_update_query(["options"])),
-                sa.text(activity.format(start="xact_start", app=":purge",
-                                        extra="xact_start IS NOT NULL")),
-                sa.text(activity.format(start="query_start", app=":server",
-                                        extra="wait_event_type = 'Lock'")),
-                {"purge": purge_app, "server": server_app_name},
-            )  # fmt: skip
-        if backend == "mysql":
-            trx = (
-                "SELECT t.trx_id, TIMESTAMPDIFF(MICROSECOND, {start}, NOW(6)) / 1e6,"
-                " CONCAT(t.trx_state, ', rows locked ', t.trx_rows_locked,"
-                " ', modified ', t.trx_rows_modified)"
-                " FROM information_schema.innodb_trx t"
-                " JOIN information_schema.processlist p ON p.id = t.trx_mysql_thread_id"
-                " WHERE p.db = :db AND {extra}"
+                sa.text(
+                    "SELECT pid::text || ' ' || query_start::text,"
+                    " EXTRACT(EPOCH FROM clock_timestamp() - query_start), LEFT(query, 160)"
+                    " FROM pg_stat_activity"
+                    " WHERE application_name = :server AND wait_event_type = 'Lock'"
+                ),
+                {"server": server_app_name},
             )
+        if backend == "mysql":
             return cls(
                 sa.create_engine(parsed),
-                sa.text(trx.format(start="t.trx_started", extra="t.trx_rows_locked > 20")),
-                sa.text(trx.format(start="t.trx_wait_started",
-                                   extra="t.trx_state = 'LOCK WAIT' AND t.trx_rows_locked <= 20")),
+                sa.text(
+                    "SELECT t.trx_id, p.time_ms / 1000,"
+                    " CONCAT('rows locked ', t.trx_rows_locked, ': ', LEFT(t.trx_query, 160))"
+                    " FROM information_schema.innodb_trx t"
+                    " JOIN information_schema.processlist p ON p.id = t.trx_mysql_thread_id"
+                    " WHERE p.db = :db AND t.trx_state = 'LOCK WAIT'"
+                    " AND t.trx_rows_locked <= 20"
+                ),
                 {"db": parsed.database},
-            )  # fmt: skip
+            )
         return cls(None)
 
     def start(self) -> None:
@@ -284,18 +289,14 @@ class TransactionWatch:
         self._thread.start()
 
     def _run(self) -> None:
-        assert self.engine is not None and self.purge_query is not None
-        assert self.wait_query is not None
+        assert self.engine is not None and self.query is not None
         with self.engine.connect() as connection:
             while not self._stop.is_set():
-                for ident, age, *what in connection.execute(self.purge_query, self.params):
-                    self.seen.add(str(ident))
+                for ident, age, *what in connection.execute(self.query, self.params):
+                    self.waits.add(str(ident))
                     if float(age or 0) > self.longest:
                         self.longest_what = " ".join(map(str, what))
                     self.longest = max(self.longest, float(age or 0))
-                for ident, age, *_ in connection.execute(self.wait_query, self.params):
-                    self.waits.add(str(ident))
-                    self.longest_wait = max(self.longest_wait, float(age or 0))
                 connection.rollback()
                 self.samples += 1
                 time.sleep(0.01)
@@ -309,13 +310,19 @@ class TransactionWatch:
 
     def line(self) -> str:
         if self.engine is None:
-            return "transactions: not visible on SQLite"
+            return "lock waits: not visible on SQLite"
         return (
-            f"{self.samples} samples: purge transactions seen={len(self.seen)} "
-            f"longest seen={self.longest * 1000:.0f}ms {self.longest_what}; "
-            "callbacks seen waiting for a row lock="
-            f"{len(self.waits)} longest wait seen={self.longest_wait * 1000:.0f}ms"
+            f"{self.samples} samples: callbacks seen waiting for a row lock={len(self.waits)} "
+            f"longest wait seen={self.longest * 1000:.0f}ms {self.longest_what}"
         )
+
+
+def lock_holds(log: str) -> str:
+    """What the purge process said of its transactions' lock holds."""
+    found = server_app.LOCK_HOLDS.search(log)
+    if found is None:
+        return "purge's lock holds: not reported"
+    return f"purge: {found[1]} transactions held row locks, the longest {found[2]} ms"
 
 
 def with_application_name(url: str, application: str) -> str:
@@ -400,7 +407,7 @@ def storm_jobs(
 
 
 # Not SQLite: it has one writer, so any batch holds off every other write for
-# the few milliseconds of its statement (the storm test covers it).
+# the few milliseconds of its statement; there is no row lock to skip.
 @pytest.fixture(params=[POSTGRESQL, MARIADB])
 def any_url(request: pytest.FixtureRequest) -> str:
     """A database of the test's own on each backend."""
@@ -413,7 +420,7 @@ def test_purge_during_a_duplicate_storm(
 ) -> None:
     backend = backend_name(any_url)
     run = uuid.uuid4().hex[:8]
-    purge_app, server_app_name = f"orderhooks_purge_{run}", f"orderhooks_server_{run}"
+    server_app_name = f"orderhooks_server_{run}"
     server = start_server(with_application_name(any_url, server_app_name), workers=4, threads=4)
     engine = sa.create_engine(any_url)
     try:
@@ -426,7 +433,7 @@ def test_purge_during_a_duplicate_storm(
         rng = random.Random(run)
         jobs, extra = storm_jobs(fresh, old, rng)
 
-        watch = TransactionWatch.of(any_url, purge_app, server_app_name)
+        watch = LockWaitWatch.of(any_url, server_app_name)
         purge_started, purge_running = threading.Event(), threading.Event()
         processes: list[subprocess.Popen[str]] = []
         log = (tmp_path / "purge.log").open("w")
@@ -439,7 +446,7 @@ def test_purge_during_a_duplicate_storm(
             purge_running.set()
             purge_started.set()
             watch.start()
-            process = purge_process(server.settings, with_application_name(any_url, purge_app), log)
+            process = purge_process(server.settings, any_url, log)
             processes.append(process)
             threading.Thread(target=waiter, args=(process,), daemon=True).start()
 
@@ -524,7 +531,7 @@ def test_purge_during_a_duplicate_storm(
             f"requests={len(sent)} {dict(by_kind)} "
             f"answers={status_counts([s.answer for s in sent])}"
             f" during_purge={dict(during)} fresh={len(fresh)}x{COPIES} effects="
-            f"{sum(effects.values())}; {watch.line()}"
+            f"{sum(effects.values())}; {lock_holds(purge_log)}; {watch.line()}"
         )
         # Traffic flowed while purge ran (behaviour, not a timing).
         assert during["replay-gateway"] > 0 and during["fresh"] + during["replay-timed"] > 0
@@ -676,24 +683,6 @@ def test_purge_batches_skip_a_held_row(any_url: str, report: ReportFn) -> None:
 
 
 # -- what one batch locks ------------------------------------------------------------
-
-
-def _mariadb_bug(reason: str) -> Any:
-    return pytest.param(
-        "mariadb", marks=[pytest.mark.mariadb, pytest.mark.xfail(strict=True, reason=reason)]
-    )
-
-
-#: The bug this test found on MariaDB (REPEATABLE READ): a locking read locks
-#: every row it scans, and the pick walks the (status, updated_at) index past
-#: every older done row of the other providers and every tombstone already
-#: made (provider and compacted_at are filtered, not indexed): one batch of
-#: 500 locks about 21,000 rows of a 20,000-row table, until it commits.
-LOCKS_OTHERS = (
-    "bug: on MariaDB a purge batch's FOR UPDATE SKIP LOCKED pick locks every row it scans "
-    "(other providers' done rows, tombstones), so a replay of a gateway tombstone waits for "
-    "the batch past ORDERHOOKS_DUPLICATE_WAIT and is answered 503"
-)
 
 
 # Not SQLite: it has one writer, so any batch holds off every other write for

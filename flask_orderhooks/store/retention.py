@@ -8,19 +8,22 @@ duplicate (or, with another body, ignored), so a signature that never
 expires (the gateway's) can be compacted safely where deleting it could not.
 
 Each batch is one short transaction: it picks at most ``batch`` rows with
-``FOR UPDATE SKIP LOCKED`` (PostgreSQL, MySQL; SQLite has one writer and
-takes its write lock only for the batch's few milliseconds), so a row a live
-callback holds is skipped, never waited for, and taken by a later batch.
-The batch's statement repeats every condition, so a row that changed
-between the pick and the write (done → replayed) is left alone.
+``FOR UPDATE SKIP LOCKED`` (PostgreSQL, MySQL), so a row a live callback
+holds is skipped, never waited for, and taken by a later batch. SQLite has
+one writer: a batch reads its candidates first, without the write lock, and
+takes the lock only to write them, each found by its primary key. The batch's write repeats
+every condition, so a row that changed between the pick and the write
+(done → replayed) is left alone.
 
 A live callback that resends a row in the batch waits for the batch's
 commit, so a batch must be short in time, not only in rows: on a slow or
 saturated machine 500 rows took 2.9 s, near the 3 s ``duplicate_wait``.
 Batches start at :data:`FIRST_BATCH` rows, halve after one that held its
 locks longer than a quarter of the store's ``duplicate_wait``, and double,
-up to ``batch``, after one that took less than half of that
-(:class:`BatchSize`).
+up to ``batch``, after one that held them less than half of that
+(:class:`BatchSize`). A batch is timed from its first lock to its commit:
+on MySQL its candidates are read before, without locks, and nobody waits
+for that read.
 """
 
 from __future__ import annotations
@@ -127,8 +130,13 @@ def _old(
     t: sa.Table, older_than: datetime, statuses: tuple[str, ...], provider: str | None
 ) -> list[sa.ColumnElement[bool]]:
     # The (status, updated_at) index serves this search.
+    # One bound parameter per status, not an expanding list: SQLite's
+    # writes run as an executemany, which cannot expand one.
+    status_params: list[sa.BindParameter[str]] = [
+        sa.bindparam(f"p_status_{i}", s) for i, s in enumerate(statuses)
+    ]
     where = [
-        t.c.status.in_(statuses),
+        t.c.status.in_(status_params),
         t.c.updated_at < sa.bindparam("p_older_than", older_than, type_=WHEN),
     ]
     if provider is not None:
@@ -147,7 +155,6 @@ def _in_batches(
     batch: int,
 ) -> int:
     t = store.table
-    pk = (t.c.provider, t.c.callback, t.c.key)
     # A keyset cursor: each batch starts where the last one ended, so a run
     # never reads again the rows it passed over (tombstones, other
     # providers' rows). Ties on updated_at are read again and skipped by
@@ -163,52 +170,129 @@ def _in_batches(
     with store.engine.connect().execution_options(**options) as connection:
         while True:
             rows = size.rows
-            began = _monotonic()
-            with connection.begin():
-                if store.dialect in MYSQL:
-                    # A locking read there locks every row its index range
-                    # passes over (other providers' rows, tombstones), even
-                    # at READ COMMITTED, until the batch commits. So: the
-                    # candidates by a plain (consistent, lock-free) read,
-                    # then only those rows locked by primary key, skipping
-                    # the ones a live callback holds, then the write.
-                    candidates = sa.select(*pk, t.c.updated_at).where(*where, after)
-                    candidates = candidates.order_by(t.c.updated_at).limit(rows)
-                    found = connection.execute(candidates, {"p_from": start}).all()
-                    picked = [tuple(row) for row in found]
-                    if not picked:
-                        break
-                    keys = [row[:3] for row in picked]
-                    locked = connection.execute(
-                        sa.select(*pk)
-                        .where(sa.tuple_(*pk).in_(keys), *where)
-                        .with_for_update(skip_locked=True)
-                    ).all()
-                    done = 0
-                    if locked:
-                        chosen = sa.tuple_(*pk).in_([tuple(row) for row in locked])
-                        # PyMySQL's count is of matched rows (FOUND_ROWS).
-                        done = connection.execute(write(chosen)).rowcount
-                    times = [row[3] for row in picked]
-                else:
-                    # One statement: the WITH picks and locks the batch
-                    # (SKIP LOCKED on PostgreSQL), the write takes it.
-                    # MATERIALIZED: a LIMIT sub-select inside IN may be run
-                    # again by the plan, and with SKIP LOCKED each run picks
-                    # other rows (one "batch" took 900 of 1,000 rows).
-                    pick = sa.select(*pk).where(*where, after).order_by(t.c.updated_at)
-                    pick = pick.limit(rows).with_for_update(skip_locked=True)
-                    picked_cte = pick.cte("picked").prefix_with(
-                        "MATERIALIZED", dialect="postgresql"
-                    )
-                    chosen = sa.tuple_(*pk).in_(sa.select(*picked_cte.c))
-                    statement = write(chosen).returning(t.c.updated_at)
-                    times = list(connection.execute(statement, {"p_from": start}).scalars())
-                    done = len(times)
-                    picked = times
-            size.took(_monotonic() - began)
-            total += done
-            if len(picked) < rows:
+            batch_run: _Batch | None
+            if store.dialect == "postgresql":
+                batch_run = _pick_and_write(connection, t, where, after, write, rows, start)
+            else:
+                batch_run = _read_then_write(
+                    connection, store.dialect, t, where, after, write, rows, start
+                )
+            if batch_run is None:
                 break
-            start = max(times)
+            size.took(_monotonic() - batch_run.locked_at)
+            total += batch_run.done
+            if len(batch_run.times) < rows:
+                break
+            start = max(batch_run.times)
     return total
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """One batch: the ``updated_at`` of every row it picked (the cursor's
+    next start), the rows it wrote, and when it took its first lock."""
+
+    times: list[datetime]
+    done: int
+    locked_at: float
+
+
+def _pick_and_write(
+    connection: sa.Connection,
+    t: sa.Table,
+    where: list[sa.ColumnElement[bool]],
+    after: sa.ColumnElement[bool],
+    write: Callable[[sa.ColumnElement[bool]], Any],
+    rows: int,
+    start: datetime,
+) -> _Batch:
+    """PostgreSQL: one statement. The WITH picks and locks the batch (SKIP
+    LOCKED), the write takes it; the rows its scan passes over are neither
+    locked nor waited for. MATERIALIZED: a LIMIT sub-select inside IN may be
+    run again by the plan, and with SKIP LOCKED each run picks other rows
+    (one "batch" took 900 of 1,000 rows)."""
+    pk = (t.c.provider, t.c.callback, t.c.key)
+    pick = sa.select(*pk).where(*where, after).order_by(t.c.updated_at)
+    pick = pick.limit(rows).with_for_update(skip_locked=True)
+    picked = pick.cte("picked").prefix_with("MATERIALIZED", dialect="postgresql")
+    statement = write(sa.tuple_(*pk).in_(sa.select(*picked.c))).returning(t.c.updated_at)
+    locked_at = _monotonic()
+    with connection.begin():
+        times = list(connection.execute(statement, {"p_from": start}).scalars())
+    return _Batch(times, len(times), locked_at)
+
+
+def _read_then_write(
+    connection: sa.Connection,
+    dialect: str,
+    t: sa.Table,
+    where: list[sa.ColumnElement[bool]],
+    after: sa.ColumnElement[bool],
+    write: Callable[[sa.ColumnElement[bool]], Any],
+    rows: int,
+    start: datetime,
+) -> _Batch | None:
+    """MySQL, MariaDB and SQLite: the candidates by a plain read, then only
+    those rows written by primary key; ``None`` when there are none left.
+
+    MySQL: a locking read locks every row its index range passes over
+    (other providers' rows, tombstones), even at READ COMMITTED, until the
+    batch commits; so the candidates are read without locks, then locked by
+    primary key, skipping the ones a live callback holds. SQLite: a write
+    statement holds the database's one write lock from its first step, so a
+    pick inside it would hold off every callback while it passes over a
+    year of tombstones (about 700 ms behind a million of them, on a 2-core
+    machine); the read takes no lock in WAL mode."""
+    pk = (t.c.provider, t.c.callback, t.c.key)
+    candidates = sa.select(*pk, t.c.updated_at).where(*where, after)
+    candidates = candidates.order_by(t.c.updated_at).limit(rows)
+    found: list[Any] = []
+    if dialect not in MYSQL:
+        # SQLite: a transaction of its own, so that the write below begins a
+        # new one and never upgrades a read snapshot another writer made
+        # stale (SQLITE_BUSY_SNAPSHOT, whatever the busy timeout).
+        with connection.begin():
+            found = list(connection.execute(candidates, {"p_from": start}))
+    with connection.begin():
+        if dialect in MYSQL:
+            # READ COMMITTED: a snapshot of its own, taken without locks.
+            found = list(connection.execute(candidates, {"p_from": start}))
+        if not found:
+            return None
+        keys = [tuple(row[:3]) for row in found]
+        locked_at = _monotonic()
+        if dialect in MYSQL:
+            locked = connection.execute(
+                sa.select(*pk)
+                .where(sa.tuple_(*pk).in_(keys), *where)
+                .with_for_update(skip_locked=True)
+            ).all()
+            keys = [tuple(row) for row in locked]
+        done = _write_by_key(connection, dialect, t, write, keys) if keys else 0
+    return _Batch([row[3] for row in found], done, locked_at)
+
+
+def _write_by_key(
+    connection: sa.Connection,
+    dialect: str,
+    t: sa.Table,
+    write: Callable[[sa.ColumnElement[bool]], Any],
+    keys: list[tuple[Any, ...]],
+) -> int:
+    """Write the rows of ``keys``, found by primary key; how many it wrote.
+
+    The write repeats every condition: a row that changed since the read
+    (done, then replayed) is left alone. MySQL reads a list of key tuples
+    as ranges of its primary key (PyMySQL's count is of matched rows,
+    FOUND_ROWS). SQLite cannot look up a list of row values by index, and
+    its planner then takes the conditions' (status, updated_at) range and
+    passes over every older row again, write lock held; one statement per
+    key, run as one executemany in the batch's transaction, is a primary-key
+    lookup each."""
+    pk = (t.c.provider, t.c.callback, t.c.key)
+    if dialect in MYSQL:
+        return int(connection.execute(write(sa.tuple_(*pk).in_(keys))).rowcount)
+    names = ("k_provider", "k_callback", "k_key")
+    match = sa.and_(*(column == sa.bindparam(name) for column, name in zip(pk, names, strict=True)))
+    rows = [dict(zip(names, key, strict=True)) for key in keys]
+    return int(connection.execute(write(match), rows).rowcount)

@@ -1,6 +1,7 @@
 """Paired in-process comparison: ``orderhooks`` against ``naive``, same process.
 
     .venv/bin/python -m benchmarks.paired [--backend postgresql] [--rounds 30]
+    .venv/bin/python -m benchmarks.paired --drop-indexes ix_a,ix_b   # what two indexes cost
 
 The server benchmark's req/s ratio moves by ±25 % with whatever else the
 machine does. This one is built to show a change of a few per cent: both apps
@@ -27,6 +28,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import sqlalchemy as sa
 from flask import Flask
 from flask.testing import FlaskClient
 
@@ -82,9 +84,9 @@ class Side:
 
 
 @contextmanager
-def database(backend: str, pg_url: str, kind: Kind) -> Iterator[str]:
+def database(backend: str, pg_url: str, name: str) -> Iterator[str]:
     if backend == "postgresql":
-        with private_schema(pg_url, f"orderhooks_paired_{kind}") as uri:
+        with private_schema(pg_url, f"orderhooks_paired_{name}") as uri:
             yield uri
         return
     with tempfile.TemporaryDirectory(prefix="orderhooks-paired-") as tmp:
@@ -96,13 +98,35 @@ def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
     return q1, median, q3
 
 
-def compare(backend: str, pg_url: str, rounds: int, batch: int, warmup: int) -> None:
+def drop_indexes(uri: str, names: Sequence[str]) -> None:
+    engine = sa.create_engine(uri)
+    try:
+        with engine.begin() as connection:
+            for name in names:
+                connection.exec_driver_sql(f"DROP INDEX {name}")
+    finally:
+        engine.dispose()
+
+
+def compare(
+    backend: str, pg_url: str, rounds: int, batch: int, warmup: int, drop: Sequence[str] = ()
+) -> None:
+    """``naive`` against ``orderhooks``; with ``drop``, ``orderhooks`` with its
+    whole table against ``orderhooks`` without the indexes named (an
+    experiment: what their upkeep costs a first delivery)."""
     server_cpu = postgres_cpu_seconds if backend == "postgresql" else (lambda: 0.0)
+    plan: list[tuple[Kind, str, Sequence[str]]]
+    if drop:
+        plan = [("orderhooks", "whole table", ()), ("orderhooks", "indexes dropped", drop)]
+    else:
+        plan = [(kind, kind, ()) for kind in SIDES]
     with ExitStack() as stack:
         sides = []
-        for kind in SIDES:
-            uri = stack.enter_context(database(backend, pg_url, kind))
+        for kind, label, dropped in plan:
+            uri = stack.enter_context(database(backend, pg_url, label.replace(" ", "_")))
             app = ready_app(kind, uri)
+            if dropped:
+                drop_indexes(uri, dropped)
             sides.append(Side(kind, uri, app, app.test_client()))
         for side in sides:
             side.run(signed(warmup), server_cpu)
@@ -113,13 +137,16 @@ def compare(backend: str, pg_url: str, rounds: int, batch: int, warmup: int) -> 
             # would otherwise always charge the same side.
             for side in sides if r % 2 == 0 else reversed(sides):
                 side.run(signed(batch), server_cpu)
-        naive, orderhooks = sides
+        baseline, measured = sides
         for side in sides:
             stored = stored_count(side.kind, side.uri)
             if stored != side.sent:
                 raise SystemExit(f"{side.kind}: {side.sent} requests answered 200, {stored} rows")
     print(f"\n{backend}: {rounds} rounds x {batch} first deliveries per app (after {warmup})")
-    print(f"{'measure':<34} {'naive us':>9} {'orderhooks us':>14} {'ratio (q1-q3)':>20}")
+    if drop:
+        print(f"indexes dropped on the second side: {', '.join(drop)}")
+    first, second = (f"{label} us" for _kind, label, _dropped in plan)
+    print(f"{'measure':<34} {first:>16} {second:>20} {'ratio (q1-q3)':>20}")
     measures = [("wall per request", "wall"), ("CPU per request: this process", "own_cpu")]
     if backend == "postgresql":
         measures += [
@@ -127,11 +154,11 @@ def compare(backend: str, pg_url: str, rounds: int, batch: int, warmup: int) -> 
             ("CPU per request: both", "cpu"),
         ]
     for name, attr in measures:
-        a, b = getattr(naive, attr), getattr(orderhooks, attr)
+        a, b = getattr(baseline, attr), getattr(measured, attr)
         ratios = [y / x for x, y in zip(a, b, strict=True) if x > 0]
         q1, med, q3 = quartiles(ratios)
         print(
-            f"{name:<34} {statistics.median(a):>9.0f} {statistics.median(b):>14.0f} "
+            f"{name:<34} {statistics.median(a):>16.0f} {statistics.median(b):>20.0f} "
             f"{med:>8.3f} ({q1:.3f}-{q3:.3f})"
         )
 
@@ -149,7 +176,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=60, help="requests per app per round [60]")
     parser.add_argument("--warmup", type=int, default=200, help="requests per app first [200]")
     parser.add_argument("--pg-url", default=DEFAULT_PG_URL)
+    parser.add_argument(
+        "--drop-indexes",
+        metavar="NAME,NAME",
+        default="",
+        help="compare orderhooks with its whole table against orderhooks without these "
+        "indexes (an experiment: what their upkeep costs) instead of naive against orderhooks",
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    drop = [name for name in args.drop_indexes.split(",") if name]
     backends = args.backend or ["sqlite", "postgresql"]
     for backend in backends:
         if backend == "postgresql":
@@ -157,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if problem:
                 print(f"postgresql: skipped: {problem}")
                 continue
-        compare(backend, args.pg_url, args.rounds, args.batch, args.warmup)
+        compare(backend, args.pg_url, args.rounds, args.batch, args.warmup, drop)
     return 0
 
 

@@ -7,13 +7,14 @@ are most of a row. A platform's resend of a tombstoned delivery is still a
 duplicate (or, with another body, ignored), so a signature that never
 expires (the gateway's) can be compacted safely where deleting it could not.
 
-Each batch is one short transaction: it picks at most ``batch`` rows with
-``FOR UPDATE SKIP LOCKED`` (PostgreSQL, MySQL), so a row a live callback
-holds is skipped, never waited for, and taken by a later batch. SQLite has
-one writer: a batch reads its candidates first, without the write lock, and
-takes the lock only to write them, each found by its primary key. The batch's write repeats
-every condition, so a row that changed between the pick and the write
-(done → replayed) is left alone.
+Each batch locks rows in one short transaction: it picks at most ``batch``
+rows with ``FOR UPDATE SKIP LOCKED`` (PostgreSQL, MySQL), so a row a live
+callback holds is skipped, never waited for, and taken by a later batch or,
+when older than the rows the batch took, by the next run. SQLite has one
+writer: a batch reads its candidates first, in a read transaction that
+takes no write lock, then takes the lock only to write them, each found by
+its primary key. The batch's write repeats every condition, so a row that
+changed between the pick and the write (done → replayed) is left alone.
 
 A live callback that resends a row in the batch waits for the batch's
 commit, so a batch must be short in time, not only in rows: on a slow or
@@ -283,8 +284,9 @@ def _write_by_key(
 
     The write repeats every condition: a row that changed since the read
     (done, then replayed) is left alone. MySQL reads a list of key tuples
-    as ranges of its primary key (PyMySQL's count is of matched rows,
-    FOUND_ROWS). SQLite cannot look up a list of row values by index, and
+    as ranges of its primary key on a table of thousands of rows (on a tiny
+    one MariaDB's plan may scan it instead); PyMySQL's count is of matched
+    rows (FOUND_ROWS). SQLite cannot look up a list of row values by index, and
     its planner then takes the conditions' (status, updated_at) range and
     passes over every older row again, write lock held; one statement per
     key, run as one executemany in the batch's transaction, is a primary-key

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import sqlite3
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -68,12 +69,11 @@ def _store_old_rows(store: DeliveryStore, count: int, *, provider: str = "igv") 
 
 
 def _batch_sizes(
-    store: DeliveryStore, monkeypatch: pytest.MonkeyPatch, tick: float
+    store: DeliveryStore, monkeypatch: pytest.MonkeyPatch, clock: Callable[[], float]
 ) -> tuple[int, Counter[int]]:
-    """Purge every row, each reading of the batches' clock ``tick`` seconds
-    after the last: (rows deleted, how many batches of each size)."""
-    ticks = itertools.count()
-    monkeypatch.setattr(retention, "_monotonic", lambda: tick * next(ticks))
+    """Purge every row, the batches timed by ``clock``: (rows deleted, how
+    many batches of each size)."""
+    monkeypatch.setattr(retention, "_monotonic", clock)
     sizes: Counter[int] = Counter()
     taken = BatchSize.took
 
@@ -102,7 +102,8 @@ def test_a_run_whose_batches_are_slow_takes_smaller_ones(
     store = hooks.state(app).store
     with app.app_context():
         _store_old_rows(store, 300)
-        deleted, sizes = _batch_sizes(store, monkeypatch, tick=1.0)
+        ticks = itertools.count()
+        deleted, sizes = _batch_sizes(store, monkeypatch, lambda: float(next(ticks)))
     assert deleted == 300
     # 100 + 50 + 25 + 12 = 187, then 12 batches of 10 (the last finds 3).
     assert sizes == {100: 1, 50: 1, 25: 1, 12: 1, 10: 12}
@@ -129,26 +130,11 @@ def test_a_batch_is_timed_from_its_first_lock(
 
     with app.app_context():
         _store_old_rows(store, 300)
-        monkeypatch.setattr(retention, "_monotonic", lambda: clock[0])
-        sizes: Counter[int] = Counter()
-        taken = BatchSize.took
-
-        def record(self: BatchSize, seconds: float) -> None:
-            sizes[self.rows] += 1
-            taken(self, seconds)
-
-        monkeypatch.setattr(BatchSize, "took", record)
         sa.event.listen(store.engine, "before_cursor_execute", advance)
         try:
-            deleted = delete_old(
-                store,
-                older_than=datetime.now(UTC) - timedelta(days=30),
-                statuses=("done",),
-                provider="igv",
-            )
+            deleted, sizes = _batch_sizes(store, monkeypatch, lambda: clock[0])
         finally:
             sa.event.remove(store.engine, "before_cursor_execute", advance)
-        assert list(store.list()) == []
     assert deleted == 300
     # 100, then the other 200; the third read finds nothing and ends the run.
     assert sizes == {100: 1, 200: 1}

@@ -12,9 +12,10 @@ rows with ``FOR UPDATE SKIP LOCKED`` (PostgreSQL, MySQL), so a row a live
 callback holds is skipped, never waited for, and taken by a later batch or,
 when older than the rows the batch took, by the next run. SQLite has one
 writer: a batch reads its candidates first, in a read transaction that
-takes no write lock, then takes the lock only to write them, each found by
-its primary key. The batch's write repeats every condition, so a row that
-changed between the pick and the write (done → replayed) is left alone.
+takes no write lock, then takes the lock only to write them. Every backend
+writes each row found by its primary key, so a batch never waits for a row
+it did not take, and repeats every condition, so a row that changed between
+the pick and the write (done → replayed) is left alone.
 
 A live callback that resends a row in the batch waits for the batch's
 commit, so a batch must be short in time, not only in rows: on a slow or
@@ -24,7 +25,9 @@ locks longer than a quarter of the store's ``duplicate_wait``, and double,
 up to ``batch``, after one that held them less than half of that
 (:class:`BatchSize`). A batch is timed from its first lock to its commit:
 on MySQL its candidates are read before, without locks, and nobody waits
-for that read.
+for that read. On SQLite the time includes the write's wait for the write
+lock (the driver takes it inside the first write): a busy database makes
+smaller batches, which is when callbacks wait for them.
 """
 
 from __future__ import annotations
@@ -158,9 +161,14 @@ def _in_batches(
     t = store.table
     # A keyset cursor: each batch starts where the last one ended, so a run
     # never reads again the rows it passed over (tombstones, other
-    # providers' rows). Ties on updated_at are read again and skipped by
-    # the conditions, which every write repeats.
-    after = t.c.updated_at >= sa.bindparam("p_from", type_=WHEN)
+    # providers' rows). Ties on updated_at are read again: the rows written
+    # are no longer candidates, the others are. A batch that wrote none of
+    # them and ended where it began (on MySQL: a whole batch of one time
+    # that live callbacks hold) would be read again and again until they
+    # are let go; the next batch starts after that time instead, and leaves
+    # the rest of it to the next run.
+    from_ = sa.bindparam("p_from", type_=WHEN)
+    at_or_after, after = t.c.updated_at >= from_, t.c.updated_at > from_
     size = BatchSize(batch, store.duplicate_wait / 4)
     store.prepare()
     total = 0
@@ -168,15 +176,16 @@ def _in_batches(
     # MySQL and MariaDB: READ COMMITTED, so that the batch's reads see
     # what committed since the last batch and take no gap locks.
     options = {"isolation_level": "READ COMMITTED"} if store.dialect in MYSQL else {}
+    cursor = at_or_after
     with store.engine.connect().execution_options(**options) as connection:
         while True:
             rows = size.rows
             batch_run: _Batch | None
             if store.dialect == "postgresql":
-                batch_run = _pick_and_write(connection, t, where, after, write, rows, start)
+                batch_run = _pick_and_write(connection, t, where, cursor, write, rows, start)
             else:
                 batch_run = _read_then_write(
-                    connection, store.dialect, t, where, after, write, rows, start
+                    connection, store.dialect, t, where, cursor, write, rows, start
                 )
             if batch_run is None:
                 break
@@ -184,7 +193,9 @@ def _in_batches(
             total += batch_run.done
             if len(batch_run.times) < rows:
                 break
-            start = max(batch_run.times)
+            end = max(batch_run.times)
+            cursor = after if batch_run.done == 0 and end == start else at_or_after
+            start = end
     return total
 
 
@@ -269,31 +280,31 @@ def _read_then_write(
                 .with_for_update(skip_locked=True)
             ).all()
             keys = [tuple(row) for row in locked]
-        done = _write_by_key(connection, dialect, t, write, keys) if keys else 0
+        done = _write_by_key(connection, t, write, keys) if keys else 0
     return _Batch([row[3] for row in found], done, locked_at)
 
 
 def _write_by_key(
     connection: sa.Connection,
-    dialect: str,
     t: sa.Table,
     write: Callable[[sa.ColumnElement[bool]], Any],
     keys: list[tuple[Any, ...]],
 ) -> int:
-    """Write the rows of ``keys``, found by primary key; how many it wrote.
+    """Write the rows of ``keys``, each found by its primary key, in one
+    executemany; how many it wrote (PyMySQL's count is of matched rows,
+    FOUND_ROWS).
 
     The write repeats every condition: a row that changed since the read
-    (done, then replayed) is left alone. MySQL reads a list of key tuples
-    as ranges of its primary key on a table of thousands of rows (on a tiny
-    one MariaDB's plan may scan it instead); PyMySQL's count is of matched
-    rows (FOUND_ROWS). SQLite cannot look up a list of row values by index, and
-    its planner then takes the conditions' (status, updated_at) range and
-    passes over every older row again, write lock held; one statement per
-    key, run as one executemany in the batch's transaction, is a primary-key
-    lookup each."""
+    (done, then replayed) is left alone. One statement per key, because a
+    statement for the whole list may pass over other rows: SQLite cannot look
+    up a list of row values by index, and takes the conditions'
+    (status, updated_at) range instead, write lock held; MariaDB, on a table
+    of a few rows, may scan it or that range, and a DELETE (no
+    semi-consistent read, unlike an UPDATE) then waits for every row a live
+    callback holds, the batch's locks held, until the server's lock wait
+    (50 s by default) runs out. A statement for one key is a primary-key
+    lookup on every backend."""
     pk = (t.c.provider, t.c.callback, t.c.key)
-    if dialect in MYSQL:
-        return int(connection.execute(write(sa.tuple_(*pk).in_(keys))).rowcount)
     names = ("k_provider", "k_callback", "k_key")
     match = sa.and_(*(column == sa.bindparam(name) for column, name in zip(pk, names, strict=True)))
     rows = [dict(zip(names, key, strict=True)) for key in keys]

@@ -309,7 +309,7 @@ def test_a_row_replayed_between_the_read_and_the_write_is_left_alone(
     app, hooks, _db = make_app()
     store = hooks.state(app).store
     t = store.table
-    replayed = []
+    replayed: list[bool] = []
 
     def replay(_c: Any, _cursor: Any, statement: str, *_: Any) -> None:
         text = statement.lstrip().upper()

@@ -17,7 +17,13 @@ import pytest
 import sqlalchemy as sa
 
 from flask_orderhooks.store import DeliveryStore, retention
-from flask_orderhooks.store.retention import FIRST_BATCH, MIN_BATCH, BatchSize, delete_old
+from flask_orderhooks.store.retention import (
+    FIRST_BATCH,
+    MIN_BATCH,
+    BatchSize,
+    compact_old,
+    delete_old,
+)
 from tests.conftest import AppFactory
 
 
@@ -214,21 +220,32 @@ def _hold(store: DeliveryStore, keys: list[str]) -> sa.Connection:
     return holder
 
 
-def _purge_while_held(store: DeliveryStore, holder: sa.Connection, **options: Any) -> int:
-    """Purge igv's old done rows in another thread while ``holder`` keeps its
-    locks: the rows purge deleted. A purge that waits for a row it did not
-    take would block until the server's lock wait ran out (50 s on MariaDB)."""
+def _purge_while_held(
+    store: DeliveryStore, holder: sa.Connection, *, compact: bool = False, **options: Any
+) -> int:
+    """Purge igv's old done rows (or compact them) in another thread while
+    ``holder`` keeps its locks: the rows purge wrote. A purge that waits for
+    a row it did not take would block until the server's lock wait ran out
+    (50 s on MariaDB)."""
     result: list[int | BaseException] = []
+    older_than = datetime.now(UTC) - timedelta(days=30)
 
     def run() -> None:
         try:
+            if compact:
+                result.append(
+                    compact_old(
+                        store,
+                        older_than=older_than,
+                        provider="igv",
+                        now=datetime.now(UTC),
+                        **options,
+                    )
+                )
+                return
             result.append(
                 delete_old(
-                    store,
-                    older_than=datetime.now(UTC) - timedelta(days=30),
-                    statuses=("done",),
-                    provider="igv",
-                    **options,
+                    store, older_than=older_than, statuses=("done",), provider="igv", **options
                 )
             )
         except BaseException as error:  # handed to the test's thread
@@ -255,12 +272,14 @@ def _remaining(store: DeliveryStore) -> list[str]:
         return list(connection.execute(sa.select(t.c.key).order_by(t.c.key)).scalars())
 
 
+@pytest.mark.parametrize("compact", [False, True], ids=["delete", "compact"])
 @pytest.mark.parametrize("backend", ["postgresql", "mariadb"])
-def test_purge_never_waits_for_a_row_it_does_not_take(make_app: AppFactory) -> None:
-    """A live callback holds a fresh row, no candidate; on a table of a few
-    rows MariaDB may scan it rather than look up the batch's keys, and a
-    DELETE that scans waits for every row it passes (no semi-consistent read
-    for a DELETE, even at READ COMMITTED). Each row is written by its key."""
+def test_purge_never_waits_for_a_row_it_does_not_take(make_app: AppFactory, compact: bool) -> None:
+    """A live callback holds a fresh row, no candidate. On a table of a few
+    rows MariaDB scans it rather than look up the batch's keys (even with
+    FORCE INDEX), and a DELETE that scans waits for every row it passes, so
+    each row is deleted by its key; an UPDATE at READ COMMITTED reads a held
+    row as last committed, and compacts the batch in one statement."""
     app, hooks, _db = make_app()
     store = hooks.state(app).store
     with app.app_context():
@@ -272,8 +291,15 @@ def test_purge_never_waits_for_a_row_it_does_not_take(make_app: AppFactory) -> N
                 .values(status="processing", updated_at=datetime.now(UTC))
             )
         holder = _hold(store, ["k0004"])
-        assert _purge_while_held(store, holder) == 4
-        assert _remaining(store) == ["k0004"]
+        assert _purge_while_held(store, holder, compact=compact) == 4
+        if compact:
+            rows = {row.key: row for row in store.list()}
+            assert [key for key, row in sorted(rows.items()) if row.compacted_at] == [
+                f"k000{i}" for i in range(4)
+            ]
+            assert rows["k0004"].body == b"{}"
+        else:
+            assert _remaining(store) == ["k0004"]
 
 
 @pytest.mark.parametrize("backend", ["postgresql", "mariadb"])

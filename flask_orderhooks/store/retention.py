@@ -12,10 +12,11 @@ rows with ``FOR UPDATE SKIP LOCKED`` (PostgreSQL, MySQL), so a row a live
 callback holds is skipped, never waited for, and taken by a later batch or,
 when older than the rows the batch took, by the next run. SQLite has one
 writer: a batch reads its candidates first, in a read transaction that
-takes no write lock, then takes the lock only to write them. Every backend
-writes each row found by its primary key, so a batch never waits for a row
-it did not take, and repeats every condition, so a row that changed between
-the pick and the write (done → replayed) is left alone.
+takes no write lock, then takes the lock only to write them. A batch never
+waits for a row it did not take: each row is deleted by its primary key (a
+MySQL compaction is one UPDATE for the batch, which waits for no row it
+passes), and every write repeats every condition, so a row that changed
+between the pick and the write (done → replayed) is left alone.
 
 A live callback that resends a row in the batch waits for the batch's
 commit, so a batch must be short in time, not only in rows: on a slow or
@@ -100,7 +101,11 @@ def delete_old(
     """Delete deliveries in ``statuses`` last updated before ``older_than``."""
     t = store.table
     where = _old(t, older_than, statuses, provider)
-    return _in_batches(store, where, lambda keys: sa.delete(t).where(keys, *where), batch)
+
+    def write(keys: sa.ColumnElement[bool]) -> sa.Delete:
+        return sa.delete(t).where(keys, *where)
+
+    return _in_batches(store, where, write, batch, deletes=True)
 
 
 def compact_old(
@@ -127,6 +132,7 @@ def compact_old(
             )
         ),
         batch,
+        deletes=False,
     )
 
 
@@ -157,6 +163,8 @@ def _in_batches(
     where: list[sa.ColumnElement[bool]],
     write: Callable[[sa.ColumnElement[bool]], Any],
     batch: int,
+    *,
+    deletes: bool,
 ) -> int:
     t = store.table
     # A keyset cursor: each batch starts where the last one ended, so a run
@@ -185,7 +193,7 @@ def _in_batches(
                 batch_run = _pick_and_write(connection, t, where, cursor, write, rows, start)
             else:
                 batch_run = _read_then_write(
-                    connection, store.dialect, t, where, cursor, write, rows, start
+                    connection, store.dialect, t, where, cursor, write, rows, start, deletes
                 )
             if batch_run is None:
                 break
@@ -243,6 +251,7 @@ def _read_then_write(
     write: Callable[[sa.ColumnElement[bool]], Any],
     rows: int,
     start: datetime,
+    deletes: bool,
 ) -> _Batch | None:
     """MySQL, MariaDB and SQLite: the candidates by a plain read, then only
     those rows written by primary key; ``None`` when there are none left.
@@ -280,8 +289,33 @@ def _read_then_write(
                 .with_for_update(skip_locked=True)
             ).all()
             keys = [tuple(row) for row in locked]
-        done = _write_by_key(connection, t, write, keys) if keys else 0
+        if not keys:
+            done = 0
+        elif dialect in MYSQL and not deletes:
+            done = _write_key_list(connection, t, write, keys)
+        else:
+            done = _write_by_key(connection, t, write, keys)
     return _Batch([row[3] for row in found], done, locked_at)
+
+
+def _write_key_list(
+    connection: sa.Connection,
+    t: sa.Table,
+    write: Callable[[sa.ColumnElement[bool]], Any],
+    keys: list[tuple[Any, ...]],
+) -> int:
+    """MySQL and MariaDB: an UPDATE of the rows of ``keys`` in one statement;
+    how many it matched (PyMySQL's FOUND_ROWS).
+
+    Whatever plan the server takes (on a table of a few rows MariaDB scans it
+    even with ``FORCE INDEX``), an UPDATE at READ COMMITTED waits for no row
+    it passes: a row another transaction holds is read as last committed
+    (InnoDB's semi-consistent read), which is not one of ``keys``, held by
+    this batch. About three times the rows per second of one statement per
+    key (13,500 against 4,000 on a 2-core machine). A DELETE has no such read:
+    :func:`_write_by_key`."""
+    pk = (t.c.provider, t.c.callback, t.c.key)
+    return int(connection.execute(write(sa.tuple_(*pk).in_(keys))).rowcount)
 
 
 def _write_by_key(
@@ -290,9 +324,9 @@ def _write_by_key(
     write: Callable[[sa.ColumnElement[bool]], Any],
     keys: list[tuple[Any, ...]],
 ) -> int:
-    """Write the rows of ``keys``, each found by its primary key, in one
-    executemany; how many it wrote (PyMySQL's count is of matched rows,
-    FOUND_ROWS).
+    """SQLite's writes, and MySQL's DELETE: the rows of ``keys``, each found
+    by its primary key, in one executemany; how many it wrote (PyMySQL's
+    count is of matched rows, FOUND_ROWS).
 
     The write repeats every condition: a row that changed since the read
     (done, then replayed) is left alone. One statement per key, because a

@@ -1,0 +1,176 @@
+"""SQLite's write lock: the claim and the done mark poll for it themselves,
+for at most ORDERHOOKS_DUPLICATE_WAIT, instead of sleeping in SQLite's busy
+handler (1, 2, 5, 10... ms between tries); the connection's own busy timeout
+is left as it was for everything else."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+
+from flask_orderhooks import OrderHooks, order_pending_delivery
+from flask_orderhooks.driver_statement import DriverStatement
+from flask_orderhooks.store import StandaloneDatabase
+from flask_orderhooks.store.sqlite import busy_pauses
+from flask_orderhooks.testing import SignedCallback, build
+
+#: The driver's busy timeout of these apps: far longer than the duplicate
+#: wait, so that a wait in SQLite's own handler would outlast the request's.
+DRIVER_TIMEOUT_S = 30
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Iterator[Flask]:
+    app = Flask("busy", instance_path=str(tmp_path))
+    app.config.update(ORDERHOOKS_IGV_SECRET="s" * 32, ORDERHOOKS_DUPLICATE_WAIT=0.5)
+    hooks = OrderHooks(app, engine_options={"connect_args": {"timeout": DRIVER_TIMEOUT_S}})
+    hooks.create_all(app)
+    dispatched: list[object] = []
+
+    def receiver(sender: Flask, *, event: object) -> None:
+        dispatched.append(event)
+
+    order_pending_delivery.connect(receiver, app)
+    app.config["dispatched"] = dispatched
+    yield app
+    order_pending_delivery.disconnect(receiver, app)
+    _standalone(app).engine.dispose()
+
+
+def _standalone(app: Flask) -> StandaloneDatabase:
+    standalone = app.extensions["orderhooks"].state(app).standalone
+    assert standalone is not None
+    return standalone
+
+
+def _callback(app: Flask) -> SignedCallback:
+    with app.app_context():
+        return build("igv", app=app)
+
+
+def _post(app: Flask, cb: SignedCallback) -> Any:
+    return app.test_client().post(cb.url(), data=cb.body, headers=cb.headers)
+
+
+def _writer(app: Flask) -> sqlite3.Connection:
+    """Another writer on the app's database, holding its write lock."""
+    path = _standalone(app).engine.url.database
+    assert path
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    return other
+
+
+def _busy_timeouts(app: Flask) -> set[int]:
+    """The busy timeout (ms) of every connection in the store's pool."""
+    engine = _standalone(app).engine
+    seen = set()
+    connections = [engine.raw_connection() for _ in range(engine.pool.checkedin() or 1)]
+    for connection in connections:
+        seen.add(connection.cursor().execute("PRAGMA busy_timeout").fetchone()[0])
+        connection.close()
+    return seen
+
+
+def test_the_pauses_start_short_and_stay_short() -> None:
+    pauses = busy_pauses()
+    assert [next(pauses) for _ in range(7)] == [0.0002, 0.0004, 0.0008, 0.0016, 0.002, 0.002, 0.002]
+
+
+def test_the_claim_polls_for_the_lock_and_leaves_the_drivers_wait_alone(app: Flask) -> None:
+    """Another writer lets the lock go 0.2 s into the request: the callback
+    goes through, dispatched once, and SQLite ran the claim with its own busy
+    wait off; every connection is back at the driver's 30 s afterwards."""
+    statements: list[str] = []
+
+    def trace(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.set_trace_callback(statements.append)
+
+    engine = _standalone(app).engine
+    engine.dispose()
+    sa.event.listen(engine, "connect", trace)
+    other = _writer(app)
+    release = threading.Timer(0.2, other.rollback)
+    release.start()
+    try:
+        response = _post(app, _callback(app))
+    finally:
+        release.join()
+        other.close()
+        sa.event.remove(engine, "connect", trace)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert len(app.config["dispatched"]) == 1
+    claims = [sql for sql in statements if sql.startswith("INSERT INTO orderhooks_deliveries")]
+    assert len(claims) > 1, "the claim was tried once: SQLite's own handler waited"
+    waits = [sql for sql in statements if sql.startswith("PRAGMA busy_timeout =")]
+    assert waits[:2] == [
+        "PRAGMA busy_timeout = 0",
+        f"PRAGMA busy_timeout = {DRIVER_TIMEOUT_S * 1000}",
+    ]
+    assert _busy_timeouts(app) == {DRIVER_TIMEOUT_S * 1000}
+
+
+def test_a_claim_waits_for_the_lock_no_longer_than_the_duplicate_wait(app: Flask) -> None:
+    """The other writer would let go after 20 s, well inside the driver's
+    30 s timeout: a wait in SQLite's handler would get the lock then and
+    answer 200. Polling gives up at ORDERHOOKS_DUPLICATE_WAIT (0.5 s) with a
+    503, nothing stored, and the platform retries."""
+    other = _writer(app)
+    release = threading.Timer(20, other.rollback)
+    release.start()
+    try:
+        cb = _callback(app)
+        response = _post(app, cb)
+    finally:
+        release.cancel()
+        other.rollback()
+        other.close()
+    assert response.status_code == 503, response.get_data(as_text=True)
+    assert app.config["dispatched"] == []
+    with app.app_context():
+        assert app.extensions["orderhooks"].store.list() == []
+    # The retry, with the lock free, goes through.
+    assert _post(app, cb).status_code == 200
+    assert len(app.config["dispatched"]) == 1
+
+
+def test_the_done_mark_polls_for_the_lock_after_the_claim(
+    app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another writer takes the lock between the claim's commit and the done
+    mark, and lets it go 0.2 s later: the done mark is tried again until it
+    gets it (no receiver has run yet, so that is safe), then the delivery is
+    dispatched once and done."""
+    tries: list[int] = []
+    original = DriverStatement.first
+    holders: list[sqlite3.Connection] = []
+
+    def first(self: DriverStatement, connection: Any, params: Any) -> Any:
+        # The done mark: the only UPDATE that hands back the attempt number.
+        if self.sql.startswith("UPDATE") and self.sql.endswith("RETURNING attempts"):
+            tries.append(1)
+            if not holders:
+                holders.append(_writer(app))
+                threading.Timer(0.2, holders[0].rollback).start()
+        return original(self, connection, params)
+
+    monkeypatch.setattr(DriverStatement, "first", first)
+    try:
+        cb = _callback(app)
+        response = _post(app, cb)
+    finally:
+        for holder in holders:
+            holder.close()
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert len(tries) > 1
+    assert len(app.config["dispatched"]) == 1
+    with app.app_context():
+        (row,) = app.extensions["orderhooks"].store.list()
+    assert (row.status, row.attempts) == ("done", 1)

@@ -45,7 +45,8 @@ def app(tmp_path: Path) -> Iterator[Flask]:
 
 
 def _standalone(app: Flask) -> StandaloneDatabase:
-    standalone = app.extensions["orderhooks"].state(app).standalone
+    hooks: OrderHooks = app.extensions["orderhooks"]
+    standalone = hooks.state(app).standalone
     assert standalone is not None
     return standalone
 
@@ -71,8 +72,10 @@ def _writer(app: Flask) -> sqlite3.Connection:
 def _busy_timeouts(app: Flask) -> set[int]:
     """The busy timeout (ms) of every connection in the store's pool."""
     engine = _standalone(app).engine
+    pool = engine.pool
+    assert isinstance(pool, sa.pool.QueuePool)
     seen = set()
-    connections = [engine.raw_connection() for _ in range(engine.pool.checkedin() or 1)]
+    connections = [engine.raw_connection() for _ in range(pool.checkedin() or 1)]
     for connection in connections:
         seen.add(connection.cursor().execute("PRAGMA busy_timeout").fetchone()[0])
         connection.close()

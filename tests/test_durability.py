@@ -495,14 +495,15 @@ def test_sqlite_claim_relaxes_sync_only_for_itself(tmp_path: Path) -> None:
     standalone.engine.dispose()
     wanted = ("PRAGMA synchronous", "INSERT", "BEGIN", "UPDATE", "COMMIT")
     kinds = [" ".join(sql.split()[:4]) for sql in statements if sql.startswith(wanted)]
+    # Each transaction takes the write lock at its BEGIN (see test_sqlite_busy.py).
     assert kinds == [
         "PRAGMA synchronous",
         "PRAGMA synchronous = 1",
-        "BEGIN",
+        "BEGIN IMMEDIATE",
         "INSERT INTO orderhooks_deliveries (provider,",
         "COMMIT",
         "PRAGMA synchronous = 2",
-        "BEGIN",
+        "BEGIN IMMEDIATE",
         "UPDATE orderhooks_deliveries SET status='done',",
         "COMMIT",
     ], "claim at NORMAL, dispatch at FULL"

@@ -1,7 +1,8 @@
-"""SQLite's write lock: the claim and the done mark poll for it themselves,
-for at most ORDERHOOKS_DUPLICATE_WAIT, instead of sleeping in SQLite's busy
-handler (1, 2, 5, 10... ms between tries); the connection's own busy timeout
-is left as it was for everything else."""
+"""SQLite's write lock: the claim and the done mark take it with BEGIN
+IMMEDIATE, tried every 0.1 to 2 ms for at most ORDERHOOKS_DUPLICATE_WAIT,
+instead of sleeping in SQLite's busy handler (1, 2, 5, 10... ms between
+tries); the connection's own busy timeout is left as it was for everything
+else."""
 
 from __future__ import annotations
 
@@ -14,11 +15,11 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from flask import Flask
+from flask_sqlalchemy import SQLAlchemy
 
 from flask_orderhooks import OrderHooks, order_pending_delivery
-from flask_orderhooks.driver_statement import DriverStatement
-from flask_orderhooks.store import StandaloneDatabase
-from flask_orderhooks.store.sqlite import busy_pauses
+from flask_orderhooks.store import StandaloneDatabase, delivery_store
+from flask_orderhooks.store.sqlite import pause, take_write_lock
 from flask_orderhooks.testing import SignedCallback, build
 
 #: The driver's busy timeout of these apps: far longer than the duplicate
@@ -83,8 +84,9 @@ def _busy_timeouts(app: Flask) -> set[int]:
 
 
 def test_the_pauses_start_short_and_stay_short() -> None:
-    pauses = busy_pauses()
-    assert [next(pauses) for _ in range(7)] == [0.0002, 0.0004, 0.0008, 0.0016, 0.002, 0.002, 0.002]
+    pauses = [pause(tries) for tries in range(0, 80, 8)]
+    assert pauses == [0.0001, 0.0002, 0.0004, 0.0008, 0.0016, 0.002, 0.002, 0.002, 0.002, 0.002]
+    assert pause(7) == 0.0001
 
 
 def test_the_claim_polls_for_the_lock_and_leaves_the_drivers_wait_alone(app: Flask) -> None:
@@ -110,8 +112,10 @@ def test_the_claim_polls_for_the_lock_and_leaves_the_drivers_wait_alone(app: Fla
         sa.event.remove(engine, "connect", trace)
     assert response.status_code == 200, response.get_data(as_text=True)
     assert len(app.config["dispatched"]) == 1
+    begins = [sql for sql in statements if sql == "BEGIN IMMEDIATE"]
+    assert len(begins) > 2, "the lock was tried twice at most: SQLite's own handler waited"
     claims = [sql for sql in statements if sql.startswith("INSERT INTO orderhooks_deliveries")]
-    assert len(claims) > 1, "the claim was tried once: SQLite's own handler waited"
+    assert len(claims) == 1
     waits = [sql for sql in statements if sql.startswith("PRAGMA busy_timeout =")]
     assert waits[:2] == [
         "PRAGMA busy_timeout = 0",
@@ -148,32 +152,83 @@ def test_the_done_mark_polls_for_the_lock_after_the_claim(
     app: Flask, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Another writer takes the lock between the claim's commit and the done
-    mark, and lets it go 0.2 s later: the done mark is tried again until it
-    gets it (no receiver has run yet, so that is safe), then the delivery is
+    mark, and lets it go 0.2 s later: the done mark's transaction tries for
+    it again and again (no receiver has run yet), then the delivery is
     dispatched once and done."""
-    tries: list[int] = []
-    original = DriverStatement.first
-    holders: list[sqlite3.Connection] = []
+    calls: list[int] = []
+    tries: list[str] = []
 
-    def first(self: DriverStatement, connection: Any, params: Any) -> Any:
-        # The done mark: the only UPDATE that hands back the attempt number.
-        if self.sql.startswith("UPDATE") and self.sql.endswith("RETURNING attempts"):
-            tries.append(1)
-            if not holders:
-                holders.append(_writer(app))
-                threading.Timer(0.2, holders[0].rollback).start()
-        return original(self, connection, params)
+    def taking(connection: Any, deadline: float) -> None:
+        calls.append(1)
+        if len(calls) == 2:  # the done mark's, after the claim's
+            holder = _writer(app)
+            release = threading.Timer(0.2, holder.rollback)
+            release.start()
+            driver = connection.connection.dbapi_connection
+            driver.set_trace_callback(tries.append)
+            try:
+                take_write_lock(connection, deadline)
+            finally:
+                driver.set_trace_callback(None)
+                release.join()
+                holder.close()
+            return
+        take_write_lock(connection, deadline)
 
-    monkeypatch.setattr(DriverStatement, "first", first)
-    try:
-        cb = _callback(app)
-        response = _post(app, cb)
-    finally:
-        for holder in holders:
-            holder.close()
+    monkeypatch.setattr(delivery_store, "take_write_lock", taking)
+    response = _post(app, _callback(app))
     assert response.status_code == 200, response.get_data(as_text=True)
-    assert len(tries) > 1
+    assert len(calls) == 2
+    assert tries.count("BEGIN IMMEDIATE") > 2
     assert len(app.config["dispatched"]) == 1
     with app.app_context():
         (row,) = app.extensions["orderhooks"].store.list()
     assert (row.status, row.attempts) == ("done", 1)
+
+
+def test_a_transaction_the_hosts_begin_hook_began_is_left_to_the_driver(tmp_path: Path) -> None:
+    """SQLAlchemy's recipe for SQLite's SAVEPOINTs: the driver in autocommit
+    mode and a ``begin`` hook that sends BEGIN. The store's transactions are
+    begun by then: the write lock is the driver's to wait for, and no second
+    BEGIN is sent ("cannot start a transaction within a transaction")."""
+    app = Flask("recipe", instance_path=str(tmp_path))
+    app.config.update(
+        ORDERHOOKS_IGV_SECRET="s" * 32,
+        SQLALCHEMY_DATABASE_URI=f"sqlite:///{tmp_path / 'host.sqlite3'}",
+    )
+    db = SQLAlchemy(app)
+    begins: list[str] = []
+    with app.app_context():
+        engine = db.engine
+
+        @sa.event.listens_for(engine, "connect")
+        def autocommit_driver(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.isolation_level = None
+            dbapi_connection.set_trace_callback(begins.append)
+
+        @sa.event.listens_for(engine, "begin")
+        def begin(connection: sa.Connection) -> None:
+            connection.exec_driver_sql("BEGIN")
+
+        engine.dispose()
+    hooks = OrderHooks(app, db=db)
+    dispatched: list[object] = []
+
+    def receiver(sender: Flask, *, event: object) -> None:
+        dispatched.append(event)
+
+    order_pending_delivery.connect(receiver, app)
+    try:
+        with app.app_context():
+            db.create_all()
+        cb = _callback(app)
+        assert _post(app, cb).status_code == 200
+        assert _post(app, cb).status_code == 200
+    finally:
+        order_pending_delivery.disconnect(receiver, app)
+    assert len(dispatched) == 1
+    assert "BEGIN IMMEDIATE" not in begins
+    with app.app_context():
+        (row,) = hooks.store.list()
+        assert row.status == "done"
+        db.engine.dispose()

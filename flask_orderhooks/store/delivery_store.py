@@ -5,13 +5,12 @@ from __future__ import annotations
 import builtins
 import functools
 import hashlib
-import itertools
 import json
 import logging
 import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn, Protocol
@@ -33,7 +32,7 @@ from .errors import is_busy, mysql_lock_wait, whole_seconds
 from .mysql import MySQLStatements
 from .retention import compact_old, delete_old
 from .retries import NO_RETRIES, RetrySchedule
-from .sqlite import busy_pauses, polled_busy_wait, relaxed_sqlite_sync
+from .sqlite import relaxed_sqlite_sync, take_write_lock
 from .statements import ROW_COLUMNS, Statements, lost_line_suffix
 from .table import (
     DEAD,
@@ -171,17 +170,6 @@ class DeliveryStore:
             with self._store_errors(where):
                 self._prepare()
 
-    def _polled_busy_wait(self, connection: Connection) -> AbstractContextManager[None]:
-        """SQLite: the claim and the done mark poll for the write lock
-        (:func:`polled_busy_wait`); the other databases wait in the server."""
-        return polled_busy_wait(connection) if self.dialect == "sqlite" else nullcontext()
-
-    def _busy_pauses(self) -> Iterator[float]:
-        """The pauses between tries of a busy claim or done mark: short on
-        SQLite, whose statements fail at once (:func:`polled_busy_wait`);
-        elsewhere a busy statement has waited in the server already."""
-        return busy_pauses() if self.dialect == "sqlite" else itertools.repeat(_POLL_INTERVAL)
-
     @functools.cached_property
     def _autocommit_engine(self) -> Engine:
         # Shares the engine's pool; the isolation level is restored when a
@@ -315,18 +303,16 @@ class DeliveryStore:
         digest = hashlib.sha256(delivery.body).hexdigest()
         token = secrets.token_hex(16)
         deadline = time.monotonic() + self.duplicate_wait
-        pauses = self._busy_pauses()
         while True:
             remaining = deadline - time.monotonic()
             try:
                 row, current = self._claim_once(delivery, token, digest, remaining, force=force)
             except StoreUnavailable as exc:
-                # Busy (a lock wait ran out, a MySQL deadlock was broken,
-                # SQLite's write lock was taken): nothing was claimed, so
-                # trying again is safe while time is left.
+                # Busy (a lock wait ran out, a MySQL deadlock was broken):
+                # nothing was claimed, so trying again is safe while time is left.
                 if not _busy_cause(exc) or time.monotonic() >= deadline:
                     raise
-                time.sleep(min(next(pauses), max(0.0, deadline - time.monotonic())))
+                time.sleep(_POLL_INTERVAL)
                 continue
             if row is not None and row[0] == token:
                 return Claim(token=token, attempt=int(row[1]))
@@ -356,8 +342,9 @@ class DeliveryStore:
         with (
             self._store_errors(delivery),
             self._own_transaction(lock_wait=remaining) as connection,
-            self._polled_busy_wait(connection),
         ):
+            if self.dialect == "sqlite":
+                take_write_lock(connection, time.monotonic() + remaining)
             now = self._now()
             row = self._sql.claim.first(
                 connection,
@@ -528,18 +515,18 @@ class DeliveryStore:
         """
         deadline = time.monotonic() + self.duplicate_wait
         params = {**self._key_params(delivery), "p_token": claim.token}
-        pauses = self._busy_pauses()
         while True:
             try:
                 connection = session.connection()
-                with self._polled_busy_wait(connection):
-                    row = self._sql.mark_done.first(connection, {**params, "p_now": self._now()})
+                if self.dialect == "sqlite":
+                    take_write_lock(connection, deadline)
+                row = self._sql.mark_done.first(connection, {**params, "p_now": self._now()})
                 return row is not None
             except DBAPIError as exc:
                 if not is_busy(exc) or time.monotonic() >= deadline:
                     raise
                 session.rollback()
-                time.sleep(min(next(pauses), max(0.0, deadline - time.monotonic())))
+                time.sleep(_POLL_INTERVAL)
 
     def _mark_failed(self, delivery: Keyed, claim: Claim, exc: BaseException) -> None:
         self.record_failure(delivery, claim, f"{type(exc).__name__}: {exc}")

@@ -124,28 +124,47 @@ def test_the_claim_polls_for_the_lock_and_leaves_the_drivers_wait_alone(app: Fla
     assert _busy_timeouts(app) == {DRIVER_TIMEOUT_S * 1000}
 
 
-def test_a_claim_waits_for_the_lock_no_longer_than_the_duplicate_wait(app: Flask) -> None:
-    """The other writer would let go after 20 s, well inside the driver's
-    30 s timeout: a wait in SQLite's handler would get the lock then and
-    answer 200. Polling gives up at ORDERHOOKS_DUPLICATE_WAIT (0.5 s) with a
-    503, nothing stored, and the platform retries."""
-    other = _writer(app)
-    release = threading.Timer(20, other.rollback)
-    release.start()
+def test_a_claim_waits_as_long_as_the_longer_of_the_two_waits(tmp_path: Path) -> None:
+    """The claim waits for the lock as long as SQLite's handler would have
+    (the driver's busy timeout, 0.4 s here) when that is longer than
+    ORDERHOOKS_DUPLICATE_WAIT (0.05 s): a lock let go after 0.15 s is waited
+    for; one held past both is a 503, nothing stored, and the retry goes
+    through."""
+    app = Flask("waits", instance_path=str(tmp_path))
+    app.config.update(ORDERHOOKS_IGV_SECRET="s" * 32, ORDERHOOKS_DUPLICATE_WAIT=0.05)
+    hooks = OrderHooks(app, engine_options={"connect_args": {"timeout": 0.4}})
+    hooks.create_all(app)
+
+    def receiver(sender: Flask, *, event: object) -> None:
+        pass
+
+    order_pending_delivery.connect(receiver, app)
     try:
+        other = _writer(app)
+        release = threading.Timer(0.15, other.rollback)
+        release.start()
+        try:
+            first = _post(app, _callback(app))
+        finally:
+            release.join()
+        assert first.status_code == 200, first.get_data(as_text=True)
+        other.execute("BEGIN IMMEDIATE")
+        late = threading.Timer(20, other.rollback)
+        late.start()
         cb = _callback(app)
-        response = _post(app, cb)
+        try:
+            response = _post(app, cb)
+        finally:
+            late.cancel()
+            other.rollback()
+            other.close()
+        assert response.status_code == 503, response.get_data(as_text=True)
+        with app.app_context():
+            assert len(hooks.store.list()) == 1
+        assert _post(app, cb).status_code == 200
     finally:
-        release.cancel()
-        other.rollback()
-        other.close()
-    assert response.status_code == 503, response.get_data(as_text=True)
-    assert app.config["dispatched"] == []
-    with app.app_context():
-        assert app.extensions["orderhooks"].store.list() == []
-    # The retry, with the lock free, goes through.
-    assert _post(app, cb).status_code == 200
-    assert len(app.config["dispatched"]) == 1
+        order_pending_delivery.disconnect(receiver, app)
+        _standalone(app).engine.dispose()
 
 
 def test_the_done_mark_polls_for_the_lock_after_the_claim(

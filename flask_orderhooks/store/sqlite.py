@@ -54,7 +54,9 @@ def relaxed_sqlite_sync(connection: Connection) -> Iterator[None]:
 def take_write_lock(connection: Connection, deadline: float) -> None:
     """Begin ``connection``'s transaction with SQLite's write lock taken,
     trying ``BEGIN IMMEDIATE`` every :func:`pause` until ``deadline`` (a
-    ``time.monotonic()``), with the connection's own busy wait off meanwhile.
+    ``time.monotonic()``) or for as long as the connection's own busy timeout,
+    whichever is later (what the statement would have waited in SQLite's
+    handler), with that busy wait off meanwhile.
 
     SQLite's busy handler sleeps 1, 2, 5, 10 ms and more between its tries,
     while another worker holds the lock for well under a millisecond (a
@@ -74,6 +76,7 @@ def take_write_lock(connection: Connection, deadline: float) -> None:
     if getattr(dbapi_connection, "autocommit", None) is True:
         return
     before = int(_pragma(connection, "PRAGMA busy_timeout") or 0)
+    deadline = max(deadline, time.monotonic() + before / 1000)
     _pragma(connection, "PRAGMA busy_timeout = 0")
     try:
         tries = 0

@@ -147,10 +147,10 @@ def report(runs: Sequence[Running], args: argparse.Namespace) -> str:
     lines = [
         f"**Interleaved, {args.backend}**: {args.cycles} cycles of {args.seconds} s passes "
         f"per configuration, {args.workers} sync workers each, wrk -t{args.threads} "
-        f"-c{args.connections}; first deliveries (inline dispatch).",
+        f"-c{args.connections}; first deliveries ({args.kind}).",
         "",
         "| configuration | req/s, median (min-max) | /naive within cycles | "
-        "/orderhooks within cycles |",
+        f"/{args.kind} within cycles |",
         "|---|---|---|---|",
     ]
     by_label = {run.config.label: run for run in runs}
@@ -160,7 +160,7 @@ def report(runs: Sequence[Running], args: argparse.Namespace) -> str:
             run.config.name,
             f"{statistics.median(rates):.0f} ({min(rates):.0f}-{max(rates):.0f})" if rates else "—",
         ]
-        for reference in ("naive", "orderhooks"):
+        for reference in ("naive", args.kind):
             other = by_label.get(reference)
             cells.append("1" if other is run else spread(ratios(run, other)) if other else "—")
         lines.append("| " + " | ".join(cells) + " |")
@@ -174,6 +174,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--backend", choices=("sqlite", "postgresql", "mariadb"), default="sqlite")
+    parser.add_argument(
+        "--kind",
+        choices=("orderhooks", "orderhooks-deferred"),
+        default="orderhooks",
+        help="inline dispatch, or deferred (the request path only: stored pending)",
+    )
     parser.add_argument("--cycles", type=int, default=12)
     parser.add_argument("--seconds", type=int, default=3, help="seconds per pass [3]")
     parser.add_argument("--warmup", type=int, default=2, help="seconds of warm-up per server")
@@ -193,13 +199,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="orderhooks-interleaved-") as tmp, ExitStack() as stack:
         workdir = Path(tmp)
-        configs = [Config("naive", args.backend), Config("orderhooks", args.backend)]
+        configs = [Config("naive", args.backend), Config(args.kind, args.backend)]
         for spec in args.variant:
             found = variant_source(spec, workdir)
             if found is None:
                 raise BenchError(f"--variant {spec}: give NAME=DIR or NAME=REV")
             name, source, _what = found
-            configs.append(Config("orderhooks", args.backend, variant=name, source=source))
+            configs.append(Config(args.kind, args.backend, variant=name, source=source))
         runs = [stack.enter_context(running(config, args, workdir)) for config in configs]
         for run in runs:
             one_pass(run, args.warmup, args, workdir)

@@ -251,3 +251,44 @@ def test_a_transaction_the_hosts_begin_hook_began_is_left_to_the_driver(tmp_path
         (row,) = hooks.store.list()
         assert row.status == "done"
         db.engine.dispose()
+
+
+def test_a_deferred_acceptance_polls_for_the_lock(tmp_path: Path) -> None:
+    """Deferred dispatch: the acceptance takes the write lock the same way;
+    another writer lets it go 0.2 s in, and the delivery is stored pending."""
+    app = Flask("deferred", instance_path=str(tmp_path))
+    app.config.update(ORDERHOOKS_IGV_SECRET="s" * 32, ORDERHOOKS_DISPATCH="deferred")
+    hooks = OrderHooks(app, engine_options={"connect_args": {"timeout": DRIVER_TIMEOUT_S}})
+    hooks.create_all(app)
+
+    def receiver(sender: Flask, *, event: object) -> None:
+        pass
+
+    order_pending_delivery.connect(receiver, app)
+    statements: list[str] = []
+
+    def trace(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.set_trace_callback(statements.append)
+
+    engine = _standalone(app).engine
+    engine.dispose()
+    sa.event.listen(engine, "connect", trace)
+    other = _writer(app)
+    release = threading.Timer(0.2, other.rollback)
+    release.start()
+    try:
+        response = _post(app, _callback(app))
+    finally:
+        release.join()
+        other.close()
+        sa.event.remove(engine, "connect", trace)
+    try:
+        assert response.status_code == 200, response.get_data(as_text=True)
+        assert statements.count("BEGIN IMMEDIATE") > 2
+        with app.app_context():
+            (row,) = hooks.store.list()
+        assert row.status == "pending"
+        assert _busy_timeouts(app) == {DRIVER_TIMEOUT_S * 1000}
+    finally:
+        order_pending_delivery.disconnect(receiver, app)
+        engine.dispose()

@@ -123,7 +123,7 @@ class DeliveryStore:
 
     @contextmanager
     def _own_transaction(
-        self, *, durable: bool = False, lock_wait: float | None = None
+        self, *, durable: bool = False, lock_wait: float | None = None, writes: bool = False
     ) -> Iterator[Connection]:
         """A connection for the store's statements outside the dispatch (the
         claim, the failure record), committed when the block ends.
@@ -142,6 +142,10 @@ class DeliveryStore:
         plain transaction too; ``lock_wait`` bounds its row-lock waits, set
         around it on MySQL 8 (MariaDB's and PostgreSQL's statements carry
         their own bound: ``SET STATEMENT``, ``lock_timeout``).
+
+        ``writes``: on SQLite the transaction begins with the write lock,
+        taken by polling (:func:`take_write_lock`), for at least ``lock_wait``
+        (or the duplicate wait) and as long as the driver's busy timeout.
         """
         if self.dialect == "postgresql":
             with self._autocommit_engine.connect() as connection:
@@ -155,13 +159,20 @@ class DeliveryStore:
                     yield begun(connection)
                     connection.commit()
             return
+        wait = self.duplicate_wait if lock_wait is None else lock_wait
         with self.engine.connect() as connection:
             if durable:
-                yield begun(connection)
+                begun(connection)
+                if writes:
+                    take_write_lock(connection, time.monotonic() + wait)
+                yield connection
                 connection.commit()
                 return
             with relaxed_sqlite_sync(connection):
-                yield begun(connection)
+                begun(connection)
+                if writes:
+                    take_write_lock(connection, time.monotonic() + wait)
+                yield connection
                 connection.commit()
 
     def _ensure_table(self, where: Keyed) -> None:
@@ -275,7 +286,9 @@ class DeliveryStore:
         """
         lock_wait = min(self.duplicate_wait, _ACCEPT_LOCK_WAIT)
         try:
-            with self._own_transaction(durable=True, lock_wait=lock_wait) as connection:
+            with self._own_transaction(
+                durable=True, lock_wait=lock_wait, writes=True
+            ) as connection:
                 return statement.first(  # type: ignore[no-any-return]
                     connection,
                     {
@@ -341,10 +354,8 @@ class DeliveryStore:
         the delivery's (status, digest) as it is now."""
         with (
             self._store_errors(delivery),
-            self._own_transaction(lock_wait=remaining) as connection,
+            self._own_transaction(lock_wait=remaining, writes=True) as connection,
         ):
-            if self.dialect == "sqlite":
-                take_write_lock(connection, time.monotonic() + remaining)
             now = self._now()
             row = self._sql.claim.first(
                 connection,
@@ -554,7 +565,7 @@ class DeliveryStore:
         # a duplicate would. Unrecorded, the lease still runs out.
         lock_wait = self.duplicate_wait
         try:
-            with self._own_transaction(lock_wait=lock_wait) as connection:
+            with self._own_transaction(lock_wait=lock_wait, writes=True) as connection:
                 row = self._sql.mark_failed.first(
                     connection,
                     {
@@ -614,7 +625,7 @@ class DeliveryStore:
         if key is not None:
             statement = self._sql.claim_due_key
             params.update(p_provider=key[0], p_callback=key[1], p_key=key[2])
-        with self._store_errors(where), self._own_transaction() as connection:
+        with self._store_errors(where), self._own_transaction(writes=True) as connection:
             row = statement.first(connection, params)
         if row is None:
             return None

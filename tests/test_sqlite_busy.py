@@ -70,6 +70,30 @@ def _writer(app: Flask) -> sqlite3.Connection:
     return other
 
 
+def _post_while_locked(app: Flask, seconds: float) -> tuple[Any, list[str]]:
+    """Post a fresh callback while another writer holds the lock for its
+    first ``seconds``: the answer, and every statement the store's
+    connections ran (SQLite's trace; its statements bypass SQLAlchemy's)."""
+    statements: list[str] = []
+
+    def trace(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.set_trace_callback(statements.append)
+
+    engine = _standalone(app).engine
+    engine.dispose()
+    sa.event.listen(engine, "connect", trace)
+    other = _writer(app)
+    release = threading.Timer(seconds, other.rollback)
+    release.start()
+    try:
+        response = _post(app, _callback(app))
+    finally:
+        release.join()
+        other.close()
+        sa.event.remove(engine, "connect", trace)
+    return response, statements
+
+
 def _busy_timeouts(app: Flask) -> set[int]:
     """The busy timeout (ms) of every connection in the store's pool."""
     engine = _standalone(app).engine
@@ -93,23 +117,7 @@ def test_the_claim_polls_for_the_lock_and_leaves_the_drivers_wait_alone(app: Fla
     """Another writer lets the lock go 0.2 s into the request: the callback
     goes through, dispatched once, and SQLite ran the claim with its own busy
     wait off; every connection is back at the driver's 30 s afterwards."""
-    statements: list[str] = []
-
-    def trace(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.set_trace_callback(statements.append)
-
-    engine = _standalone(app).engine
-    engine.dispose()
-    sa.event.listen(engine, "connect", trace)
-    other = _writer(app)
-    release = threading.Timer(0.2, other.rollback)
-    release.start()
-    try:
-        response = _post(app, _callback(app))
-    finally:
-        release.join()
-        other.close()
-        sa.event.remove(engine, "connect", trace)
+    response, statements = _post_while_locked(app, 0.2)
     assert response.status_code == 200, response.get_data(as_text=True)
     assert len(app.config["dispatched"]) == 1
     begins = [sql for sql in statements if sql == "BEGIN IMMEDIATE"]
@@ -265,23 +273,7 @@ def test_a_deferred_acceptance_polls_for_the_lock(tmp_path: Path) -> None:
         pass
 
     order_pending_delivery.connect(receiver, app)
-    statements: list[str] = []
-
-    def trace(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.set_trace_callback(statements.append)
-
-    engine = _standalone(app).engine
-    engine.dispose()
-    sa.event.listen(engine, "connect", trace)
-    other = _writer(app)
-    release = threading.Timer(0.2, other.rollback)
-    release.start()
-    try:
-        response = _post(app, _callback(app))
-    finally:
-        release.join()
-        other.close()
-        sa.event.remove(engine, "connect", trace)
+    response, statements = _post_while_locked(app, 0.2)
     try:
         assert response.status_code == 200, response.get_data(as_text=True)
         assert statements.count("BEGIN IMMEDIATE") > 2
@@ -291,4 +283,4 @@ def test_a_deferred_acceptance_polls_for_the_lock(tmp_path: Path) -> None:
         assert _busy_timeouts(app) == {DRIVER_TIMEOUT_S * 1000}
     finally:
         order_pending_delivery.disconnect(receiver, app)
-        engine.dispose()
+        _standalone(app).engine.dispose()

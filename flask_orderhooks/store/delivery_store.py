@@ -10,7 +10,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn, Protocol
@@ -160,20 +160,15 @@ class DeliveryStore:
                     connection.commit()
             return
         wait = self.duplicate_wait if lock_wait is None else lock_wait
-        with self.engine.connect() as connection:
-            if durable:
-                begun(connection)
-                if writes:
-                    take_write_lock(connection, time.monotonic() + wait)
-                yield connection
-                connection.commit()
-                return
-            with relaxed_sqlite_sync(connection):
-                begun(connection)
-                if writes:
-                    take_write_lock(connection, time.monotonic() + wait)
-                yield connection
-                connection.commit()
+        with (
+            self.engine.connect() as connection,
+            nullcontext() if durable else relaxed_sqlite_sync(connection),
+        ):
+            begun(connection)
+            if writes:
+                take_write_lock(connection, time.monotonic() + wait)
+            yield connection
+            connection.commit()
 
     def _ensure_table(self, where: Keyed) -> None:
         """The standalone store creates (or upgrades) its table on first use."""

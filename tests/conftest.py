@@ -91,10 +91,35 @@ def _require_server(url: str, name: str, switch: str, part: str, skipped: list[s
 
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
-    """A PostgreSQL URL whose connections use a schema of their own."""
+    """A PostgreSQL URL on a database of this test process's own."""
     _require_server(PG_URL, "PostgreSQL", "POSTGRES", "the PostgreSQL half", _skipped_postgres)
-    with private_schema(PG_URL, "orderhooks_test") as url:
+    with private_postgres_database(PG_URL, "orderhooks_test") as url:
         yield url
+
+
+@contextmanager
+def private_postgres_database(base_url: str, prefix: str) -> Iterator[str]:
+    """``base_url`` on a fresh PostgreSQL database, dropped afterwards.
+
+    A database, not a schema of the shared one: VACUUM marks a page
+    all-visible (what an index-only scan needs) only once no transaction of
+    the same database can still miss its rows (PostgreSQL 14+ keeps that
+    horizon per database), so a snapshot held by another xdist worker's test
+    in a shared database turned the chart's index-only plan into a plain
+    index scan (tests/console/test_plans.py, seen on CI).
+    """
+    base = sa.make_url(base_url)
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    try:
+        yield base.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            # FORCE: the session's engines may still pool idle connections.
+            connection.exec_driver_sql(f'DROP DATABASE "{name}" WITH (FORCE)')
+        admin.dispose()
 
 
 @contextmanager

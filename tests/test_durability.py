@@ -151,6 +151,31 @@ def test_rule3_failure_is_stored_rolled_back_and_retried(recorder: RecorderFacto
     assert len(rec.events) == 2
 
 
+def test_rule3_the_claim_is_committed_before_any_receiver_runs(
+    recorder: RecorderFactory, database_uri: str
+) -> None:
+    """Stored before anything can fail: the claim is committed before the
+    dispatch (on PostgreSQL, by the COMMIT AND CHAIN of the dispatch's own
+    connection), and is what another worker sees while the receivers run."""
+    app, rec = recorder()
+    other = sa.create_engine(database_uri)
+    seen: list[tuple[str, int]] = []
+
+    def look(_event: object) -> None:
+        with other.connect() as connection:
+            status, attempts = connection.execute(
+                sa.text("SELECT status, attempts FROM orderhooks_deliveries")
+            ).one()
+        seen.append((status, attempts))
+
+    rec.hook = look
+    try:
+        assert post(app, make("igv", app)).status_code == 200
+    finally:
+        other.dispose()
+    assert seen == [("processing", 1)]
+
+
 def test_rule4_a_dead_claim_is_taken_over_after_the_lease(
     recorder: RecorderFactory,
 ) -> None:

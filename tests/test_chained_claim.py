@@ -258,3 +258,14 @@ def test_a_failure_after_the_claim_committed_hands_the_claim_back(
     assert _post(app, cb).status_code == 200
     assert len(rec.events) == 1
     assert rec.credits() == 1
+
+
+def test_an_autocommit_host_engine_does_not_chain(recorder: RecorderFactory) -> None:
+    """COMMIT AND CHAIN needs a transaction block: on a session in psycopg's
+    autocommit mode the claim goes on its own connection, as before."""
+    app, rec = recorder(SQLALCHEMY_ENGINE_OPTIONS={"isolation_level": "AUTOCOMMIT"})
+    cb = _callback(app)
+    assert _post(app, cb).status_code == 200
+    assert _post(app, cb).status_code == 200
+    assert len(rec.events) == 1
+    assert rec.credits() == 1

@@ -237,7 +237,7 @@ class DeliveryStore:
         token = secrets.token_hex(16)
         with self._store_errors(delivery), self._dispatch_transaction() as session:
             connection = session.connection()
-            if not (_idle(connection) and can_pipeline(connection)):
+            if not _can_chain(connection):
                 return None
             key = self._key_params(delivery)
             now = self._now()
@@ -968,11 +968,15 @@ def _check_key(delivery: Delivery) -> None:
         raise MalformedPayload(f"The idempotency key is longer than {MAX_KEY_LENGTH}.")
 
 
-def _idle(connection: Connection) -> bool:
-    """Whether PostgreSQL's side of ``connection`` is outside any transaction
-    (libpq's PQTRANS_IDLE, which psycopg and psycopg2 report)."""
-    info = getattr(connection.connection.dbapi_connection, "info", None)
-    return getattr(info, "transaction_status", None) == _PQTRANS_IDLE
+def _can_chain(connection: Connection) -> bool:
+    """Whether the claim can chain on ``connection``: psycopg can pipeline,
+    the connection is not in autocommit mode (COMMIT AND CHAIN needs a
+    transaction block), and nothing was sent in its transaction yet
+    (libpq's PQTRANS_IDLE)."""
+    if not can_pipeline(connection):
+        return False
+    driver: Any = connection.connection.dbapi_connection
+    return not driver.autocommit and driver.info.transaction_status == _PQTRANS_IDLE
 
 
 def _aborted(session: Transaction) -> bool:

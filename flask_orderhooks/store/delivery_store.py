@@ -262,8 +262,13 @@ class DeliveryStore:
                     # it back (fenced by its token: a no-op if it did not).
                     self._mark_failed(delivery, Claim(token, int(claimed[1])), sent.error)
                 elif is_busy(sent.error):
-                    # Nothing claimed; the claim waits out the rest.
+                    # The server refused the claim itself: nothing claimed,
+                    # and the claim waits out the rest.
                     return None
+                elif not sent.ran:
+                    # The claim's answer never came (a lost connection): the
+                    # server may have run it and its COMMIT AND CHAIN.
+                    self._release_if_held(delivery, token, sent.error)
                 raise sent.error
             if not won:
                 # The chained transaction only read: committed, not rolled
@@ -410,6 +415,27 @@ class DeliveryStore:
             if time.monotonic() >= deadline:
                 raise StoreUnavailable("Another worker is handling this delivery; retry later.")
             time.sleep(min(_POLL_INTERVAL, max(0.0, deadline - time.monotonic())))
+
+    def _release_if_held(self, delivery: Delivery, token: str, exc: BaseException) -> None:
+        """Hand back the claim ``token`` if it holds the delivery: recorded as
+        a failed attempt, so the next retry dispatches at once instead of
+        waiting for the lease of a claim nobody works on."""
+        try:
+            with self._own_transaction() as connection:
+                held = self._sql.held.first(
+                    connection, {**self._key_params(delivery), "p_token": token}
+                )
+        except SQLAlchemyError:
+            # The lease still runs out, and the next delivery takes it over.
+            logger.exception(
+                "%s %s %s: could not read whether the lost claim was stored",
+                delivery.provider,
+                delivery.callback,
+                delivery.key,
+            )
+            return
+        if held is not None:
+            self._mark_failed(delivery, Claim(token, int(held[0])), exc)
 
     @staticmethod
     def _done_or_conflict(delivery: Delivery, current: tuple[Any, ...], digest: str) -> bool:

@@ -531,8 +531,11 @@ class Forwarder:
 
     def cut_before(self, marker: bytes) -> threading.Event:
         """Arm a one-shot trap: cut the connection that is about to send
-        ``marker`` to the database, instead of sending it. The database stays
-        reachable: what a dropped connection looks like, not an outage.
+        ``marker`` to the database, instead of sending it. What the same
+        write held before ``marker`` still goes (a pipeline's earlier
+        statements: psycopg may send them in one write with it). The
+        database stays reachable: what a dropped connection looks like, not
+        an outage.
 
         Markers are matched in the statement text, which psycopg sends until
         it prepares a statement (its fifth run on one connection): arm traps
@@ -587,8 +590,11 @@ class Forwarder:
     def _spring(self, trap: _Trap, link: _Link, data: bytes) -> bool:
         """Cut ``link`` if ``data`` springs ``trap``; whether it did."""
         if not trap.commit:
-            if trap.marker not in data:
+            at = data.find(trap.marker)
+            if at < 0:
                 return False
+            # Complete messages before it run; the one it starts never ends.
+            link.upstream.sendall(data[:at])
         else:
             link.armed = link.armed or trap.marker in data
             if not (link.armed and self.commit_message in data):

@@ -94,11 +94,7 @@ class DriverStatement:
         self, connection: Connection, parameters: Mapping[str, Any]
     ) -> tuple[Any, ...] | None:
         """Execute on ``connection``'s cursor; the first row, if any."""
-        return self.first_row(self.run(connection, parameters))
-
-    def first_row(self, ran: Ran) -> tuple[Any, ...] | None:
-        """The first row ``ran`` returned, if any, converted to Python."""
-        rows = ran.rows
+        rows = self.run(connection, parameters).rows
         if not rows:
             return None
         if self._results is None:
@@ -115,16 +111,12 @@ class DriverStatement:
 
     def run(self, connection: Connection, parameters: Mapping[str, Any]) -> Ran:
         """Execute on ``connection``'s cursor; everything the driver reported."""
-        return run_on_cursor(connection, *self.bound(parameters))
-
-    def bound(self, parameters: Mapping[str, Any]) -> tuple[str, Any]:
-        """The SQL and the driver's arguments for ``parameters``, converted
-        (for :func:`run_pipelined`)."""
         values = dict(self._defaults)
         for name, process in self._required:
             value = parameters[name]
             values[name] = process(value) if process else value
-        return self.sql, values if self._order is None else [values[n] for n in self._order]
+        arguments: Any = values if self._order is None else [values[n] for n in self._order]
+        return run_on_cursor(connection, self.sql, arguments)
 
     def __repr__(self) -> str:
         return f"<DriverStatement {self.sql[:40]!r}...>"
@@ -149,112 +141,32 @@ def run_on_cursor(connection: Connection, sql: str, arguments: Any = ()) -> Ran:
     subclass, its parameters hidden, and a connection the dialect sees as
     disconnected is invalidated first.
     """
-    error = connection.dialect.loaded_dbapi.Error
-    cursor = connection.connection.cursor()
+    dialect = connection.dialect
+    error = dialect.loaded_dbapi.Error
+    proxy = connection.connection
+    cursor = proxy.cursor()
     try:
         cursor.execute(sql, arguments)
-        return _ran(cursor)
+        rows = cursor.fetchall() if cursor.description is not None else []
+        # psycopg's cursors have no lastrowid.
+        ran = Ran(rows, cursor.rowcount, getattr(cursor, "lastrowid", None))
     except error as exc:
-        raise _driver_error(connection, sql, exc, cursor) from exc
+        gone = dialect.is_disconnect(exc, proxy.dbapi_connection, cursor)
+        if gone:
+            connection.invalidate(exc)
+        # Parameters hidden: they hold bodies and signed headers, and this
+        # text is logged and stored as a failed attempt's error.
+        raise DBAPIError.instance(
+            sql,
+            None,
+            exc,
+            error,
+            hide_parameters=True,
+            connection_invalidated=gone,
+            dialect=dialect,
+        ) from exc
     finally:
         # The statement's own outcome is what matters.
         with suppress(error):
             cursor.close()
-
-
-class Pipelined(NamedTuple):
-    """What one pipeline of statements did (:func:`run_pipelined`)."""
-
-    #: What each statement that ran reported, in order: the statements
-    #: before the first failure (after it, PostgreSQL skips the rest).
-    ran: list[Ran]
-    #: The first failure, as :func:`run_on_cursor` raises it; ``None`` if
-    #: every statement ran.
-    error: DBAPIError | None
-
-
-def can_pipeline(connection: Connection) -> bool:
-    """Whether ``connection``'s driver sends statements in a pipeline
-    (psycopg 3 on libpq 14 or later)."""
-    pipeline = getattr(connection.connection.dbapi_connection, "pipeline", None)
-    if pipeline is None:
-        return False
-    return bool(connection.dialect.loaded_dbapi.Pipeline.is_supported())
-
-
-def run_pipelined(connection: Connection, statements: Sequence[tuple[str, Any]]) -> Pipelined:
-    """Send ``statements`` (SQL, arguments) on ``connection``'s psycopg
-    connection in one pipeline: one round trip for all of them.
-
-    A failure is returned, not raised, with what the statements before it
-    reported, because what they did (a COMMIT among them) decides what the
-    caller must undo. Check :func:`can_pipeline` first.
-    """
-    driver = connection.connection.dbapi_connection
-    assert driver is not None
-    dbapi = connection.dialect.loaded_dbapi
-    error = dbapi.Error
-    done = (dbapi.pq.ExecStatus.COMMAND_OK, dbapi.pq.ExecStatus.TUPLES_OK)
-    cursors: list[Any] = []
-    caught: Any = None
-    try:
-        # Leaving the block syncs the pipeline and reads every result (an
-        # explicit sync() before that would cost a second round trip).
-        with driver.pipeline():
-            try:
-                for sql, arguments in statements:
-                    cursors.append(driver.cursor())
-                    cursors[-1].execute(sql, arguments)
-            except error as exc:
-                # psycopg read an earlier statement's failure while sending:
-                # caught here, so the block still ends (and syncs) normally.
-                caught = exc
-    except error as exc:
-        if caught is None:
-            caught = exc
-    ran: list[Ran] = []
-    for cursor in cursors:
-        # psycopg's result of the statement; none for one the pipeline skipped.
-        result = cursor.pgresult
-        if result is None or result.status not in done:
-            break
-        ran.append(_ran(cursor))
-    for cursor in cursors:
-        with suppress(error):
-            cursor.close()
-    failure = None
-    if caught is not None:
-        failed = statements[min(len(ran), len(statements) - 1)][0]
-        failure = _driver_error(connection, failed, caught, None)
-    return Pipelined(ran, failure)
-
-
-def _ran(cursor: Any) -> Ran:
-    rows = cursor.fetchall() if cursor.description is not None else []
-    # psycopg's cursors have no lastrowid.
-    return Ran(rows, cursor.rowcount, getattr(cursor, "lastrowid", None))
-
-
-def _driver_error(connection: Connection, sql: str, exc: Any, cursor: Any) -> DBAPIError:
-    """``exc`` as SQLAlchemy raises it, its parameters hidden; a connection
-    the dialect sees as disconnected is invalidated first."""
-    dialect = connection.dialect
-    proxy = connection.connection
-    gone = dialect.is_disconnect(exc, proxy.dbapi_connection, cursor)
-    if gone:
-        connection.invalidate(exc)
-    # Parameters hidden: they hold bodies and signed headers, and this text
-    # is logged and stored as a failed attempt's error.
-    wrapped = DBAPIError.instance(
-        sql,
-        None,
-        exc,
-        dialect.loaded_dbapi.Error,
-        hide_parameters=True,
-        connection_invalidated=gone,
-        dialect=dialect,
-    )
-    # A driver error (a subclass of the DB-API's Error) is always wrapped as
-    # a DBAPIError; the annotation allows StatementError for other errors.
-    assert isinstance(wrapped, DBAPIError)
-    return wrapped
+    return ran

@@ -155,8 +155,7 @@ def test_rule3_the_claim_is_committed_before_any_receiver_runs(
     recorder: RecorderFactory, database_uri: str
 ) -> None:
     """Stored before anything can fail: the claim is committed before the
-    dispatch (on PostgreSQL, by the COMMIT AND CHAIN of the dispatch's own
-    connection), and is what another worker sees while the receivers run."""
+    dispatch, and is what another worker sees while the receivers run."""
     app, rec = recorder()
     other = sa.create_engine(database_uri)
     seen: list[tuple[str, int]] = []
@@ -467,6 +466,47 @@ def test_a_busy_sqlite_store_does_not_strand_a_claim(tmp_path: Path) -> None:
         (row,) = store.get(cb.key)
     assert (row.status, row.attempts) == ("done", 1)
     standalone.engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "backend", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+)
+def test_a_done_mark_that_fails_hands_the_claim_back(
+    recorder: RecorderFactory, database_uri: str
+) -> None:
+    """The done mark fails after the claim committed (a trigger refuses it):
+    503, and the claim is recorded as a failed attempt at once (not held
+    until its lease runs out), so the platform's retry dispatches it."""
+    app, rec = recorder()
+    admin = sa.create_engine(database_uri)
+    with admin.begin() as connection:
+        connection.exec_driver_sql(
+            "CREATE FUNCTION refuse_done() RETURNS trigger LANGUAGE plpgsql AS $$"
+            " BEGIN RAISE EXCEPTION 'done refused on purpose'; END $$"
+        )
+        connection.exec_driver_sql(
+            "CREATE TRIGGER refuse_done BEFORE UPDATE ON orderhooks_deliveries"
+            " FOR EACH ROW WHEN (NEW.status = 'done') EXECUTE FUNCTION refuse_done()"
+        )
+    cb = make("igv", app)
+    try:
+        answer = post(app, cb)
+        assert (answer.status_code, answer.text) == (503, "The store is unavailable.")
+        assert rec.events == []
+        with admin.connect() as connection:
+            status, attempts, error = connection.execute(
+                sa.text("SELECT status, attempts, error FROM orderhooks_deliveries")
+            ).one()
+        assert (status, attempts) == ("failed", 1)
+        assert "done refused on purpose" in error
+    finally:
+        with admin.begin() as connection:
+            connection.exec_driver_sql("DROP TRIGGER refuse_done ON orderhooks_deliveries")
+            connection.exec_driver_sql("DROP FUNCTION refuse_done()")
+        admin.dispose()
+    assert post(app, cb).status_code == 200
+    assert len(rec.events) == 1
+    assert rec.credits() == 1
 
 
 @pytest.mark.parametrize(

@@ -111,3 +111,52 @@ def test_mysql_needs_no_stale_snapshot_rule(recorder: RecorderFactory, level: st
     with app.app_context():
         (row,) = app.extensions["orderhooks"].store.list()
     assert (row.status, row.attempts) == ("done", 1)
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param("postgresql", marks=pytest.mark.postgres),
+        pytest.param("mariadb", marks=pytest.mark.mariadb),
+    ],
+)
+def test_a_write_the_host_flushed_before_the_view_is_not_committed_by_the_claim(
+    recorder: RecorderFactory,
+) -> None:
+    """The session has sent a write before the view: the claim's commit must
+    not take it along (on the session's connection, it would). The host's
+    write commits or rolls back with the dispatch."""
+    app, rec = recorder()
+    db = rec.db
+    assert db is not None
+
+    @app.before_request
+    def write_first() -> None:
+        db.session.add(Credit(key="before-the-view"))
+        db.session.flush()
+
+    rec.fail_next = 1
+    with app.app_context():
+        cb = build("igv", app=app)
+    client = app.test_client()
+    assert client.post(cb.url(), data=cb.body, headers=cb.headers).status_code == 500
+    assert rec.credits() == 0  # the failed dispatch took the host's write back
+    assert client.post(cb.url(), data=cb.body, headers=cb.headers).status_code == 200
+    assert rec.credits() == 2  # the host's write and the receiver's, once
+    assert len(rec.events) == 2
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_an_autocommit_host_engine_dispatches_once(recorder: RecorderFactory) -> None:
+    """A host whose engine is in autocommit mode: no transaction block for
+    the store to rely on on its connection (COMMIT AND CHAIN, tried on
+    PostgreSQL, fails there), and the delivery is still dispatched once."""
+    app, rec = recorder(SQLALCHEMY_ENGINE_OPTIONS={"isolation_level": "AUTOCOMMIT"})
+    with app.app_context():
+        cb = build("igv", app=app)
+    client = app.test_client()
+    assert client.post(cb.url(), data=cb.body, headers=cb.headers).status_code == 200
+    assert client.post(cb.url(), data=cb.body, headers=cb.headers).status_code == 200
+    assert len(rec.events) == 1
+    assert rec.credits() == 1

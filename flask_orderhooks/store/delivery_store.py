@@ -19,7 +19,6 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
-from ..driver_statement import can_pipeline, run_on_cursor, run_pipelined
 from ..exc import (
     CallbackError,
     KeyConflict,
@@ -201,92 +200,10 @@ class DeliveryStore:
         :raises StoreUnavailable: the store failed or another worker holds it.
         """
         _check_key(delivery)
-        deadline = time.monotonic() + self.duplicate_wait
-        if self.dialect == "postgresql":
-            outcome = self._deliver_chained(delivery, dispatch, deadline)
-            if outcome is not None:
-                return outcome
-        claim = self._claim(delivery, deadline=deadline)
+        claim = self.claim(delivery)
         if claim is None:
             return "duplicate"
         self.dispatch(delivery, claim, dispatch)
-        return "dispatched"
-
-    def _deliver_chained(
-        self, delivery: Delivery, dispatch: Callable[[], None], deadline: float
-    ) -> Outcome | None:
-        """PostgreSQL: claim and dispatch on the dispatch's own connection,
-        the claim committed first (the rule), in one round trip.
-
-        One pipeline sends the claim, ``COMMIT AND CHAIN`` (the claim's
-        commit, and a new transaction begun), the done mark and the row's
-        state; the receivers then run in the chained transaction, and its
-        COMMIT commits them with the done mark. A first delivery takes 3
-        round trips (psycopg's BEGIN, the pipeline, the COMMIT) instead of 4
-        on two connections; a duplicate 3 (the ROLLBACK) instead of 2.
-
-        Only when the dispatch's transaction has sent nothing yet: a COMMIT
-        would otherwise commit what the host wrote before the view.
-
-        :returns: the outcome, or ``None`` when the claim did not happen here
-            and :meth:`claim` must wait for it (another worker holds the
-            delivery, the store was busy) or the connection cannot chain.
-        """
-        self._ensure_table(delivery)
-        digest = hashlib.sha256(delivery.body).hexdigest()
-        token = secrets.token_hex(16)
-        with self._store_errors(delivery), self._dispatch_transaction() as session:
-            connection = session.connection()
-            if not _can_chain(connection):
-                return None
-            key = self._key_params(delivery)
-            now = self._now()
-            sql = self._sql
-            wait = max(0.0, deadline - time.monotonic())
-            sent = run_pipelined(
-                connection,
-                [
-                    sql.claim.bound(self._claim_params(delivery, token, digest, now, wait)),
-                    ("COMMIT AND CHAIN", None),
-                    sql.mark_done.bound({**key, "p_token": token, "p_now": now}),
-                    sql.state.bound(key),
-                ],
-            )
-            claimed = sql.claim.first_row(sent.ran[0]) if sent.ran else None
-            won = claimed is not None and claimed[0] == token
-            if sent.error is not None:
-                session.rollback()
-                if won:
-                    assert claimed is not None
-                    # The claim may have committed before the failure: hand
-                    # it back (fenced by its token: a no-op if it did not).
-                    self._mark_failed(delivery, Claim(token, int(claimed[1])), sent.error)
-                elif is_busy(sent.error):
-                    # The server refused the claim itself: nothing claimed,
-                    # and the claim waits out the rest.
-                    return None
-                elif not sent.ran:
-                    # The claim's answer never came (a lost connection): the
-                    # server may have run it and its COMMIT AND CHAIN.
-                    self._release_if_held(delivery, token, sent.error)
-                raise sent.error
-            if not won:
-                # The chained transaction only read: committed, not rolled
-                # back, because psycopg answers a ROLLBACK by deallocating
-                # every statement it prepared on the connection. The host's
-                # session is left as it was (its transaction, if it goes on,
-                # begins anew on the server).
-                run_on_cursor(connection, "COMMIT")
-                current = sql.state.first_row(sent.ran[3])
-                if current is not None and self._done_or_conflict(delivery, current, digest):
-                    return "duplicate"
-                return None
-            assert claimed is not None
-            claim = Claim(token=token, attempt=int(claimed[1]))
-            if sql.mark_done.first_row(sent.ran[2]) is None:
-                session.rollback()
-                raise StoreUnavailable("The claim on this delivery expired; retry later.")
-            self._run_receivers(session, delivery, claim, dispatch)
         return "dispatched"
 
     def accept(self, delivery: Delivery) -> Outcome:
@@ -390,12 +307,10 @@ class DeliveryStore:
 
         :param force: take a ``done`` delivery too (``replay --force``).
         """
-        return self._claim(delivery, force=force, deadline=time.monotonic() + self.duplicate_wait)
-
-    def _claim(self, delivery: Delivery, *, deadline: float, force: bool = False) -> Claim | None:
         self._ensure_table(delivery)
         digest = hashlib.sha256(delivery.body).hexdigest()
         token = secrets.token_hex(16)
+        deadline = time.monotonic() + self.duplicate_wait
         while True:
             remaining = deadline - time.monotonic()
             try:
@@ -410,74 +325,22 @@ class DeliveryStore:
             if row is not None and row[0] == token:
                 return Claim(token=token, attempt=int(row[1]))
             # None: purged between the two statements, so claim again.
-            if current is not None and self._done_or_conflict(delivery, current, digest):
-                return None
+            if current is not None:
+                status, stored_digest, _lease = current
+                if status == DONE:
+                    if stored_digest != digest:
+                        logger.warning(
+                            "%s %s %s: already done; a resend with a different body was ignored",
+                            delivery.provider,
+                            delivery.callback,
+                            delivery.key,
+                        )
+                    return None
+                if stored_digest != digest:
+                    raise KeyConflict("This key is stored with a different body.")
             if time.monotonic() >= deadline:
                 raise StoreUnavailable("Another worker is handling this delivery; retry later.")
             time.sleep(min(_POLL_INTERVAL, max(0.0, deadline - time.monotonic())))
-
-    def _release_if_held(self, delivery: Delivery, token: str, exc: BaseException) -> None:
-        """Hand back the claim ``token`` if it holds the delivery: recorded as
-        a failed attempt, so the next retry dispatches at once instead of
-        waiting for the lease of a claim nobody works on."""
-        try:
-            with self._own_transaction() as connection:
-                held = self._sql.held.first(
-                    connection, {**self._key_params(delivery), "p_token": token}
-                )
-        except SQLAlchemyError:
-            # The lease still runs out, and the next delivery takes it over.
-            logger.exception(
-                "%s %s %s: could not read whether the lost claim was stored",
-                delivery.provider,
-                delivery.callback,
-                delivery.key,
-            )
-            return
-        if held is not None:
-            self._mark_failed(delivery, Claim(token, int(held[0])), exc)
-
-    @staticmethod
-    def _done_or_conflict(delivery: Delivery, current: tuple[Any, ...], digest: str) -> bool:
-        """Whether a delivery a claim did not take is done (a duplicate).
-
-        :param current: its (status, body_sha256, lease_expires_at) now.
-        :raises KeyConflict: it is not done, and stored with another body.
-        """
-        status, stored_digest, _lease = current
-        if status == DONE:
-            if stored_digest != digest:
-                logger.warning(
-                    "%s %s %s: already done; a resend with a different body was ignored",
-                    delivery.provider,
-                    delivery.callback,
-                    delivery.key,
-                )
-            return True
-        if stored_digest != digest:
-            raise KeyConflict("This key is stored with a different body.")
-        return False
-
-    def _claim_params(
-        self,
-        delivery: Delivery,
-        token: str,
-        digest: str,
-        now: datetime,
-        lock_wait: float,
-        *,
-        force: bool = False,
-    ) -> dict[str, Any]:
-        return {
-            **self._key_params(delivery),
-            **_row_params(delivery, token, digest),
-            "p_lease": now + timedelta(seconds=self.claim_timeout),
-            "p_now": now,
-            "p_takeover": DONE if force else FAILED,
-            # ON CONFLICT waits for another worker's row lock, unbounded by
-            # default.
-            **_lock_wait_params(lock_wait),
-        }
 
     def _claim_once(
         self, delivery: Delivery, token: str, digest: str, remaining: float, *, force: bool
@@ -491,7 +354,16 @@ class DeliveryStore:
             now = self._now()
             row = self._sql.claim.first(
                 connection,
-                self._claim_params(delivery, token, digest, now, remaining, force=force),
+                {
+                    **self._key_params(delivery),
+                    **_row_params(delivery, token, digest),
+                    "p_lease": now + timedelta(seconds=self.claim_timeout),
+                    "p_now": now,
+                    "p_takeover": DONE if force else FAILED,
+                    # ON CONFLICT waits for another worker's row lock,
+                    # unbounded by default.
+                    **_lock_wait_params(remaining),
+                },
             )
             if row is not None and row[0] == token:
                 return row, None
@@ -994,17 +866,6 @@ def _check_key(delivery: Delivery) -> None:
         raise MalformedPayload(f"The idempotency key is longer than {MAX_KEY_LENGTH}.")
 
 
-def _can_chain(connection: Connection) -> bool:
-    """Whether the claim can chain on ``connection``: psycopg can pipeline,
-    the connection is not in autocommit mode (COMMIT AND CHAIN needs a
-    transaction block), and nothing was sent in its transaction yet
-    (libpq's PQTRANS_IDLE)."""
-    if not can_pipeline(connection):
-        return False
-    driver: Any = connection.connection.dbapi_connection
-    return not driver.autocommit and driver.info.transaction_status == _PQTRANS_IDLE
-
-
 def _aborted(session: Transaction) -> bool:
     """Whether the transaction is in error (PostgreSQL: a statement in it
     failed; libpq's PQTRANS_INERROR, which psycopg and psycopg2 report)."""
@@ -1013,7 +874,6 @@ def _aborted(session: Transaction) -> bool:
     return getattr(info, "transaction_status", None) == _PQTRANS_INERROR
 
 
-_PQTRANS_IDLE = 0
 _PQTRANS_INERROR = 3
 
 _RECEIVER_FAILED = "A receiver failed; the delivery will be retried."

@@ -162,14 +162,6 @@ class Statements:
         self.revive = DriverStatement(revive, engine_dialect)
         #: Rows: (status, body_sha256, lease_expires_at).
         self.state = DriverStatement(state, engine_dialect)
-        #: Rows: (attempts,) while the claim ``p_token`` holds the delivery
-        #: (PostgreSQL's chained claim, when a lost answer hid its outcome).
-        self.held = DriverStatement(
-            sa.select(t.c.attempts).where(
-                *key, t.c.claim_token == sa.bindparam("p_token"), t.c.status != DONE
-            ),
-            engine_dialect,
-        )
         #: Rows: (attempts,) when the claim was still this worker's.
         self.mark_done = DriverStatement(mark_done, engine_dialect)
         #: Rows: the whole row (ROW_COLUMNS) when the claim was still this worker's.

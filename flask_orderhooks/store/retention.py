@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from .table import DONE, MYSQL, WHEN
+from .table import DONE, MYSQL, STATUS_UPDATED_INDEX, WHEN
 
 if TYPE_CHECKING:
     from .delivery_store import DeliveryStore
@@ -98,14 +98,25 @@ def delete_old(
     provider: str | None,
     batch: int = BATCH,
 ) -> int:
-    """Delete deliveries in ``statuses`` last updated before ``older_than``."""
+    """Delete deliveries in ``statuses`` last updated before ``older_than``.
+
+    One status after the other: each batch's read is then one range of the
+    (status, updated_at) index, in the order it reads. With several statuses
+    in one read, no index gives their rows in ``updated_at`` order, and every
+    batch read and sorted every old row of them all (200,000 rows: a full
+    scan and a sort, 43 ms on PostgreSQL and 66 ms on MariaDB a batch,
+    against 0.2 and 5 ms; at 10 million rows, seconds a batch).
+    """
     t = store.table
-    where = _old(t, older_than, statuses, provider)
+    deleted = 0
+    for status in statuses:
+        where = _old(t, older_than, (status,), provider)
 
-    def write(keys: sa.ColumnElement[bool]) -> sa.Delete:
-        return sa.delete(t).where(keys, *where)
+        def write(keys: sa.ColumnElement[bool], where: Any = where) -> sa.Delete:
+            return sa.delete(t).where(keys, *where)
 
-    return _in_batches(store, where, write, batch, deletes=True)
+        deleted += _in_batches(store, where, write, batch, deletes=True)
+    return deleted
 
 
 def compact_old(
@@ -267,6 +278,14 @@ def _read_then_write(
     pk = (t.c.provider, t.c.callback, t.c.key)
     candidates = sa.select(*pk, t.c.updated_at).where(*where, after)
     candidates = candidates.order_by(t.c.updated_at).limit(rows)
+    if dialect in MYSQL:
+        # The status's range in index order, stopped after a batch. Left to
+        # itself MariaDB may take the primary key's provider prefix and sort
+        # every old row of that provider for each batch (seen at 20,000
+        # rows: "Using filesort").
+        candidates = candidates.with_hint(
+            t, f"FORCE INDEX ({STATUS_UPDATED_INDEX})", dialect_name=dialect
+        )
     found: list[Any] = []
     if dialect not in MYSQL:
         # SQLite: a transaction of its own, so that the write below begins a

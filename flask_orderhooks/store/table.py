@@ -36,6 +36,8 @@ CREATED_INDEX = "ix_orderhooks_deliveries_created"
 #: Newest first within one status: the console's and the CLI's status
 #: filter, and the chart's counts read from the index alone.
 STATUS_CREATED_INDEX = "ix_orderhooks_deliveries_status_created"
+#: Oldest first within one status: purge's batches (store/retention.py).
+STATUS_UPDATED_INDEX = "ix_orderhooks_deliveries_status_updated"
 #: The order id found in the body, for the console's search box.
 REFERENCE_INDEX = "ix_orderhooks_deliveries_reference"
 #: Longest order id kept for the search (longer ones are not searchable).
@@ -168,7 +170,7 @@ def deliveries_table(metadata: sa.MetaData) -> sa.Table:
         # keeping its key, status, dates and body_sha256: a tombstone that
         # still answers a replayed callback as a duplicate.
         sa.Column("compacted_at", WHEN_COLUMN, nullable=True),
-        sa.Index("ix_orderhooks_deliveries_status_updated", "status", "updated_at"),
+        sa.Index(STATUS_UPDATED_INDEX, "status", "updated_at"),
         due_index(),
         sa.Index(CREATED_INDEX, "created_at"),
         # 0.3. A status filter ordered by created_at: one range in index

@@ -12,6 +12,7 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from flask_orderhooks import OrderHooks
+from flask_orderhooks.store import TABLE_NAME
+from flask_orderhooks.store.table import MYSQL
 
 PG_URL = os.environ.get(
     "ORDERHOOKS_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -87,6 +90,56 @@ def _require_server(url: str, name: str, switch: str, part: str, skipped: list[s
         pytest.fail(f"ORDERHOOKS_REQUIRE_{switch}=1: " + message, pytrace=False)
     skipped.append(message)
     pytest.skip(message)
+
+
+def stored_row(
+    dialect: str,
+    *,
+    provider: str,
+    callback: str,
+    key: str,
+    status: str,
+    when: datetime,
+    due: datetime | None = None,
+    reference: str | None = None,
+    body: bytes = b"{}",
+) -> dict[str, Any]:
+    """A whole row of the deliveries table, received and last updated at
+    ``when``: for loading a table at size without the HTTP path."""
+    if reference is not None and dialect in MYSQL:
+        # The column holds bytes on MySQL (store/table.py: REFERENCE).
+        stored_reference: str | bytes | None = reference.encode()
+    else:
+        stored_reference = reference
+    return {
+        "provider": provider,
+        "callback": callback,
+        "key": key,
+        "status": status,
+        "attempts": 1,
+        "claim_token": "0" * 32,
+        "lease_expires_at": when,
+        "body": body,
+        "body_sha256": "0" * 64,
+        "headers": "{}",
+        "error": None,
+        "created_at": when,
+        "updated_at": when,
+        "next_attempt_at": due,
+        "reference": stored_reference,
+        "failures": None,
+    }
+
+
+def refresh_statistics(connection: sa.Connection) -> None:
+    """ANALYZE the deliveries table, so its backend plans as it would at size."""
+    dialect = connection.dialect.name
+    if dialect == "postgresql":
+        connection.exec_driver_sql(f"ANALYZE {TABLE_NAME}")
+    elif dialect == "sqlite":
+        connection.exec_driver_sql("ANALYZE")
+    else:
+        connection.exec_driver_sql(f"ANALYZE TABLE {TABLE_NAME}")
 
 
 @pytest.fixture(scope="session")

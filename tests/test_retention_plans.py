@@ -20,10 +20,9 @@ import sqlalchemy as sa
 from sqlalchemy import event
 
 from flask_orderhooks.store import TABLE_NAME, DeliveryStore
-from flask_orderhooks.store.table import MYSQL
-from tests.conftest import AppFactory
+from flask_orderhooks.store.table import STATUS_UPDATED_INDEX
+from tests.conftest import AppFactory, refresh_statistics, stored_row
 
-STATUS_UPDATED = "ix_orderhooks_deliveries_status_updated"
 ROWS = 20_000
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
 STATUSES = ("done", "failed", "dead")
@@ -34,7 +33,6 @@ def _fill(store: DeliveryStore) -> dict[str, int]:
     providers, with the statistics a server keeps; how many of provider
     igv's in each status are older than a day."""
     t = store.table
-    binary = store.dialect in MYSQL
     chosen = random.Random(12).choices(STATUSES, weights=[95, 3, 2], k=ROWS)
     old: dict[str, int] = dict.fromkeys(STATUSES, 0)
     rows: list[dict[str, Any]] = []
@@ -44,33 +42,20 @@ def _fill(store: DeliveryStore) -> dict[str, int]:
         if provider == "igv" and when < NOW - timedelta(days=1):
             old[status] += 1
         rows.append(
-            {
-                "provider": provider,
-                "callback": "order-status",
-                "key": f"P{n:08d}",
-                "status": status,
-                "attempts": 1,
-                "claim_token": "0" * 32,
-                "lease_expires_at": when,
-                "body": b"{}",
-                "body_sha256": "0" * 64,
-                "headers": "{}",
-                "error": None,
-                "created_at": when,
-                "updated_at": when,
-                "next_attempt_at": when if status == "failed" else None,
-                "reference": f"R{n:08d}".encode() if binary else f"R{n:08d}",
-                "failures": None,
-            }
+            stored_row(
+                store.dialect,
+                provider=provider,
+                callback="order-status",
+                key=f"P{n:08d}",
+                status=status,
+                when=when,
+                due=when if status == "failed" else None,
+                reference=f"R{n:08d}",
+            )
         )
     with store.engine.begin() as connection:
         connection.execute(t.insert(), rows)
-        if store.dialect == "postgresql":
-            connection.exec_driver_sql(f"ANALYZE {TABLE_NAME}")
-        elif store.dialect == "sqlite":
-            connection.exec_driver_sql("ANALYZE")
-        else:
-            connection.exec_driver_sql(f"ANALYZE TABLE {TABLE_NAME}")
+        refresh_statistics(connection)
     return old
 
 
@@ -127,7 +112,7 @@ def test_purge_with_failed_reads_one_index_range_per_batch(make_app: AppFactory)
     # read per status, each in index order.
     assert len(plans) >= len(STATUSES)
     for plan in plans:
-        assert STATUS_UPDATED in plan, plan
+        assert STATUS_UPDATED_INDEX in plan, plan
         if store.dialect == "postgresql":
             # One status's range from the cursor on, whatever the scan: near
             # the end of the range PostgreSQL may sort what is left of it

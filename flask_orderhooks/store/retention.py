@@ -112,7 +112,9 @@ def delete_old(
     for status in statuses:
         where = _old(t, older_than, (status,), provider)
 
-        def write(keys: sa.ColumnElement[bool], where: Any = where) -> sa.Delete:
+        def write(
+            keys: sa.ColumnElement[bool], where: list[sa.ColumnElement[bool]] = where
+        ) -> sa.Delete:
             return sa.delete(t).where(keys, *where)
 
         deleted += _in_batches(store, where, write, batch, deletes=True)

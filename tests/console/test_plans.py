@@ -35,6 +35,7 @@ from flask_orderhooks.console.queries import (
 )
 from flask_orderhooks.store import STATUSES, TABLE_NAME, DeliveryStore
 from flask_orderhooks.store.table import CREATED_INDEX, MYSQL, STATUS_CREATED_INDEX
+from tests.conftest import refresh_statistics, stored_row
 from tests.console.conftest import NOW, Console
 
 ROWS = 3000
@@ -59,36 +60,21 @@ def filled(console: Console) -> Console:
             provider, callback = PAIRS[n % 4]
             when = NOW_DT - timedelta(minutes=15 * n)
             status = statuses[n % 100]
-            binary = store.dialect in MYSQL
             rows.append(
-                {
-                    "provider": provider,
-                    "callback": callback,
-                    "key": f"K{n:08d}",
-                    "status": status,
-                    "attempts": 1,
-                    "claim_token": "0" * 32,
-                    "lease_expires_at": when,
-                    "body": b"{}",
-                    "body_sha256": "0" * 64,
-                    "headers": "{}",
-                    "error": None,
-                    "created_at": when,
-                    "updated_at": when,
-                    "next_attempt_at": when if status == "failed" else None,
-                    # The column holds bytes on MySQL (store/table.py: REFERENCE).
-                    "reference": f"R{n:08d}".encode() if binary else f"R{n:08d}",
-                    "failures": None,
-                }
+                stored_row(
+                    store.dialect,
+                    provider=provider,
+                    callback=callback,
+                    key=f"K{n:08d}",
+                    status=status,
+                    when=when,
+                    due=when if status == "failed" else None,
+                    reference=f"R{n:08d}",
+                )
             )
         with store.engine.begin() as connection:
             connection.execute(t.insert(), rows)
-            if store.dialect == "postgresql":
-                connection.exec_driver_sql(f"ANALYZE {TABLE_NAME}")
-            elif store.dialect == "sqlite":
-                connection.exec_driver_sql("ANALYZE")
-            else:
-                connection.exec_driver_sql(f"ANALYZE TABLE {TABLE_NAME}")
+            refresh_statistics(connection)
     return console
 
 
@@ -239,20 +225,14 @@ def test_chart_hours_whatever_the_session_time_zone(console: Console) -> None:
             connection.execute(
                 t.insert(),
                 [
-                    {
-                        "provider": "igv",
-                        "callback": "order-status",
-                        "key": "tz",
-                        "status": "done",
-                        "attempts": 1,
-                        "claim_token": "0" * 32,
-                        "lease_expires_at": when,
-                        "body": b"{}",
-                        "body_sha256": "0" * 64,
-                        "headers": "{}",
-                        "created_at": when,
-                        "updated_at": when,
-                    }
+                    stored_row(
+                        store.dialect,
+                        provider="igv",
+                        callback="order-status",
+                        key="tz",
+                        status="done",
+                        when=when,
+                    )
                 ],
             )
         start, end = last_hours(NOW_DT)
@@ -294,7 +274,7 @@ def year(console: Console) -> Year:
     store = _store(app)
     t = store.table
     with app.app_context():
-        binary = store.dialect in MYSQL
+        dialect = store.dialect
     chosen = random.Random(15).choices(
         list(YEAR_STATUSES), weights=list(YEAR_STATUSES.values()), k=YEAR_ROWS
     )
@@ -306,24 +286,17 @@ def year(console: Console) -> Year:
         when = NOW_DT - step * n
         made.append((when, status))
         values.append(
-            {
-                "provider": provider,
-                "callback": callback,
-                "key": f"Y{n:08d}",
-                "status": status,
-                "attempts": 1,
-                "claim_token": "0" * 32,
-                "lease_expires_at": when,
-                "body": YEAR_BODY,
-                "body_sha256": "0" * 64,
-                "headers": "{}",
-                "error": None,
-                "created_at": when,
-                "updated_at": when,
-                "next_attempt_at": when if status in ("failed", "pending") else None,
-                "reference": f"Y{n:08d}".encode() if binary else f"Y{n:08d}",
-                "failures": None,
-            }
+            stored_row(
+                dialect,
+                provider=provider,
+                callback=callback,
+                key=f"Y{n:08d}",
+                status=status,
+                when=when,
+                due=when if status in ("failed", "pending") else None,
+                reference=f"Y{n:08d}",
+                body=YEAR_BODY,
+            )
         )
     with app.app_context():
         with store.engine.begin() as connection:

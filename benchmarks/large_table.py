@@ -92,12 +92,10 @@ from .apps import PATH, create_tables, make_app, signed
 from .harness import (
     add_database_urls,
     checkout_line,
-    cpu_seconds,
     mariadb_version,
     postgres_version,
-    thread_group,
 )
-from .paired import postgres_cpu_seconds
+from .paired import server_cpu_meter
 
 #: The package this process imported, as git saw it when the run began (the
 #: working tree may change while a long run goes on).
@@ -604,19 +602,7 @@ OPS = ("first", "duplicate", "accept", "claim_due (some due)", "claim_due (none 
 
 
 def server_cpu_reader(backend: str, args: argparse.Namespace) -> Callable[[], float]:
-    if backend == "postgresql":
-        return postgres_cpu_seconds
-    if backend == "mariadb":
-        engine = sa.create_engine(args.mariadb_url)
-        with engine.connect() as connection:
-            tid = connection.exec_driver_sql(
-                "SELECT TID FROM information_schema.PROCESSLIST WHERE ID = CONNECTION_ID()"
-            ).scalar_one()
-        engine.dispose()
-        pid = thread_group(int(tid))
-        assert pid is not None
-        return lambda: cpu_seconds(pid)
-    return lambda: 0.0
+    return server_cpu_meter(backend, {"postgresql": args.pg_url, "mariadb": args.mariadb_url})
 
 
 def run_op(side: Side, op: str, batch: Any, server_cpu: Callable[[], float], record: bool) -> None:

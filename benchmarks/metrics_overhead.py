@@ -98,7 +98,7 @@ def compare(backend: str, pg_url: str, rounds: int, batch: int, warmup: int) -> 
     with ExitStack() as stack:
         sides = []
         for _ in range(3):
-            uri = stack.enter_context(database(backend, pg_url, "orderhooks"))
+            uri = stack.enter_context(database(backend, {"postgresql": pg_url}, "orderhooks"))
             app = ready_app("orderhooks", uri)
             sides.append(Side("orderhooks", uri, app, app.test_client()))
         plain, metrics, control = sides

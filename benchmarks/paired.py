@@ -1,6 +1,6 @@
 """Paired in-process comparison: ``orderhooks`` against ``naive``, same process.
 
-    .venv/bin/python -m benchmarks.paired [--backend postgresql] [--rounds 30]
+    .venv/bin/python -m benchmarks.paired [--backend postgresql|mariadb|sqlite] [--rounds 30]
     .venv/bin/python -m benchmarks.paired --drop-indexes ix_a,ix_b   # what two indexes cost
 
 The server benchmark's req/s ratio moves by ±25 % with whatever else the
@@ -11,9 +11,12 @@ in alternating order, so slow phases of the machine hit both sides alike.
 Each round gives one ratio per measure; the median over the rounds and the
 quartiles are printed.
 
-Measures per request: wall time; CPU = this process plus every PostgreSQL
-server process (the backends, and the WAL writer that flushes their commits),
-read from ``/proc``. On SQLite, fsync waits are wall time, not CPU.
+Measures per request: wall time; CPU = this process plus the database
+server's, read from ``/proc``: every PostgreSQL process (the backends, and the
+WAL writer that flushes their commits), or the whole MariaDB/MySQL server
+process (its connection threads and the background threads that flush the
+redo log; other clients of a shared server are counted too, so run it on a
+quiet one). On SQLite, fsync waits are wall time, not CPU.
 """
 
 from __future__ import annotations
@@ -35,9 +38,18 @@ from flask.testing import FlaskClient
 from flask_orderhooks.testing import SignedCallback
 
 from .apps import PATH, Kind, ready_app, signed, stored_count
-from .harness import DEFAULT_PG_URL, cpu_seconds, postgres_problem, private_schema
+from .harness import (
+    DEFAULT_MARIADB_URL,
+    DEFAULT_PG_URL,
+    cpu_seconds,
+    postgres_problem,
+    private_database,
+    private_schema,
+    thread_group,
+)
 
 SIDES: tuple[Kind, Kind] = ("naive", "orderhooks")
+BACKENDS = ("sqlite", "postgresql", "mariadb")
 
 
 def postgres_cpu_seconds() -> float:
@@ -50,6 +62,33 @@ def postgres_cpu_seconds() -> float:
         except OSError:
             continue
     return total
+
+
+def mariadb_server_pid(mariadb_url: str) -> int:
+    """The MariaDB/MySQL server's process, found from a connection's thread."""
+    engine = sa.create_engine(mariadb_url)
+    try:
+        with engine.connect() as connection:
+            tid = connection.exec_driver_sql(
+                "SELECT TID FROM information_schema.PROCESSLIST WHERE ID = CONNECTION_ID()"
+            ).scalar_one()
+    finally:
+        engine.dispose()
+    pid = thread_group(int(tid))
+    if pid is None:
+        raise SystemExit(f"The MariaDB server's thread {tid} is not a process of this machine.")
+    return pid
+
+
+def server_cpu_meter(backend: str, urls: dict[str, str]) -> Callable[[], float]:
+    """What reads the database server's CPU seconds: every PostgreSQL process,
+    the whole MariaDB server (all of its threads), nothing for SQLite."""
+    if backend == "postgresql":
+        return postgres_cpu_seconds
+    if backend == "mariadb":
+        pid = mariadb_server_pid(urls[backend])
+        return lambda: cpu_seconds(pid)
+    return lambda: 0.0
 
 
 @dataclass
@@ -84,9 +123,13 @@ class Side:
 
 
 @contextmanager
-def database(backend: str, pg_url: str, name: str) -> Iterator[str]:
+def database(backend: str, urls: dict[str, str], name: str) -> Iterator[str]:
     if backend == "postgresql":
-        with private_schema(pg_url, f"orderhooks_paired_{name}") as uri:
+        with private_schema(urls[backend], f"orderhooks_paired_{name}") as uri:
+            yield uri
+        return
+    if backend == "mariadb":
+        with private_database(urls[backend], f"orderhooks_paired_{name}") as uri:
             yield uri
         return
     with tempfile.TemporaryDirectory(prefix="orderhooks-paired-") as tmp:
@@ -98,23 +141,30 @@ def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
     return q1, median, q3
 
 
-def drop_indexes(uri: str, names: Sequence[str]) -> None:
+def drop_indexes(uri: str, names: Sequence[str], table: str) -> None:
     engine = sa.create_engine(uri)
+    # MySQL and MariaDB name an index within its table.
+    on = f" ON {table}" if engine.dialect.name in ("mysql", "mariadb") else ""
     try:
         with engine.begin() as connection:
             for name in names:
-                connection.exec_driver_sql(f"DROP INDEX {name}")
+                connection.exec_driver_sql(f"DROP INDEX {name}{on}")
     finally:
         engine.dispose()
 
 
 def compare(
-    backend: str, pg_url: str, rounds: int, batch: int, warmup: int, drop: Sequence[str] = ()
+    backend: str,
+    urls: dict[str, str],
+    rounds: int,
+    batch: int,
+    warmup: int,
+    drop: Sequence[str] = (),
 ) -> None:
     """``naive`` against ``orderhooks``; with ``drop``, ``orderhooks`` with its
     whole table against ``orderhooks`` without the indexes named (an
     experiment: what their upkeep costs a first delivery)."""
-    server_cpu = postgres_cpu_seconds if backend == "postgresql" else (lambda: 0.0)
+    server_cpu = server_cpu_meter(backend, urls)
     plan: list[tuple[Kind, str, Sequence[str]]]
     if drop:
         plan = [("orderhooks", "whole table", ()), ("orderhooks", "indexes dropped", drop)]
@@ -123,10 +173,10 @@ def compare(
     with ExitStack() as stack:
         sides = []
         for kind, label, dropped in plan:
-            uri = stack.enter_context(database(backend, pg_url, label.replace(" ", "_")))
+            uri = stack.enter_context(database(backend, urls, label.replace(" ", "_")))
             app = ready_app(kind, uri)
             if dropped:
-                drop_indexes(uri, dropped)
+                drop_indexes(uri, dropped, "orderhooks_deliveries")
             sides.append(Side(kind, uri, app, app.test_client()))
         for side in sides:
             side.run(signed(warmup), server_cpu)
@@ -148,9 +198,10 @@ def compare(
     first, second = (f"{label} us" for _kind, label, _dropped in plan)
     print(f"{'measure':<34} {first:>16} {second:>20} {'ratio (q1-q3)':>20}")
     measures = [("wall per request", "wall"), ("CPU per request: this process", "own_cpu")]
-    if backend == "postgresql":
+    if backend != "sqlite":
+        server = "PostgreSQL" if backend == "postgresql" else "MariaDB"
         measures += [
-            ("CPU per request: PostgreSQL", "server_cpu"),
+            (f"CPU per request: {server}", "server_cpu"),
             ("CPU per request: both", "cpu"),
         ]
     for name, attr in measures:
@@ -170,12 +221,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--backend", choices=("postgresql", "sqlite"), action="append", help="[both]"
+        "--backend", choices=BACKENDS, action="append", help="[sqlite and postgresql]"
     )
     parser.add_argument("--rounds", type=int, default=30, help="paired rounds [30]")
     parser.add_argument("--batch", type=int, default=60, help="requests per app per round [60]")
     parser.add_argument("--warmup", type=int, default=200, help="requests per app first [200]")
     parser.add_argument("--pg-url", default=DEFAULT_PG_URL)
+    parser.add_argument("--mariadb-url", default=DEFAULT_MARIADB_URL)
     parser.add_argument(
         "--drop-indexes",
         metavar="NAME,NAME",
@@ -186,13 +238,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     drop = [name for name in args.drop_indexes.split(",") if name]
     backends = args.backend or ["sqlite", "postgresql"]
+    urls = {"postgresql": args.pg_url, "mariadb": args.mariadb_url}
     for backend in backends:
-        if backend == "postgresql":
-            problem = postgres_problem(args.pg_url)
+        if backend in urls:
+            problem = postgres_problem(urls[backend])
             if problem:
-                print(f"postgresql: skipped: {problem}")
+                print(f"{backend}: skipped: {problem}")
                 continue
-        compare(backend, args.pg_url, args.rounds, args.batch, args.warmup, drop)
+        compare(backend, urls, args.rounds, args.batch, args.warmup, drop)
     return 0
 
 

@@ -28,6 +28,7 @@ from .provider import (
     header_bytes,
     millisecond_timestamp,
     opt_str,
+    acceptance_window,
     req_int,
     req_str,
     signature_matches,
@@ -65,7 +66,7 @@ class IGVProvider(Provider):
         self.secrets = secrets
         self.max_age = max_age
         self.max_skew = max_skew
-        self.replay_window = max_age
+        self.replay_window = acceptance_window(max_age, max_skew)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> IGVProvider | None:

@@ -91,10 +91,12 @@ class Provider(ABC):
     #: Defaults of the provider's own config keys, set on ``app.config`` (with
     #: ``setdefault``) before :meth:`from_config` reads them.
     config_defaults: ClassVar[Mapping[str, Any]] = {}
-    #: How long a signed request stays acceptable, in seconds (its timestamp
-    #: window), or ``None`` when it never expires (no timestamp is signed).
-    #: Purge deletes a delivery only once it is older than this window: a
-    #: younger one is kept as a tombstone, so a replay is still refused.
+    #: How long after it arrived a signed request can still be accepted, in
+    #: seconds, or ``None`` when it never expires (no timestamp is signed):
+    #: for a timestamp window of ``max_age`` that allows ``max_skew`` ahead,
+    #: ``max_age + max_skew`` (:func:`acceptance_window`). Purge deletes a
+    #: delivery only once it is older than this: a younger one is kept as a
+    #: tombstone, so a replay is still refused.
     replay_window: float | None = None
 
     @classmethod
@@ -180,6 +182,20 @@ def millisecond_timestamp(value: str, name: str) -> int:
     if not _DIGITS.fullmatch(value):
         raise MalformedPayload(f"The {name} is not a Unix timestamp.")
     return int(value)
+
+
+def acceptance_window(max_age: float | None, max_skew: float) -> float | None:
+    """How long after its arrival a request checked by :func:`check_age`
+    can still be accepted: its timestamp may be up to ``max_skew`` ahead of
+    the clock, and is accepted until ``max_age`` after itself. ``None`` (it
+    never expires) without a ``max_age``.
+
+    Not ``max_age`` alone: a request stamped ``max_skew`` ahead stays
+    acceptable that much longer, and a purge that deleted its delivery after
+    ``max_age`` would let a captured copy in again (with another body, on a
+    platform that signs none).
+    """
+    return None if max_age is None else max_age + max_skew
 
 
 def check_age(

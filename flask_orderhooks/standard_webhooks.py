@@ -33,6 +33,7 @@ from .provider import (
     header,
     header_bytes,
     millisecond_timestamp,
+    acceptance_window,
     utc_from_ms,
 )
 from .signals import webhook_received
@@ -72,7 +73,8 @@ class StandardWebhooksProvider(Provider):
         self.sources = dict(sources)
         self.tolerance = tolerance
         self.routes = {source: f"/standard/{source}" for source in self.sources}
-        self.replay_window = tolerance
+        # The tolerance holds both ways.
+        self.replay_window = acceptance_window(tolerance, tolerance)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> StandardWebhooksProvider | None:

@@ -30,6 +30,7 @@ from .provider import (
     millisecond_timestamp,
     opt_int,
     opt_str,
+    acceptance_window,
     req_object,
     req_str,
     signature_matches,
@@ -86,7 +87,7 @@ class SUDProvider(Provider):
         self.max_skew = max_skew
         self.timestamp_unit = timestamp_unit
         # Unverified, anyone can post any notify_id at any time.
-        self.replay_window = max_age if verify else None
+        self.replay_window = acceptance_window(max_age, max_skew) if verify else None
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> SUDProvider | None:

@@ -12,6 +12,7 @@ import itertools
 
 import pytest
 
+from flask_orderhooks.cli import orderhooks
 from flask_orderhooks.testing import (
     SignedCallback,
     gateway_collect,
@@ -233,3 +234,47 @@ def test_gateway_new_status_of_the_same_order_is_a_new_delivery(target: Target) 
     assert [c.event.status for c in target.accept_cb(success)] == [60]
     forged = processing.body.replace(b'"status":20', b'"status":60')
     target.refuse(processing.url(), forged, processing.headers, (401, "fail"))
+
+
+# -- purge and the window -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("platform", ["igv", "sud"])
+def test_purge_keeps_a_request_stamped_ahead_refused_until_its_stamp_expires(
+    make_target: TargetFactory, platform: str
+) -> None:
+    """Stamped MAX_CLOCK_SKEW ahead, a request is accepted until MAX_AGE after
+    its stamp: 3,900 s after it arrived, not 3,600. Deleted after 3,601 s, its
+    delivery would come in again from a captured copy (on iGV with any body:
+    the body is unsigned). Purge compacts it instead, and deletes it only
+    once the stamp has expired, when the timestamp itself refuses the copy."""
+    target = make_target()
+    key = f"ahead-{platform}"
+    if platform == "igv":
+        cb = igv_order_status(IGV_SECRET, request_id=key, timestamp_ms=NOW_MS + SKEW_MS)
+        forged = cb.body.replace(b'"orderId":', b'"orderId":9')
+        header = "X-Timestamp"
+    else:
+        cb = _sud_cb(key, str(NOW_MS + SKEW_MS))
+        forged = cb.body
+        header = "Sud-Timestamp"
+    assert len(target.accept_cb(cb)) == 1
+
+    def purge(older_than: str) -> str:
+        result = target.app.test_cli_runner().invoke(
+            orderhooks, ["purge", "--older-than", older_than]
+        )
+        assert result.exit_code == 0, result.output
+        return result.output.splitlines()[0]
+
+    target.clock.now = NOW + 3700
+    assert purge("3601s") == "Deleted 0 and compacted 1 deliveries older than 3601s (done)."
+    for body in {cb.body, forged}:
+        response = target.post(cb.url(), body, cb.headers)
+        assert answer_of(platform, response) == ok(platform)
+        assert target.recorder.events == [], "a replay inside the window was dispatched again"
+
+    target.clock.now = NOW + 3960
+    assert purge("3901s") == "Deleted 1 and compacted 0 deliveries older than 3901s (done)."
+    target.verified.discard((platform, cb.url().rsplit("/", 1)[1], key))
+    target.refuse_cb(cb, refused(platform, 401, OLDER.format(header)))

@@ -67,6 +67,30 @@ def _amount(obj: Mapping[str, Any], name: str, *, required: bool) -> Decimal | N
     raise MalformedPayload(f"The field {name!r} must be a decimal amount.")
 
 
+#: Fields only one kind of callback carries (the platform's field lists).
+#: The sign covers the fields but not the kind, and both kinds use the same
+#: key, so a signed collect body is just as well signed on the payout route.
+_ONLY_IN = {
+    "collect": ("payed_amount", "channel"),
+    "payout": ("canceled_at",),
+}
+
+
+def _refuse_the_other_kind(callback: str, data: Mapping[str, Any]) -> None:
+    """Refuse a body that carries a field only the other kind of callback
+    has: a captured collect result posted to the payout route would
+    otherwise be a signed, successful payout of the same ``trans_id``."""
+    for kind, fields in _ONLY_IN.items():
+        if kind == callback:
+            continue
+        for name in fields:
+            if data.get(name) not in (None, ""):
+                raise MalformedPayload(
+                    f"The body has {name!r}, a field of {kind} callbacks, not of {callback} "
+                    "callbacks: it was posted to the wrong route."
+                )
+
+
 class GatewayProvider(Provider):
     """The payment gateway: ``ORDERHOOKS_GATEWAY_KEY`` turns it on, either one
     key (or rotation list) for every merchant or ``{mch_id: key or list}``;
@@ -117,6 +141,7 @@ class GatewayProvider(Provider):
         # and nothing more) before it can be verified.
         data = parse_object(body)
         self._verify(data)
+        _refuse_the_other_kind(callback, data)
         status = req_int(data, "status")
         common: dict[str, Any] = {
             "id": req_str(data, "id"),

@@ -29,11 +29,11 @@ from .provider import (
     Delivery,
     Dispatch,
     Provider,
+    acceptance_window,
     check_age,
     header,
     header_bytes,
     millisecond_timestamp,
-    acceptance_window,
     utc_from_ms,
 )
 from .signals import webhook_received

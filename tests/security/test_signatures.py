@@ -390,6 +390,20 @@ def test_gateway_signed_but_typed_wrong_is_malformed(
     target.refuse(COLLECT_PATH, body(), {}, (status, "fail"))
 
 
+def test_gateway_callback_on_the_other_kinds_route_is_refused(target: Target) -> None:
+    """Collect and payout share the key, and the sign does not say which kind
+    a body is: a captured collect success posted to the payout route would be
+    a signed payout success of the same trans_id. Fields only one kind has
+    give it away; the right route still takes each body."""
+    collect = gateway_collect(KEY_A, id="C-CROSS", trans_id="ORDER-CROSS")
+    canceled = gateway_payout(KEY_A, id="P-CROSS", trans_id="ORDER-CROSS", status=50)
+    assert b'"canceled_at"' in canceled.body
+    target.refuse(PAYOUT_PATH, collect.body, collect.headers, (400, "fail"))
+    target.refuse(COLLECT_PATH, canceled.body, canceled.headers, (400, "fail"))
+    assert [c.event.trans_id for c in target.accept_cb(collect)] == ["ORDER-CROSS"]
+    assert [c.event.canceled for c in target.accept_cb(canceled)] == [True]
+
+
 # -- SUD ---------------------------------------------------------------------------
 
 SUD_MISMATCH = "The Sud-Signature does not match."

@@ -3,6 +3,7 @@ the operator console's buttons both run, so the two can never disagree."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -14,6 +15,8 @@ from .views import send
 
 if TYPE_CHECKING:
     from .extension import AppState
+
+logger = logging.getLogger("flask_orderhooks")
 
 #: How a replay ended: dispatched and done; not dispatched because it is done
 #: already (without ``force``); or failed (not configured, no longer verifies,
@@ -58,6 +61,19 @@ def replay(app: Flask, state: AppState, row: StoredDelivery, *, force: bool) -> 
         )
     try:
         delivery = provider.read(row.callback, row.body, row.headers, now=None)
+    except CallbackError as exc:
+        return ReplayOutcome("failed", f"failed: {exc.reason}")
+    except Exception as exc:
+        # A provider's own error: reported, not raised, so that a replay of
+        # many rows (--failed) goes on with the next one.
+        logger.exception(
+            "%s %s %s: replay: the provider failed to read it", row.provider, row.callback, row.key
+        )
+        return ReplayOutcome(
+            "failed",
+            f"failed: the {row.provider} provider could not read it ({type(exc).__name__}).",
+        )
+    try:
         claim = state.store.claim(delivery, force=force)
         if claim is None:
             return ReplayOutcome("already_done", "already done; not replayed.")

@@ -106,7 +106,11 @@ class StandardWebhooksProvider(Provider):
     def read(
         self, callback: str, body: bytes, headers: Mapping[str, str], *, now: float | None
     ) -> Delivery:
-        secrets = self.sources[callback]
+        secrets = self.sources.get(callback)
+        if secrets is None:
+            # Only a stored delivery gets here (a worker's attempt, a replay):
+            # its source was removed from the config, and its route with it.
+            raise BadSignature(f"The source {callback!r} is not configured.")
         msg_id = header(headers, "webhook-id")
         timestamp = header(headers, "webhook-timestamp")
         given = header(headers, "webhook-signature")

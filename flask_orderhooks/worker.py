@@ -124,6 +124,14 @@ def attempt(app: Flask, state: AppState, due: DueClaim) -> bool:
         store.record_failure(stored, claim, f"{type(exc).__name__}: {exc.reason}")
         logger.warning("%s: the stored delivery no longer verifies: %s", name, exc.reason)
         return False
+    except Exception as exc:
+        # A provider that raises anything else (a host provider's bug, a row
+        # it no longer understands) fails this attempt like a receiver would:
+        # unrecorded, the row would stay processing and raise again at every
+        # lease, and the worker's loop would stop at it each time.
+        store.record_failure(stored, claim, f"{type(exc).__name__}: {exc}")
+        logger.exception("%s: the provider failed to read the stored delivery", name)
+        return False
     try:
         run = state.instruments.timed(stored.provider, stored.callback, lambda: send(app, delivery))
         store.dispatch(delivery, claim, run)

@@ -392,6 +392,48 @@ def test_deferred_dispatch_retries_and_dead(host: HostFactory) -> None:
     assert h.row("dlv-1").status == "done"
 
 
+class BrokenOnRereadProvider(AcmeProvider):
+    """Reads a request, and raises a plain bug when it reads the stored copy
+    again (a worker's attempt, a replay: ``now`` is None)."""
+
+    def read(
+        self, callback: str, body: bytes, headers: Mapping[str, str], *, now: float | None
+    ) -> Delivery:
+        if now is None:
+            raise LookupError("acme lost its table")
+        return super().read(callback, body, headers, now=now)
+
+
+def test_a_provider_that_raises_on_a_stored_delivery_fails_that_attempt(
+    host: HostFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not a CallbackError: before, the exception left the worker's pass and
+    the row processing, to raise again after every lease, and a replay of
+    many rows stopped at it. Now the attempt is failed, retried on schedule,
+    and the replay reports it."""
+    h = host([BrokenOnRereadProvider], ORDERHOOKS_DISPATCH="deferred", ORDERHOOKS_RETRY_DELAYS=[10])
+    assert h.answer(acme_callback()) == RECEIVED
+    with h.app.app_context(), caplog.at_level(logging.ERROR, logger="flask_orderhooks"):
+        assert h.hooks.process_due() == 1
+    row = h.row("dlv-1")
+    assert (row.status, row.attempts, row.error) == (
+        "failed",
+        1,
+        "LookupError: acme lost its table",
+    )
+    assert h.events == []
+    assert [r.getMessage() for r in caplog.records] == [
+        "acme order-settled dlv-1: the provider failed to read the stored delivery"
+    ]
+    replayed = h.cli("replay", "dlv-1")
+    assert replayed.exit_code == 1
+    assert replayed.output == (
+        "acme order-settled dlv-1: failed: the acme provider could not read it (LookupError).\n"
+        "Error: 1 of 1 replays did not succeed.\n"
+    )
+    assert h.row("dlv-1").attempts == 1, "nothing was claimed"
+
+
 # -- the CLI -----------------------------------------------------------------------
 
 

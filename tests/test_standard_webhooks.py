@@ -27,6 +27,7 @@ from flask_orderhooks import (
     webhook_received,
 )
 from flask_orderhooks.cli import orderhooks as orderhooks_cli
+from flask_orderhooks.replay import replay
 from flask_orderhooks.standard_webhooks import standard_signature
 from flask_orderhooks.store import StoredDelivery
 from flask_orderhooks.testing import SignedCallback, build, standard_webhook
@@ -633,6 +634,36 @@ def test_a_failed_delivery_is_retried_by_the_workers(standard: StandardFactory) 
     row = hooked.row(cb)
     assert (row.status, row.attempts) == ("done", 2)
     assert len(hooked.events) == 2
+
+
+def test_a_stored_delivery_of_a_removed_source_fails_its_attempt(
+    standard: StandardFactory,
+) -> None:
+    """Stored while the source was configured, attempted after it was removed:
+    nothing can verify it, which is a failed attempt (retried, then dead),
+    not a KeyError that stops the worker and leaves the row processing."""
+    before = standard(
+        {"shop": SECRET, "billing": OTHER_SECRET},
+        ORDERHOOKS_DISPATCH="deferred",
+        ORDERHOOKS_RETRY_DELAYS=[60],
+    )
+    cb = signed()
+    assert before.answer(cb) == OK
+    after = standard({"billing": OTHER_SECRET}, ORDERHOOKS_RETRY_DELAYS=[60])
+    with after.app.app_context():
+        assert after.hooks.process_due() == 1
+    row = after.row(cb)
+    assert (row.status, row.attempts) == ("failed", 1)
+    assert row.error == "BadSignature: The source 'shop' is not configured."
+    assert after.events == []
+    # The CLI and the console look only under configured routes; replay()
+    # itself, given the row, answers the same way.
+    with after.app.app_context():
+        outcome = replay(after.app, after.hooks.state(after.app), row, force=False)
+    assert (outcome.status, outcome.message) == (
+        "failed",
+        "failed: The source 'shop' is not configured.",
+    )
 
 
 def test_no_receiver_is_503_and_kept(make_app: AppFactory) -> None:

@@ -32,7 +32,7 @@ from sqlalchemy.exc import DBAPIError
 from .exc import ConfigurationError
 from .gateway import GatewayProvider
 from .igv import IGVProvider
-from .networks import IPNetwork, address_allowed, parse_networks
+from .networks import IPNetwork, address_allowed, forwarded_past_the_app, parse_networks
 from .store.table import DEAD, FAILED, PENDING, PROCESSING
 from .sud import SUDProvider
 
@@ -288,7 +288,18 @@ class Metrics:
     def allowed(self) -> bool:
         """Whether the current request may read the metrics; logs a refusal."""
         if address_allowed(request.remote_addr, self.allowed_networks):
-            return True
+            proxied = forwarded_past_the_app(request.environ)
+            if proxied is None:
+                return True
+            logger.warning(
+                "OrderHooks metrics: the address %s of %s is in ORDERHOOKS_METRICS_ALLOWED_IPS, "
+                "but the request came through a proxy (%s header) that the app does not "
+                "resolve, so it is the proxy's address, not the client's. Wrap the app in "
+                "werkzeug's ProxyFix, or let the scraper reach the app directly.",
+                request.remote_addr,
+                request.path,
+                proxied,
+            )
         check = self._hooks.console_access_check
         if check is not None:
             try:

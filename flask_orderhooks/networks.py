@@ -8,7 +8,7 @@ dual-stack listener's addresses the same way.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from .exc import ConfigurationError
 
@@ -40,3 +40,24 @@ def address_allowed(remote: str | None, networks: Iterable[IPNetwork]) -> bool:
         # A dual-stack listener reports IPv4 clients as ::ffff:a.b.c.d.
         address = address.ipv4_mapped
     return any(address in network for network in networks)
+
+
+#: Headers a reverse proxy adds to name the client it forwards.
+FORWARDING_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP")
+
+
+def forwarded_past_the_app(environ: Mapping[str, object]) -> str | None:
+    """The forwarding header of a request that came through a proxy the app
+    does not resolve, or ``None``.
+
+    Such a request's ``remote_addr`` is the proxy's address, which is
+    loopback when nginx runs on the same machine: an allow-list that holds
+    loopback would let every client of the proxy in. Werkzeug's ``ProxyFix``
+    leaves ``werkzeug.proxy_fix.orig`` in the environ once it has put the
+    client's address in ``remote_addr``."""
+    if "werkzeug.proxy_fix.orig" in environ:
+        return None
+    for name in FORWARDING_HEADERS:
+        if environ.get("HTTP_" + name.upper().replace("-", "_")):
+            return name
+    return None

@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from flask import Flask, redirect
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
+from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.test import Client
 
 from flask_orderhooks import ConfigurationError, OrderHooks, get_extension
@@ -346,6 +347,40 @@ def test_loopback_only_by_default_and_a_refusal_names_the_fix(
         "(behind a proxy, see ProxyFix)."
     ]
     assert client.post("/metrics").status_code == 405
+
+
+@pytest.mark.parametrize(
+    "header", ["X-Forwarded-For", "Forwarded", "X-Real-IP"], ids=["xff", "forwarded", "real-ip"]
+)
+def test_loopback_behind_a_proxy_the_app_does_not_resolve_is_refused(
+    make_own: Callable[..., tuple[Flask, OrderHooks]],
+    caplog: pytest.LogCaptureFixture,
+    header: str,
+) -> None:
+    """nginx on the same machine forwards every outside client from
+    127.0.0.1: without ProxyFix the default loopback list would open the
+    scrape to all of them. With ProxyFix the client's own address decides."""
+    app, _ = make_own()
+    client = app.test_client()
+    value = "for=203.0.113.9" if header == "Forwarded" else "203.0.113.9"
+    with caplog.at_level(logging.WARNING, "flask_orderhooks"):
+        refused = client.get("/metrics", headers={header: value})
+    assert refused.status_code == 403
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0] == (
+        "OrderHooks metrics: the address 127.0.0.1 of /metrics is in "
+        f"ORDERHOOKS_METRICS_ALLOWED_IPS, but the request came through a proxy ({header} "
+        "header) that the app does not resolve, so it is the proxy's address, not the "
+        "client's. Wrap the app in werkzeug's ProxyFix, or let the scraper reach the app "
+        "directly."
+    )
+    assert messages[1].startswith("OrderHooks metrics: refused /metrics from 127.0.0.1:")
+
+    app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1)  # type: ignore[method-assign]
+    assert client.get("/metrics", headers={"X-Forwarded-For": "203.0.113.9"}).status_code == 403
+    assert client.get("/metrics", headers={"X-Forwarded-For": "127.0.0.1"}).status_code == 200
+    # The scraper on the machine itself, straight to the app: no header.
+    assert client.get("/metrics").status_code == 200
 
 
 def test_an_allow_list_of_networks(make_own: Callable[..., tuple[Flask, OrderHooks]]) -> None:

@@ -56,7 +56,9 @@ _AMOUNT = re.compile(r"-?[0-9]{1,30}(\.[0-9]{1,30})?")
 
 def _amount(obj: Mapping[str, Any], name: str, *, required: bool) -> Decimal | None:
     value = obj.get(name)
-    if value is None and not required:
+    # "" like null: the signing rule leaves both out, so the gateway sends
+    # both for "no value" (a processing collect has paid nothing yet).
+    if value in (None, "") and not required:
         return None
     if isinstance(value, JSONDecimal) or (isinstance(value, int) and not isinstance(value, bool)):
         return Decimal(value)

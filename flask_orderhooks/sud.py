@@ -58,8 +58,9 @@ def sud_signature(app_id: str, timestamp: str, nonce: str, body: bytes, secret: 
 class SUDProvider(Provider):
     """The SUD game platform: ``ORDERHOOKS_SUD_APPS`` (``{app_id: secret or
     rotation list}``) turns it on; ``ORDERHOOKS_SUD_VERIFY`` (default True),
-    ``ORDERHOOKS_SUD_MAX_AGE`` (seconds or ``None``) and
-    ``ORDERHOOKS_SUD_TIMESTAMP_UNIT`` (``"ms"`` or ``"s"``)."""
+    ``ORDERHOOKS_SUD_MAX_AGE`` (seconds or ``None``),
+    ``ORDERHOOKS_SUD_TIMESTAMP_UNIT`` (``"ms"`` or ``"s"``) and
+    ``ORDERHOOKS_SUD_FAILURE_HTTP_STATUS`` (``None`` or an HTTP status)."""
 
     name = "sud"
     routes: Mapping[str, str] = {"order-changed": "/sud/order-changed"}
@@ -70,6 +71,9 @@ class SUDProvider(Provider):
         "ORDERHOOKS_SUD_VERIFY": True,
         "ORDERHOOKS_SUD_MAX_AGE": 3600,
         "ORDERHOOKS_SUD_TIMESTAMP_UNIT": "ms",
+        # SUD reads ret_code; which HTTP status it expects on a failure is
+        # not documented: by default the pipeline's own (400, 401, 503...).
+        "ORDERHOOKS_SUD_FAILURE_HTTP_STATUS": None,
     }
 
     def __init__(
@@ -80,8 +84,10 @@ class SUDProvider(Provider):
         max_age: float | None = 3600,
         max_skew: float = 300,
         timestamp_unit: str = "ms",
+        failure_http_status: int | None = None,
     ) -> None:
         self.apps = apps
+        self.failure_http_status = failure_http_status
         self.verify = verify
         self.max_age = max_age
         self.max_skew = max_skew
@@ -100,6 +106,7 @@ class SUDProvider(Provider):
         if not isinstance(verify, bool):
             raise ConfigurationError("ORDERHOOKS_SUD_VERIFY", "must be True or False.")
         max_age = read_optional_seconds(config, "ORDERHOOKS_SUD_MAX_AGE")
+        failure_http_status = _failure_http_status(config.get("ORDERHOOKS_SUD_FAILURE_HTTP_STATUS"))
         apps = _sud_apps(config.get("ORDERHOOKS_SUD_APPS"))
         if not apps:
             return None
@@ -114,6 +121,7 @@ class SUDProvider(Provider):
             max_age=max_age,
             max_skew=read_seconds(config, "ORDERHOOKS_MAX_CLOCK_SKEW"),
             timestamp_unit=str(unit),
+            failure_http_status=failure_http_status,
         )
 
     def read(
@@ -223,7 +231,10 @@ class SUDProvider(Provider):
                 "ret_msg": reason,
             }
         )
-        return Response(json.dumps(payload), status=status, mimetype="application/json")
+        http_status = status
+        if status != 200 and self.failure_http_status is not None:
+            http_status = self.failure_http_status
+        return Response(json.dumps(payload), status=http_status, mimetype="application/json")
 
 
 def _order(
@@ -264,3 +275,14 @@ def _sud_apps(value: object) -> Mapping[str, Secrets] | None:
             raise ConfigurationError(key, "app ids must be non-empty strings.")
         apps[str(app_id)] = read_secrets(f"{key}[{app_id!r}]", secrets)
     return apps
+
+
+def _failure_http_status(value: object) -> int | None:
+    key = "ORDERHOOKS_SUD_FAILURE_HTTP_STATUS"
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 200 <= value <= 599:
+        raise ConfigurationError(
+            key, f"must be None or an HTTP status from 200 to 599, not {value!r}."
+        )
+    return value

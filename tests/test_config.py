@@ -39,6 +39,21 @@ def make(tmp_path: Path, **config: Any) -> Flask:
         ("ORDERHOOKS_SUD_VERIFY", "no", "must be True or False."),
         ("ORDERHOOKS_SUD_TIMESTAMP_UNIT", "us", 'must be "ms" or "s", not \'us\'.'),
         (
+            "ORDERHOOKS_SUD_FAILURE_HTTP_STATUS",
+            True,
+            "must be None or an HTTP status from 200 to 599, not True.",
+        ),
+        (
+            "ORDERHOOKS_SUD_FAILURE_HTTP_STATUS",
+            "200",
+            "must be None or an HTTP status from 200 to 599, not '200'.",
+        ),
+        (
+            "ORDERHOOKS_SUD_FAILURE_HTTP_STATUS",
+            199,
+            "must be None or an HTTP status from 200 to 599, not 199.",
+        ),
+        (
             "ORDERHOOKS_GATEWAY_SIGN_TEMPLATE",
             "{params}",
             "must contain {params} and {key} exactly once each.",

@@ -212,6 +212,23 @@ def test_gateway_collect_old_form_numbers_and_processing_status(recorder: Record
     assert not event.succeeded and event.payed_at is None
 
 
+def test_gateway_collect_with_an_empty_payed_amount_is_not_paid(recorder: RecorderFactory) -> None:
+    """The signing rule leaves out "" like null, so the gateway may send ""
+    for an amount not paid yet: it is no amount, not a malformed one. The
+    order's own amount cannot be empty."""
+    app, rec = recorder()
+    with app.app_context():
+        processing = gateway_collect(id="C-EMPTY", payed_amount="", status=20, app=app)
+        no_order_amount = gateway_collect(id="C-NONE", order_amount="", payed_amount="1", app=app)
+    assert b'"payed_amount":""' in processing.body
+    assert post(app, processing).status_code == 200
+    event = rec.events[0][1]
+    assert event.payed_amount is None and not event.amount_matches and not event.succeeded
+    response = post(app, no_order_amount)
+    assert (response.status_code, response.data) == (400, b"fail")
+    assert len(rec.events) == 1
+
+
 def test_gateway_payout_success_and_cancel(recorder: RecorderFactory) -> None:
     app, rec = recorder()
     with app.app_context():
@@ -368,6 +385,25 @@ def test_sud_seconds_timestamps_when_configured(recorder: RecorderFactory) -> No
             post(app, sud_order_changed(timestamp_ms=int(now * 1000), app=app)).status_code == 401
         )
     assert len(rec.events) == 1
+
+
+def test_sud_failures_keep_the_pipelines_status_unless_configured(
+    recorder: RecorderFactory,
+) -> None:
+    """SUD reads ret_code; which HTTP status it wants on a failure is not
+    documented, so it is ORDERHOOKS_SUD_FAILURE_HTTP_STATUS: by default the
+    pipeline's own, or one status for every failure (ret_code unchanged)."""
+    for config, http_status in (({}, 401), ({"ORDERHOOKS_SUD_FAILURE_HTTP_STATUS": 200}, 200)):
+        app, rec = recorder(**config)
+        with app.app_context():
+            good = sud_order_changed(app=app)
+        forged = {**good.headers, "Sud-Signature": "0" * 40}
+        response = app.test_client().post(good.url(), data=good.body, headers=forged)
+        assert response.status_code == http_status
+        assert response.json == {"ret_code": 401, "ret_msg": "The Sud-Signature does not match."}
+        done = post(app, good)
+        assert (done.status_code, done.json) == (200, {"ret_code": 0, "ret_msg": "SUCCESS"})
+        assert len(rec.events) == 1
 
 
 # -- comparison ---------------------------------------------------------------------

@@ -19,7 +19,7 @@ from flask_orderhooks import OrderHooks
 
 from .models import db
 from .receivers import register_receivers
-from .staff import register_console_access, staff
+from .staff import prepare_staff, register_staff
 from .views import shop
 
 __all__ = ["DEMO_SECRETS", "create_app", "db"]
@@ -34,10 +34,10 @@ DEMO_SECRETS: dict[str, Any] = {
     "ORDERHOOKS_GATEWAY_KEY": {"10001": "merchant-key"},
     "ORDERHOOKS_SUD_APPS": {"1461564080052506636": "app-secret"},
     "ORDERHOOKS_STANDARD_WEBHOOKS": {"billing": "whsec_ZGVtby1vbmx5LXN0YW5kYXJkLXdlYmhvb2tz"},
-    # The operator console's session signing key and the staff password.
-    "SECRET_KEY": "DEMO-ONLY-console-session-key",
-    "SHOP_STAFF_PASSWORD": "demo",
 }
+# Never here: SECRET_KEY and SHOP_STAFF_PASSWORD. A public session key lets
+# anyone sign a staff session (and the console's CSRF tokens); a public
+# password lets anyone log in. See staff.prepare_staff.
 
 
 def create_app(
@@ -54,6 +54,10 @@ def create_app(
     "..."}'`` gives a mapping and a secret made of digits must be quoted),
     then ``config``.
 
+    The staff login, the staff page and the operator console are on only
+    when ``SHOP_STAFF_PASSWORD`` is set; their sessions are signed with
+    ``SECRET_KEY``, a random one for this process when it is not set.
+
     :param config: config values, e.g. from a test.
     :param instance_path: the instance folder (default: ``instance/`` beside
         the package), where the SQLite database lives.
@@ -68,20 +72,25 @@ def create_app(
     # A copy: nested environment keys (FLASK_ORDERHOOKS_SUD_APPS__<id>) write
     # into these mappings.
     app.config.update(copy.deepcopy(DEMO_SECRETS))
-    # The operator console, for the shop's staff (see staff.py).
+    # The operator console, for the shop's staff (see staff.py); off without
+    # a staff password.
     app.config["ORDERHOOKS_CONSOLE_URL"] = "/orderhooks/console"
+    # The staff session cookie stays home when another site posts a form here.
+    app.config["SESSION_COOKIE_SAMESITE"] = "Lax"
     app.config.from_prefixed_env()
     app.config.update(config or {})
     os.makedirs(app.instance_path, exist_ok=True)
+    # Before OrderHooks: the console it registers needs the SECRET_KEY.
+    staff_on = prepare_staff(app)
 
     db.init_app(app)
     # db=db: the deliveries table joins db.metadata and the receivers' writes
     # commit together with the delivery record.
     hooks = OrderHooks(app, db=db)
-    register_console_access(hooks)
     register_receivers(app)
     app.register_blueprint(shop)
-    app.register_blueprint(staff)
+    if staff_on:
+        register_staff(app, hooks)
 
     with app.app_context():
         # Enough for an example; a real shop runs Flask-Migrate migrations,
@@ -91,8 +100,8 @@ def create_app(
     demo_keys = [key for key in DEMO_SECRETS if _uses_demo_secret(key, app.config.get(key))]
     if demo_keys and not app.testing:
         logger.warning(
-            "DEMO-ONLY secrets in use (%s): anyone can sign these callbacks or open "
-            "the console. Set real ones before going live.",
+            "DEMO-ONLY secrets in use (%s): anyone can sign these callbacks. "
+            "Set real ones before going live.",
             ", ".join(demo_keys),
         )
     return app

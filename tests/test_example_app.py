@@ -1,5 +1,6 @@
 """The example shop: each receiver's effect, through the ``orderhooks`` fixture,
-on SQLite and PostgreSQL; its page; its config; and the demo."""
+on SQLite and PostgreSQL; its public page, the staff login and page; its
+config; and the demo."""
 
 from __future__ import annotations
 
@@ -7,14 +8,18 @@ import dataclasses
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlencode
 
 import pytest
 import sqlalchemy as sa
 from flask import Flask
+from flask.sessions import SecureCookieSessionInterface
+from flask.testing import FlaskClient
+from werkzeug.test import TestResponse
 
 from example_app import DEMO_SECRETS, create_app, demo
 from example_app.models import Base, GameOrder, Order, Payment, Payout, db
@@ -25,12 +30,17 @@ from flask_orderhooks.testing import build, sud_order
 
 _Model = TypeVar("_Model", bound=Base)
 
+#: The staff password and session key of the ``app`` fixture's shop.
+STAFF_PASSWORD = "correct horse battery staple"
+STAFF_CONFIG = {"SHOP_STAFF_PASSWORD": STAFF_PASSWORD, "SECRET_KEY": "a-test-session-key"}
+
 
 @pytest.fixture
 def app(database_uri: str, tmp_path: Path) -> Iterator[Flask]:
-    """The shop on each backend; overrides conftest's ``app`` for ``orderhooks``."""
+    """The shop on each backend, its staff side on; overrides conftest's
+    ``app`` for ``orderhooks``."""
     app = create_app(
-        {"TESTING": True, "SQLALCHEMY_DATABASE_URI": database_uri},
+        {"TESTING": True, "SQLALCHEMY_DATABASE_URI": database_uri, **STAFF_CONFIG},
         instance_path=tmp_path / "instance",
     )
     yield app
@@ -320,23 +330,34 @@ def test_a_batch_is_one_transaction(app: Flask, orderhooks: OrderHooksClient) ->
     assert (stored.status, stored.attempts) == ("done", 2)
 
 
-# -- the page ---------------------------------------------------------------------
+# -- the pages --------------------------------------------------------------------
 
 
-def test_index_page_without_deliveries(app: Flask) -> None:
-    response = app.test_client().get("/")
-
-    assert response.status_code == 200
-    page = response.get_data(as_text=True)
-    assert "No deliveries yet." in page
-    assert "No payments yet." in page
+def csrf_token_of(page: str) -> str:
+    match = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert match, "the page has no CSRF token"
+    return match.group(1)
 
 
-def test_index_page_shows_deliveries_and_records(app: Flask, orderhooks: OrderHooksClient) -> None:
+def log_in(client: FlaskClient, query: str = "", password: str = STAFF_PASSWORD) -> TestResponse:
+    """Log in through the login form, as a browser does: GET it, then POST it."""
+    token = csrf_token_of(client.get("/login" + query).get_data(as_text=True))
+    return client.post("/login" + query, data={"csrf_token": token, "password": password})
+
+
+def staff_client(app: Flask) -> FlaskClient:
+    client = app.test_client()
+    assert log_in(client).status_code == 302
+    return client
+
+
+def deliver_one_of_each(app: Flask, orderhooks: OrderHooksClient) -> None:
+    """An order, an underpaid payment, a game order and a payout that failed."""
+
     def payout_down(sender: Flask, **_: Any) -> None:
         raise RuntimeError("payout ledger <locked>")
 
-    orderhooks.deliver("igv", order_id=42, order_num="SO42")
+    orderhooks.deliver("igv", order_id=42, order_num="SO42", buyer_id="BUYER-42")
     orderhooks.deliver("collect", id="C1", trans_id="SHOP-1", payed_amount="90.00")
     orderhooks.deliver("sud", out_order_id="OUT-1")
     payout_finished.connect(payout_down, app)
@@ -345,7 +366,36 @@ def test_index_page_shows_deliveries_and_records(app: Flask, orderhooks: OrderHo
     finally:
         payout_finished.disconnect(payout_down, app)
 
+
+def test_public_page_shows_nothing_of_the_orders(app: Flask, orderhooks: OrderHooksClient) -> None:
+    deliver_one_of_each(app, orderhooks)
+
     response = app.test_client().get("/")
+
+    assert response.status_code == 200
+    page = response.get_data(as_text=True)
+    assert "<h1>Example shop</h1>" in page
+    assert '<a href="/staff/">' in page
+    for private in ("C1:60", "SO42", "BUYER-42", "SHOP-1", "90.00", "OUT-1", "P1", "ledger"):
+        assert private not in page
+    assert "<table" not in page
+
+
+def test_staff_page_without_deliveries(app: Flask) -> None:
+    response = staff_client(app).get("/staff/")
+
+    assert response.status_code == 200
+    page = response.get_data(as_text=True)
+    assert "No deliveries yet." in page
+    assert "No payments yet." in page
+    assert '<a href="/orderhooks/console/">operator console</a>' in page
+    assert response.headers["Cache-Control"] == "no-store"
+
+
+def test_staff_page_shows_deliveries_and_records(app: Flask, orderhooks: OrderHooksClient) -> None:
+    deliver_one_of_each(app, orderhooks)
+
+    response = staff_client(app).get("/staff/")
 
     assert response.status_code == 200
     page = response.get_data(as_text=True)
@@ -355,7 +405,7 @@ def test_index_page_shows_deliveries_and_records(app: Flask, orderhooks: OrderHo
         "<td>gateway</td><td>payout</td><td><code>P1:60</code></td>\n"
         '    <td class="failed">failed</td><td>1</td>'
         "<td>RuntimeError: payout ledger &lt;locked&gt;</td>",
-        "<td>SO42</td><td>42</td>",
+        "<td>SO42</td><td>42</td><td>BUYER-42</td>",
         "<td>ready_for_delivery</td>",
         "<td>amount mismatch: paid 90.00 of 100.00; not credited</td>",
         "<td>OUT-1</td>",
@@ -364,10 +414,154 @@ def test_index_page_shows_deliveries_and_records(app: Flask, orderhooks: OrderHo
         assert fragment in page
 
 
+def test_staff_page_and_console_send_strangers_to_the_login(
+    app: Flask, orderhooks: OrderHooksClient
+) -> None:
+    deliver_one_of_each(app, orderhooks)
+    client = app.test_client()
+
+    page = client.get("/staff/")
+    console = client.get("/orderhooks/console/?status=failed")
+
+    assert (page.status_code, page.headers["Location"]) == (302, "/login?next=/staff/?")
+    assert (console.status_code, console.headers["Location"]) == (
+        302,
+        "/login?next=/orderhooks/console/?status%3Dfailed",
+    )
+    assert "C1:60" not in page.get_data(as_text=True) + console.get_data(as_text=True)
+
+
+def test_login_goes_to_the_page_asked_for(app: Flask) -> None:
+    client = app.test_client()
+
+    response = log_in(client, "?next=/orderhooks/console/?status%3Dfailed")
+
+    assert (response.status_code, response.headers["Location"]) == (
+        302,
+        "/orderhooks/console/?status=failed",
+    )
+    # Another site's form posts here without the staff session's cookie.
+    assert "SameSite=Lax" in response.headers["Set-Cookie"]
+    assert "HttpOnly" in response.headers["Set-Cookie"]
+    assert client.get("/orderhooks/console/?status=failed").status_code == 200
+    assert client.get("/staff/").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "next_page",
+    [
+        "/",
+        "/staff/",
+        "/orderhooks/console/",
+        "/orderhooks/console/delivery/gateway/collect?key=C1%3A60",
+    ],
+)
+def test_login_follows_a_page_of_the_shop(app: Flask, next_page: str) -> None:
+    response = log_in(app.test_client(), "?" + urlencode({"next": next_page}))
+
+    assert (response.status_code, response.headers["Location"]) == (302, next_page)
+
+
+#: ``next`` values, as they arrive in the query string, that must never be
+#: followed: another host once a browser has read them, a header a server
+#: refuses, or no page of the shop.
+UNSAFE_NEXT = [
+    "%2F%09%2Fevil.example",  # "/\t/evil.example": browsers drop the tab
+    "/%0A/evil.example",  # a newline: dropped too, and a 500 in a header
+    "/%0D%0A/evil.example",
+    "/%0D%0ASet-Cookie:%20staff=1",
+    "%2F%2Fevil.example",
+    "//evil.example",
+    "///evil.example",
+    "%2F%5Cevil.example",  # "/\evil.example": browsers read "\" as "/"
+    "%5C%5Cevil.example",
+    "/%5C/evil.example",
+    "/staff/%5C..%5C..%5Cevil",
+    "https://evil.example/",
+    "https:evil.example",
+    "HTTPS://evil.example",
+    "javascript:alert(1)",
+    "data:text/html,hi",
+    "evil.example",
+    "%20/%2Fevil.example",
+    "/staff/%20",
+    "/%2F%2Fevil.example",  # decoded once by the query string: "//evil.example"
+    "/%252F%252Fevil.example",  # "/%2F%2F...": "//evil.example" decoded once more
+    "/%255Cevil.example",
+    "/%2509/evil.example",
+    "/%E3%80%82evil.example",  # "/。evil.example": non-ASCII
+    "/%C3%A9",
+    "/%FF",
+    "/%7F",
+    "/%00",
+    "/nowhere",  # no page of the shop
+    "/orderhooks/console",  # only a redirect to the console's page
+    "/logout",  # not a page: a POST-only form's target
+    "",
+]
+
+
+@pytest.mark.parametrize("next_query", UNSAFE_NEXT)
+def test_login_never_follows_another_site(app: Flask, next_query: str) -> None:
+    response = log_in(app.test_client(), "?next=" + next_query)
+
+    assert (response.status_code, response.headers["Location"]) == (302, "/staff/")
+
+
+def test_login_without_next_goes_to_the_staff_page(app: Flask) -> None:
+    response = log_in(app.test_client())
+
+    assert (response.status_code, response.headers["Location"]) == (302, "/staff/")
+
+
+def test_a_wrong_password_is_refused(app: Flask) -> None:
+    client = app.test_client()
+
+    response = log_in(client, "?next=/staff/", password="guess")
+
+    assert response.status_code == 401
+    assert "Wrong password." in response.get_data(as_text=True)
+    assert client.get("/staff/").status_code == 302
+
+
+@pytest.mark.parametrize("token", [None, "", "forged", "\u00e9"])
+def test_a_login_from_another_site_is_refused(app: Flask, token: str | None) -> None:
+    client = app.test_client()
+    client.get("/login")  # the session has a token; the other site cannot read it
+    form = {"password": STAFF_PASSWORD} | ({} if token is None else {"csrf_token": token})
+
+    response = client.post("/login?next=/staff/", data=form)
+
+    assert response.status_code == 400
+    assert "The form expired; please log in again." in response.get_data(as_text=True)
+    assert client.get("/staff/").status_code == 302
+
+
+def test_logout_ends_the_staff_session(app: Flask) -> None:
+    client = staff_client(app)
+    token = csrf_token_of(client.get("/staff/").get_data(as_text=True))
+
+    response = client.post("/logout", data={"csrf_token": token})
+
+    assert (response.status_code, response.headers["Location"]) == (302, "/")
+    assert client.get("/staff/").status_code == 302
+    assert client.get("/orderhooks/console/").status_code == 302
+
+
+def test_a_logout_from_another_site_is_refused(app: Flask) -> None:
+    client = staff_client(app)
+
+    response = client.post("/logout", data={"csrf_token": "forged"})
+
+    assert response.status_code == 400
+    assert client.get("/staff/").status_code == 200
+
+
 # -- configuration ----------------------------------------------------------------
 
 
-#: Real values for the demo secrets the tests below do not look at.
+#: Real values for the demo secrets the tests below do not look at, and the
+#: staff side's, so that no other warning is logged.
 REAL_REST = {
     "ORDERHOOKS_STANDARD_WEBHOOKS": {"billing": "whsec_cmVhbC1iaWxsaW5nLXNlY3JldA=="},
     "SECRET_KEY": "a-real-session-key",
@@ -388,9 +582,14 @@ def test_defaults_sqlite_in_the_instance_folder_and_demo_secrets(
             assert app.config[key] == value
         assert [r.getMessage() for r in caplog.records if r.name == "example_app"] == [
             "DEMO-ONLY secrets in use (ORDERHOOKS_IGV_SECRET, ORDERHOOKS_GATEWAY_KEY, "
-            "ORDERHOOKS_SUD_APPS, ORDERHOOKS_STANDARD_WEBHOOKS, SECRET_KEY, "
-            "SHOP_STAFF_PASSWORD): anyone can sign these callbacks or open the console. "
-            "Set real ones before going live."
+            "ORDERHOOKS_SUD_APPS, ORDERHOOKS_STANDARD_WEBHOOKS): anyone can sign these "
+            "callbacks. Set real ones before going live."
+        ]
+        # No session key or staff password in the source: the staff side is off.
+        assert not app.secret_key
+        assert app.config["ORDERHOOKS_CONSOLE_URL"] is None
+        assert [r.getMessage() for r in caplog.records if r.name == "example_app.staff"] == [
+            STAFF_OFF
         ]
     finally:
         with app.app_context():
@@ -417,7 +616,7 @@ def test_environment_and_config_override_the_defaults(
         assert DEMO_SECRETS["ORDERHOOKS_SUD_APPS"] == {"1461564080052506636": "app-secret"}
         assert [r.getMessage() for r in caplog.records if r.name == "example_app"] == [
             "DEMO-ONLY secrets in use (ORDERHOOKS_SUD_APPS): anyone can sign these "
-            "callbacks or open the console. Set real ones before going live."
+            "callbacks. Set real ones before going live."
         ]
         # The environment's merchant key is the one that verifies.
         client = app.test_client()
@@ -454,9 +653,127 @@ def test_the_demo_secret_warning_sees_a_rotation_list(
         db.engine.dispose()
 
     assert [r.getMessage() for r in caplog.records if r.name == "example_app"] == [
-        "DEMO-ONLY secrets in use (ORDERHOOKS_IGV_SECRET): anyone can sign these callbacks "
-        "or open the console. Set real ones before going live."
+        "DEMO-ONLY secrets in use (ORDERHOOKS_IGV_SECRET): anyone can sign these callbacks. "
+        "Set real ones before going live."
     ][:warnings]
+
+
+# -- the staff side's configuration ------------------------------------------------
+
+STAFF_OFF = (
+    "SHOP_STAFF_PASSWORD is not set: the staff login, the staff page and the operator "
+    "console are off. Set it (e.g. FLASK_SHOP_STAFF_PASSWORD in the environment) to "
+    "turn them on."
+)
+RANDOM_SESSION_KEY = (
+    "SECRET_KEY is not set: using a random key for this process, so staff sessions end "
+    "when the shop restarts (and are not shared between worker processes). Set it "
+    "(e.g. FLASK_SECRET_KEY) to keep them."
+)
+
+
+@pytest.fixture
+def make_shop(tmp_path: Path) -> Iterator[Callable[..., Flask]]:
+    """``create_app`` on SQLite with ``config``, each in a folder of its own."""
+    made: list[Flask] = []
+
+    def factory(**config: Any) -> Flask:
+        made.append(
+            create_app({"TESTING": True, **config}, instance_path=tmp_path / f"instance{len(made)}")
+        )
+        return made[-1]
+
+    yield factory
+    for app in made:
+        with app.app_context():
+            db.engine.dispose()
+
+
+def staff_messages(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "example_app.staff"]
+
+
+@pytest.mark.parametrize("password", [None, ""])
+def test_without_a_staff_password_the_staff_side_is_off(
+    make_shop: Callable[..., Flask],
+    caplog: pytest.LogCaptureFixture,
+    password: str | None,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="example_app"):
+        # Even asked for: the console's only way in is the staff login.
+        app = make_shop(SHOP_STAFF_PASSWORD=password, ORDERHOOKS_CONSOLE_URL="/console")
+    client = app.test_client()
+
+    assert staff_messages(caplog) == [STAFF_OFF]
+    for url in ("/login", "/staff/", "/console/", "/orderhooks/console/"):
+        assert client.get(url).status_code == 404
+    assert client.post("/login", data={"password": ""}).status_code == 404
+    home = client.get("/")
+    assert home.status_code == 200
+    assert "staff" not in home.get_data(as_text=True).lower()
+
+
+def test_a_staff_password_from_the_environment_turns_the_staff_side_on(
+    make_shop: Callable[..., Flask],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv("FLASK_SHOP_STAFF_PASSWORD", "from-the-environment")
+    monkeypatch.setenv("FLASK_SECRET_KEY", "a-session-key-from-the-environment")
+    with caplog.at_level(logging.WARNING, logger="example_app"):
+        app = make_shop()
+    client = app.test_client()
+
+    assert staff_messages(caplog) == []
+    assert app.secret_key == "a-session-key-from-the-environment"
+    assert log_in(client, password="from-the-environment").status_code == 302
+    assert client.get("/orderhooks/console/").status_code == 200
+
+
+def test_without_a_secret_key_each_process_makes_its_own(
+    make_shop: Callable[..., Flask], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="example_app"):
+        first = make_shop(SHOP_STAFF_PASSWORD=STAFF_PASSWORD)
+        restarted = make_shop(SHOP_STAFF_PASSWORD=STAFF_PASSWORD)
+    client = first.test_client()
+    assert log_in(client).status_code == 302
+
+    assert staff_messages(caplog) == [RANDOM_SESSION_KEY, RANDOM_SESSION_KEY]
+    assert isinstance(first.secret_key, str) and len(first.secret_key) >= 32
+    assert first.secret_key != restarted.secret_key
+    assert client.get("/staff/").status_code == 200
+    # The session cookie of the first process is worth nothing to the next one.
+    cookie = client.get_cookie("session")
+    assert cookie is not None
+    after_restart = restarted.test_client()
+    after_restart.set_cookie("session", cookie.value)
+    assert after_restart.get("/staff/").status_code == 302
+
+
+@pytest.mark.parametrize("key", ["DEMO-ONLY-console-session-key", "a-test-session-key"])
+def test_a_session_signed_with_another_key_is_refused(app: Flask, key: str) -> None:
+    """The old example's public key (and any other but the shop's) signs no
+    staff session: no console, no forced replay."""
+    other = Flask("attacker")
+    other.secret_key = key + "-not-the-shops" if key == app.secret_key else key
+    serializer = SecureCookieSessionInterface().get_signing_serializer(other)
+    assert serializer is not None
+    client = app.test_client()
+    client.set_cookie("session", serializer.dumps({"staff": True}))
+
+    assert client.get("/orderhooks/console/").status_code == 302
+    assert client.get("/staff/").status_code == 302
+
+
+def test_a_staff_password_made_of_digits_must_be_quoted(
+    make_shop: Callable[..., Flask], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLASK_SHOP_STAFF_PASSWORD", "20260504")
+
+    with pytest.raises(ValueError, match="must be a string") as raised:
+        make_shop()
+    assert "20260504" not in str(raised.value)
 
 
 # -- the demo ---------------------------------------------------------------------
@@ -480,6 +797,8 @@ def test_demo_runs_every_callback_with_the_expected_outcome(
         "    answer  401 fail",
         "    result  refused: nothing stored, no receiver ran  (as expected)",
         "All 8 callbacks had the expected outcome.",
+        # The demo needs no staff login: without a password it stays off.
+        "    warning " + STAFF_OFF,
         "  gateway   collect        C1001:60             done    1",
         "  C1002  SHOP-1002   50.00    45.00   no        amount mismatch: paid 45.00 of 50.00; "
         "not credited",

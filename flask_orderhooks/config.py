@@ -1,7 +1,9 @@
 """Reading and checking the ``ORDERHOOKS_*`` config, once, in ``init_app``.
 
-Every value is validated here so that a typo fails at start-up with a message
-naming the key, never on the first callback at three in the morning. Only the
+Every value is validated here so that a wrong one fails at start-up with a
+message naming the key, never on the first callback at three in the morning;
+a misspelt key, which nothing reads, is logged with the key it resembles
+(:func:`unknown_keys`). Only the
 keys of the pipeline itself live here; each platform's keys belong to its
 provider (:meth:`.Provider.from_config`), which reads them with the same
 checkers (:func:`read_secrets`, :func:`read_seconds`).
@@ -9,8 +11,9 @@ checkers (:func:`read_secrets`, :func:`read_seconds`).
 
 from __future__ import annotations
 
+import difflib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +44,41 @@ DEFAULTS: dict[str, Any] = {
 
 #: The dispatch modes: receivers run in the platform's request, or on a worker.
 DISPATCH_MODES = ("inline", "deferred")
+
+#: The keys of the optional parts (the console's ``DEFAULTS``, the metrics'
+#: ``METRICS_DEFAULTS``), which those modules read only when they are on:
+#: named here, so that a misspelt key is noticed without importing them.
+OPTIONAL_KEYS = (
+    "ORDERHOOKS_CONSOLE_PAGE_SIZE",
+    "ORDERHOOKS_CONSOLE_CSRF_MAX_AGE",
+    "ORDERHOOKS_METRICS_ALLOWED_IPS",
+    "ORDERHOOKS_METRICS_REGISTRY",
+    "ORDERHOOKS_METRICS_BUCKETS",
+)
+#: What every key of the extension's own starts with.
+KEY_PREFIX = "ORDERHOOKS_"
+
+
+def known_keys(provider_defaults: Iterable[Mapping[str, Any]]) -> set[str]:
+    """Every key the extension reads: its own, its optional parts', and the
+    providers' (their ``config_defaults``)."""
+    known = {*DEFAULTS, *OPTIONAL_KEYS}
+    for defaults in provider_defaults:
+        known.update(defaults)
+    return known
+
+
+def unknown_keys(config: Mapping[str, Any], known: Iterable[str]) -> list[tuple[str, str | None]]:
+    """``ORDERHOOKS_*`` keys of ``config`` that nothing reads, each with the
+    known key it most resembles (or ``None``): a platform's secret under a
+    misspelt key would otherwise leave the platform off with no word of why."""
+    known = set(known)
+    found = []
+    for key in sorted(k for k in config if isinstance(k, str) and k.startswith(KEY_PREFIX)):
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+            found.append((key, close[0] if close else None))
+    return found
 
 
 class Secrets:

@@ -15,7 +15,7 @@ from flask import Flask, current_app
 from sqlalchemy.engine import Engine
 
 from .builtin import BUILTIN_PROVIDERS
-from .config import DEFAULTS, Settings, load_settings
+from .config import DEFAULTS, Settings, known_keys, load_settings, unknown_keys
 from .instruments import Instruments
 from .provider import Provider
 from .signals import delivery_dead, delivery_failed
@@ -148,6 +148,7 @@ class OrderHooks:
         for provider_class in self.provider_classes:
             for key, value in provider_class.config_defaults.items():
                 app.config.setdefault(key, value)
+        _warn_of_unknown_keys(app, self.provider_classes)
         settings = load_settings(app.config, [p.name for p in self.provider_classes])
         configured = {p.name: p.from_config(app.config) for p in self.provider_classes}
         providers = {name: p for name, p in configured.items() if p is not None}
@@ -395,3 +396,20 @@ def get_extension(app: Flask | None = None) -> OrderHooks:
             "(or pass the app to OrderHooks(app))."
         )
     return ext
+
+
+def _warn_of_unknown_keys(app: Flask, provider_classes: Sequence[type[Provider]]) -> None:
+    """Log each ``ORDERHOOKS_*`` key nothing reads, and the key it may have
+    meant: a misspelt secret leaves its platform off (404) with no error."""
+    # The built-in platforms' keys are known even when the app leaves those
+    # providers out: set, they are only unused, not misspelt.
+    classes = {*BUILTIN_PROVIDERS, *provider_classes}
+    known = known_keys(provider_class.config_defaults for provider_class in classes)
+    for key, close in unknown_keys(app.config, known):
+        hint = f" Did you mean {close}?" if close else ""
+        logger.warning(
+            "OrderHooks: %s is not a setting of flask-orderhooks or of its providers; "
+            "it is ignored.%s",
+            key,
+            hint,
+        )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,10 @@ import sqlalchemy as sa
 from flask import Flask
 
 from flask_orderhooks import ConfigurationError, OrderHooks, get_extension
+from flask_orderhooks.builtin import BUILTIN_PROVIDERS
+from flask_orderhooks.config import OPTIONAL_KEYS, known_keys
+from flask_orderhooks.console import DEFAULTS as CONSOLE_DEFAULTS
+from flask_orderhooks.metrics import METRICS_DEFAULTS
 from tests.conftest import BASE_CONFIG, IGV_SECRET
 
 
@@ -115,6 +121,37 @@ def test_config_errors_never_show_the_secret(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError) as info:
         OrderHooks(make(tmp_path, ORDERHOOKS_IGV_SECRET=["real-secret-value", 7]))
     assert "real-secret-value" not in str(info.value)
+
+
+def test_a_misspelt_key_is_logged_with_the_key_it_resembles(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing reads a misspelt key, so its platform stays off (404) with no
+    error: the log names it, and the key it most likely meant."""
+    app = make(tmp_path, ORDERHOOKS_IGV_SECRETS="s" * 32, ORDERHOOKS_NOT_A_THING=1)
+    del app.config["ORDERHOOKS_IGV_SECRET"]
+    with caplog.at_level(logging.WARNING, "flask_orderhooks"):
+        OrderHooks(app)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "OrderHooks: ORDERHOOKS_IGV_SECRETS is not a setting of flask-orderhooks or of its "
+        "providers; it is ignored. Did you mean ORDERHOOKS_IGV_SECRET?",
+        "OrderHooks: ORDERHOOKS_NOT_A_THING is not a setting of flask-orderhooks or of its "
+        "providers; it is ignored.",
+    ]
+    assert app.test_client().post("/orderhooks/igv/order-status").status_code == 404
+
+
+def test_every_documented_key_is_known() -> None:
+    """The keys docs/config.rst documents are the ones the unknown-key check
+    knows, and the optional parts' keys config.py names are exactly the ones
+    those parts read."""
+    assert set(OPTIONAL_KEYS) == {*CONSOLE_DEFAULTS, *METRICS_DEFAULTS}
+    page = (Path(__file__).parents[1] / "docs" / "config.rst").read_text()
+    documented = set(re.findall(r"^\.\. data:: (ORDERHOOKS_\w+)$", page, re.MULTILINE))
+    assert len(documented) > 20
+    known = known_keys(p.config_defaults for p in BUILTIN_PROVIDERS)
+    assert documented == known
 
 
 def test_defaults_are_set_in_app_config(tmp_path: Path) -> None:

@@ -133,6 +133,12 @@ def _bindable(name: str, value: str) -> str:
     return value
 
 
+def _logged(text: str) -> str:
+    """A request's path or a key as a log line holds it: a newline in it must
+    not forge a line, nor an override hide what it says (the pages' rule)."""
+    return bodies.visible(text)
+
+
 def make_blueprint(hooks: OrderHooks, state: AppState, settings: ConsoleSettings) -> Blueprint:
     """The console's blueprint, to register at ``settings.url``."""
     bp = Blueprint(
@@ -162,7 +168,7 @@ def make_blueprint(hooks: OrderHooks, state: AppState, settings: ConsoleSettings
     def guard() -> ResponseReturnValue | None:
         check = hooks.console_access_check
         if check is None:
-            logger.warning(_NO_ACCESS_FUNCTION, request.path)
+            logger.warning(_NO_ACCESS_FUNCTION, _logged(request.path))
             return refusal(403, "The console is closed: no access function is registered.")
         verdict = check()
         if verdict is True:
@@ -174,7 +180,7 @@ def make_blueprint(hooks: OrderHooks, state: AppState, settings: ConsoleSettings
             return verdict
         # Fail closed: a truthy 1 or session.get("staff")'s string may not
         # open the console, nor be sent back as a page.
-        logger.error(_NOT_A_VERDICT, request.path, type(verdict).__name__)
+        logger.error(_NOT_A_VERDICT, _logged(request.path), type(verdict).__name__)
         return refusal(
             403,
             "The console is closed: its access function gave an answer it does not "
@@ -189,7 +195,9 @@ def make_blueprint(hooks: OrderHooks, state: AppState, settings: ConsoleSettings
 
     @bp.errorhandler(_BadInput)
     def bad_input(exc: _BadInput) -> ResponseReturnValue:
-        logger.warning("OrderHooks console: refused %s (400): %s", request.path, exc.message)
+        logger.warning(
+            "OrderHooks console: refused %s (400): %s", _logged(request.path), exc.message
+        )
         return refusal(400, exc.message)
 
     @bp.errorhandler(SQLAlchemyError)
@@ -277,7 +285,9 @@ def make_blueprint(hooks: OrderHooks, state: AppState, settings: ConsoleSettings
         }
         if errors:
             for error in errors:
-                logger.warning("OrderHooks console: refused %s (400): %s", request.path, error)
+                logger.warning(
+                    "OrderHooks console: refused %s (400): %s", _logged(request.path), error
+                )
             return page("list.html", 400, rows=[], next_url=None, newest_url=None, **context)
         result = list_page(
             store, filters, pairs=state.routes, after=after, limit=settings.page_size
@@ -349,8 +359,8 @@ def make_blueprint(hooks: OrderHooks, state: AppState, settings: ConsoleSettings
             logger.warning(
                 "OrderHooks console: refused a %s of %s %s: missing or expired CSRF token",
                 action,
-                provider,
-                callback,
+                _logged(provider),
+                _logged(callback),
             )
             return refusal(
                 400,
@@ -368,7 +378,12 @@ def make_blueprint(hooks: OrderHooks, state: AppState, settings: ConsoleSettings
             result = replay(app(), state, row, force=force)
             ok, message = result.ok, result.message
         logger.info(
-            "OrderHooks console: %s of %s %s %s: %s", action, provider, callback, row.key, message
+            "OrderHooks console: %s of %s %s %s: %s",
+            action,
+            provider,
+            callback,
+            _logged(row.key),
+            _logged(message),
         )
         label = "Replay" if action == "replay" else "Retry now"
         session[_OUTCOME_KEY] = {

@@ -43,7 +43,7 @@ logger = logging.getLogger("flask_orderhooks")
 #: True, False or None, or a response object (such as a redirect to the host's
 #: login page). The console refuses anything else with 403 (docs/console.rst);
 #: the wide return type keeps hosts' ``-> bool | ResponseReturnValue`` valid.
-ConsoleAccess = Callable[[], "bool | ResponseReturnValue"]
+ConsoleAccess = Callable[[], "bool | ResponseReturnValue | None"]
 
 #: ``(provider, callback, key, countdown seconds)``: hands a delivery to a
 #: queue such as Celery; see :attr:`OrderHooks.enqueuer`.

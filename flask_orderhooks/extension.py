@@ -40,8 +40,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger("flask_orderhooks")
 
 #: Decides whether the current request may use the operator console: returns
-#: a bool, or a response (such as a redirect to the host's login page).
-ConsoleAccess = Callable[[], "bool | ResponseReturnValue"]
+#: True, False or None, or a response object (such as a redirect to the host's
+#: login page). The console refuses anything else with 403 (docs/console.rst);
+#: the wide return type keeps hosts' ``-> bool | ResponseReturnValue`` valid.
+ConsoleAccess = Callable[[], "bool | ResponseReturnValue | None"]
 
 #: ``(provider, callback, key, countdown seconds)``: hands a delivery to a
 #: queue such as Celery; see :attr:`OrderHooks.enqueuer`.
@@ -203,9 +205,11 @@ class OrderHooks:
         """Register the function that decides who may use the operator console.
 
         Called for every console request (inside the request context); it
-        returns ``True`` to let the request through, ``False`` to refuse it
-        with 403, or a response (a redirect to the host's login page) to send
-        instead. Without one, every console request is refused::
+        returns ``True`` to let the request through, ``False`` or ``None`` to
+        refuse it with 403, or a response object (a redirect to the host's
+        login page) to send instead. Anything else (``1``, a string such as
+        ``session.get("staff")``) is refused with 403 and logged at ERROR.
+        Without one, every console request is refused::
 
             @hooks.console_access
             def staff_only():

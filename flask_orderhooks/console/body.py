@@ -15,9 +15,10 @@ from typing import Literal
 #: JSON: indented; text: UTF-8 but not JSON; hex: not UTF-8.
 BodyKind = Literal["json", "text", "hex", "empty"]
 
-# Unicode categories shown as \\u escapes inside JSON strings: controls and
+# Unicode categories shown as \\u escapes, in a body's JSON strings and in
+# the keys, order ids, headers and errors on the pages: controls and
 # invisible formatting characters (a right-to-left override would make the
-# page say something other than what the body holds).
+# page say something other than what the row holds).
 _HIDDEN = {"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"}
 
 
@@ -44,16 +45,30 @@ class _Object(list[tuple[str, object]]):
     __slots__ = ()
 
 
-def _string(value: str) -> str:
-    text = json.dumps(value, ensure_ascii=False)
+def _escape_hidden(text: str) -> str:
+    """``text`` with each hidden character written as its ``\\u`` (or, past
+    U+FFFF, ``\\U``) escape: the one rule for everything the console shows."""
     if not any(unicodedata.category(ch) in _HIDDEN for ch in text):
         return text
-    return "".join(
-        f"\\u{ord(ch):04x}"
-        if unicodedata.category(ch) in _HIDDEN and ord(ch) <= 0xFFFF
-        else (f"\\U{ord(ch):08x}" if unicodedata.category(ch) in _HIDDEN else ch)
-        for ch in text
-    )
+    return "".join(_escaped(ch) if unicodedata.category(ch) in _HIDDEN else ch for ch in text)
+
+
+def _escaped(ch: str) -> str:
+    code = ord(ch)
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
+def visible(text: str) -> str:
+    """A key, order id, header or error as a page shows it: hidden characters
+    as escapes, and a backslash doubled, so that the shown text maps back to
+    one stored value only (a key holding the six characters ``\\u202e`` is
+    shown as ``\\\\u202e``, one holding U+202E as ``\\u202e``)."""
+    return _escape_hidden(text.replace("\\", "\\\\"))
+
+
+def _string(value: str) -> str:
+    # json.dumps has escaped quotes, backslashes and C0 controls already.
+    return _escape_hidden(json.dumps(value, ensure_ascii=False))
 
 
 def _write(value: object, depth: int, out: list[str]) -> None:

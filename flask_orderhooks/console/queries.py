@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -38,8 +39,39 @@ from ..store.table import MYSQL, REFERENCE, WHEN, text_of
 
 
 def utc(value: datetime) -> datetime:
-    """An aware UTC time (SQLite and MySQL hand stored times back naive)."""
+    """An aware UTC time (SQLite and MySQL hand stored times back naive).
+
+    :raises OverflowError: in UTC, ``value`` falls before the year 1 or after
+        9999 (``0001-01-01T00:00:00+05:00``).
+    """
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# What some store backend cannot bind: PostgreSQL refuses NUL in text
+# (psycopg's DataError), and no driver can encode a lone surrogate as UTF-8.
+# Every other character binds on SQLite, PostgreSQL and MariaDB alike.
+_UNBINDABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def unbindable(text: str) -> str | None:
+    """What in ``text`` some store backend cannot take as a parameter, said
+    for a message ("a NUL character (U+0000)"), or ``None`` when every
+    backend can.
+
+    No key or order id the console could look up holds one, so it refuses
+    them as the client's error, the same on every backend, before any query
+    (PostgreSQL's refusal would otherwise read as "store unavailable").
+    """
+    found = _UNBINDABLE.search(text)
+    if found is None:
+        return None
+    if found[0] == "\x00":
+        return "a NUL character (U+0000)"
+    return f"a lone surrogate (U+{ord(found[0]):04X})"
+
+
+#: The cursor's fields, in :meth:`Cursor.encode`'s order, as messages name them.
+_CURSOR_TEXT_FIELDS = ("platform", "callback", "key")
 
 
 @dataclass(frozen=True)
@@ -80,17 +112,44 @@ class Cursor:
     def decode(cls, text: str) -> Cursor:
         """Parse :meth:`encode`'s output.
 
-        :raises ValueError: it is not a cursor.
+        :raises ValueError: it is not a cursor; the message says why, as a
+            clause ("its time is out of range").
         """
+        when, *names = _cursor_fields(text)
+        for field, value in zip(_CURSOR_TEXT_FIELDS, names, strict=True):
+            problem = unbindable(value)
+            if problem is not None:
+                raise ValueError(f"its {field} holds {problem}")
         try:
-            raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-            when, provider, callback, key = json.loads(raw.decode("utf-8"))
-            created_at = datetime.fromisoformat(when)
-        except (binascii.Error, UnicodeDecodeError, TypeError, ValueError) as exc:
-            raise ValueError("not a page cursor") from exc
-        if not all(isinstance(value, str) for value in (provider, callback, key)):
-            raise ValueError("not a page cursor")
-        return cls(utc(created_at), provider, callback, key)
+            created_at = utc(datetime.fromisoformat(when))
+        except ValueError as exc:
+            raise ValueError("its time is not a time") from exc
+        except OverflowError as exc:
+            raise ValueError("its time is out of range") from exc
+        provider, callback, key = names
+        return cls(created_at, provider, callback, key)
+
+
+def _cursor_fields(text: str) -> list[str]:
+    """The four strings a cursor's text holds.
+
+    :raises ValueError: it holds something else.
+    """
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        fields = json.loads(raw.decode("utf-8"))
+    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        raise ValueError("it is not a page cursor") from exc
+    except RecursionError as exc:
+        # json.loads recurses once per nested array: "[" * 1500 gets this far.
+        raise ValueError("it is nested too deeply to be a page cursor") from exc
+    if (
+        not isinstance(fields, list)
+        or len(fields) != 4
+        or not all(isinstance(value, str) for value in fields)
+    ):
+        raise ValueError("it is not a page cursor")
+    return fields
 
 
 @dataclass(frozen=True)

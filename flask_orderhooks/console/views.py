@@ -29,7 +29,16 @@ from ..store import DEAD, DONE, FAILED, PENDING, PROCESSING, STATUSES, StoredDel
 from . import body as bodies
 from . import chart as charts
 from . import csrf
-from .queries import Cursor, Filters, hourly_counts, last_hours, list_page, one
+from .queries import (
+    Cursor,
+    Filters,
+    hourly_counts,
+    last_hours,
+    list_page,
+    one,
+    unbindable,
+    utc,
+)
 
 if TYPE_CHECKING:
     from ..extension import AppState, OrderHooks
@@ -68,6 +77,12 @@ _NO_ACCESS_FUNCTION = (
     "is refused."
 )
 
+_NOT_A_VERDICT = (
+    "OrderHooks console: refused %s (403): the @hooks.console_access function returned "
+    "a %s. It must return True (the request goes on), False or None (403), or a "
+    "response such as redirect(...) (sent as it is); anything else is refused."
+)
+
 
 @dataclass(frozen=True)
 class ConsoleSettings:
@@ -86,9 +101,42 @@ def _ui_time(value: datetime | None) -> str:
 
 
 def _parse_time(text: str) -> datetime:
-    """A time from the filter form (``datetime-local``: no zone), read as UTC."""
-    value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    """A time from the filter form (``datetime-local``: no zone), read as UTC.
+
+    :raises ValueError: it is not a time.
+    :raises OverflowError: in UTC it falls before the year 1 or after 9999.
+    """
+    return utc(datetime.fromisoformat(text.strip().replace("Z", "+00:00")))
+
+
+class _BadInput(Exception):
+    """A value of the request the console refuses with 400 before any query:
+    the client's error, never the store's."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def _bindable(name: str, value: str) -> str:
+    """``value``, the request's ``name``, once every store backend can bind it.
+
+    :raises _BadInput: it holds a character no backend can (NUL, a lone
+        surrogate), which no stored delivery holds either.
+    """
+    problem = unbindable(value)
+    if problem is not None:
+        raise _BadInput(
+            f"The {name} in this request holds {problem}, which no delivery's {name} "
+            "may hold; nothing was looked up or changed. Check the link."
+        )
+    return value
+
+
+def _logged(text: str) -> str:
+    """A request's path or a key as a log line holds it: a newline in it must
+    not forge a line, nor an override hide what it says (the pages' rule)."""
+    return bodies.visible(text)
 
 
 def make_blueprint(hooks: OrderHooks, state: AppState, settings: ConsoleSettings) -> Blueprint:
@@ -120,21 +168,37 @@ def make_blueprint(hooks: OrderHooks, state: AppState, settings: ConsoleSettings
     def guard() -> ResponseReturnValue | None:
         check = hooks.console_access_check
         if check is None:
-            logger.warning(_NO_ACCESS_FUNCTION, request.path)
+            logger.warning(_NO_ACCESS_FUNCTION, _logged(request.path))
             return refusal(403, "The console is closed: no access function is registered.")
         verdict = check()
         if verdict is True:
             return None
         if verdict is False or verdict is None:
             return refusal(403, "You may not use this console.")
-        # A response of the host's own, such as a redirect to its login page.
-        return current_app.make_response(verdict)
+        if isinstance(verdict, Response):
+            # The host's own answer, such as a redirect to its login page.
+            return verdict
+        # Fail closed: a truthy 1 or session.get("staff")'s string may not
+        # open the console, nor be sent back as a page.
+        logger.error(_NOT_A_VERDICT, _logged(request.path), type(verdict).__name__)
+        return refusal(
+            403,
+            "The console is closed: its access function gave an answer it does not "
+            "accept. See the server log.",
+        )
 
     @bp.after_request
     def secure(response: Response) -> Response:
         for name, value in SECURITY_HEADERS.items():
             response.headers[name] = value
         return response
+
+    @bp.errorhandler(_BadInput)
+    def bad_input(exc: _BadInput) -> ResponseReturnValue:
+        logger.warning(
+            "OrderHooks console: refused %s (400): %s", _logged(request.path), exc.message
+        )
+        return refusal(400, exc.message)
 
     @bp.errorhandler(SQLAlchemyError)
     def store_down(exc: SQLAlchemyError) -> ResponseReturnValue:
@@ -144,6 +208,11 @@ def make_blueprint(hooks: OrderHooks, state: AppState, settings: ConsoleSettings
     @bp.app_template_filter("orderhooks_console_time")
     def time_filter(value: datetime | None) -> str:
         return _ui_time(value)
+
+    # Keys, order ids, headers and errors come from requests: a page shows
+    # their hidden characters (a right-to-left override) as escapes, the
+    # body's rule; links and forms carry the stored value itself.
+    bp.app_template_filter("orderhooks_console_visible")(bodies.visible)
 
     @bp.get("/")
     def index() -> ResponseReturnValue:
@@ -167,7 +236,25 @@ def make_blueprint(hooks: OrderHooks, state: AppState, settings: ConsoleSettings
                 return _parse_time(value)
             except ValueError:
                 errors.append(f"The {label} time {value!r} is not a time such as 2026-05-04T10:00.")
+            except OverflowError:
+                errors.append(
+                    f"The {label} time {value!r} is out of range: in UTC it falls before "
+                    "the year 1 or after 9999."
+                )
+            return None
+
+        def search() -> str | None:
+            value = args.get("q", "").strip()
+            if not value:
                 return None
+            problem = unbindable(value)
+            if problem is not None:
+                errors.append(
+                    f"The search {value!r} holds {problem}, which no delivery key or "
+                    "order id holds."
+                )
+                return None
+            return value
 
         callbacks = sorted({cb for _, cb in state.routes})
         filters = Filters(
@@ -176,14 +263,14 @@ def make_blueprint(hooks: OrderHooks, state: AppState, settings: ConsoleSettings
             callback=choice("callback", callbacks),
             since=when("from", "from"),
             until=when("until", "until"),
-            search=args.get("q", "").strip() or None,
+            search=search(),
         )
         after: Cursor | None = None
         if args.get("after"):
             try:
                 after = Cursor.decode(args["after"])
-            except ValueError:
-                errors.append("The page link is damaged; start again from the newest.")
+            except ValueError as exc:
+                errors.append(f"The page link is damaged ({exc}); start again from the newest.")
         ready()
         start, end = last_hours(datetime.fromtimestamp(state.clock(), UTC))
         chart = charts.build(hourly_counts(store, start=start, end=end), start)
@@ -197,6 +284,10 @@ def make_blueprint(hooks: OrderHooks, state: AppState, settings: ConsoleSettings
             "filtered": any(args.get(name) for name in _FILTER_ARGS),
         }
         if errors:
+            for error in errors:
+                logger.warning(
+                    "OrderHooks console: refused %s (400): %s", _logged(request.path), error
+                )
             return page("list.html", 400, rows=[], next_url=None, newest_url=None, **context)
         result = list_page(
             store, filters, pairs=state.routes, after=after, limit=settings.page_size
@@ -214,8 +305,13 @@ def make_blueprint(hooks: OrderHooks, state: AppState, settings: ConsoleSettings
     def find(provider: str, callback: str, key: str | None) -> StoredDelivery:
         if not key:
             abort(404)
+        row_id = (
+            _bindable("platform", provider),
+            _bindable("callback", callback),
+            _bindable("key", key),
+        )
         ready()
-        row = one(store, provider, callback, key)
+        row = one(store, *row_id)
         if row is None:
             abort(404)
         return row
@@ -263,8 +359,8 @@ def make_blueprint(hooks: OrderHooks, state: AppState, settings: ConsoleSettings
             logger.warning(
                 "OrderHooks console: refused a %s of %s %s: missing or expired CSRF token",
                 action,
-                provider,
-                callback,
+                _logged(provider),
+                _logged(callback),
             )
             return refusal(
                 400,
@@ -282,7 +378,12 @@ def make_blueprint(hooks: OrderHooks, state: AppState, settings: ConsoleSettings
             result = replay(app(), state, row, force=force)
             ok, message = result.ok, result.message
         logger.info(
-            "OrderHooks console: %s of %s %s %s: %s", action, provider, callback, row.key, message
+            "OrderHooks console: %s of %s %s %s: %s",
+            action,
+            provider,
+            callback,
+            _logged(row.key),
+            _logged(message),
         )
         label = "Replay" if action == "replay" else "Retry now"
         session[_OUTCOME_KEY] = {

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
-from flask import Flask, Response, redirect
+from flask import Flask, Response, redirect, session
 
 from flask_orderhooks import ConfigurationError, OrderHooks
 from flask_orderhooks.console import CONTENT_SECURITY_POLICY
+from flask_orderhooks.extension import ConsoleAccess
 from flask_orderhooks.testing import igv_order_status
 from tests.conftest import BASE_CONFIG
 from tests.console.conftest import CONSOLE, SECRET_KEY, Console, ConsoleFactory
@@ -122,6 +123,88 @@ def test_access_function_may_answer_itself(make_console: ConsoleFactory) -> None
     assert (response.status_code, response.get_data(as_text=True)) == (401, "go away")
     # The host's own answer is still sent under the console's headers.
     assert response.headers["Content-Security-Policy"] == CONTENT_SECURITY_POLICY
+
+
+_NOT_ACCEPTED = (
+    "The console is closed: its access function gave an answer it does not accept. "
+    "See the server log."
+)
+
+
+def _not_a_verdict_line(type_name: str, path: str = "/") -> str:
+    return (
+        f"OrderHooks console: refused {CONSOLE}{path} (403): the @hooks.console_access function "
+        f"returned a {type_name}. It must return True (the request goes on), False or None "
+        "(403), or a response such as redirect(...) (sent as it is); anything else is refused."
+    )
+
+
+@pytest.mark.parametrize(
+    ("verdict", "type_name"),
+    [
+        (1, "int"),
+        ("alice", "str"),
+        (("welcome, alice", 200), "tuple"),
+        ({"staff": True}, "dict"),
+        (b"yes", "bytes"),
+        (1.0, "float"),
+    ],
+)
+def test_access_function_answer_outside_the_contract_is_403(
+    make_console: ConsoleFactory,
+    caplog: pytest.LogCaptureFixture,
+    verdict: object,
+    type_name: str,
+) -> None:
+    """Fail closed: a truthy answer that is not True opens nothing, and is
+    never sent back as a page."""
+    console = make_console(login=False)
+    answer = cast(ConsoleAccess, lambda: verdict)
+    console.hooks.console_access(answer)
+    with caplog.at_level(logging.WARNING, logger="flask_orderhooks"):
+        response = console.client().get(CONSOLE + "/")
+    page = response.get_data(as_text=True)
+    assert response.status_code == 403
+    assert _NOT_ACCEPTED in page
+    assert "<h1>Deliveries</h1>" not in page
+    assert "alice" not in page
+    assert response.headers["Content-Security-Policy"] == CONTENT_SECURITY_POLICY
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.ERROR, _not_a_verdict_line(type_name))
+    ]
+
+
+def test_access_function_returning_the_session_value_is_403(
+    make_console: ConsoleFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The mistake the contract guards against: ``return session.get("staff")``
+    (a user name for staff, None for others) instead of a bool."""
+    console = make_console(login=False)
+    console.hooks.console_access(lambda: session.get("staff"))
+    cb = igv_order_status(app=console.app)
+    assert console.send(cb, fail=True) == 500
+    with caplog.at_level(logging.WARNING, logger="flask_orderhooks"):
+        staff = console.client()
+        assert staff.get(CONSOLE + "/").status_code == 403
+        retry = staff.post(
+            CONSOLE + "/delivery/igv/order-status/retry", data={"key": cb.key, "csrf_token": "x"}
+        )
+        assert retry.status_code == 403
+        assert _NOT_ACCEPTED in retry.get_data(as_text=True)
+        # None, for a visitor without the session value: the plain refusal.
+        visitor = console.client(staff=False).get(CONSOLE + "/")
+        assert visitor.status_code == 403
+        assert "You may not use this console." in visitor.get_data(as_text=True)
+    assert console.row(cb).attempts == 1
+    lines = [
+        (r.levelno, r.getMessage())
+        for r in caplog.records
+        if r.getMessage().startswith("OrderHooks console")
+    ]
+    assert lines == [
+        (logging.ERROR, _not_a_verdict_line("str")),
+        (logging.ERROR, _not_a_verdict_line("str", "/delivery/igv/order-status/retry")),
+    ]
 
 
 def test_access_is_checked_before_anything_else(make_console: ConsoleFactory) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flask_orderhooks.console.body import hex_dump, pretty_json, show
+from flask_orderhooks.console.body import hex_dump, pretty_json, show, visible
 
 
 def test_json_is_indented_with_its_numbers_and_keys_kept() -> None:
@@ -67,3 +67,25 @@ def test_hex_dump() -> None:
         "00000000  41 42 43 44 45 46 47 48 49 4a 4b 4c 4d 4e 4f 50  ABCDEFGHIJKLMNOP\n"
         "00000010  51 52 53 54" + " " * 36 + "  QRST"
     )
+
+
+@pytest.mark.parametrize(
+    ("stored", "shown"),
+    [
+        ("C-1:60", "C-1:60"),
+        ("王小明", "王小明"),
+        ("C1\u202e99", "C1\\u202e99"),  # right-to-left override
+        ("a\u200bb", "a\\u200bb"),  # zero-width space
+        ("a\x00b\x7f\x9b", "a\\u0000b\\u007f\\u009b"),  # C0, DEL, C1
+        ("a\nb\u2028c", "a\\u000ab\\u2028c"),  # a line break cannot split the text
+        ("tag\U000e0041", "tag\\U000e0041"),  # beyond U+FFFF
+        ("C1\\u202e99", "C1\\\\u202e99"),  # a literal backslash never reads as an escape
+    ],
+)
+def test_visible_shows_hidden_characters_as_escapes(stored: str, shown: str) -> None:
+    assert visible(stored) == shown
+
+
+def test_visible_and_json_strings_share_the_rule() -> None:
+    for ch in ("\u202e", "\u200b", "\x7f", "\U000e0041"):
+        assert pretty_json(f'["{ch}"]') == f'[\n  "{visible(ch)}"\n]'

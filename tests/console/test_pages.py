@@ -360,3 +360,75 @@ def test_a_body_that_is_not_json(console: Console, body: bytes, kind: str, shown
     assert f"({len(body)} bytes, {kind})" in page
     assert f'<pre class="oc-body" id="oc-body">{shown}</pre>' in page
     assert "<i>" not in page
+
+
+def _shown(page: str, pattern: str) -> list[str]:
+    return [html.unescape(m) for m in re.findall(pattern, page)]
+
+
+def test_hidden_characters_in_keys_and_order_ids_are_shown_as_escapes(
+    console: Console,
+) -> None:
+    """A right-to-left override in a key or an order id is shown as
+    ``\\u202e`` on every page it appears on (a literal backslash as ``\\\\``,
+    so the two never read alike), while links and forms carry the stored
+    value and act on the right row."""
+    tricky = gateway_collect(app=console.app, id="C1\u202e99", trans_id="ORDER\u202e-1")
+    literal = gateway_collect(app=console.app, id="C1\\u202e99", trans_id="O\\1")
+    assert console.send(tricky, fail=True) == 500
+    console.clock.now = NOW + 1  # the literal one is listed first
+    assert console.send(literal) == 200
+    client = console.client()
+    listed = client.get(CONSOLE + "/").get_data(as_text=True)
+    links = re.findall(r'<td class="oc-key"><a href="([^"]*)">([^<]*)</a></td>', listed)
+    assert [(html.unescape(href), html.unescape(text)) for href, text in links] == [
+        ("/orderhooks/console/delivery/gateway/collect?key=C1%5Cu202e99:60", "C1\\\\u202e99:60"),
+        ("/orderhooks/console/delivery/gateway/collect?key=C1%E2%80%AE99:60", "C1\\u202e99:60"),
+    ]
+    assert _shown(listed, r'<td class="oc-key">([^<]*)</td>') == ["O\\\\1", "ORDER\\u202e-1"]
+    # The stored values themselves stay only where nothing is displayed.
+    assert _keys(listed) == [literal.key, tricky.key]
+    assert listed.count("\u202e") == 1
+
+    detail = client.get(html.unescape(links[1][0])).get_data(as_text=True)
+    assert "<title>gateway collect C1\\u202e99:60 · orderhooks console</title>" in detail
+    assert '<span class="oc-key" id="oc-key">C1\\u202e99:60</span>' in detail
+    assert '<dt>order id</dt><dd class="oc-key">ORDER\\u202e-1</dd>' in detail
+    assert '"trans_id": "ORDER\\u202e-1"' in html.unescape(detail)  # the body's rule
+    forms = _shown(detail, r'<input type="hidden" name="key" value="([^"]*)">')
+    assert forms == [tricky.key, tricky.key]  # replay and retry
+    assert detail.count("\u202e") == 2
+
+    # The replay form's key reaches the stored row.
+    token = html.unescape(re.findall(r'name="csrf_token" value="([^"]+)"', detail)[0])
+    response = client.post(
+        CONSOLE + "/delivery/gateway/collect/replay", data={"key": forms[0], "csrf_token": token}
+    )
+    assert response.status_code == 303
+    assert console.row(tricky).status == "done"
+
+
+def test_hidden_characters_in_headers_and_errors_are_shown_as_escapes(console: Console) -> None:
+    # Header values arrive as latin-1: a C1 control is what one can smuggle.
+    cb = igv_order_status(app=console.app, request_id="R-\x9bx")
+
+    def refuse(event: object) -> None:
+        raise RuntimeError("order \u202e1-REDRO not found")
+
+    console.recorder.hook = refuse
+    try:
+        assert console.send(cb) == 500
+    finally:
+        console.recorder.hook = None
+    client = console.client()
+    listed = client.get(CONSOLE + "/").get_data(as_text=True)
+    assert _shown(listed, r'<td class="oc-error-text">([^<]*)</td>') == [
+        "RuntimeError: order \\u202e1-REDRO not found"
+    ]
+    detail = client.get(
+        CONSOLE + "/delivery/igv/order-status", query_string={"key": cb.key}
+    ).get_data(as_text=True)
+    assert '<th>X-Request-Id</th><td class="oc-key">R-\\u009bx</td>' in detail
+    assert '<dd class="oc-error-text">RuntimeError: order \\u202e1-REDRO not found</dd>' in detail
+    assert "\u202e" not in detail
+    assert detail.count("\x9b") == 2  # the replay and retry forms' keys

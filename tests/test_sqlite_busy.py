@@ -284,3 +284,57 @@ def test_a_deferred_acceptance_polls_for_the_lock(tmp_path: Path) -> None:
     finally:
         order_pending_delivery.disconnect(receiver, app)
         _standalone(app).engine.dispose()
+
+
+def test_a_resend_that_cannot_revive_a_dead_delivery_is_503(tmp_path: Path) -> None:
+    """Deferred: a platform's resend makes a dead delivery due again. When the
+    revive cannot take the write lock in its short wait (a worker's slow
+    receiver holds it, say), the answer is 503 and the platform sends it
+    again; before, it was "done" with the row left dead, and nobody ever
+    dispatched it. Once the lock is free the resend revives it."""
+    app = Flask("revive", instance_path=str(tmp_path))
+    app.config.update(
+        ORDERHOOKS_IGV_SECRET="s" * 32,
+        ORDERHOOKS_DISPATCH="deferred",
+        ORDERHOOKS_RETRY_DELAYS=[],
+        ORDERHOOKS_DUPLICATE_WAIT=0.2,
+    )
+    hooks = OrderHooks(app, engine_options={"connect_args": {"timeout": 0.2}})
+    hooks.create_all(app)
+    failing = [True]
+    dispatched: list[object] = []
+
+    def receiver(sender: Flask, *, event: object) -> None:
+        if failing[0]:
+            raise RuntimeError("the ledger is down")
+        dispatched.append(event)
+
+    order_pending_delivery.connect(receiver, app)
+    try:
+        cb = _callback(app)
+        assert _post(app, cb).status_code == 200
+        with app.app_context():
+            assert hooks.process_due() == 1
+            assert hooks.store.list()[0].status == "dead"
+        failing[0] = False
+        other = _writer(app)
+        try:
+            busy = _post(app, cb)
+        finally:
+            other.rollback()
+            other.close()
+        assert (busy.status_code, busy.get_data(as_text=True)) == (
+            503,
+            "The delivery store is busy; retry later.",
+        )
+        with app.app_context():
+            assert hooks.store.list()[0].status == "dead"
+        assert _post(app, cb).status_code == 200
+        with app.app_context():
+            assert hooks.store.list()[0].status == "pending"
+            assert hooks.process_due() == 1
+            assert hooks.store.list()[0].status == "done"
+        assert len(dispatched) == 1
+    finally:
+        order_pending_delivery.disconnect(receiver, app)
+        _standalone(app).engine.dispose()

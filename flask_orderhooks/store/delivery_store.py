@@ -248,18 +248,39 @@ class DeliveryStore:
                 delivery.key,
             )
             return "duplicate"
-        revivable = status in (FAILED, DEAD) or (status == PROCESSING and utc(lease) < self._now())
-        if revivable and self._revive(delivery, token, digest):
-            return "accepted"
+        if self._revivable(status, lease):
+            revived = self._revive(delivery, token, digest)
+            if revived:
+                return "accepted"
+            if revived is None and self._still_revivable(delivery):
+                # Busy, and nobody took it since: answered "done", a dead
+                # delivery would stay dead, and the platform stop sending it.
+                raise StoreUnavailable("The delivery store is busy; retry later.")
         return "duplicate"
 
-    def _revive(self, delivery: Delivery, token: str, digest: str) -> bool:
+    def _revivable(self, status: str, lease: datetime) -> bool:
+        """Failed, dead, or processing with its lease run out (abandoned)."""
+        return status in (FAILED, DEAD) or (status == PROCESSING and utc(lease) < self._now())
+
+    def _revive(self, delivery: Delivery, token: str, digest: str) -> bool | None:
         """Make a failed, dead or abandoned delivery due now; ``False`` when
-        it changed meanwhile (a worker took it) or a worker holds its row."""
+        it changed meanwhile (a worker took it), ``None`` when the write's
+        short lock wait ran out: a worker holds its row (PostgreSQL, MySQL)
+        or another writer the database (SQLite)."""
         row = self._bounded_write(
             self._sql.revive, delivery, {"p_token": token, "p_digest": digest}
         )
-        return row is not None and row[0] == token
+        if row is None:
+            return None
+        return bool(row[0] == token)
+
+    def _still_revivable(self, delivery: Delivery) -> bool:
+        """After a revive that was busy: whether the row still waits for one.
+        A plain read, which waits for no lock: a worker that holds the row is
+        dispatching it (processing, lease ahead), which is no loss."""
+        with self._store_errors(delivery), self._own_transaction() as connection:
+            current = self._sql.state.first(connection, self._key_params(delivery))
+        return current is not None and self._revivable(current[0], current[2])
 
     def _try_accept(self, delivery: Delivery, token: str, digest: str) -> tuple[Any, ...] | None:
         """The acceptance's insert; ``None`` when its wait for a row was busy."""

@@ -106,3 +106,16 @@ class StaleSnapshot(StoreUnavailable):
     """The host's database session began a REPEATABLE READ or SERIALIZABLE
     transaction and wrote before the callback view: its snapshot cannot see
     the delivery's claim. The delivery is kept as failed for the retry."""
+
+
+class ReceiverCommit(OrderHooksError, RuntimeError):
+    """Raised by ``db.session.commit()`` inside a receiver (``db=``).
+
+    The extension commits what the receivers write together with the
+    delivery's done mark, once they have all returned: both or neither. A
+    commit in the middle would make the delivery done before the rest of
+    its receivers ran, so that a failure after it could neither roll back
+    what was committed nor be retried. Leave the commit to the extension;
+    ``db.session.flush()`` gives new rows their ids, and ``begin_nested()``
+    savepoints work as usual.
+    """

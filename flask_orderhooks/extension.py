@@ -228,11 +228,14 @@ class OrderHooks:
         @contextmanager
         def host_transaction() -> Iterator[Transaction]:
             session = db.session()
+            transaction = SessionTransaction(session)
             try:
-                yield SessionTransaction(session)
+                yield transaction
             except BaseException:
                 session.rollback()
                 raise
+            finally:
+                transaction.close()
 
         def engine() -> Engine:
             return db.engine

@@ -640,26 +640,89 @@ def test_a_receiver_that_rolls_back_the_session_fails_the_delivery(
     _fails_once_then_dispatches(recorder, roll_back, "EndedTransaction:")
 
 
-def test_a_receiver_that_commits_the_session_is_done_once(
-    recorder: RecorderFactory, caplog: pytest.LogCaptureFixture
+def test_a_receiver_that_commits_the_session_fails_the_delivery(
+    recorder: RecorderFactory,
 ) -> None:
-    """db.session.commit() in a receiver commits the done mark with what it
-    wrote so far; what it writes afterwards commits at the end, and the
-    delivery is done, once, with a warning."""
+    """db.session.commit() in a receiver raises ReceiverCommit: committed
+    there, the done mark would make the delivery done before the other
+    receivers ran, and a failure after it could neither be rolled back nor
+    retried (the rest of the work lost). Nothing is committed; the attempt
+    is failed and retried."""
+
+    def commit(db: Any) -> None:
+        db.session.add(Credit(key="written before the commit"))
+        db.session.commit()
+
+    _fails_once_then_dispatches(
+        recorder, commit, "ReceiverCommit: db.session.commit() inside a receiver"
+    )
+
+
+def test_a_receiver_that_rolls_back_then_commits_fails_the_delivery(
+    recorder: RecorderFactory,
+) -> None:
+    """The "except IntegrityError: rollback, then write and commit" pattern:
+    before, every attempt was failed and retried while its own commit kept
+    what it wrote, one credit per attempt."""
+
+    def roll_back_then_commit(db: Any) -> None:
+        db.session.rollback()
+        db.session.add(Credit(key="written after the rollback"))
+        db.session.commit()
+
+    _fails_once_then_dispatches(recorder, roll_back_then_commit, "ReceiverCommit:")
+
+
+def test_a_receivers_savepoint_commits_with_the_delivery(recorder: RecorderFactory) -> None:
+    """begin_nested() savepoints are the receiver's to commit: only the
+    session's own transaction is the extension's."""
     app, rec = recorder()
     assert rec.db is not None
     db = rec.db
 
-    def commit(_event: object) -> None:
-        db.session.commit()
-        db.session.add(Credit(key="written after the commit"))
+    def savepoint(_event: object) -> None:
+        with db.session.begin_nested():
+            db.session.add(Credit(key="in a savepoint"))
 
-    rec.hook = commit
-    cb = make("igv", app)
-    assert post(app, cb).status_code == 200
-    assert post(app, cb).status_code == 200
+    rec.hook = savepoint
+    assert post(app, make("igv", app)).status_code == 200
     (row,) = rows(app)
     assert (row.status, row.attempts) == ("done", 1)
-    assert len(rec.events) == 1
     assert rec.credits() == 2
-    assert "a receiver committed the dispatch's transaction itself" in caplog.text
+
+
+def test_a_receiver_that_rolls_back_while_another_worker_finishes_it_commits_nothing(
+    recorder: RecorderFactory,
+) -> None:
+    """A receiver rolls back (the done mark and the row lock go with it), its
+    lease runs out meanwhile, and another worker takes the delivery over and
+    finishes it. The row is done, but not by this claim: what this receiver
+    writes afterwards must not be committed (before, it was, and the answer
+    was 200: two credits)."""
+    now = [1_795_000_000.0]
+    app, rec = recorder(hooks_options={"clock": lambda: now[0]}, ORDERHOOKS_CLAIM_TIMEOUT=30)
+    assert rec.db is not None
+    db = rec.db
+    hooks: OrderHooks = app.extensions["orderhooks"]
+    first = [True]
+
+    def roll_back_and_be_overtaken(_event: object) -> None:
+        if not first[0]:
+            return
+        first[0] = False
+        db.session.rollback()
+        now[0] += 31
+        with app.app_context():
+            assert hooks.process_due() == 1
+        db.session.add(Credit(key="written after the other worker finished"))
+
+    rec.hook = roll_back_and_be_overtaken
+    response = post(app, make("igv", app))
+    assert (response.status_code, response.get_data(as_text=True)) == (
+        500,
+        "A receiver failed; the delivery will be retried.",
+    )
+    (row,) = rows(app)
+    assert (row.status, row.attempts) == ("done", 2)
+    assert len(rec.events) == 2
+    assert rec.credits() == 1

@@ -426,11 +426,12 @@ class DeliveryStore:
             if isinstance(exc, CallbackError):
                 raise
             raise ReceiverFailed(_RECEIVER_FAILED) from exc
-        if session.current() is not marked_in and not self._committed_done(delivery):
+        if session.current() is not marked_in and not self._committed_done(delivery, claim):
             # A receiver rolled back the dispatch's transaction, and the done
             # mark with it: answered "done", the delivery would stay
             # processing and a worker dispatch it again after the lease.
-            # What the receiver wrote since goes too.
+            # What the receiver wrote since goes too. (Its db.session.commit()
+            # raises ReceiverCommit, so it cannot have committed them.)
             self._fail_attempt(
                 session,
                 delivery,
@@ -461,13 +462,18 @@ class DeliveryStore:
             self._mark_failed(delivery, claim, exc)
             raise
 
-    def _committed_done(self, delivery: Keyed) -> bool:
-        """A receiver committed or rolled back the dispatch's transaction
-        itself: whether the done mark went with a commit (what the receiver
-        wrote since then commits at the end, as usual)."""
+    def _committed_done(self, delivery: Keyed, claim: Claim) -> bool:
+        """A receiver ended the dispatch's transaction itself: whether this
+        claim's done mark went with a commit, one that bypassed the session
+        (its connection's ``commit()``); what the receiver wrote since then
+        commits at the end, as usual.
+
+        Done is not enough: after a rollback this worker's lease may run out
+        and another worker take the delivery over and finish it, and what
+        this receiver writes next must not be committed as well."""
         with self._store_errors(delivery), self._own_transaction() as connection:
-            current = self._sql.state.first(connection, self._key_params(delivery))
-        if current is None or current[0] != DONE:
+            current = self._sql.owner.first(connection, self._key_params(delivery))
+        if current is None or current[0] != DONE or current[1] != claim.token:
             return False
         logger.warning(
             "%s %s %s: a receiver committed the dispatch's transaction itself; "

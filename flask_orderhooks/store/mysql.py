@@ -181,6 +181,7 @@ class MySQLStatements:
         self.state = DriverStatement(
             sa.select(t.c.status, t.c.body_sha256, t.c.lease_expires_at).where(*key), dialect
         )
+        self.owner = DriverStatement(sa.select(t.c.status, t.c.claim_token).where(*key), dialect)
         # The acceptance's upsert revives already; this serves a resend that
         # lost a race against another statement on the row.
         self.revive = _UpdateThenRead(

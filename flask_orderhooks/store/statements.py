@@ -162,6 +162,10 @@ class Statements:
         self.revive = DriverStatement(revive, engine_dialect)
         #: Rows: (status, body_sha256, lease_expires_at).
         self.state = DriverStatement(state, engine_dialect)
+        #: Rows: (status, claim_token): whose claim the row's status is.
+        self.owner = DriverStatement(
+            sa.select(t.c.status, t.c.claim_token).where(*key), engine_dialect
+        )
         #: Rows: (attempts,) when the claim was still this worker's.
         self.mark_done = DriverStatement(mark_done, engine_dialect)
         #: Rows: the whole row (ROW_COLUMNS) when the claim was still this worker's.

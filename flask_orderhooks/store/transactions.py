@@ -4,8 +4,16 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
+
+from ..exc import ReceiverCommit
+
+#: ``Session.info`` keys: a dispatch runs in this session; the extension's
+#: own commit is under way.
+_DISPATCHING = "flask_orderhooks.dispatching"
+_OWN_COMMIT = "flask_orderhooks.own_commit"
 
 
 class Transaction(Protocol):
@@ -28,10 +36,17 @@ class Transaction(Protocol):
 class SessionTransaction:
     """The host's ``db.session`` as the dispatch's :class:`Transaction`: the
     store's statements run on its connection, receivers use the session, and
-    one ``commit()`` flushes and commits both."""
+    one ``commit()`` flushes and commits both.
+
+    Until :meth:`close`, a ``commit()`` of the session by anyone else (a
+    receiver) raises :exc:`~flask_orderhooks.exc.ReceiverCommit`; savepoints
+    (``begin_nested()``) commit as usual.
+    """
 
     def __init__(self, session: Session) -> None:
         self.session = session
+        _guard_commits()
+        session.info[_DISPATCHING] = True
 
     def connection(self) -> Connection:
         return self.session.connection()
@@ -40,10 +55,39 @@ class SessionTransaction:
         return self.session.get_transaction()
 
     def commit(self) -> None:
-        self.session.commit()
+        self.session.info[_OWN_COMMIT] = True
+        try:
+            self.session.commit()
+        finally:
+            self.session.info.pop(_OWN_COMMIT, None)
 
     def rollback(self) -> None:
         self.session.rollback()
+
+    def close(self) -> None:
+        """The dispatch is over: the session's commits are the host's again."""
+        self.session.info.pop(_DISPATCHING, None)
+
+
+def _refuse_a_receivers_commit(session: Session) -> None:
+    if (
+        session.info.get(_DISPATCHING)
+        and not session.info.get(_OWN_COMMIT)
+        and not session.in_nested_transaction()
+    ):
+        raise ReceiverCommit(
+            "db.session.commit() inside a receiver: the extension commits what receivers "
+            "write together with the done mark, after the last one returned. Remove the "
+            "commit (flush() gives new rows their ids)."
+        )
+
+
+def _guard_commits() -> None:
+    """Listen to every Session's commits, once per process: one check of
+    ``info`` per commit, where listening per dispatch would cost a listener's
+    setup and removal on every callback."""
+    if not event.contains(Session, "before_commit", _refuse_a_receivers_commit):
+        event.listen(Session, "before_commit", _refuse_a_receivers_commit)
 
 
 class ConnectionTransaction:

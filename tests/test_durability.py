@@ -625,6 +625,57 @@ def test_a_receiver_that_swallows_a_database_error_fails_the_delivery(
     _fails_once_then_dispatches(recorder, swallow, "AbortedTransaction:")
 
 
+@pytest.mark.parametrize(
+    "backend", [pytest.param("mariadb", marks=pytest.mark.mariadb)], indirect=True
+)
+def test_a_receiver_that_swallows_a_deadlock_fails_the_delivery(
+    recorder: RecorderFactory, database_uri: str
+) -> None:
+    """On a deadlock (1213) InnoDB rolls back the whole transaction, done mark
+    included, and begins a new one for the next statement: a receiver that
+    catches the error and carries on would have only what followed
+    committed, the request answered done, and the delivery dispatched again
+    by a worker after its lease. It is a failed attempt instead, retried."""
+    other = sa.create_engine(database_uri)
+    with other.begin() as connection:
+        connection.exec_driver_sql("CREATE TABLE acct (id INT PRIMARY KEY, n INT) ENGINE=InnoDB")
+        connection.exec_driver_sql("INSERT INTO acct VALUES (1, 0), (2, 0)")
+        connection.exec_driver_sql("CREATE TABLE filler (id INT PRIMARY KEY, v INT) ENGINE=InnoDB")
+        values = ", ".join(f"({i}, 0)" for i in range(50))
+        connection.exec_driver_sql(f"INSERT INTO filler VALUES {values}")
+
+    def the_other_transaction(ready: threading.Event) -> None:
+        # Locks row 2, then waits for row 1, which the receiver holds. Fifty
+        # more rows changed first make it the heavier of the two, which
+        # InnoDB keeps: the receiver's transaction is the one rolled back.
+        with other.connect() as connection:
+            connection.exec_driver_sql("UPDATE filler SET v = v + 1")
+            connection.exec_driver_sql("UPDATE acct SET n = n + 1 WHERE id = 2")
+            ready.set()
+            connection.exec_driver_sql("UPDATE acct SET n = n + 1 WHERE id = 1")
+            connection.commit()
+
+    def deadlock(db: Any) -> None:
+        db.session.execute(sa.text("UPDATE acct SET n = n + 1 WHERE id = 1"))
+        ready = threading.Event()
+        thread = threading.Thread(target=the_other_transaction, args=(ready,))
+        thread.start()
+        assert ready.wait(10)
+        # The other transaction is about to wait for row 1; give it time to.
+        time.sleep(0.3)
+        with contextlib.suppress(sa.exc.OperationalError):
+            db.session.execute(sa.text("UPDATE acct SET n = n + 1 WHERE id = 2"))
+        thread.join(10)
+        assert not thread.is_alive()
+
+    try:
+        _fails_once_then_dispatches(recorder, deadlock, "AbortedTransaction:")
+    finally:
+        with other.begin() as connection:
+            connection.exec_driver_sql("DROP TABLE acct, filler")
+        other.dispose()
+
+
 def test_a_receiver_that_rolls_back_the_session_fails_the_delivery(
     recorder: RecorderFactory,
 ) -> None:

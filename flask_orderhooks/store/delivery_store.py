@@ -28,7 +28,14 @@ from ..exc import (
     StoreUnavailable,
 )
 from ..provider import Delivery
-from .errors import is_busy, mysql_lock_wait, whole_seconds
+from .errors import (
+    forget_server_rollbacks,
+    is_busy,
+    mysql_lock_wait,
+    server_rolled_back,
+    watch_for_server_rollbacks,
+    whole_seconds,
+)
 from .mysql import MySQLStatements
 from .retention import compact_old, delete_old
 from .retries import NO_RETRIES, RetrySchedule
@@ -418,6 +425,10 @@ class DeliveryStore:
         uncommitted done mark, and commit both; a failure rolls both back
         and is recorded as a failed attempt."""
         marked_in = session.current()
+        if self.dialect in MYSQL:
+            watched = session.connection()
+            watch_for_server_rollbacks(watched.engine)
+            forget_server_rollbacks(watched)
         try:
             dispatch()
         except Exception as exc:
@@ -438,6 +449,18 @@ class DeliveryStore:
                 claim,
                 "EndedTransaction: a receiver rolled back the dispatch's transaction, and "
                 "the done mark with it.",
+            )
+        if self.dialect in MYSQL and server_rolled_back(session.connection()):
+            # InnoDB rolled back the whole transaction, done mark included,
+            # and began a new one for the receiver's next statement: the
+            # COMMIT would commit only what came after, and answer done.
+            self._fail_attempt(
+                session,
+                delivery,
+                claim,
+                "AbortedTransaction: a receiver's statement failed with an error that "
+                "rolled back the dispatch's transaction (a deadlock), and the error was "
+                "caught; the done mark went with it.",
             )
         if _aborted(session):
             # A receiver caught a database error and carried on: PostgreSQL

@@ -7,7 +7,8 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
-from sqlalchemy.engine import Connection
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine, ExceptionContext
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 # SQLSTATE of PostgreSQL's lock_timeout expiring.
@@ -69,3 +70,41 @@ def whole_seconds(seconds: float) -> int:
 
 
 _LOCK_WAIT_KEY = "orderhooks_lock_wait"
+
+
+#: InnoDB errors after which the server has rolled the whole transaction
+#: back, not only the statement: a deadlock. (A lock wait timeout, 1205,
+#: rolls back the statement alone unless ``innodb_rollback_on_timeout`` is
+#: on.)
+MYSQL_ROLLED_BACK = frozenset({1213})
+_ROLLED_BACK_KEY = "orderhooks_rolled_back"
+
+
+def watch_for_server_rollbacks(engine: Engine) -> None:
+    """Note on a connection when one of its statements failed with an error
+    that made MySQL roll its transaction back (once per engine).
+
+    A receiver that catches such an error and carries on would otherwise
+    let the dispatch commit what it ran afterwards, in a new transaction
+    without the done mark (MySQL begins one by itself), and answer done: a
+    worker would dispatch the delivery again after its lease. PostgreSQL
+    says so itself (the transaction is in error)."""
+    if not event.contains(engine, "handle_error", _note_server_rollback):
+        event.listen(engine, "handle_error", _note_server_rollback)
+
+
+def _note_server_rollback(context: ExceptionContext) -> None:
+    args = getattr(context.original_exception, "args", ())
+    if args and args[0] in MYSQL_ROLLED_BACK and context.connection is not None:
+        context.connection.info[_ROLLED_BACK_KEY] = True
+
+
+def forget_server_rollbacks(connection: Connection) -> None:
+    """Start watching ``connection`` afresh (its info outlives a checkout)."""
+    connection.info.pop(_ROLLED_BACK_KEY, None)
+
+
+def server_rolled_back(connection: Connection) -> bool:
+    """Whether a statement on ``connection`` made the server roll its
+    transaction back since :func:`forget_server_rollbacks`."""
+    return bool(connection.info.get(_ROLLED_BACK_KEY))

@@ -13,6 +13,7 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,6 +23,7 @@ from flask.cli import with_appcontext
 from sqlalchemy.exc import SQLAlchemyError
 
 from .extension import AppState, get_extension
+from .provider import Provider
 from .replay import replay
 from .store import DEAD, DONE, FAILED, PROCESSING, STATUSES, StoredDelivery
 from .testing import KINDS, build
@@ -385,10 +387,11 @@ def purge_command(
     signs no timestamp, like the gateway, or its window is longer than AGE)
     is compacted to a tombstone: its body and signed headers are dropped, its
     key, body digest, status and dates kept, so a replay is still answered
-    as a duplicate. Other done deliveries are deleted. Failed, dead and
-    processing ones are kept unless asked for; they are never compacted
-    (they may still need their body). Runs in short batches while traffic
-    flows.
+    as a duplicate. Other done deliveries are deleted. Done deliveries of a
+    provider no longer configured are compacted, never deleted: its replay
+    window is unknown without its config. Failed, dead and processing ones
+    are kept unless asked for; they are never compacted (they may still need
+    their body). Runs in short batches while traffic flows.
     """
     state = _state()
     statuses = (
@@ -397,26 +400,72 @@ def purge_command(
         + ((PROCESSING,) if with_processing else ())
     )
     cutoff = _now(state) - age
-    deleted = compacted = 0
-    kept_whole: list[str] = []
-    for name, provider in state.providers.items():
-        window = provider.replay_window
-        replayable = compact_only or window is None or age.total_seconds() < window
-        if replayable:
-            compacted += state.store.compact(older_than=cutoff, provider=name)
-            kept_whole.append(name)
-        deletable = tuple(s for s in statuses if not (replayable and s == DONE))
+    purged = _Purged()
+    for name in _stored_or_configured(state):
+        reason = _why_compacted(state.providers.get(name), age, compact_only)
+        if reason is not None:
+            purged.compacted(name, reason, state.store.compact(older_than=cutoff, provider=name))
+        deletable = tuple(s for s in statuses if not (reason and s == DONE))
         if deletable:
-            deleted += state.store.purge(older_than=cutoff, statuses=deletable, provider=name)
+            purged.deleted += state.store.purge(
+                older_than=cutoff, statuses=deletable, provider=name
+            )
     click.echo(
-        f"Deleted {deleted} and compacted {compacted} deliveries older than {_human(age)} "
-        f"({', '.join(statuses)})."
+        f"Deleted {purged.deleted} and compacted {purged.total_compacted} deliveries "
+        f"older than {_human(age)} ({', '.join(statuses)})."
     )
-    if kept_whole:
-        click.echo(
-            f"Done deliveries of {', '.join(kept_whole)} were compacted, not deleted: their "
-            "signatures can still be replayed."
-        )
+    for reason, names in purged.compacted_by_reason.items():
+        if names:
+            click.echo(
+                f"Done deliveries of {', '.join(names)} were compacted, not deleted: {reason}"
+            )
+
+
+#: Why a provider's done deliveries were compacted rather than deleted, in
+#: the order purge reports them.
+_STILL_REPLAYABLE = "their signatures can still be replayed."
+_COMPACT_ONLY = "--compact-only was given."
+_NOT_CONFIGURED = "they are not configured in this app, so their replay window is unknown."
+_REASONS = (_STILL_REPLAYABLE, _COMPACT_ONLY, _NOT_CONFIGURED)
+
+
+def _why_compacted(provider: Provider | None, age: timedelta, compact_only: bool) -> str | None:
+    """Why done deliveries older than ``age`` must be compacted, not deleted
+    (``None``: they may be deleted). A provider that is not configured has
+    no known replay window: its signatures are treated as never expiring,
+    so its deliveries keep their replay protection (a tombstone) should it
+    be configured again with the same secrets."""
+    if provider is None:
+        return _NOT_CONFIGURED
+    window = provider.replay_window
+    if window is None or age.total_seconds() < window:
+        return _STILL_REPLAYABLE
+    return _COMPACT_ONLY if compact_only else None
+
+
+def _stored_or_configured(state: AppState) -> list[str]:
+    """The configured providers, then those the store holds deliveries of
+    that are no longer configured (a platform whose credentials were
+    removed): their rows are purged too, by the rule for an unknown window."""
+    configured = list(state.providers)
+    return configured + [name for name in state.store.providers() if name not in configured]
+
+
+@dataclass
+class _Purged:
+    """What one purge run deleted and compacted, and why it compacted."""
+
+    deleted: int = 0
+    total_compacted: int = 0
+    #: Reason -> the providers compacted for it (only those that had rows).
+    compacted_by_reason: dict[str, list[str]] = field(
+        default_factory=lambda: {reason: [] for reason in _REASONS}
+    )
+
+    def compacted(self, provider: str, reason: str, count: int) -> None:
+        self.total_compacted += count
+        if count:
+            self.compacted_by_reason[reason].append(provider)
 
 
 @orderhooks.command("send")

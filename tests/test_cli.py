@@ -460,9 +460,9 @@ def test_the_longest_duration_and_limit_are_accepted(sqlite_app: Flask) -> None:
     since = run(sqlite_app, "deliveries", "--since", "36500d", "--limit", "100000")
     assert (since.exit_code, since.output) == (0, "No deliveries.\n")
     purged = run(sqlite_app, "purge", "--older-than", "3153600000s")
-    assert (purged.exit_code, purged.output.splitlines()[0]) == (
+    assert (purged.exit_code, purged.output) == (
         0,
-        "Deleted 0 and compacted 0 deliveries older than 36500d (done).",
+        "Deleted 0 and compacted 0 deliveries older than 36500d (done).\n",
     )
 
 
@@ -481,3 +481,93 @@ def test_seconds_refuses_a_maximum_no_thread_can_wait() -> None:
     with pytest.raises(ValueError, match="longer than a thread can wait"):
         Seconds(min=0, max=1e12)
     assert Seconds(min=0, max=3600).convert("2.5", None, None) == 2.5
+
+
+def test_purge_prints_only_what_it_did(recorder: RecorderFactory) -> None:
+    now = [1_795_000_000.0]
+    app, _rec = recorder(hooks_options={"clock": lambda: now[0]})
+    empty = run(app, "purge", "--older-than", "30d")
+    assert (empty.exit_code, empty.output) == (
+        0,
+        "Deleted 0 and compacted 0 deliveries older than 30d (done).\n",
+    )
+    deliver(app, "igv", request_id="igv-done")
+    deliver(app, "collect", id="gateway-done")
+    now[0] += 40 * 86400
+    kept = run(app, "purge", "--older-than", "30d", "--compact-only")
+    assert kept.exit_code == 0, kept.output
+    assert kept.output.splitlines() == [
+        "Deleted 0 and compacted 2 deliveries older than 30d (done).",
+        "Done deliveries of gateway were compacted, not deleted: their signatures can "
+        "still be replayed.",
+        "Done deliveries of igv were compacted, not deleted: --compact-only was given.",
+    ]
+    again = run(app, "purge", "--older-than", "30d", "--compact-only")
+    assert again.output == "Deleted 0 and compacted 0 deliveries older than 30d (done).\n"
+
+
+def test_purge_compacts_but_never_deletes_done_deliveries_of_unconfigured_providers(
+    recorder: RecorderFactory,
+) -> None:
+    """A provider whose config was removed has no known replay window: its
+    done deliveries become tombstones (which keep its replay protection,
+    should it be configured again), its others go only when asked."""
+    now = [1_795_000_000.0]
+    clock = {"clock": lambda: now[0]}
+    configured, rec = recorder(hooks_options=clock)
+    deliver(configured, "igv", request_id="igv-done")
+    gateway = deliver(configured, "collect", id="gateway-done")
+    rec.fail_next = 1
+    deliver(configured, "igv", request_id="igv-failed")
+    # The same database, read by an app (a cron job's, say) without their config.
+    retired, _ = recorder(
+        hooks_options=clock, ORDERHOOKS_IGV_SECRET=None, ORDERHOOKS_GATEWAY_KEY=None
+    )
+    now[0] += 40 * 86400
+
+    result = run(retired, "purge", "--older-than", "30d")
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [
+        "Deleted 0 and compacted 2 deliveries older than 30d (done).",
+        "Done deliveries of gateway, igv were compacted, not deleted: they are not "
+        "configured in this app, so their replay window is unknown.",
+    ]
+    rows = _rows(retired)
+    assert rows == {
+        "igv-done": ("done", b"", True),
+        "gateway-done:60": ("done", b"", True),
+        "igv-failed": ("failed", rows["igv-failed"][1], False),
+    }
+    assert rows["igv-failed"][1] != b""
+
+    with_failed = run(retired, "purge", "--older-than", "30d", "--failed")
+    assert with_failed.output == (
+        "Deleted 1 and compacted 0 deliveries older than 30d (done, failed, dead).\n"
+    )
+    assert _rows(retired) == {
+        "igv-done": ("done", b"", True),
+        "gateway-done:60": ("done", b"", True),
+    }
+
+    # Configured again: the gateway's captured callback is still a duplicate,
+    # and iGV's tombstone, older than its window, is deleted.
+    before = len(rec.events)
+    resent = configured.test_client().post(
+        gateway.url(), data=gateway.body, headers=gateway.headers
+    )
+    assert (resent.status_code, resent.data, len(rec.events)) == (200, b"success", before)
+    assert run(configured, "purge", "--older-than", "30d").output == (
+        "Deleted 1 and compacted 0 deliveries older than 30d (done).\n"
+    )
+    assert _rows(configured) == {"gateway-done:60": ("done", b"", True)}
+
+
+def test_the_store_names_the_providers_it_holds(recorder: RecorderFactory) -> None:
+    app, _rec = recorder()
+    hooks: OrderHooks = app.extensions["orderhooks"]
+    with app.app_context():
+        assert hooks.store.providers() == []
+    for kind in ("sud", "igv", "collect", "igv", "payout"):
+        deliver(app, kind)
+    with app.app_context():
+        assert hooks.store.providers() == ["gateway", "igv", "sud"]

@@ -6,11 +6,14 @@ minutes); these commands let an operator finish by hand what they gave up on.
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,19 +23,34 @@ from flask.cli import with_appcontext
 from sqlalchemy.exc import SQLAlchemyError
 
 from .extension import AppState, get_extension
+from .provider import Provider
 from .replay import replay
 from .store import DEAD, DONE, FAILED, PROCESSING, STATUSES, StoredDelivery
 from .testing import KINDS, build
 from .worker import Worker, process_due
 
-_DURATION = re.compile(r"(\d+)\s*([smhdw])")
+_DURATION = re.compile(r"([0-9]+)\s*([smhdw])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
+def _human(age: timedelta) -> str:
+    seconds = int(age.total_seconds())
+    for unit in ("w", "d", "h", "m"):
+        if seconds and seconds % _UNITS[unit] == 0:
+            return f"{seconds // _UNITS[unit]}{unit}"
+    return f"{seconds}s"
+
+
 class Duration(click.ParamType[timedelta]):
-    """``30d``, ``12h``, ``90m``, ``45s`` or ``2w``."""
+    """``30d``, ``12h``, ``90m``, ``45s`` or ``2w``, at most :attr:`LONGEST`."""
 
     name = "duration"
+    #: 100 years: longer than any retention, and a cutoff that far back stays
+    #: inside what every backend stores (MySQL's DATETIME starts at year
+    #: 1000). Without a bound, 1000000d overflowed the date arithmetic.
+    LONGEST = timedelta(days=36500)
+    #: The bound as help texts and errors write it.
+    LONGEST_TEXT = f"{_human(LONGEST)} (100 years)"
 
     def convert(
         self, value: Any, param: click.Parameter | None, ctx: click.Context | None
@@ -42,7 +60,84 @@ class Duration(click.ParamType[timedelta]):
         match = _DURATION.fullmatch(str(value).strip())
         if not match:
             self.fail(f"{value!r} is not a duration such as 30d, 12h, 90m or 45s.", param, ctx)
-        return timedelta(seconds=int(match[1]) * _UNITS[match[2]])
+        # Digits are counted before int() sees them: it refuses a string of
+        # thousands of digits with a ValueError of its own.
+        digits = match[1].lstrip("0") or "0"
+        longest = int(self.LONGEST.total_seconds())
+        seconds = int(digits) * _UNITS[match[2]] if len(digits) <= len(str(longest)) else None
+        if seconds is None or seconds > longest:
+            self.fail(
+                f"{value!r} is longer than {self.LONGEST_TEXT}, the longest duration accepted.",
+                param,
+                ctx,
+            )
+        return timedelta(seconds=seconds)
+
+
+class Seconds(click.FloatRange):
+    """A finite number of seconds between ``min`` and ``max``.
+
+    click's FloatRange takes NaN whatever its bounds (every comparison with
+    NaN is false), and infinity when it has no maximum: a wait of NaN
+    returns at once (an idle worker then polls without pause), and one of
+    infinity or of more than :data:`threading.TIMEOUT_MAX` overflows.
+    """
+
+    name = "seconds"
+
+    def __init__(self, *, min: float, max: float, min_open: bool = False) -> None:
+        if max > threading.TIMEOUT_MAX:
+            raise ValueError(f"max={max} is longer than a thread can wait.")
+        super().__init__(min=min, max=max, min_open=min_open)
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(
+                f"{value!r} is not a finite number of seconds ({self._describe_range()}).",
+                param,
+                ctx,
+            )
+        seconds: float = super().convert(number, param, ctx)
+        return seconds
+
+
+#: Any byte http.client refuses in a URL (it raises InvalidURL, which is
+#: neither an OSError nor a URLError).
+_URL_FORBIDDEN = re.compile(r"[\x00-\x20\x7f]")
+
+
+class BaseURL(click.ParamType[str]):
+    """A server's http:// or https:// base URL, which a callback's path is
+    appended to."""
+
+    name = "url"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        url = str(value)
+        try:
+            parts = urllib.parse.urlsplit(url)
+            parts.port  # noqa: B018 - reading it checks the port (a number, 0 to 65535)
+        except ValueError as exc:
+            self.fail(f"{url!r} is not a valid URL: {exc}.", param, ctx)
+        if parts.scheme not in ("http", "https"):
+            self.fail(f"{url!r} is not an http:// or https:// URL.", param, ctx)
+        if not parts.hostname:
+            self.fail(f"{url!r} names no host, e.g. http://127.0.0.1:5000.", param, ctx)
+        if parts.query or parts.fragment:
+            self.fail(
+                f"{url!r} has a query or a fragment; give the server's base URL only.", param, ctx
+            )
+        if _URL_FORBIDDEN.search(url) or not url.isascii():
+            self.fail(
+                f"{url!r} has a space, a control character or a non-ASCII character; "
+                "percent-encode it (or write the host in its xn-- form).",
+                param,
+                ctx,
+            )
+        return url
 
 
 def _state() -> AppState:
@@ -56,6 +151,11 @@ def _state() -> AppState:
 def _now(state: AppState) -> datetime:
     # The extension's clock, not the wall clock: rows are stamped with it.
     return datetime.fromtimestamp(state.clock(), UTC)
+
+
+#: Most deliveries one listing prints: each row is read whole, body included,
+#: into memory (a larger number also overflowed SQLite's 64-bit LIMIT).
+_MOST_LISTED = 100_000
 
 
 class _StoreErrorsGroup(click.Group):
@@ -80,8 +180,18 @@ def orderhooks() -> None:
 @click.option(
     "--provider", metavar="NAME", help="Only this platform (igv, gateway, sud or a host's own)."
 )
-@click.option("--since", type=Duration(), help="Only those received within this age, e.g. 24h.")
-@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option(
+    "--since",
+    type=Duration(),
+    help=f"Only those received within this age, e.g. 24h; at most {Duration.LONGEST_TEXT}.",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1, max=_MOST_LISTED),
+    default=100,
+    show_default=True,
+    help="List at most this many.",
+)
 @with_appcontext
 def deliveries_command(
     status: str | None, provider: str | None, since: timedelta | None, limit: int
@@ -201,8 +311,9 @@ def _replay_one(state: AppState, row: StoredDelivery, *, force: bool) -> bool:
 @click.option("--once", is_flag=True, help="Dispatch what is due now, then exit.")
 @click.option(
     "--poll-interval",
-    type=click.FloatRange(min=0.01),
-    help="Seconds between looks when idle (default: ORDERHOOKS_WORKER_POLL_INTERVAL).",
+    type=Seconds(min=0.01, max=3600),
+    help="Seconds between looks when idle, at most an hour "
+    "(default: ORDERHOOKS_WORKER_POLL_INTERVAL).",
 )
 @with_appcontext
 def worker_command(once: bool, poll_interval: float | None) -> None:
@@ -250,7 +361,13 @@ def _next_attempt(state: AppState, row: StoredDelivery) -> str:
 
 
 @orderhooks.command("purge")
-@click.option("--older-than", "age", type=Duration(), required=True, help="e.g. 30d.")
+@click.option(
+    "--older-than",
+    "age",
+    type=Duration(),
+    required=True,
+    help=f"e.g. 30d; at most {Duration.LONGEST_TEXT}.",
+)
 @click.option(
     "--failed", "with_failed", is_flag=True, help="Also delete failed and dead deliveries."
 )
@@ -270,10 +387,11 @@ def purge_command(
     signs no timestamp, like the gateway, or its window is longer than AGE)
     is compacted to a tombstone: its body and signed headers are dropped, its
     key, body digest, status and dates kept, so a replay is still answered
-    as a duplicate. Other done deliveries are deleted. Failed, dead and
-    processing ones are kept unless asked for; they are never compacted
-    (they may still need their body). Runs in short batches while traffic
-    flows.
+    as a duplicate. Other done deliveries are deleted. Done deliveries of a
+    provider no longer configured are compacted, never deleted: its replay
+    window is unknown without its config. Failed, dead and processing ones
+    are kept unless asked for; they are never compacted (they may still need
+    their body). Runs in short batches while traffic flows.
     """
     state = _state()
     statuses = (
@@ -282,43 +400,95 @@ def purge_command(
         + ((PROCESSING,) if with_processing else ())
     )
     cutoff = _now(state) - age
-    deleted = compacted = 0
-    kept_whole: list[str] = []
-    for name, provider in state.providers.items():
-        window = provider.replay_window
-        replayable = compact_only or window is None or age.total_seconds() < window
-        if replayable:
-            compacted += state.store.compact(older_than=cutoff, provider=name)
-            kept_whole.append(name)
-        deletable = tuple(s for s in statuses if not (replayable and s == DONE))
+    purged = _Purged()
+    for name in _stored_or_configured(state):
+        reason = _why_compacted(state.providers.get(name), age, compact_only)
+        if reason is not None:
+            purged.compacted(name, reason, state.store.compact(older_than=cutoff, provider=name))
+        deletable = tuple(s for s in statuses if not (reason and s == DONE))
         if deletable:
-            deleted += state.store.purge(older_than=cutoff, statuses=deletable, provider=name)
+            purged.deleted += state.store.purge(
+                older_than=cutoff, statuses=deletable, provider=name
+            )
     click.echo(
-        f"Deleted {deleted} and compacted {compacted} deliveries older than {_human(age)} "
-        f"({', '.join(statuses)})."
+        f"Deleted {purged.deleted} and compacted {purged.total_compacted} deliveries "
+        f"older than {_human(age)} ({', '.join(statuses)})."
     )
-    if kept_whole:
-        click.echo(
-            f"Done deliveries of {', '.join(kept_whole)} were compacted, not deleted: their "
-            "signatures can still be replayed."
-        )
+    for reason, names in purged.compacted_by_reason.items():
+        if names:
+            click.echo(
+                f"Done deliveries of {', '.join(names)} were compacted, not deleted: {reason}"
+            )
+
+
+#: Why a provider's done deliveries were compacted rather than deleted, in
+#: the order purge reports them.
+_STILL_REPLAYABLE = "their signatures can still be replayed."
+_COMPACT_ONLY = "--compact-only was given."
+_NOT_CONFIGURED = "they are not configured in this app, so their replay window is unknown."
+_REASONS = (_STILL_REPLAYABLE, _COMPACT_ONLY, _NOT_CONFIGURED)
+
+
+def _why_compacted(provider: Provider | None, age: timedelta, compact_only: bool) -> str | None:
+    """Why done deliveries older than ``age`` must be compacted, not deleted
+    (``None``: they may be deleted). A provider that is not configured has
+    no known replay window: its signatures are treated as never expiring,
+    so its deliveries keep their replay protection (a tombstone) should it
+    be configured again with the same secrets."""
+    if provider is None:
+        return _NOT_CONFIGURED
+    window = provider.replay_window
+    if window is None or age.total_seconds() < window:
+        return _STILL_REPLAYABLE
+    return _COMPACT_ONLY if compact_only else None
+
+
+def _stored_or_configured(state: AppState) -> list[str]:
+    """The configured providers, then those the store holds deliveries of
+    that are no longer configured (a platform whose credentials were
+    removed): their rows are purged too, by the rule for an unknown window."""
+    configured = list(state.providers)
+    return configured + [name for name in state.store.providers() if name not in configured]
+
+
+@dataclass
+class _Purged:
+    """What one purge run deleted and compacted, and why it compacted."""
+
+    deleted: int = 0
+    total_compacted: int = 0
+    #: Reason -> the providers compacted for it (only those that had rows).
+    compacted_by_reason: dict[str, list[str]] = field(
+        default_factory=lambda: {reason: [] for reason in _REASONS}
+    )
+
+    def compacted(self, provider: str, reason: str, count: int) -> None:
+        self.total_compacted += count
+        if count:
+            self.compacted_by_reason[reason].append(provider)
 
 
 @orderhooks.command("send")
 @click.argument("kind", type=click.Choice(KINDS))
-@click.option("--url", required=True, help="The server's base URL, e.g. http://127.0.0.1:5000.")
+@click.option(
+    "--url",
+    type=BaseURL(),
+    required=True,
+    help="The server's base URL, e.g. http://127.0.0.1:5000.",
+)
 @click.option("--field", "fields", multiple=True, metavar="KEY=VALUE", help="Override a field.")
-@click.option("--timeout", type=float, default=10.0, show_default=True)
+@click.option(
+    "--timeout",
+    type=Seconds(min=0, min_open=True, max=3600),
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait for the server, at most an hour.",
+)
 @with_appcontext
 def send_command(kind: str, url: str, fields: tuple[str, ...], timeout: float) -> None:
     """Post a signed sample callback, built from the app's config, to a server."""
     state = _state()
-    overrides: dict[str, Any] = {}
-    for item in fields:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise click.BadParameter(f"{item!r} is not KEY=VALUE.", param_hint="--field")
-        overrides[name] = int(value) if re.fullmatch(r"-?\d+", value) else value
+    overrides = dict(_field(item) for item in fields)
     app = current_app._get_current_object()  # type: ignore[attr-defined]
     try:
         callback = build(kind, app=app, **overrides)
@@ -326,14 +496,15 @@ def send_command(kind: str, url: str, fields: tuple[str, ...], timeout: float) -
         raise click.ClickException(f"{kind}: {exc.args[0]}") from None
     except TypeError as exc:
         raise click.ClickException(f"{kind}: {exc}") from None
-    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
-        raise click.BadParameter(f"{url!r} is not an http:// or https:// URL.", param_hint="--url")
+    except ValueError as exc:
+        # A field's value the builder cannot sign (a timestamp that is no number).
+        raise click.BadParameter(f"{kind}: {exc}", param_hint="--field") from None
     target = url.rstrip("/") + callback.url(state.settings.url_prefix or "/")
-    request = urllib.request.Request(  # noqa: S310 - the scheme is checked above
+    request = urllib.request.Request(  # noqa: S310 - BaseURL takes http and https only
         target, data=callback.body, headers=callback.headers, method="POST"
     )
     try:
-        # The scheme was checked above: only http and https are ever opened.
+        # BaseURL took only http and https: no other scheme is ever opened.
         with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
             status, body = response.status, response.read()
     except urllib.error.HTTPError as exc:
@@ -345,14 +516,27 @@ def send_command(kind: str, url: str, fields: tuple[str, ...], timeout: float) -
     click.echo(f"{status} {body.decode('utf-8', errors='replace')}")
 
 
+#: A --field value sent as a JSON number rather than a string.
+_INTEGER = re.compile(r"-?[0-9]+")
+
+
+def _field(item: str) -> tuple[str, Any]:
+    """One ``--field KEY=VALUE``: an integer value as a number, others as text."""
+    name, sep, value = item.partition("=")
+    if not sep or not name:
+        raise click.BadParameter(f"{item!r} is not KEY=VALUE.", param_hint="--field")
+    if not _INTEGER.fullmatch(value):
+        return name, value
+    try:
+        return name, int(value)
+    except ValueError:
+        # Python converts integers of at most 4300 digits by default.
+        raise click.BadParameter(
+            f"{name}: an integer of {len(value.lstrip('-'))} digits is too long to send.",
+            param_hint="--field",
+        ) from None
+
+
 def _one_line(text: str, width: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def _human(age: timedelta) -> str:
-    seconds = int(age.total_seconds())
-    for unit in ("w", "d", "h", "m"):
-        if seconds and seconds % _UNITS[unit] == 0:
-            return f"{seconds // _UNITS[unit]}{unit}"
-    return f"{seconds}s"

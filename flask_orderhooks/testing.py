@@ -352,6 +352,7 @@ def standard_webhook(
     string; default: that source's newest).
 
     :param timestamp: Unix seconds (default: now by the app's clock).
+    :raises ValueError: ``timestamp`` is not whole Unix seconds.
 
     .. versionadded:: 0.3
     """
@@ -376,7 +377,7 @@ def standard_webhook(
     body = _dumps(
         {
             "type": type,
-            "timestamp": datetime.fromtimestamp(int(stamp), UTC).isoformat(),
+            "timestamp": _unix_time(stamp).isoformat(),
             "data": dict(data) if data is not None else {"id": "ord_" + _random.token_hex(8)},
             **(extra or {}),
         }
@@ -388,6 +389,22 @@ def standard_webhook(
         "webhook-signature": standard_signature(msg_id, stamp, body, key),
     }
     return SignedCallback("standard", source, f"/standard/{source}", body, headers, msg_id)
+
+
+def _unix_time(stamp: str) -> datetime:
+    """The time of a ``webhook-timestamp``, written into the body too.
+
+    :raises ValueError: ``stamp`` is not whole Unix seconds of a year
+        between 1 and 9999.
+    """
+    try:
+        return datetime.fromtimestamp(int(stamp), UTC)
+    except (ValueError, OverflowError, OSError):
+        # int() refuses text, fromtimestamp() a year out of its range.
+        raise ValueError(
+            f"timestamp must be whole Unix seconds of a year from 1 to 9999, such as 1767225600, "
+            f"not {stamp!r}."
+        ) from None
 
 
 def build(kind: str, *, app: Flask | None = None, **fields: Any) -> SignedCallback:

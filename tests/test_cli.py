@@ -15,10 +15,11 @@ from flask import Flask
 from werkzeug.serving import make_server
 
 from flask_orderhooks import OrderHooks
-from flask_orderhooks.cli import orderhooks
+from flask_orderhooks.cli import Seconds, orderhooks
 from flask_orderhooks.provider import Delivery
 from flask_orderhooks.testing import SignedCallback, build
-from tests.conftest import IGV_SECRET, Recorder
+from tests.conftest import BASE_CONFIG, IGV_SECRET, Recorder
+from tests.test_standard_webhooks import SECRET as STANDARD_SECRET
 
 RecorderFactory = Callable[..., tuple[Flask, Recorder]]
 
@@ -348,3 +349,225 @@ def test_duration_units() -> None:
         "1d",
         "2w",
     ]
+
+
+@pytest.fixture
+def sqlite_app(tmp_path: Path) -> Flask:
+    """An app on an SQLite store of its own, with every built-in configured:
+    for the options' checks, which run before any store is touched."""
+    app = Flask("options", instance_path=str(tmp_path))
+    app.config.update(
+        BASE_CONFIG,
+        ORDERHOOKS_DATABASE_URI=f"sqlite:///{tmp_path / 'orderhooks.sqlite3'}",
+        ORDERHOOKS_STANDARD_WEBHOOKS={"shop": STANDARD_SECRET},
+    )
+    OrderHooks(app)
+    return app
+
+
+_TOO_LONG = "is longer than 36500d (100 years), the longest duration accepted."
+_NOT_SECONDS = (
+    "--field: standard: timestamp must be whole Unix seconds of a year from 1 to "
+    "9999, such as 1767225600, not "
+)
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["deliveries", "--since", "1000000d"], f"'--since': '1000000d' {_TOO_LONG}"),
+        (["deliveries", "--since", "99999999999d"], f"'--since': '99999999999d' {_TOO_LONG}"),
+        (["deliveries", "--since", "3153600001s"], f"'--since': '3153600001s' {_TOO_LONG}"),
+        (["deliveries", "--since", "5215w"], f"'--since': '5215w' {_TOO_LONG}"),
+        (["deliveries", "--since", "9" * 5000 + "s"], _TOO_LONG),
+        (["purge", "--older-than", "1000000d"], f"'--older-than': '1000000d' {_TOO_LONG}"),
+        (
+            ["deliveries", "--limit", "99999999999999999999999"],
+            "'--limit': 99999999999999999999999 is not in the range 1<=x<=100000.",
+        ),
+        (
+            ["worker", "--poll-interval", "nan"],
+            "'--poll-interval': 'nan' is not a finite number of seconds (0.01<=x<=3600).",
+        ),
+        (
+            ["worker", "--poll-interval", "inf"],
+            "'--poll-interval': 'inf' is not a finite number of seconds (0.01<=x<=3600).",
+        ),
+        (
+            ["worker", "--poll-interval", "1e10"],
+            "'--poll-interval': 10000000000.0 is not in the range 0.01<=x<=3600.",
+        ),
+        (
+            ["send", "collect", "--url", "http://[::1"],
+            "'--url': 'http://[::1' is not a valid URL: Invalid IPv6 URL.",
+        ),
+        (
+            ["send", "collect", "--url", "http://127.0.0.1:http"],
+            "'--url': 'http://127.0.0.1:http' is not a valid URL: "
+            "Port could not be cast to integer value as 'http'.",
+        ),
+        (
+            ["send", "collect", "--url", "http://"],
+            "'--url': 'http://' names no host, e.g. http://127.0.0.1:5000.",
+        ),
+        (
+            ["send", "collect", "--url", "http://127.0.0.1:5000/?debug=1"],
+            "'--url': 'http://127.0.0.1:5000/?debug=1' has a query or a fragment; "
+            "give the server's base URL only.",
+        ),
+        (
+            ["send", "collect", "--url", "http://127.0.0.1:5000/a b"],
+            "'--url': 'http://127.0.0.1:5000/a b' has a space, a control character or a "
+            "non-ASCII character; percent-encode it (or write the host in its xn-- form).",
+        ),
+        (
+            ["send", "collect", "--url", "http://127.0.0.1:9", "--timeout", "-1"],
+            "'--timeout': -1.0 is not in the range 0<x<=3600.",
+        ),
+        (
+            ["send", "collect", "--url", "http://127.0.0.1:9", "--timeout", "0"],
+            "'--timeout': 0.0 is not in the range 0<x<=3600.",
+        ),
+        (
+            ["send", "collect", "--url", "http://127.0.0.1:9", "--timeout", "nan"],
+            "'--timeout': 'nan' is not a finite number of seconds (0<x<=3600).",
+        ),
+        (
+            ["send", "standard", "--url", "http://127.0.0.1:9", "--field", "timestamp=abc"],
+            _NOT_SECONDS + "'abc'.",
+        ),
+        (
+            ["send", "standard", "--url", "http://127.0.0.1:9", "--field", "timestamp=" + "9" * 14],
+            _NOT_SECONDS + "'99999999999999'.",
+        ),
+        (
+            ["send", "igv", "--url", "http://127.0.0.1:9", "--field", "order_id=" + "9" * 5000],
+            "--field: order_id: an integer of 5000 digits is too long to send.",
+        ),
+    ],
+)
+def test_bad_option_values_are_usage_errors_that_name_the_option(
+    sqlite_app: Flask, args: list[str], error: str
+) -> None:
+    result = run(sqlite_app, *args)
+    assert result.exit_code == 2, result.output
+    last = result.output.splitlines()[-1]
+    assert last.startswith("Error: Invalid value for ") and error in last, last
+    assert "Traceback" not in result.output and "started" not in result.output
+
+
+def test_the_longest_duration_and_limit_are_accepted(sqlite_app: Flask) -> None:
+    since = run(sqlite_app, "deliveries", "--since", "36500d", "--limit", "100000")
+    assert (since.exit_code, since.output) == (0, "No deliveries.\n")
+    purged = run(sqlite_app, "purge", "--older-than", "3153600000s")
+    assert (purged.exit_code, purged.output) == (
+        0,
+        "Deleted 0 and compacted 0 deliveries older than 36500d (done).\n",
+    )
+
+
+def test_help_says_the_bounds(sqlite_app: Flask) -> None:
+    listing = " ".join(run(sqlite_app, "deliveries", "--help").output.split())
+    assert "e.g. 24h; at most 36500d (100 years)." in listing
+    assert "1<=x<=100000" in listing
+    assert "at most 36500d (100 years)." in " ".join(
+        run(sqlite_app, "purge", "--help").output.split()
+    )
+    assert "0.01<=x<=3600" in run(sqlite_app, "worker", "--help").output
+    assert "0<x<=3600" in run(sqlite_app, "send", "--help").output
+
+
+def test_seconds_refuses_a_maximum_no_thread_can_wait() -> None:
+    with pytest.raises(ValueError, match="longer than a thread can wait"):
+        Seconds(min=0, max=1e12)
+    assert Seconds(min=0, max=3600).convert("2.5", None, None) == 2.5
+
+
+def test_purge_prints_only_what_it_did(recorder: RecorderFactory) -> None:
+    now = [1_795_000_000.0]
+    app, _rec = recorder(hooks_options={"clock": lambda: now[0]})
+    empty = run(app, "purge", "--older-than", "30d")
+    assert (empty.exit_code, empty.output) == (
+        0,
+        "Deleted 0 and compacted 0 deliveries older than 30d (done).\n",
+    )
+    deliver(app, "igv", request_id="igv-done")
+    deliver(app, "collect", id="gateway-done")
+    now[0] += 40 * 86400
+    kept = run(app, "purge", "--older-than", "30d", "--compact-only")
+    assert kept.exit_code == 0, kept.output
+    assert kept.output.splitlines() == [
+        "Deleted 0 and compacted 2 deliveries older than 30d (done).",
+        "Done deliveries of gateway were compacted, not deleted: their signatures can "
+        "still be replayed.",
+        "Done deliveries of igv were compacted, not deleted: --compact-only was given.",
+    ]
+    again = run(app, "purge", "--older-than", "30d", "--compact-only")
+    assert again.output == "Deleted 0 and compacted 0 deliveries older than 30d (done).\n"
+
+
+def test_purge_compacts_but_never_deletes_done_deliveries_of_unconfigured_providers(
+    recorder: RecorderFactory,
+) -> None:
+    """A provider whose config was removed has no known replay window: its
+    done deliveries become tombstones (which keep its replay protection,
+    should it be configured again), its others go only when asked."""
+    now = [1_795_000_000.0]
+    clock = {"clock": lambda: now[0]}
+    configured, rec = recorder(hooks_options=clock)
+    deliver(configured, "igv", request_id="igv-done")
+    gateway = deliver(configured, "collect", id="gateway-done")
+    rec.fail_next = 1
+    deliver(configured, "igv", request_id="igv-failed")
+    # The same database, read by an app (a cron job's, say) without their config.
+    retired, _ = recorder(
+        hooks_options=clock, ORDERHOOKS_IGV_SECRET=None, ORDERHOOKS_GATEWAY_KEY=None
+    )
+    now[0] += 40 * 86400
+
+    result = run(retired, "purge", "--older-than", "30d")
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [
+        "Deleted 0 and compacted 2 deliveries older than 30d (done).",
+        "Done deliveries of gateway, igv were compacted, not deleted: they are not "
+        "configured in this app, so their replay window is unknown.",
+    ]
+    rows = _rows(retired)
+    assert rows == {
+        "igv-done": ("done", b"", True),
+        "gateway-done:60": ("done", b"", True),
+        "igv-failed": ("failed", rows["igv-failed"][1], False),
+    }
+    assert rows["igv-failed"][1] != b""
+
+    with_failed = run(retired, "purge", "--older-than", "30d", "--failed")
+    assert with_failed.output == (
+        "Deleted 1 and compacted 0 deliveries older than 30d (done, failed, dead).\n"
+    )
+    assert _rows(retired) == {
+        "igv-done": ("done", b"", True),
+        "gateway-done:60": ("done", b"", True),
+    }
+
+    # Configured again: the gateway's captured callback is still a duplicate,
+    # and iGV's tombstone, older than its window, is deleted.
+    before = len(rec.events)
+    resent = configured.test_client().post(
+        gateway.url(), data=gateway.body, headers=gateway.headers
+    )
+    assert (resent.status_code, resent.data, len(rec.events)) == (200, b"success", before)
+    assert run(configured, "purge", "--older-than", "30d").output == (
+        "Deleted 1 and compacted 0 deliveries older than 30d (done).\n"
+    )
+    assert _rows(configured) == {"gateway-done:60": ("done", b"", True)}
+
+
+def test_the_store_names_the_providers_it_holds(recorder: RecorderFactory) -> None:
+    app, _rec = recorder()
+    hooks: OrderHooks = app.extensions["orderhooks"]
+    with app.app_context():
+        assert hooks.store.providers() == []
+    for kind in ("sud", "igv", "collect", "igv", "payout"):
+        deliver(app, kind)
+    with app.app_context():
+        assert hooks.store.providers() == ["gateway", "igv", "sud"]

@@ -15,6 +15,7 @@ from flask_orderhooks.testing import (
     build,
     gateway_collect,
     igv_order_status,
+    standard_webhook,
     sud_order_changed,
 )
 from tests.conftest import BASE_CONFIG, AppFactory
@@ -107,3 +108,15 @@ def test_sud_builder_refuses_an_unknown_app(app: Flask) -> None:
         pytest.raises(LookupError, match="App '7' is not in ORDERHOOKS_SUD_APPS"),
     ):
         sud_order_changed(app_id="7")
+
+
+@pytest.mark.parametrize("timestamp", ["abc", "", 10**14])
+def test_a_standard_webhook_timestamp_that_is_no_time_is_refused_by_name(
+    timestamp: str | int,
+) -> None:
+    with pytest.raises(ValueError) as refused:
+        standard_webhook("whsec_c2VjcmV0", source="shop", timestamp=timestamp)
+    assert str(refused.value) == (
+        "timestamp must be whole Unix seconds of a year from 1 to 9999, such as "
+        f"1767225600, not {str(timestamp)!r}."
+    )

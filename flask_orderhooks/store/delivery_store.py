@@ -800,6 +800,26 @@ class DeliveryStore:
             query = query.limit(limit)
         return self._rows(query)
 
+    def providers(self) -> builtins.list[str]:
+        """The names of the providers with stored deliveries, in order.
+
+        One lookup along the primary key per provider, each the next name
+        after the last (a loose index scan): ``SELECT DISTINCT provider``
+        reads every row on PostgreSQL, seconds at 10 million.
+
+        .. versionadded:: 0.3
+        """
+        t = self.table
+        first = sa.select(t.c.provider).order_by(t.c.provider).limit(1)
+        names: builtins.list[str] = []
+        self.prepare()
+        with self.engine.connect() as connection:
+            name = connection.execute(first).scalar()
+            while name is not None:
+                names.append(name)
+                name = connection.execute(first.where(t.c.provider > name)).scalar()
+        return names
+
     def purge(
         self,
         *,

@@ -7,6 +7,7 @@ import functools
 import hashlib
 import json
 import logging
+import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -931,9 +932,17 @@ def _row_params(delivery: Delivery, token: str, digest: str) -> dict[str, Any]:
     }
 
 
+#: What no platform's id holds: C0 and C1 controls, DEL, lone surrogates.
+#: PostgreSQL refuses NUL in text (the claim would fail at every retry),
+#: a newline would forge log lines, and neither survives an HTML form.
+_UNSTORABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
 def _check_key(delivery: Delivery) -> None:
     if len(delivery.key) > MAX_KEY_LENGTH:
         raise MalformedPayload(f"The idempotency key is longer than {MAX_KEY_LENGTH}.")
+    if _UNSTORABLE.search(delivery.key):
+        raise MalformedPayload("The idempotency key holds a control character.")
 
 
 def _aborted(session: Transaction) -> bool:

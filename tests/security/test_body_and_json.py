@@ -431,6 +431,23 @@ def test_gateway_merchant_id_out_of_range_has_no_key(target: Target) -> None:
     target.refuse(COLLECT_PATH, body, {"Content-Type": "application/json"}, (401, "fail"))
 
 
+@pytest.mark.parametrize("char", ["\x00", "\n", "\r", "\x1b", "\x7f", "\x85"], ids=repr)
+def test_a_signed_key_with_a_control_character_is_refused(target: Target, char: str) -> None:
+    """No platform's id holds one: NUL cannot be stored on PostgreSQL (each
+    retry failed as "store unavailable"), a newline forges log lines, and
+    neither survives the console's forms. Refused before anything is stored,
+    on every backend; the same id without it is accepted."""
+    key = GATEWAY_KEYS[str(MERCHANT_A)]
+    bad = gateway_collect(key, id=f"CTRL{char}1")
+    sud = sud_order_changed(
+        SUD_APPS[SUD_APP_A], app_id=SUD_APP_A, notify_id=f"ctrl{char}1", timestamp_ms=NOW_MS
+    )
+    reason = "The idempotency key holds a control character."
+    target.refuse(COLLECT_PATH, bad.body, bad.headers, (400, "fail"))
+    target.refuse(SUD_PATH, sud.body, sud.headers, refused("sud", 400, reason))
+    target.accept_cb(gateway_collect(key, id=f"CTRL-{ord(char):x}"))
+
+
 def test_a_valid_request_is_answered_success_on_every_route(target: Target) -> None:
     # The control for this module: the same app accepts what it should.
     igv = igv_order_status(IGV_SECRET, request_id="control", timestamp_ms=NOW_MS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 from collections.abc import Callable
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from flask_orderhooks import OrderHooks
+from flask_orderhooks import OrderHooks, payout_finished
 from flask_orderhooks.sud import sud_signature
 from flask_orderhooks.testing import SignedCallback, build
 from tests.conftest import BASE_CONFIG, SUD_APP_ID, Recorder
@@ -263,6 +264,39 @@ def test_no_receiver_connected_is_503_and_the_delivery_is_kept(
         (row,) = hooks.store.list()
     assert row.status == "failed"
     assert row.error is not None and "No receiver is connected" in row.error
+
+
+def test_a_weakly_connected_receiver_that_was_collected_is_503_and_kept(
+    make_app: Callable[..., Any],
+) -> None:
+    """blinker holds receivers weakly unless told otherwise: a local function
+    connected without weak=False is gone after the next collection. The
+    delivery must then be kept failed and answered "retry", never done with
+    nothing run; connected for good, the retry dispatches it."""
+    app, hooks, _db = make_app()
+    seen: list[object] = []
+
+    def local_receiver(sender: Flask, *, event: object) -> None:
+        seen.append(event)
+
+    payout_finished.connect(local_receiver, app)
+    del local_receiver
+    gc.collect()
+    cb = make("payout", app)
+    assert post(app, cb).status_code == 503
+    with app.app_context():
+        (row,) = hooks.store.list()
+    assert (row.status, seen) == ("failed", [])
+
+    def kept(sender: Flask, *, event: object) -> None:
+        seen.append(event)
+
+    payout_finished.connect(kept, app, weak=False)
+    try:
+        assert post(app, cb).status_code == 200
+    finally:
+        payout_finished.disconnect(kept, app)
+    assert len(seen) == 1
 
 
 @pytest.mark.parametrize(

@@ -215,6 +215,12 @@ def read_secrets(key: str, value: object) -> Secrets:
             )
         if not item.strip():
             raise ConfigurationError(key, "a secret is empty; remove it or set a real secret.")
+        if item != item.strip():
+            # A newline read from a secrets file or an env var with a stray
+            # space: every callback would fail its signature, as a 401.
+            raise ConfigurationError(
+                key, "a secret starts or ends with whitespace (a newline from a file?); strip it."
+            )
     return Secrets([str(v) for v in values])
 
 

@@ -31,6 +31,16 @@ def make(tmp_path: Path, **config: Any) -> Flask:
     [
         ("ORDERHOOKS_IGV_SECRET", "", "a secret is empty; remove it or set a real secret."),
         ("ORDERHOOKS_IGV_SECRET", "   ", "a secret is empty; remove it or set a real secret."),
+        (
+            "ORDERHOOKS_IGV_SECRET",
+            "s" * 32 + "\n",
+            "a secret starts or ends with whitespace (a newline from a file?); strip it.",
+        ),
+        (
+            "ORDERHOOKS_GATEWAY_KEY",
+            {"10001": [" old-key", "new-key"]},
+            "a secret starts or ends with whitespace (a newline from a file?); strip it.",
+        ),
         ("ORDERHOOKS_IGV_SECRET", [], "the list of secrets is empty; give at least one."),
         (
             "ORDERHOOKS_IGV_SECRET",

@@ -46,7 +46,9 @@ class SessionTransaction:
     def __init__(self, session: Session) -> None:
         self.session = session
         _guard_commits()
-        session.info[_DISPATCHING] = True
+        # A depth, not a flag: a dispatch inside a receiver (a replay) must
+        # not lift the guard of the one around it when it ends.
+        session.info[_DISPATCHING] = session.info.get(_DISPATCHING, 0) + 1
 
     def connection(self) -> Connection:
         return self.session.connection()
@@ -65,8 +67,13 @@ class SessionTransaction:
         self.session.rollback()
 
     def close(self) -> None:
-        """The dispatch is over: the session's commits are the host's again."""
-        self.session.info.pop(_DISPATCHING, None)
+        """The dispatch is over: the session's commits are the host's again
+        (unless another dispatch around this one is still running)."""
+        depth = self.session.info.get(_DISPATCHING, 1) - 1
+        if depth > 0:
+            self.session.info[_DISPATCHING] = depth
+        else:
+            self.session.info.pop(_DISPATCHING, None)
 
 
 def _refuse_a_receivers_commit(session: Session) -> None:

@@ -236,8 +236,7 @@ class DeliveryStore:
                 return "accepted"
             current = self._sql.accepted_state(row)
             if current is None:
-                with self._store_errors(delivery), self._own_transaction() as connection:
-                    current = self._sql.state.first(connection, self._key_params(delivery))
+                current = self._current_state(delivery)
             if current is not None:
                 break
             # Not visible yet (another copy's insert, not yet committed, made
@@ -286,9 +285,14 @@ class DeliveryStore:
         """After a revive that was busy: whether the row still waits for one.
         A plain read, which waits for no lock: a worker that holds the row is
         dispatching it (processing, lease ahead), which is no loss."""
-        with self._store_errors(delivery), self._own_transaction() as connection:
-            current = self._sql.state.first(connection, self._key_params(delivery))
+        current = self._current_state(delivery)
         return current is not None and self._revivable(current[0], current[2])
+
+    def _current_state(self, delivery: Delivery) -> tuple[Any, ...] | None:
+        """The row's (status, body_sha256, lease_expires_at), by a plain read
+        in a transaction of its own, which waits for no lock."""
+        with self._store_errors(delivery), self._own_transaction() as connection:
+            return self._sql.state.first(connection, self._key_params(delivery))
 
     def _try_accept(self, delivery: Delivery, token: str, digest: str) -> tuple[Any, ...] | None:
         """The acceptance's insert; ``None`` when its wait for a row was busy."""

@@ -27,8 +27,10 @@ __all__ = ["DEMO_SECRETS", "create_app", "db"]
 logger = logging.getLogger(__name__)
 
 #: DEMO ONLY, never in production: these secrets are public (they are the
-#: test suite's), so anyone can sign callbacks with them. Set the real ones
-#: through ``create_app(config)`` or the environment (see :func:`create_app`).
+#: test suite's), so anyone can sign callbacks with them. They are used only
+#: when ``SHOP_DEMO_SECRETS`` is true, as ``./scripts/demo`` sets it; set the
+#: real ones through ``create_app(config)`` or the environment (see
+#: :func:`create_app`).
 DEMO_SECRETS: dict[str, Any] = {
     "ORDERHOOKS_IGV_SECRET": "aBcDeFgHiJkLmNoPqRsTuVwXyZ012345",
     "ORDERHOOKS_GATEWAY_KEY": {"10001": "merchant-key"},
@@ -48,11 +50,17 @@ def create_app(
     """Create the shop.
 
     Config is read in this order, each overriding the one before: the
-    defaults (SQLite in the instance folder, the demo secrets), ``FLASK_*``
-    environment variables (``FLASK_ORDERHOOKS_IGV_SECRET=...``; values are
-    read as JSON when they parse, so ``FLASK_ORDERHOOKS_GATEWAY_KEY='{"10001":
-    "..."}'`` gives a mapping and a secret made of digits must be quoted),
-    then ``config``.
+    defaults (SQLite in the instance folder), ``FLASK_*`` environment
+    variables (``FLASK_ORDERHOOKS_IGV_SECRET=...``; values are read as JSON
+    when they parse, so ``FLASK_ORDERHOOKS_GATEWAY_KEY='{"10001": "..."}'``
+    gives a mapping and a secret made of digits must be quoted), then
+    ``config``.
+
+    The callback secrets have no default: a platform without its secret is
+    off (its routes answer 404). ``SHOP_DEMO_SECRETS=True`` (in the
+    environment, ``FLASK_SHOP_DEMO_SECRETS=true``) fills in the public
+    :data:`DEMO_SECRETS` for every secret not set; a secret that is set wins
+    whole, its demo mapping is never merged into it.
 
     The staff login, the staff page and the operator console are on only
     when ``SHOP_STAFF_PASSWORD`` is set; their sessions are signed with
@@ -69,9 +77,7 @@ def create_app(
     app.config["SQLALCHEMY_DATABASE_URI"] = "sqlite:///" + os.path.join(
         app.instance_path, "shop.sqlite3"
     )
-    # A copy: nested environment keys (FLASK_ORDERHOOKS_SUD_APPS__<id>) write
-    # into these mappings.
-    app.config.update(copy.deepcopy(DEMO_SECRETS))
+    app.config["SHOP_DEMO_SECRETS"] = False
     # The operator console, for the shop's staff (see staff.py); off without
     # a staff password.
     app.config["ORDERHOOKS_CONSOLE_URL"] = "/orderhooks/console"
@@ -79,6 +85,11 @@ def create_app(
     app.config["SESSION_COOKIE_SAMESITE"] = "Lax"
     app.config.from_prefixed_env()
     app.config.update(config or {})
+    # After the environment and config: a secret set there wins whole. Were
+    # the demo mappings defaults, a nested environment key
+    # (FLASK_ORDERHOOKS_SUD_APPS__<id>) would add the real app to them, and
+    # the public demo app would still sign callbacks.
+    _fill_in_demo_secrets(app)
     os.makedirs(app.instance_path, exist_ok=True)
     # Before OrderHooks: the console it registers needs the SECRET_KEY.
     staff_on = prepare_staff(app)
@@ -97,14 +108,41 @@ def create_app(
         # which see the deliveries table because it is in db.metadata.
         db.create_all()
 
+    if not app.testing:
+        _warn_about_secrets(app)
+    return app
+
+
+def _fill_in_demo_secrets(app: Flask) -> None:
+    wanted = app.config["SHOP_DEMO_SECRETS"]
+    # Not bool(wanted): FLASK_SHOP_DEMO_SECRETS=false read as the string
+    # "False" (or a typo) must not turn public secrets on.
+    if not isinstance(wanted, bool):
+        raise ValueError(
+            f"SHOP_DEMO_SECRETS must be true or false, not a {type(wanted).__name__} "
+            "(in the environment: FLASK_SHOP_DEMO_SECRETS=true)."
+        )
+    if wanted:
+        for key, value in DEMO_SECRETS.items():
+            if key not in app.config:
+                # A copy: the module's mappings stay as they are.
+                app.config[key] = copy.deepcopy(value)
+
+
+def _warn_about_secrets(app: Flask) -> None:
     demo_keys = [key for key in DEMO_SECRETS if _uses_demo_secret(key, app.config.get(key))]
-    if demo_keys and not app.testing:
+    if demo_keys:
         logger.warning(
             "DEMO-ONLY secrets in use (%s): anyone can sign these callbacks. "
             "Set real ones before going live.",
             ", ".join(demo_keys),
         )
-    return app
+    elif not any(app.config.get(key) for key in DEMO_SECRETS):
+        logger.warning(
+            "No callback secret is set, so every platform is off and its routes "
+            "answer 404. Set the real ones (e.g. FLASK_ORDERHOOKS_GATEWAY_KEY in the "
+            "environment), or SHOP_DEMO_SECRETS=true for the public demo ones."
+        )
 
 
 def _uses_demo_secret(key: str, value: object) -> bool:

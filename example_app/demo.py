@@ -330,7 +330,11 @@ def main() -> int:
         # The database is named explicitly so that a FLASK_SQLALCHEMY_DATABASE_URI
         # in the environment cannot point the demo at a real database.
         database = "sqlite:///" + str(Path(instance, "shop.sqlite3"))
-        app = create_app({"SQLALCHEMY_DATABASE_URI": database}, instance_path=instance)
+        # The demo's callbacks are signed with the public demo secrets.
+        app = create_app(
+            {"SQLALCHEMY_DATABASE_URI": database, "SHOP_DEMO_SECRETS": True},
+            instance_path=instance,
+        )
         server = make_server("127.0.0.1", 0, app, request_handler=_QuietHandler)
         thread = threading.Thread(target=server.serve_forever, name="demo-server", daemon=True)
         thread.start()

@@ -26,13 +26,15 @@ from example_app.models import Base, GameOrder, Order, Payment, Payout, db
 from flask_orderhooks import GameOrderChanged, game_order_changed, get_extension, payout_finished
 from flask_orderhooks.pytest_plugin import OrderHooksClient
 from flask_orderhooks.store import StoredDelivery
-from flask_orderhooks.testing import build, sud_order
+from flask_orderhooks.testing import SignedCallback, build, sud_order
 
 _Model = TypeVar("_Model", bound=Base)
 
 #: The staff password and session key of the ``app`` fixture's shop.
 STAFF_PASSWORD = "correct horse battery staple"
 STAFF_CONFIG = {"SHOP_STAFF_PASSWORD": STAFF_PASSWORD, "SECRET_KEY": "a-test-session-key"}
+#: The public demo callback secrets, which the tests sign with.
+DEMO_ON = {"SHOP_DEMO_SECRETS": True}
 
 
 @pytest.fixture
@@ -40,7 +42,7 @@ def app(database_uri: str, tmp_path: Path) -> Iterator[Flask]:
     """The shop on each backend, its staff side on; overrides conftest's
     ``app`` for ``orderhooks``."""
     app = create_app(
-        {"TESTING": True, "SQLALCHEMY_DATABASE_URI": database_uri, **STAFF_CONFIG},
+        {"TESTING": True, "SQLALCHEMY_DATABASE_URI": database_uri, **DEMO_ON, **STAFF_CONFIG},
         instance_path=tmp_path / "instance",
     )
     yield app
@@ -569,7 +571,27 @@ REAL_REST = {
 }
 
 
-def test_defaults_sqlite_in_the_instance_folder_and_demo_secrets(
+NO_SECRETS = (
+    "No callback secret is set, so every platform is off and its routes answer 404. Set "
+    "the real ones (e.g. FLASK_ORDERHOOKS_GATEWAY_KEY in the environment), or "
+    "SHOP_DEMO_SECRETS=true for the public demo ones."
+)
+ALL_DEMO = (
+    "DEMO-ONLY secrets in use (ORDERHOOKS_IGV_SECRET, ORDERHOOKS_GATEWAY_KEY, "
+    "ORDERHOOKS_SUD_APPS, ORDERHOOKS_STANDARD_WEBHOOKS): anyone can sign these "
+    "callbacks. Set real ones before going live."
+)
+
+
+def post(client: FlaskClient, callback: SignedCallback) -> TestResponse:
+    return client.post(callback.url(), data=callback.body, headers=callback.headers)
+
+
+def shop_messages(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "example_app"]
+
+
+def test_defaults_sqlite_in_the_instance_folder_and_no_secrets(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     instance = tmp_path / "instance"
@@ -578,13 +600,15 @@ def test_defaults_sqlite_in_the_instance_folder_and_demo_secrets(
     try:
         assert app.config["SQLALCHEMY_DATABASE_URI"] == f"sqlite:///{instance / 'shop.sqlite3'}"
         assert (instance / "shop.sqlite3").is_file()
-        for key, value in DEMO_SECRETS.items():
-            assert app.config[key] == value
-        assert [r.getMessage() for r in caplog.records if r.name == "example_app"] == [
-            "DEMO-ONLY secrets in use (ORDERHOOKS_IGV_SECRET, ORDERHOOKS_GATEWAY_KEY, "
-            "ORDERHOOKS_SUD_APPS, ORDERHOOKS_STANDARD_WEBHOOKS): anyone can sign these "
-            "callbacks. Set real ones before going live."
-        ]
+        # A copy of the shop holds no secret anyone else knows: the public
+        # demo ones are not there unless asked for, and every platform is off.
+        for key in DEMO_SECRETS:
+            assert app.config[key] is None
+        assert shop_messages(caplog) == [NO_SECRETS]
+        client = app.test_client()
+        with app.app_context():
+            demo_signed = build("collect", secret="merchant-key", mch_id=10001)
+        assert post(client, demo_signed).status_code == 404
         # No session key or staff password in the source: the staff side is off.
         assert not app.secret_key
         assert app.config["ORDERHOOKS_CONSOLE_URL"] is None
@@ -596,36 +620,82 @@ def test_defaults_sqlite_in_the_instance_folder_and_demo_secrets(
             db.engine.dispose()
 
 
-def test_environment_and_config_override_the_defaults(
+@pytest.mark.parametrize("through", ["config", "environment"])
+def test_the_demo_secrets_are_used_when_asked_for(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    through: str,
+) -> None:
+    config: dict[str, Any] = {}
+    if through == "config":
+        config = dict(DEMO_ON)
+    else:
+        monkeypatch.setenv("FLASK_SHOP_DEMO_SECRETS", "true")
+    with caplog.at_level(logging.WARNING, logger="example_app"):
+        app = create_app(config, instance_path=tmp_path / "instance")
+    try:
+        for key, value in DEMO_SECRETS.items():
+            assert app.config[key] == value
+            # A copy: the module's mappings are not the app's.
+            assert app.config[key] is not value or isinstance(value, str)
+        assert shop_messages(caplog) == [ALL_DEMO]
+        client = app.test_client()
+        with app.app_context():
+            demo_signed = build("collect", secret="merchant-key", mch_id=10001)
+        accepted = post(client, demo_signed)
+        assert (accepted.status_code, accepted.data) == (200, b"success")
+    finally:
+        with app.app_context():
+            db.engine.dispose()
+
+
+@pytest.mark.parametrize("value", ["False", "yes", 1, None])
+def test_a_demo_switch_that_is_not_true_or_false_is_refused(tmp_path: Path, value: object) -> None:
+    with pytest.raises(ValueError, match="SHOP_DEMO_SECRETS must be true or false"):
+        create_app({"SHOP_DEMO_SECRETS": value}, instance_path=tmp_path / "instance")
+
+
+def test_a_false_demo_switch_from_the_environment_keeps_the_demo_secrets_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLASK_SHOP_DEMO_SECRETS", "false")
+    app = create_app({"TESTING": True}, instance_path=tmp_path / "instance")
+    with app.app_context():
+        db.engine.dispose()
+
+    assert app.config["SHOP_DEMO_SECRETS"] is False
+    assert app.config["ORDERHOOKS_GATEWAY_KEY"] is None
+
+
+def test_environment_and_config_secrets_win_whole_over_the_demo_ones(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv("FLASK_ORDERHOOKS_IGV_SECRET", '"from-the-environment-000000000000"')
     monkeypatch.setenv("FLASK_ORDERHOOKS_GATEWAY_KEY", '{"20002": "real-merchant-key"}')
     monkeypatch.setenv("FLASK_ORDERHOOKS_SUD_APPS__42", "real-app-secret")
-    config = {"ORDERHOOKS_IGV_SECRET": "from-the-config-0000000000000000", **REAL_REST}
+    config = {"ORDERHOOKS_IGV_SECRET": "from-the-config-0000000000000000", **DEMO_ON, **REAL_REST}
     with caplog.at_level(logging.WARNING, logger="example_app"):
         app = create_app(config, instance_path=tmp_path / "instance")
     try:
         assert app.config["ORDERHOOKS_IGV_SECRET"] == "from-the-config-0000000000000000"
         assert app.config["ORDERHOOKS_GATEWAY_KEY"] == {"20002": "real-merchant-key"}
-        # Nested keys add to the default mapping, never to the module's copy.
-        assert app.config["ORDERHOOKS_SUD_APPS"] == {
-            "1461564080052506636": "app-secret",
-            "42": "real-app-secret",
-        }
+        # A nested key makes the mapping on its own: the demo app is not
+        # merged into it, so its public secret signs nothing.
+        assert app.config["ORDERHOOKS_SUD_APPS"] == {"42": "real-app-secret"}
         assert DEMO_SECRETS["ORDERHOOKS_SUD_APPS"] == {"1461564080052506636": "app-secret"}
-        assert [r.getMessage() for r in caplog.records if r.name == "example_app"] == [
-            "DEMO-ONLY secrets in use (ORDERHOOKS_SUD_APPS): anyone can sign these "
-            "callbacks. Set real ones before going live."
-        ]
-        # The environment's merchant key is the one that verifies.
+        assert shop_messages(caplog) == []
         client = app.test_client()
         with app.app_context():
             good = build("collect", app=app, mch_id=20002)
-            demo_signed = build("collect", secret="merchant-key", mch_id=10001)
-        assert client.post(good.url(), data=good.body, headers=good.headers).data == b"success"
-        refused = client.post(demo_signed.url(), data=demo_signed.body, headers=demo_signed.headers)
+            demo_gateway = build("collect", secret="merchant-key", mch_id=10001)
+            demo_sud = build("sud", app_id="1461564080052506636", secret="app-secret")
+            real_sud = build("sud", app=app, app_id="42")
+        assert post(client, good).data == b"success"
+        refused = post(client, demo_gateway)
         assert (refused.status_code, refused.data) == (401, b"fail")
+        assert post(client, demo_sud).status_code == 401
+        assert post(client, real_sud).status_code == 200
     finally:
         with app.app_context():
             db.engine.dispose()
@@ -847,7 +917,12 @@ def test_a_dead_delivery_raises_the_shops_alert(
     database_uri: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     app = create_app(
-        {"TESTING": True, "SQLALCHEMY_DATABASE_URI": database_uri, "ORDERHOOKS_RETRY_DELAYS": []},
+        {
+            "TESTING": True,
+            "SQLALCHEMY_DATABASE_URI": database_uri,
+            "ORDERHOOKS_RETRY_DELAYS": [],
+            **DEMO_ON,
+        },
         instance_path=tmp_path / "instance",
     )
 

@@ -17,7 +17,7 @@ from flask_orderhooks.pytest_plugin import OrderHooksClient
 
 @pytest.fixture
 def app(tmp_path: Path) -> Iterator[Flask]:
-    app = create_app({"TESTING": True}, instance_path=tmp_path)
+    app = create_app({"TESTING": True, "SHOP_DEMO_SECRETS": True}, instance_path=tmp_path)
     yield app
     with app.app_context():
         db.engine.dispose()

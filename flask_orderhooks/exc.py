@@ -109,7 +109,8 @@ class StaleSnapshot(StoreUnavailable):
 
 
 class ReceiverCommit(OrderHooksError, RuntimeError):
-    """Raised by ``db.session.commit()`` inside a receiver (``db=``).
+    """Raised by ``db.session.commit()``, or a commit of the session's
+    connection, inside a receiver (``db=``).
 
     The extension commits what the receivers write together with the
     delivery's done mark, once they have all returned: both or neither. A

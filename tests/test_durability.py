@@ -724,6 +724,56 @@ def test_a_receiver_that_rolls_back_then_commits_fails_the_delivery(
     _fails_once_then_dispatches(recorder, roll_back_then_commit, "ReceiverCommit:")
 
 
+def test_a_receiver_that_commits_the_sessions_connection_fails_the_delivery(
+    recorder: RecorderFactory,
+) -> None:
+    """``db.session.connection().commit()`` goes around the session's commit:
+    before, it committed the done mark with what the receiver had flushed,
+    so a receiver failing after it got a 500 while the row was done, and the
+    platform's retry was a "duplicate" (the rest of the work lost). It raises
+    ReceiverCommit like the session's commit: nothing committed, retried."""
+
+    def commit_the_connection(db: Any) -> None:
+        db.session.add(Credit(key="written before the commit"))
+        db.session.flush()
+        db.session.connection().commit()
+
+    _fails_once_then_dispatches(
+        recorder, commit_the_connection, "ReceiverCommit: a commit of db.session's connection"
+    )
+
+
+def test_a_receiver_that_rolls_back_then_commits_the_connection_fails_the_delivery(
+    recorder: RecorderFactory,
+) -> None:
+    """After a rollback the session begins on a connection the dispatch never
+    saw: its commit is refused too."""
+
+    def roll_back_then_commit_the_connection(db: Any) -> None:
+        db.session.rollback()
+        db.session.add(Credit(key="written after the rollback"))
+        db.session.flush()
+        db.session.connection().commit()
+
+    _fails_once_then_dispatches(recorder, roll_back_then_commit_the_connection, "ReceiverCommit:")
+
+
+def test_the_host_commits_its_sessions_connection_after_a_dispatch(
+    recorder: RecorderFactory,
+) -> None:
+    """The guard lasts as long as the dispatch: the same connection's commit
+    is the host's again once the request is answered."""
+    app, rec = recorder()
+    assert rec.db is not None
+    db = rec.db
+    assert post(app, make("igv", app)).status_code == 200
+    with app.app_context():
+        db.session.add(Credit(key="the host's own"))
+        db.session.flush()
+        db.session.connection().commit()
+    assert rec.credits() == 2
+
+
 def test_a_receivers_savepoint_commits_with_the_delivery(recorder: RecorderFactory) -> None:
     """begin_nested() savepoints are the receiver's to commit: only the
     session's own transaction is the extension's."""

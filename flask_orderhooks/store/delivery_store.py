@@ -492,8 +492,8 @@ class DeliveryStore:
 
     def _committed_done(self, delivery: Keyed, claim: Claim) -> bool:
         """A receiver ended the dispatch's transaction itself: whether this
-        claim's done mark went with a commit, one that bypassed the session
-        (its connection's ``commit()``); what the receiver wrote since then
+        claim's done mark went with a commit that bypassed both commit guards
+        (see store/transactions.py); what the receiver wrote since then
         commits at the end, as usual.
 
         Done is not enough: after a rollback this worker's lease may run out

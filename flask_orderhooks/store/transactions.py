@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Protocol
 
 from sqlalchemy import event
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
+from sqlalchemy.orm import SessionTransaction as _OrmTransaction
 
 from ..exc import ReceiverCommit
 
@@ -38,8 +40,9 @@ class SessionTransaction:
     store's statements run on its connection, receivers use the session, and
     one ``commit()`` flushes and commits both.
 
-    Until :meth:`close`, a ``commit()`` of the session by anyone else (a
-    receiver) raises :exc:`~flask_orderhooks.exc.ReceiverCommit`; savepoints
+    Until :meth:`close`, a ``commit()`` of the session or of its connection
+    by anyone else (a receiver) raises
+    :exc:`~flask_orderhooks.exc.ReceiverCommit`; savepoints
     (``begin_nested()``) commit as usual.
     """
 
@@ -51,7 +54,12 @@ class SessionTransaction:
         session.info[_DISPATCHING] = session.info.get(_DISPATCHING, 0) + 1
 
     def connection(self) -> Connection:
-        return self.session.connection()
+        connection = self.session.connection()
+        # The transaction may have begun before the dispatch did (the host's
+        # own statements), when no after_begin of ours was there to see it.
+        if _guarded.get(connection) is not self.session:
+            _guard_connection(connection, self.session)
+        return connection
 
     def current(self) -> object:
         return self.session.get_transaction()
@@ -95,6 +103,42 @@ def _guard_commits() -> None:
     setup and removal on every callback."""
     if not event.contains(Session, "before_commit", _refuse_a_receivers_commit):
         event.listen(Session, "before_commit", _refuse_a_receivers_commit)
+        event.listen(Session, "after_begin", _guard_a_dispatchs_connection)
+
+
+#: The connections of sessions that may be dispatching, and their engines
+#: listened to: ``Connection.commit()`` goes around the session's own
+#: ``before_commit``. Weak: a connection object lasts one checkout.
+_guarded: weakref.WeakKeyDictionary[Connection, Session] = weakref.WeakKeyDictionary()
+_guarded_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def _guard_a_dispatchs_connection(
+    session: Session, _transaction: _OrmTransaction, connection: Connection
+) -> None:
+    # A receiver that rolled back begins again on a connection the dispatch
+    # has not seen.
+    if session.info.get(_DISPATCHING):
+        _guard_connection(connection, session)
+
+
+def _guard_connection(connection: Connection, session: Session) -> None:
+    _guarded[connection] = session
+    engine = connection.engine
+    if engine not in _guarded_engines:
+        _guarded_engines.add(engine)
+        event.listen(engine, "commit", _refuse_a_receivers_connection_commit)
+
+
+def _refuse_a_receivers_connection_commit(connection: Connection) -> None:
+    session = _guarded.get(connection)
+    # Nested or not: the connection's commit commits the root transaction.
+    if session is not None and session.info.get(_DISPATCHING) and not session.info.get(_OWN_COMMIT):
+        raise ReceiverCommit(
+            "a commit of db.session's connection inside a receiver: the extension commits "
+            "what receivers write together with the done mark, after the last one returned. "
+            "Remove the commit (flush() gives new rows their ids)."
+        )
 
 
 class ConnectionTransaction:

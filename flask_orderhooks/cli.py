@@ -22,6 +22,7 @@ from flask import current_app
 from flask.cli import with_appcontext
 from sqlalchemy.exc import SQLAlchemyError
 
+from .config import LONGEST_POLL_INTERVAL, LONGEST_SECONDS
 from .extension import AppState, get_extension
 from .provider import Provider
 from .replay import replay
@@ -48,7 +49,7 @@ class Duration(click.ParamType[timedelta]):
     #: 100 years: longer than any retention, and a cutoff that far back stays
     #: inside what every backend stores (MySQL's DATETIME starts at year
     #: 1000). Without a bound, 1000000d overflowed the date arithmetic.
-    LONGEST = timedelta(days=36500)
+    LONGEST = timedelta(seconds=LONGEST_SECONDS)
     #: The bound as help texts and errors write it.
     LONGEST_TEXT = f"{_human(LONGEST)} (100 years)"
 
@@ -311,7 +312,7 @@ def _replay_one(state: AppState, row: StoredDelivery, *, force: bool) -> bool:
 @click.option("--once", is_flag=True, help="Dispatch what is due now, then exit.")
 @click.option(
     "--poll-interval",
-    type=Seconds(min=0.01, max=3600),
+    type=Seconds(min=0.01, max=LONGEST_POLL_INTERVAL),
     help="Seconds between looks when idle, at most an hour "
     "(default: ORDERHOOKS_WORKER_POLL_INTERVAL).",
 )

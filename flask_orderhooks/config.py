@@ -156,13 +156,20 @@ def load_settings(config: Mapping[str, Any], providers: Sequence[str] = ()) -> S
         url_prefix=prefix.rstrip("/"),
         max_clock_skew=read_seconds(config, "ORDERHOOKS_MAX_CLOCK_SKEW"),
         database_uri=database_uri,
-        duplicate_wait=read_seconds(config, "ORDERHOOKS_DUPLICATE_WAIT"),
+        duplicate_wait=read_seconds(
+            config, "ORDERHOOKS_DUPLICATE_WAIT", at_most=(LONGEST_REQUEST_WAIT, "an hour")
+        ),
         claim_timeout=read_seconds(config, "ORDERHOOKS_CLAIM_TIMEOUT", positive=True),
         max_body=_max_body(config["ORDERHOOKS_MAX_BODY"]),
         allowed_ips=_allowed_ips(config["ORDERHOOKS_ALLOWED_IPS"], providers),
         dispatch=_dispatch(config["ORDERHOOKS_DISPATCH"]),
         retry_delays=_retry_delays(config["ORDERHOOKS_RETRY_DELAYS"]),
-        worker_poll_interval=read_seconds(config, "ORDERHOOKS_WORKER_POLL_INTERVAL", positive=True),
+        worker_poll_interval=read_seconds(
+            config,
+            "ORDERHOOKS_WORKER_POLL_INTERVAL",
+            positive=True,
+            at_most=(LONGEST_POLL_INTERVAL, "an hour"),
+        ),
     )
 
 
@@ -187,6 +194,10 @@ def _retry_delays(value: object) -> tuple[float, ...]:
         if not math.isfinite(item) or item < 0:
             raise ConfigurationError(
                 key, "every delay must be a finite number of seconds, zero or more."
+            )
+        if item > LONGEST_SECONDS:
+            raise ConfigurationError(
+                key, f"every delay must be at most {LONGEST_SECONDS:.0f} seconds (36500 days)."
             )
         delays.append(float(item))
     return tuple(delays)
@@ -224,33 +235,55 @@ def read_secrets(key: str, value: object) -> Secrets:
     return Secrets([str(v) for v in values])
 
 
+#: The longest duration a setting takes, as the CLI's: beyond it a date
+#: passes the year 9999 and a thread's wait overflows.
+LONGEST_SECONDS = 36500 * 86400.0
+#: A request that waits longer has been given up by any platform (and by
+#: gunicorn's worker timeout), and PostgreSQL's ``lock_timeout``, which the
+#: wait becomes, stops at 24.8 days.
+LONGEST_REQUEST_WAIT = 3600
+#: The CLI's bound for ``worker --poll-interval``.
+LONGEST_POLL_INTERVAL = 3600
+_LONGEST = (LONGEST_SECONDS, "36500 days")
+
+
 def read_optional_seconds(config: Mapping[str, Any], key: str) -> float | None:
-    """A number of seconds, zero or more, or ``None`` (``config[key]``).
+    """A number of seconds from zero to 36500 days, or ``None`` (``config[key]``).
 
     :raises ConfigurationError: naming ``key``.
     """
     value = config[key]
     if value is None:
         return None
-    return _seconds(key, value, "a number of seconds or None")
+    return _seconds(key, value, "a number of seconds or None", _LONGEST)
 
 
-def read_seconds(config: Mapping[str, Any], key: str, *, positive: bool = False) -> float:
-    """A number of seconds, zero or more (more than zero with ``positive``).
+def read_seconds(
+    config: Mapping[str, Any],
+    key: str,
+    *,
+    positive: bool = False,
+    at_most: tuple[float, str] = _LONGEST,
+) -> float:
+    """A number of seconds, zero or more (more than zero with ``positive``),
+    up to ``at_most`` (seconds, and how to say it; 36500 days by default).
 
     :raises ConfigurationError: naming ``key``.
     """
-    seconds = _seconds(key, config[key], "a number of seconds")
+    seconds = _seconds(key, config[key], "a number of seconds", at_most)
     if positive and seconds == 0:
         raise ConfigurationError(key, "must be more than zero seconds.")
     return seconds
 
 
-def _seconds(key: str, value: object, kind: str) -> float:
+def _seconds(key: str, value: object, kind: str, at_most: tuple[float, str]) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigurationError(key, f"must be {kind}, not {type(value).__name__}.")
     if not math.isfinite(value) or value < 0:
         raise ConfigurationError(key, "must be a finite number of seconds, zero or more.")
+    longest, said = at_most
+    if value > longest:
+        raise ConfigurationError(key, f"must be at most {longest:.0f} seconds ({said}).")
     return float(value)
 
 

@@ -83,6 +83,27 @@ def make(tmp_path: Path, **config: Any) -> Flask:
         ("ORDERHOOKS_IGV_MAX_AGE", "1h", "must be a number of seconds or None, not str."),
         ("ORDERHOOKS_IGV_MAX_AGE", -1, "must be a finite number of seconds, zero or more."),
         ("ORDERHOOKS_DUPLICATE_WAIT", None, "must be a number of seconds, not NoneType."),
+        # PostgreSQL refused the wait's lock_timeout at every callback (503).
+        (
+            "ORDERHOOKS_DUPLICATE_WAIT",
+            3601,
+            "must be at most 3600 seconds (an hour).",
+        ),
+        # An idle worker's wait overflowed (OverflowError).
+        ("ORDERHOOKS_WORKER_POLL_INTERVAL", 1e10, "must be at most 3600 seconds (an hour)."),
+        # Dates past the year 9999: a failed attempt's record overflowed (500).
+        (
+            "ORDERHOOKS_RETRY_DELAYS",
+            [10, 1e15],
+            "every delay must be at most 3153600000 seconds (36500 days).",
+        ),
+        (
+            "ORDERHOOKS_CLAIM_TIMEOUT",
+            1e15,
+            "must be at most 3153600000 seconds (36500 days).",
+        ),
+        ("ORDERHOOKS_IGV_MAX_AGE", 1e15, "must be at most 3153600000 seconds (36500 days)."),
+        ("ORDERHOOKS_MAX_CLOCK_SKEW", 1e15, "must be at most 3153600000 seconds (36500 days)."),
         ("ORDERHOOKS_CLAIM_TIMEOUT", 0, "must be more than zero seconds."),
         ("ORDERHOOKS_MAX_BODY", 0, "must be a positive number of bytes."),
         (

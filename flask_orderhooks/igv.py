@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -35,6 +36,14 @@ from .provider import (
     utc_from_ms,
 )
 from .signals import callback_unhandled, order_pending_delivery
+
+#: Unix milliseconds from 2001 to 2286: always 13 digits, never a leading
+#: zero. The signed text joins the timestamp and the request id with no
+#: separator, so only a fixed length keeps a digit from moving between them:
+#: ("1734850099000", "2002…") and ("173485009900", "02002…") sign alike, and
+#: the second is a new request id that carries any body (with no
+#: ``ORDERHOOKS_IGV_MAX_AGE``, its timestamp is not refused as too old).
+_TIMESTAMP = re.compile(r"[1-9][0-9]{12}")
 
 #: ``sellerOrderStatus`` of an order awaiting delivery, the one status pushed today.
 PENDING_DELIVERY = 1
@@ -103,6 +112,15 @@ class IGVProvider(Provider):
             self.max_skew,
             "X-Timestamp",
         )
+        if not _TIMESTAMP.fullmatch(timestamp):
+            # After the window, which already refuses a digit moved either
+            # way (ten times too old or too new); without one, this is what
+            # does. Refused as unsigned: the signature does not say where
+            # the timestamp ends and the request id begins.
+            raise BadSignature(
+                "The X-Timestamp header is not 13 digits of Unix milliseconds, so the "
+                "signature does not bind the request id."
+            )
         data = parse_object(body)
         status = req_int(data, "sellerOrderStatus")
         event: object

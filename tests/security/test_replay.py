@@ -87,6 +87,47 @@ def test_signature_is_checked_before_the_window(target: Target) -> None:
     )
 
 
+NOT_13_DIGITS = (
+    "The X-Timestamp header is not 13 digits of Unix milliseconds, so the signature does "
+    "not bind the request id."
+)
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "request_id", "reason"),
+    [
+        pytest.param(
+            "173485009900", "02002986662652579841", NOT_13_DIGITS, id="a-digit-to-the-request-id"
+        ),
+        # Ten times the clock: the skew, which stays without a max age.
+        pytest.param(
+            "17348500990002",
+            "002986662652579841",
+            FUTURE.format("X-Timestamp"),
+            id="a-digit-to-the-timestamp",
+        ),
+    ],
+)
+def test_igv_digits_cannot_move_between_the_timestamp_and_the_request_id(
+    make_target: TargetFactory, timestamp: str, request_id: str, reason: str
+) -> None:
+    """iGV signs ``X-Timestamp + X-Request-Id + secret`` with no separator,
+    so a digit moved across the boundary signs the same bytes: the vector's
+    pair ("1734850099000", "2002986662652579841") and ("173485009900",
+    "02002986662652579841") share a signature. The second is a new request
+    id, so a new delivery with any body (iGV signs none). A window refuses
+    it as ten times too old or too new; with ``ORDERHOOKS_IGV_MAX_AGE =
+    None`` only the timestamp's fixed length does (before: 200, dispatched)."""
+    vector = igv_order_status(
+        IGV_SECRET, request_id="2002986662652579841", timestamp_ms=1734850099000
+    )
+    assert timestamp + request_id == "1734850099000" + "2002986662652579841"
+    unwindowed = make_target(ORDERHOOKS_IGV_MAX_AGE=None)
+    unwindowed.accept_cb(vector)
+    moved = {**vector.headers, "X-Timestamp": timestamp, "X-Request-Id": request_id}
+    unwindowed.refuse(IGV_PATH, vector.body, moved, refused("igv", 401, reason))
+
+
 @pytest.mark.parametrize(
     ("config", "offset", "reason"),
     [

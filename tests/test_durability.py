@@ -827,3 +827,41 @@ def test_a_receiver_that_rolls_back_while_another_worker_finishes_it_commits_not
     assert (row.status, row.attempts) == ("done", 2)
     assert len(rec.events) == 2
     assert rec.credits() == 1
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param("postgresql", marks=pytest.mark.postgres),
+        pytest.param("mariadb", marks=pytest.mark.mariadb),
+    ],
+)
+@pytest.mark.parametrize("flush_in_receiver", [True, False])
+def test_a_receivers_bad_write_is_a_receiver_failure_whether_or_not_it_flushed(
+    recorder: RecorderFactory, flush_in_receiver: bool
+) -> None:
+    """A receiver writes a value too long for its column. Flushed by the
+    receiver, the DataError is a receiver failure (500). Left to the
+    extension's commit, which flushes it, only IntegrityError is taken for
+    the receivers': the DataError is re-raised as a database error and
+    answered 503 "The store is unavailable", logged as a store outage."""
+    app, rec = recorder()
+    db = rec.db
+    assert db is not None
+
+    def too_long(_event: object) -> None:
+        db.session.add(Credit(key="k" * 300))  # the column holds 200
+        if flush_in_receiver:
+            db.session.flush()
+
+    rec.hook = too_long
+    with app.app_context():
+        cb = build("igv", app=app)
+    response = app.test_client().post(cb.url(), data=cb.body, headers=cb.headers)
+    assert (response.status_code, response.text) == (
+        500,
+        "A receiver failed; the delivery will be retried.",
+    )
+    with app.app_context():
+        (row,) = app.extensions["orderhooks"].store.list()
+    assert row.status == "failed"

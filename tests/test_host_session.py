@@ -160,3 +160,137 @@ def test_an_autocommit_host_engine_dispatches_once(recorder: RecorderFactory) ->
     assert client.post(cb.url(), data=cb.body, headers=cb.headers).status_code == 200
     assert len(rec.events) == 1
     assert rec.credits() == 1
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "sqlite",
+        pytest.param("postgresql", marks=pytest.mark.postgres),
+        pytest.param("mariadb", marks=pytest.mark.mariadb),
+    ],
+)
+def test_an_autocommit_host_engine_does_not_commit_the_done_mark_before_the_receivers(
+    recorder: RecorderFactory,
+) -> None:
+    """With the host's engine in autocommit mode, the done mark must not be
+    committed on its own before the receivers run: a receiver that raises
+    would leave the delivery done (its failure record is fenced by
+    ``status <> 'done'``), the platform's retry would be answered as a
+    duplicate, and the receiver's work would never happen."""
+    app, rec = recorder(SQLALCHEMY_ENGINE_OPTIONS={"isolation_level": "AUTOCOMMIT"})
+    rec.fail_next = 1
+    with app.app_context():
+        cb = build("igv", app=app)
+    client = app.test_client()
+    first = client.post(cb.url(), data=cb.body, headers=cb.headers)
+    assert first.status_code == 500, first.text
+    with app.app_context():
+        (row,) = app.extensions["orderhooks"].store.list()
+    assert row.status == "failed", "the failed attempt left the delivery done"
+    retry = client.post(cb.url(), data=cb.body, headers=cb.headers)
+    assert retry.status_code == 200
+    assert len(rec.events) == 2, "the retry was answered as a duplicate: the delivery is lost"
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_an_autocommit_own_store_engine_does_not_commit_the_done_mark_before_the_receivers(
+    recorder: RecorderFactory,
+) -> None:
+    """The same through ``OrderHooks(app, engine_options=...)``: the own
+    store's dispatch connection autocommits its done mark too."""
+    app, rec = recorder(
+        host_db=False, hooks_options={"engine_options": {"isolation_level": "AUTOCOMMIT"}}
+    )
+    rec.fail_next = 1
+    with app.app_context():
+        cb = build("igv", app=app)
+    client = app.test_client()
+    assert client.post(cb.url(), data=cb.body, headers=cb.headers).status_code == 500
+    assert client.post(cb.url(), data=cb.body, headers=cb.headers).status_code == 200
+    assert len(rec.events) == 2, "the retry was answered as a duplicate: the delivery is lost"
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "sqlite",
+        pytest.param("postgresql", marks=pytest.mark.postgres),
+        pytest.param("mariadb", marks=pytest.mark.mariadb),
+    ],
+)
+@pytest.mark.parametrize("unflushed", [False, True])
+def test_an_autocommit_session_begun_before_the_view(
+    recorder: RecorderFactory, unflushed: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The host's autocommit session read before the view: what it ran is
+    committed already, so the dispatch begins again on a connection with a
+    real transaction. Unflushed objects would be dropped by that: the
+    delivery is refused (503, kept for the retry) and the log says why."""
+    app, rec = recorder(SQLALCHEMY_ENGINE_OPTIONS={"isolation_level": "AUTOCOMMIT"})
+    db = rec.db
+    assert db is not None
+    rec.fail_next = 1
+
+    @app.before_request
+    def read_something() -> None:
+        db.session.scalar(sa.select(sa.func.count()).select_from(Credit))
+        if unflushed:
+            db.session.add(Credit(key="added before the view"))
+
+    with app.app_context():
+        cb = build("igv", app=app)
+    client = app.test_client()
+    first = client.post(cb.url(), data=cb.body, headers=cb.headers)
+    if unflushed:
+        assert first.status_code == 503, first.text
+        assert "autocommit mode with changes from before this callback" in first.text
+        assert "AUTOCOMMIT mode and the session has unflushed changes" in caplog.text
+        assert rec.events == []
+        return
+    # The receiver's failure rolled the done mark back with it.
+    assert first.status_code == 500, first.text
+    with app.app_context():
+        (row,) = app.extensions["orderhooks"].store.list()
+    assert row.status == "failed"
+    assert client.post(cb.url(), data=cb.body, headers=cb.headers).status_code == 200
+    assert len(rec.events) == 2
+    assert rec.credits() == 1
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("backend", ["postgresql"])
+@pytest.mark.parametrize("level", ["REPEATABLE READ", "SERIALIZABLE"])
+def test_a_snapshot_session_with_pending_objects_is_not_silently_rolled_back(
+    recorder: RecorderFactory, level: str
+) -> None:
+    """A before_request hook that read (the transaction has begun, nothing
+    flushed) and added an object it has not flushed yet. At READ COMMITTED
+    the object commits with the delivery; at REPEATABLE READ the store rolls
+    the "read-only" transaction back to refresh its snapshot, and
+    Session.rollback() expunges the pending object: the host's write is
+    dropped without a word while the delivery is answered done. Either it
+    commits with the delivery, or the delivery is refused (StaleSnapshot)."""
+    app, rec = recorder(SQLALCHEMY_ENGINE_OPTIONS={"isolation_level": level})
+    db = rec.db
+    assert db is not None
+
+    @app.before_request
+    def read_then_add() -> None:
+        db.session.scalar(sa.select(sa.func.count()).select_from(Credit))
+        db.session.add(Credit(key="audit: added before the view"))
+
+    with app.app_context():
+        cb = build("igv", app=app)
+    response = app.test_client().post(cb.url(), data=cb.body, headers=cb.headers)
+    with app.app_context():
+        audit = db.session.scalar(
+            sa.select(sa.func.count()).where(Credit.key == "audit: added before the view")
+        )
+    if response.status_code == 200:
+        assert len(rec.events) == 1
+        assert audit == 1, "the host's pending object was rolled back, and the delivery is done"
+    else:
+        assert response.status_code == 503
+        assert rec.events == []

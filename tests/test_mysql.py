@@ -215,8 +215,9 @@ def test_mysql_8_lock_waits_are_whole_seconds_and_given_back(recorder: RecorderF
     as_mysql_8(store)
     seen = lock_wait_statements(store, lambda: post(app, make("igv", app)).status_code == 200)
     assert seen == [
-        "SET SESSION innodb_lock_wait_timeout = 1",
-        "SET SESSION innodb_lock_wait_timeout = DEFAULT",
+        "SET @orderhooks_hosts_lock_wait = @@SESSION.innodb_lock_wait_timeout, "
+        "SESSION innodb_lock_wait_timeout = 1",
+        "SET SESSION innodb_lock_wait_timeout = @orderhooks_hosts_lock_wait",
     ]
     with store.engine.connect() as connection:
         session, server = connection.exec_driver_sql(
@@ -397,3 +398,26 @@ def test_a_duplicate_key_never_reports_the_inserted_id(
         assert taken_over[0] == 2 and taken_over[1] is not None and taken_over[1] >= 2
         assert upsert(connection, "k2", "t4") == (1, 1)
         connection.rollback()
+
+
+def test_mysql_8_gives_the_hosts_own_lock_wait_back(recorder: RecorderFactory) -> None:
+    """MySQL 8 sets innodb_lock_wait_timeout on the host's session around the
+    claim. Before, it set it back with ``= DEFAULT``, the server's global
+    value, not the one the host's connections had (here 7 s, from PyMySQL's
+    init_command): every pooled connection the store touched left with the
+    host's lock wait changed to 50 s."""
+    app, _rec = recorder(
+        SQLALCHEMY_ENGINE_OPTIONS={
+            "pool_size": 1,
+            "max_overflow": 0,
+            "connect_args": {"init_command": "SET SESSION innodb_lock_wait_timeout = 7"},
+        }
+    )
+    store = store_of(app)
+    as_mysql_8(store)
+    with store.engine.connect() as connection:
+        assert connection.exec_driver_sql("SELECT @@SESSION.innodb_lock_wait_timeout").scalar() == 7
+    assert post(app, make("igv", app)).status_code == 200
+    with store.engine.connect() as connection:
+        after = connection.exec_driver_sql("SELECT @@SESSION.innodb_lock_wait_timeout").scalar()
+    assert after == 7, "the store left the host's connection with the server's default lock wait"

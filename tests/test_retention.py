@@ -9,7 +9,7 @@ import sqlite3
 import threading
 from collections import Counter
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from flask_orderhooks.store.retention import (
     compact_old,
     delete_old,
 )
-from tests.conftest import AppFactory
+from tests.conftest import AppFactory, stored_row
 
 
 def test_a_batch_halves_after_a_slow_one_and_doubles_after_a_quick_one() -> None:
@@ -373,3 +373,40 @@ def test_a_row_replayed_between_the_read_and_the_write_is_left_alone(
         assert _remaining(store) == ["k0002"]
         (row,) = store.list()
         assert (row.status, row.body) == ("processing", b"{}")
+
+
+#: An aware time in another zone than UTC: the same instant, other wall clock.
+_PLUS_TWO = timezone(timedelta(hours=2))
+
+
+def test_purge_compares_an_aware_cutoff_as_an_instant(make_app: AppFactory) -> None:
+    """``purge(older_than=...)`` takes a datetime; an aware one in another
+    zone names the same instant. On SQLite the store keeps UTC wall-clock
+    text and SQLAlchemy's SQLite DATETIME drops the bound value's tzinfo
+    (WHEN has a UTC-normalising variant for MySQL only), so the cutoff is
+    compared as its +02:00 wall clock: two hours later than meant, and a
+    delivery done 30 minutes ago is deleted by "older than one hour"."""
+    app, hooks, _db = make_app()
+    store = hooks.state(app).store
+    now = datetime.now(UTC)
+    with app.app_context():
+        store.prepare()
+        with store.engine.begin() as connection:
+            connection.execute(
+                sa.insert(store.table),
+                [
+                    stored_row(
+                        store.dialect,
+                        provider="igv",
+                        callback="order-status",
+                        key="done-30-minutes-ago",
+                        status="done",
+                        when=now - timedelta(minutes=30),
+                    )
+                ],
+            )
+        cutoff = (now - timedelta(hours=1)).astimezone(_PLUS_TWO)
+        deleted = store.purge(older_than=cutoff)
+        assert deleted == 0, "purge deleted a delivery newer than its cutoff"
+        # The console's and CLI's time filter reads the same way.
+        assert [r.key for r in store.list(since=cutoff)] == ["done-30-minutes-ago"]

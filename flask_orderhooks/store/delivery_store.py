@@ -408,7 +408,7 @@ class DeliveryStore:
             try:
                 self._see_the_claim(session, delivery)
                 marked = self._mark_done(session, delivery, claim)
-            except (SQLAlchemyError, StaleSnapshot) as exc:
+            except (SQLAlchemyError, StoreUnavailable) as exc:
                 # No receiver ran. Hand the claim back now, or every retry is
                 # refused until the lease runs out although nobody holds it.
                 session.rollback()
@@ -479,9 +479,20 @@ class DeliveryStore:
                 "caught; the dispatch's transaction could only roll back.",
             )
         try:
+            # On its own, not inside the commit: what fails here is what the
+            # receivers wrote (a value too long, a constraint, a host's
+            # before_flush hook), a receiver's failure like one they flushed.
+            session.flush()
+        except Exception as exc:
+            session.rollback()
+            self._mark_failed(delivery, claim, exc)
+            if isinstance(exc, DBAPIError) and (is_busy(exc) or exc.connection_invalidated):
+                raise  # the store's: busy or gone (503)
+            raise ReceiverFailed(_RECEIVER_FAILED) from exc
+        try:
             session.commit()
         except IntegrityError as exc:
-            # Flushed at commit: the receivers' writes broke a constraint.
+            # A deferred constraint, checked at COMMIT: the receivers' writes.
             session.rollback()
             self._mark_failed(delivery, claim, exc)
             raise ReceiverFailed(_RECEIVER_FAILED) from exc
@@ -489,6 +500,12 @@ class DeliveryStore:
             session.rollback()
             self._mark_failed(delivery, claim, exc)
             raise
+        except Exception as exc:
+            # Not the database's: a host's before_commit hook. Left to
+            # escape, it would leave the row processing with nothing recorded.
+            session.rollback()
+            self._mark_failed(delivery, claim, exc)
+            raise ReceiverFailed(_RECEIVER_FAILED) from exc
 
     def _committed_done(self, delivery: Keyed, claim: Claim) -> bool:
         """A receiver ended the dispatch's transaction itself: whether this
@@ -551,7 +568,8 @@ class DeliveryStore:
         ).one()
         if level in ("read committed", "read uncommitted"):
             return
-        if not wrote:
+        # Unflushed objects count: the rollback would drop them silently.
+        if not wrote and not session.has_unflushed_changes():
             session.rollback()
             return
         logger.warning(
@@ -695,9 +713,19 @@ class DeliveryStore:
         if self.dialect in MYSQL:
             if getattr(self.engine.dialect, "server_version_info", None) is None:
                 # The dialect tells MariaDB (SET STATEMENT) from MySQL at its
-                # first connection.
-                with self.engine.connect():
-                    pass
+                # first connection. Some callers look the statements up before
+                # their own error handling: a server down here is a 503 (and
+                # a worker that keeps looking), like any other, and nothing
+                # is cached until it answers.
+                try:
+                    with self.engine.connect():
+                        pass
+                except SQLAlchemyError as exc:
+                    logger.warning(
+                        "store unavailable: %s (first connection, to tell MariaDB from MySQL)",
+                        type(getattr(exc, "orig", None) or exc).__name__,
+                    )
+                    raise StoreUnavailable("The store is unavailable.") from exc
             # Same operations and rows, several statements each.
             return MySQLStatements(self.table, self.engine.dialect)  # type: ignore[return-value]
         return Statements(self.table, self.engine.dialect)

@@ -38,15 +38,23 @@ def mysql_lock_wait(
 
     ``innodb_lock_wait_timeout`` takes whole seconds only (MySQL refuses
     0.5 with error 1232), so the wait is rounded up, to at least one second.
-    ``give_back``: the session's value goes back to the server's default
-    afterwards, because the connection is the host's; the store's own engine
-    keeps it (set again only when the wanted value changes).
+    ``give_back``: the session's value goes back to what it was afterwards,
+    because the connection is the host's (which may have set its own, say in
+    an ``init_command``); the store's own engine keeps it (set again only
+    when the wanted value changes).
     """
     if seconds is None:
         yield
         return
     whole = whole_seconds(seconds)
-    if give_back or connection.info.get(_LOCK_WAIT_KEY) != whole:
+    if give_back:
+        # The host's value kept in a user variable by the same statement:
+        # no round trip more than setting it.
+        connection.exec_driver_sql(
+            f"SET {_HOSTS_LOCK_WAIT} = @@SESSION.innodb_lock_wait_timeout, "
+            f"SESSION innodb_lock_wait_timeout = {whole}"
+        )
+    elif connection.info.get(_LOCK_WAIT_KEY) != whole:
         connection.exec_driver_sql(f"SET SESSION innodb_lock_wait_timeout = {whole}")
         connection.info[_LOCK_WAIT_KEY] = whole
     if not give_back:
@@ -59,8 +67,9 @@ def mysql_lock_wait(
             with suppress(SQLAlchemyError):
                 if connection.in_transaction():
                     connection.rollback()
-                connection.exec_driver_sql("SET SESSION innodb_lock_wait_timeout = DEFAULT")
-                connection.info.pop(_LOCK_WAIT_KEY, None)
+                connection.exec_driver_sql(
+                    f"SET SESSION innodb_lock_wait_timeout = {_HOSTS_LOCK_WAIT}"
+                )
 
 
 def whole_seconds(seconds: float) -> int:
@@ -70,6 +79,9 @@ def whole_seconds(seconds: float) -> int:
 
 
 _LOCK_WAIT_KEY = "orderhooks_lock_wait"
+#: The user variable that keeps the host's own lock wait while the store's
+#: is set on the host's connection.
+_HOSTS_LOCK_WAIT = "@orderhooks_hosts_lock_wait"
 
 
 #: InnoDB errors after which the server has rolled the whole transaction

@@ -14,7 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from .sqlite import sqlite_pragmas
 from .table import MYSQL, TABLE_NAME, deliveries_table
-from .transactions import ConnectionTransaction, Transaction
+from .transactions import ConnectionTransaction, Transaction, transaction_level
 from .upgrade import upgrade_table
 
 _MYSQL_LOCK = "SELECT GET_LOCK(%s, %s)"
@@ -50,6 +50,12 @@ class StandaloneDatabase:
     def transaction(self) -> Iterator[Transaction]:
         """A connection for the dispatch: receivers' writes are their own."""
         with self.engine.connect() as connection:
+            level = transaction_level(self.engine)
+            if level is not None:
+                # An engine in autocommit mode would commit the done mark on
+                # its own, before any receiver ran. Reset when the
+                # connection goes back to the pool.
+                connection.execution_options(isolation_level=level)
             yield ConnectionTransaction(connection)
 
     def ensure_table(self) -> None:

@@ -67,13 +67,36 @@ class _UTCDateTime(sa.types.TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value is not None else None
 
 
+class _SQLiteUTCDateTime(sa.types.TypeDecorator[datetime]):
+    """SQLite's ``DATETIME`` text, holding UTC.
+
+    SQLAlchemy writes a bound value's wall clock and drops its zone, so an
+    aware time in another zone (a host's ``purge(older_than=...)`` in local
+    time) would be compared hours off the UTC text stored: it goes in as
+    naive UTC.
+    """
+
+    impl = sa.DateTime()
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is not None:
+            value = value.astimezone(UTC).replace(tzinfo=None)
+        return value
+
+
 #: The type of the stored times: microseconds on MySQL too (its DATETIME
 #: rounds to whole seconds by default). A plain type, so that a host's
 #: Flask-Migrate migration renders it without importing this package.
 WHEN_COLUMN = sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), *MYSQL)
-#: The type of the store's time parameters: aware UTC in (SQLite and MySQL
-#: keep them naive; rows are read back aware by :func:`~.delivery_store.utc`).
-WHEN = sa.DateTime(timezone=True).with_variant(_UTCDateTime(), *MYSQL)
+#: The type of the store's time parameters: any aware time in, compared as
+#: UTC (SQLite and MySQL keep them naive; rows are read back aware by
+#: :func:`~.delivery_store.utc`).
+WHEN = (
+    sa.DateTime(timezone=True)
+    .with_variant(_UTCDateTime(), *MYSQL)
+    .with_variant(_SQLiteUTCDateTime(), "sqlite")
+)
 #: The raw body: MySQL's BLOB stops at 65,535 bytes, one short of the default
 #: ORDERHOOKS_MAX_BODY.
 BODY = sa.LargeBinary().with_variant(mysql.MEDIUMBLOB(), *MYSQL)

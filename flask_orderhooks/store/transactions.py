@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import weakref
 from typing import Protocol
 
@@ -10,7 +11,9 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 from sqlalchemy.orm import SessionTransaction as _OrmTransaction
 
-from ..exc import ReceiverCommit
+from ..exc import ReceiverCommit, StoreUnavailable
+
+logger = logging.getLogger("flask_orderhooks")
 
 #: ``Session.info`` keys: a dispatch runs in this session; the extension's
 #: own commit is under way.
@@ -28,6 +31,15 @@ class Transaction(Protocol):
     def current(self) -> object:
         """What identifies the transaction now open (``None`` for none): a
         receiver that commits or rolls back ends the one the done mark is in."""
+        ...
+
+    def has_unflushed_changes(self) -> bool:
+        """Objects added, changed or deleted and not yet flushed: a rollback
+        would drop them without a word."""
+        ...
+
+    def flush(self) -> None:
+        """Send what receivers wrote and have not flushed (the commit would)."""
         ...
 
     def commit(self) -> None: ...
@@ -48,21 +60,60 @@ class SessionTransaction:
 
     def __init__(self, session: Session) -> None:
         self.session = session
+        # Whether connection() has made sure of a real transaction yet.
+        self._transactional = False
         _guard_commits()
         # A depth, not a flag: a dispatch inside a receiver (a replay) must
         # not lift the guard of the one around it when it ends.
         session.info[_DISPATCHING] = session.info.get(_DISPATCHING, 0) + 1
 
     def connection(self) -> Connection:
-        connection = self.session.connection()
+        session = self.session
+        if not self._transactional:
+            self._transactional = True
+            level = transaction_level(session.get_bind().engine)
+            if level is not None:
+                return self._begin_at(level)
+        connection = session.connection()
         # The transaction may have begun before the dispatch did (the host's
         # own statements), when no after_begin of ours was there to see it.
-        if _guarded.get(connection) is not self.session:
-            _guard_connection(connection, self.session)
+        if _guarded.get(connection) is not session:
+            _guard_connection(connection, session)
+        return connection
+
+    def _begin_at(self, level: str) -> Connection:
+        """The session's transaction on a connection that is not in
+        autocommit mode: there the done mark would commit on its own before
+        any receiver ran, and a receiver's failure could not undo it."""
+        session = self.session
+        if session.in_transaction():
+            # Begun before the view, on an autocommit connection: whatever it
+            # flushed is committed already, so only unflushed objects could
+            # be lost by beginning again.
+            if self.has_unflushed_changes():
+                logger.warning(
+                    "db.session's engine is in AUTOCOMMIT mode and the session has "
+                    "unflushed changes from before the callback view; the dispatch needs "
+                    "a transaction of its own. Flush or commit them before the view runs."
+                )
+                raise StoreUnavailable(
+                    "The app's database session is in autocommit mode with changes from "
+                    "before this callback; the delivery was kept for retry."
+                )
+            session.rollback()
+        connection = session.connection(execution_options={"isolation_level": level})
+        _guard_connection(connection, session)
         return connection
 
     def current(self) -> object:
         return self.session.get_transaction()
+
+    def has_unflushed_changes(self) -> bool:
+        session = self.session
+        return bool(session.new or session.dirty or session.deleted)
+
+    def flush(self) -> None:
+        self.session.flush()
 
     def commit(self) -> None:
         self.session.info[_OWN_COMMIT] = True
@@ -154,11 +205,47 @@ class ConnectionTransaction:
     def current(self) -> object:
         return self._connection.get_transaction()
 
+    def has_unflushed_changes(self) -> bool:
+        return False
+
+    def flush(self) -> None:
+        pass
+
     def commit(self) -> None:
         self._connection.commit()
 
     def rollback(self) -> None:
         self._connection.rollback()
+
+
+#: Per engine: ``None`` when its connections begin transactions, or the
+#: isolation level a dispatch asks for when they autocommit.
+_transaction_levels: weakref.WeakKeyDictionary[Engine, str | None] = weakref.WeakKeyDictionary()
+
+
+def transaction_level(engine: Engine) -> str | None:
+    """``None`` when ``engine``'s connections begin transactions as usual;
+    when they are in autocommit mode (``isolation_level="AUTOCOMMIT"``), the
+    level to ask a dispatch's connection for: the server's default.
+
+    Asked once per engine, of one connection and without a round trip (the
+    driver's own flag); dialects that cannot tell are taken to begin
+    transactions.
+    """
+    try:
+        return _transaction_levels[engine]
+    except KeyError:
+        pass
+    with engine.connect() as probe:
+        dbapi_connection = probe.connection.dbapi_connection
+        assert dbapi_connection is not None
+        try:
+            autocommit = engine.dialect.detect_autocommit_setting(dbapi_connection)
+        except NotImplementedError:
+            autocommit = False
+        level = probe.default_isolation_level if autocommit else None
+    _transaction_levels[engine] = level
+    return level
 
 
 def begun(connection: Connection) -> Connection:

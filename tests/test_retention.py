@@ -410,3 +410,32 @@ def test_purge_compares_an_aware_cutoff_as_an_instant(make_app: AppFactory) -> N
         assert deleted == 0, "purge deleted a delivery newer than its cutoff"
         # The console's and CLI's time filter reads the same way.
         assert [r.key for r in store.list(since=cutoff)] == ["done-30-minutes-ago"]
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param("postgresql", marks=pytest.mark.postgres),
+        pytest.param("mariadb", marks=pytest.mark.mariadb),
+    ],
+)
+def test_purge_reads_committed_on_a_repeatable_read_host_engine(make_app: AppFactory) -> None:
+    """A host engine at REPEATABLE READ (MySQL's default): purge's batches
+    run at READ COMMITTED all the same. On PostgreSQL a batch that locked a
+    row a live callback had changed since its snapshot failed the whole run
+    with a serialization error; on MySQL the reads took gap locks."""
+    app, hooks, _db = make_app(SQLALCHEMY_ENGINE_OPTIONS={"isolation_level": "REPEATABLE READ"})
+    store = hooks.state(app).store
+    levels: list[str] = []
+
+    def level_of(connection: sa.Connection) -> None:
+        levels.append(connection.get_isolation_level())
+
+    with app.app_context():
+        sa.event.listen(store.engine, "begin", level_of)
+        try:
+            store.purge(older_than=datetime.now(UTC))
+        finally:
+            sa.event.remove(store.engine, "begin", level_of)
+    assert levels
+    assert set(levels) == {"READ COMMITTED"}, levels

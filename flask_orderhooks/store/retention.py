@@ -194,9 +194,14 @@ def _in_batches(
     store.prepare()
     total = 0
     start = _EPOCH
-    # MySQL and MariaDB: READ COMMITTED, so that the batch's reads see
-    # what committed since the last batch and take no gap locks.
-    options = {"isolation_level": "READ COMMITTED"} if store.dialect in MYSQL else {}
+    # READ COMMITTED whatever the host's engine says. MySQL and MariaDB: so
+    # that the batch's reads see what committed since the last batch and
+    # take no gap locks. PostgreSQL: at REPEATABLE READ, locking a row that a
+    # live callback changed since the snapshot fails the whole run with a
+    # serialization error.
+    options = (
+        {"isolation_level": "READ COMMITTED"} if store.dialect in (*MYSQL, "postgresql") else {}
+    )
     cursor = at_or_after
     with store.engine.connect().execution_options(**options) as connection:
         while True:

@@ -143,6 +143,17 @@ def attempt(app: Flask, state: AppState, due: DueClaim) -> bool:
     except CallbackError as exc:
         logger.warning("%s: attempt %d: %s", name, claim.attempt, exc.reason)
         return False
+    except Exception as exc:
+        # Anything the store did not turn into a failed attempt (a host's
+        # non-SQLAlchemy error raised while the dispatch's transaction
+        # commits: a before_flush or before_insert validation). The dispatch
+        # transaction was rolled back on the way out; unrecorded, the row
+        # would stay processing until its lease ends, and raise again then.
+        # (Recording never turns a done row back: the failure is fenced on
+        # this claim and on "not done".)
+        store.record_failure(stored, claim, f"{type(exc).__name__}: {exc}")
+        logger.exception("%s: attempt %d: the dispatch raised", name, claim.attempt)
+        return False
     logger.info("%s: attempt %d: done", name, claim.attempt)
     return True
 
@@ -176,6 +187,12 @@ class Worker:
                 result = process_due(self.app, self.state, should_stop=self._stop.is_set)
             except StoreUnavailable as exc:
                 logger.warning("worker: the store is unavailable (%s); looking again", exc.reason)
+                result = PassResult()
+            except Exception:
+                # attempt() records each delivery's own errors; this is
+                # anything else (the store raised what it should have turned
+                # into StoreUnavailable). One bad pass must not end the loop.
+                logger.exception("worker: the pass failed; looking again")
                 result = PassResult()
             self.total.attempted += result.attempted
             self.total.done += result.done

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from flask import Flask, has_app_context, has_request_context
 
 from flask_orderhooks import (
@@ -28,7 +29,7 @@ from flask_orderhooks.events import OrderPendingDelivery, PaymentCollected
 from flask_orderhooks.store import StoredDelivery
 from flask_orderhooks.store.statements import LEASE_LOST
 from flask_orderhooks.worker import Worker
-from tests.conftest import BASE_CONFIG, Recorder
+from tests.conftest import BASE_CONFIG, Credit, Recorder
 from tests.test_durability import make, post, read, rows
 
 RecorderFactory = Callable[..., tuple[Flask, Recorder]]
@@ -211,6 +212,37 @@ def test_deferred_receiver_writes_commit_with_the_done_mark(
     assert process_due(app) == 1
     assert rec.credits() == 1
     assert rows(app)[0].status == "done"
+
+
+def test_a_commit_time_error_of_the_host_fails_the_attempt_instead_of_the_worker(
+    recorder: RecorderFactory, clock: Clock
+) -> None:
+    """An error raised while the dispatch's transaction commits that is not a
+    SQLAlchemy error (a host's ``before_insert``/``before_flush`` validation
+    on the models receivers add) fails that attempt, recorded like a
+    receiver's error, and the pass goes on. Before, it escaped ``attempt()``
+    unrecorded and ``Worker.run`` (which caught StoreUnavailable only) died
+    with it; the row stayed processing and took the worker down again at
+    every lease end."""
+    app, rec = deferred(recorder, clock)
+
+    def refuse(_mapper: Any, _connection: Any, target: Credit) -> None:
+        raise ValueError("credit refused by the ledger's validation")
+
+    sa.event.listen(Credit, "before_insert", refuse)
+    try:
+        post(app, make("collect", app))
+        assert process_due(app) == 1
+    finally:
+        sa.event.remove(Credit, "before_insert", refuse)
+    (row,) = rows(app)
+    assert (row.status, row.attempts) == ("failed", 1)
+    assert row.error == "ValueError: credit refused by the ledger's validation"
+    assert rec.credits() == 0
+    # Retried on schedule like any failed attempt, once the ledger agrees.
+    clock.now += 10
+    assert process_due(app) == 1
+    assert (rows(app)[0].status, rec.credits()) == ("done", 1)
 
 
 def test_a_resend_of_a_failed_deferred_delivery_makes_it_due_now(

@@ -412,6 +412,35 @@ def test_a_lost_last_attempt_is_dead_without_another_dispatch(
     assert error == LEASE_LOST
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="needs the store to write the attempts that ran: DeliveryStore.record_failure "
+    "passes p_attempts=claim.attempt to mark_failed (store/delivery_store.py, "
+    "store/statements.py, store/mysql.py); remove this mark with that change",
+)
+def test_a_lost_last_attempt_is_dead_with_the_attempts_that_were_made(
+    recorder: RecorderFactory, clock: Clock, operator: Callable[[Flask], OperatorSignals]
+) -> None:
+    """The due claim that finds the lease lost has already counted one more
+    attempt (``attempts + 1``); when the lost attempt was the last one the
+    worker marks the row dead without dispatching, and that phantom attempt
+    must not stay in ``attempts``: one attempt ran, so the row, the ERROR
+    log line ("dead after 1 attempts") and delivery_dead all say one."""
+    app, rec = deferred(recorder, clock, ORDERHOOKS_CLAIM_TIMEOUT=30, ORDERHOOKS_RETRY_DELAYS=[])
+    ops = operator(app)
+    post(app, make("igv", app))
+    with app.app_context():
+        assert app.extensions["orderhooks"].store.claim_due() is not None  # then dies
+    clock.now += 31
+    assert process_due(app) == 1
+    assert rec.events == []
+    (row,) = rows(app)
+    assert (row.status, row.error) == ("dead", LEASE_LOST)
+    assert [f.attempt for f in row.failed_attempts] == [1]
+    ((dead, _error),) = ops.dead
+    assert (row.attempts, dead.attempts) == (1, 1)
+
+
 def test_an_operator_receiver_that_raises_changes_nothing(
     recorder: RecorderFactory, clock: Clock, caplog: pytest.LogCaptureFixture
 ) -> None:

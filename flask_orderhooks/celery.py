@@ -109,7 +109,13 @@ def init_celery(
     than the default retry delays of 2 h and 12 h) is delivered again: the
     delivery is still dispatched once (the row decides), and the sweep
     would find it anyway. With ``task_always_eager`` the dispatch runs inside the
-    request that stored the delivery.
+    request that stored the delivery; an eager task cannot wait for a
+    countdown (Celery runs it at once), so in eager mode the enqueuer
+    publishes nothing that has one: a failed attempt's retry, and a delivery
+    found not yet due or locked, are left to ``orderhooks.process_due`` (or
+    the next :meth:`~flask_orderhooks.OrderHooks.process_due`). Before, the
+    retry ran at once inside the task that failed, found the delivery not
+    due, enqueued it again, and so on until RecursionError.
 
     :param celery_app: the :class:`celery.Celery` application.
     :param hooks: the :class:`~flask_orderhooks.OrderHooks` whose deliveries
@@ -163,6 +169,11 @@ def init_celery(
     broker_down_until = [0.0]
 
     def enqueue(provider: str, callback: str, key: str, countdown: float) -> None:
+        if countdown > 0 and celery_app.conf.task_always_eager:
+            # An eager task runs now whatever its countdown: it would find the
+            # delivery not due and enqueue it again, recursively. The row
+            # keeps its due time; the sweep dispatches it then.
+            return
         if time.monotonic() < broker_down_until[0]:
             raise BrokerCoolingDown(
                 f"the broker failed less than {broker_cooldown:g}s ago; not tried"

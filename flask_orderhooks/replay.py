@@ -42,9 +42,13 @@ class ReplayOutcome:
 def replay(app: Flask, state: AppState, row: StoredDelivery, *, force: bool) -> ReplayOutcome:
     """Verify ``row`` again (without the timestamp window) and dispatch it now.
 
-    A done delivery is dispatched again only with ``force``. Runs inside an
-    app context of ``app``; the outcome is also recorded in the store (done,
-    or failed with the error) exactly as any other attempt.
+    A done delivery is dispatched again only with ``force``, and only if
+    ``row`` was read as done: ``force`` never takes over a delivery that
+    became done since ``row`` was read (a worker finished it while
+    ``replay --failed --force`` went through its list), which would dispatch
+    it a second time. Runs inside an app context of ``app``; the outcome is
+    also recorded in the store (done, or failed with the error) exactly as
+    any other attempt.
     """
     if row.status == DONE and not force:
         return ReplayOutcome("already_done", "already done; not replayed.")
@@ -74,7 +78,8 @@ def replay(app: Flask, state: AppState, row: StoredDelivery, *, force: bool) -> 
             f"failed: the {row.provider} provider could not read it ({type(exc).__name__}).",
         )
     try:
-        claim = state.store.claim(delivery, force=force)
+        # Forced only over the done row the caller saw: ``row`` may be stale.
+        claim = state.store.claim(delivery, force=force and row.status == DONE)
         if claim is None:
             return ReplayOutcome("already_done", "already done; not replayed.")
         run = state.instruments.timed(row.provider, row.callback, lambda: send(app, delivery))

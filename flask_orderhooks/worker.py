@@ -17,10 +17,11 @@ import dataclasses
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask
 
@@ -143,8 +144,23 @@ def attempt(app: Flask, state: AppState, due: DueClaim) -> bool:
     except CallbackError as exc:
         logger.warning("%s: attempt %d: %s", name, claim.attempt, exc.reason)
         return False
+    except Exception as exc:
+        # Anything the store did not turn into a failed attempt (a host's
+        # non-SQLAlchemy error raised while the dispatch's transaction
+        # commits: a before_flush or before_insert validation). The dispatch
+        # transaction was rolled back on the way out; unrecorded, the row
+        # would stay processing until its lease ends, and raise again then.
+        # (Recording never turns a done row back: the failure is fenced on
+        # this claim and on "not done".)
+        store.record_failure(stored, claim, f"{type(exc).__name__}: {exc}")
+        logger.exception("%s: attempt %d: the dispatch raised", name, claim.attempt)
+        return False
     logger.info("%s: attempt %d: done", name, claim.attempt)
     return True
+
+
+#: The longest an idle worker sleeps without looking at its stop flag.
+_WAKE_SLICE = 0.05
 
 
 class Worker:
@@ -160,26 +176,68 @@ class Worker:
         self.state = state
         self.poll_interval = poll_interval
         self.total = PassResult()
-        self._stop = threading.Event()
+        # A plain flag, no threading.Event: the signal handler runs in the
+        # main thread between two of its bytecodes, maybe while the main
+        # thread holds the Event's (non-reentrant) condition lock inside
+        # wait(); Event.set() would then wait for it forever.
+        self._stopping = False
+        self._signal: int | None = None
 
     def stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
+        """Finish the delivery in hand, then return from :meth:`run`.
+
+        The SIGTERM and SIGINT handler, and callable from any thread. It
+        sets a flag and takes no lock (nor logs: a logging handler's lock,
+        or its stream's, may be the one the main thread holds).
+        """
         if signum is not None:
-            logger.info("worker: %s received; finishing the delivery in hand", signum)
-        self._stop.set()
+            self._signal = signum
+        self._stopping = True
+
+    def _should_stop(self) -> bool:
+        if self._stopping and self._signal is not None:
+            signum, self._signal = self._signal, None
+            logger.info("worker: %s received; stopping", signal.Signals(signum).name)
+        return self._stopping
+
+    def _idle(self) -> None:
+        """Sleep ``poll_interval``, in short slices that look at the flag: a
+        signal does not cut a sleep short (PEP 475 resumes it)."""
+        deadline = time.monotonic() + self.poll_interval
+        while not self._should_stop():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, _WAKE_SLICE))
 
     def run(self) -> PassResult:
+        # Given back when it returns (a worker run by a test, or embedded).
+        previous: list[tuple[signal.Signals, Any]] = []
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self.stop)
-            signal.signal(signal.SIGINT, self.stop)
-        while not self._stop.is_set():
-            try:
-                result = process_due(self.app, self.state, should_stop=self._stop.is_set)
-            except StoreUnavailable as exc:
-                logger.warning("worker: the store is unavailable (%s); looking again", exc.reason)
-                result = PassResult()
-            self.total.attempted += result.attempted
-            self.total.done += result.done
-            self.total.failed += result.failed
-            if not result.attempted:
-                self._stop.wait(self.poll_interval)
+            for which in (signal.SIGTERM, signal.SIGINT):
+                previous.append((which, signal.signal(which, self.stop)))
+        try:
+            while not self._should_stop():
+                try:
+                    result = process_due(self.app, self.state, should_stop=self._should_stop)
+                except StoreUnavailable as exc:
+                    logger.warning(
+                        "worker: the store is unavailable (%s); looking again", exc.reason
+                    )
+                    result = PassResult()
+                except Exception:
+                    # attempt() records each delivery's own errors; this is
+                    # anything else (the store raised what it should have
+                    # turned into StoreUnavailable). One bad pass must not
+                    # end the loop.
+                    logger.exception("worker: the pass failed; looking again")
+                    result = PassResult()
+                self.total.attempted += result.attempted
+                self.total.done += result.done
+                self.total.failed += result.failed
+                if not result.attempted:
+                    self._idle()
+        finally:
+            for which, handler in previous:
+                signal.signal(which, handler)
         return self.total

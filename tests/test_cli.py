@@ -17,8 +17,11 @@ from werkzeug.serving import make_server
 from flask_orderhooks import OrderHooks
 from flask_orderhooks.cli import Seconds, orderhooks
 from flask_orderhooks.provider import Delivery
+from flask_orderhooks.replay import replay
 from flask_orderhooks.testing import SignedCallback, build
 from tests.conftest import BASE_CONFIG, IGV_SECRET, Recorder
+from tests.test_delivery_queue import Clock, process_due
+from tests.test_durability import make, post, rows
 from tests.test_standard_webhooks import SECRET as STANDARD_SECRET
 
 RecorderFactory = Callable[..., tuple[Flask, Recorder]]
@@ -130,6 +133,31 @@ def test_replay_failed_then_refuses_done_unless_forced(recorder: RecorderFactory
     assert forced.exit_code == 0, forced.output
     assert "replayed, attempt 3: done." in forced.output
     assert rec.credits() == 4
+
+
+def test_a_forced_replay_of_a_row_read_as_failed_never_dispatches_it_again_once_done(
+    recorder: RecorderFactory,
+) -> None:
+    """``replay --failed --force`` (and ``replay KEY --force``) read the rows
+    first, then replay them one by one. A row read as failed that a worker
+    finished meanwhile must not be taken over as done: ``force`` applies only
+    to a row the caller read as done (as the console's does), or the
+    delivery is dispatched a second time, a double credit."""
+    clock = Clock()
+    app, rec = recorder(hooks_options={"clock": clock})
+    rec.fail_next = 1
+    assert post(app, make("collect", app)).status_code == 500
+    (listed,) = rows(app)  # what `replay --failed --force` lists
+    assert listed.status == "failed"
+    clock.now += 10
+    assert process_due(app) == 1  # a worker retries it meanwhile: done
+    assert rows(app)[0].status == "done"
+    credited = rec.credits()
+    with app.app_context():
+        state = app.extensions["orderhooks"].state(app)
+        outcome = replay(app, state, listed, force=True)
+    assert (outcome.status, outcome.message) == ("already_done", "already done; not replayed.")
+    assert rec.credits() == credited == 1
 
 
 def test_replay_failure_is_recorded_and_reported(recorder: RecorderFactory) -> None:

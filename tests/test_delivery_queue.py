@@ -3,7 +3,9 @@ workers, on SQLite and on PostgreSQL, with an injected clock."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import sqlite3
 import threading
 import time
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from flask import Flask, has_app_context, has_request_context
 
 from flask_orderhooks import (
@@ -28,7 +31,7 @@ from flask_orderhooks.events import OrderPendingDelivery, PaymentCollected
 from flask_orderhooks.store import StoredDelivery
 from flask_orderhooks.store.statements import LEASE_LOST
 from flask_orderhooks.worker import Worker
-from tests.conftest import BASE_CONFIG, Recorder
+from tests.conftest import BASE_CONFIG, Credit, Recorder
 from tests.test_durability import make, post, read, rows
 
 RecorderFactory = Callable[..., tuple[Flask, Recorder]]
@@ -213,6 +216,37 @@ def test_deferred_receiver_writes_commit_with_the_done_mark(
     assert rows(app)[0].status == "done"
 
 
+def test_a_commit_time_error_of_the_host_fails_the_attempt_instead_of_the_worker(
+    recorder: RecorderFactory, clock: Clock
+) -> None:
+    """An error raised while the dispatch's transaction commits that is not a
+    SQLAlchemy error (a host's ``before_insert``/``before_flush`` validation
+    on the models receivers add) fails that attempt, recorded like a
+    receiver's error, and the pass goes on. Before, it escaped ``attempt()``
+    unrecorded and ``Worker.run`` (which caught StoreUnavailable only) died
+    with it; the row stayed processing and took the worker down again at
+    every lease end."""
+    app, rec = deferred(recorder, clock)
+
+    def refuse(_mapper: Any, _connection: Any, target: Credit) -> None:
+        raise ValueError("credit refused by the ledger's validation")
+
+    sa.event.listen(Credit, "before_insert", refuse)
+    try:
+        post(app, make("collect", app))
+        assert process_due(app) == 1
+    finally:
+        sa.event.remove(Credit, "before_insert", refuse)
+    (row,) = rows(app)
+    assert (row.status, row.attempts) == ("failed", 1)
+    assert row.error == "ValueError: credit refused by the ledger's validation"
+    assert rec.credits() == 0
+    # Retried on schedule like any failed attempt, once the ledger agrees.
+    clock.now += 10
+    assert process_due(app) == 1
+    assert (rows(app)[0].status, rec.credits()) == ("done", 1)
+
+
 def test_a_resend_of_a_failed_deferred_delivery_makes_it_due_now(
     recorder: RecorderFactory, clock: Clock
 ) -> None:
@@ -378,6 +412,35 @@ def test_a_lost_last_attempt_is_dead_without_another_dispatch(
     assert rows(app)[0].status == "dead"
     ((_dead, error),) = ops.dead
     assert error == LEASE_LOST
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="needs the store to write the attempts that ran: DeliveryStore.record_failure "
+    "passes p_attempts=claim.attempt to mark_failed (store/delivery_store.py, "
+    "store/statements.py, store/mysql.py); remove this mark with that change",
+)
+def test_a_lost_last_attempt_is_dead_with_the_attempts_that_were_made(
+    recorder: RecorderFactory, clock: Clock, operator: Callable[[Flask], OperatorSignals]
+) -> None:
+    """The due claim that finds the lease lost has already counted one more
+    attempt (``attempts + 1``); when the lost attempt was the last one the
+    worker marks the row dead without dispatching, and that phantom attempt
+    must not stay in ``attempts``: one attempt ran, so the row, the ERROR
+    log line ("dead after 1 attempts") and delivery_dead all say one."""
+    app, rec = deferred(recorder, clock, ORDERHOOKS_CLAIM_TIMEOUT=30, ORDERHOOKS_RETRY_DELAYS=[])
+    ops = operator(app)
+    post(app, make("igv", app))
+    with app.app_context():
+        assert app.extensions["orderhooks"].store.claim_due() is not None  # then dies
+    clock.now += 31
+    assert process_due(app) == 1
+    assert rec.events == []
+    (row,) = rows(app)
+    assert (row.status, row.error) == ("dead", LEASE_LOST)
+    assert [f.attempt for f in row.failed_attempts] == [1]
+    ((dead, _error),) = ops.dead
+    assert (row.attempts, dead.attempts) == (1, 1)
 
 
 def test_an_operator_receiver_that_raises_changes_nothing(
@@ -567,6 +630,105 @@ def test_an_idle_worker_picks_up_a_new_delivery(recorder: RecorderFactory, clock
         thread.join(10)
     assert not thread.is_alive()
     assert rows(app)[0].status == "done"
+
+
+def _locks_of(worker: Worker) -> list[Any]:
+    """Every lock among ``worker``'s attributes: plain and reentrant locks,
+    and those inside its Events and Conditions."""
+    lock_types = (type(threading.Lock()), type(threading.RLock()))
+    found = []
+    for attribute in vars(worker).values():
+        value = attribute
+        if isinstance(value, threading.Event):
+            value = value._cond  # the Condition whose lock Event.set() takes
+        if isinstance(value, threading.Condition):
+            value = value._lock  # type: ignore[attr-defined]
+        if isinstance(value, lock_types):
+            found.append(value)
+    return found
+
+
+@contextlib.contextmanager
+def _alarm_after(seconds: float, what: str) -> Iterator[None]:
+    """Raise in the main thread if the block is still running after
+    ``seconds``: a deadlock becomes a failure instead of a hung suite (a
+    lock's acquire is interrupted by a signal whose handler raises)."""
+
+    def expired(_signum: int, _frame: Any) -> None:
+        raise TimeoutError(what)
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_the_stop_signal_handler_takes_no_lock(recorder: RecorderFactory, clock: Clock) -> None:
+    """SIGTERM's handler runs in the main thread between two of its
+    bytecodes, whatever the main thread holds then. It called
+    ``threading.Event.set()``, which takes the Event's non-reentrant
+    condition lock; the main thread holds that lock for a moment inside the
+    idle wait (``Event.wait()``), and a signal landing then deadlocked the
+    worker for good (``systemctl stop`` waited, then killed it). Delivered
+    here while the main thread holds every lock the worker owns, the
+    handler returns, and the worker stops."""
+    assert threading.current_thread() is threading.main_thread()
+    app, _rec = deferred(recorder, clock)
+    worker = Worker(app, app.extensions["orderhooks"].state(app), poll_interval=0.05)
+    held = _locks_of(worker)
+    previous = signal.signal(signal.SIGTERM, worker.stop)
+    try:
+        for lock in held:
+            lock.acquire()
+        try:
+            with _alarm_after(10, "the SIGTERM handler waits for a lock the main thread holds"):
+                signal.raise_signal(signal.SIGTERM)  # its handler runs before this returns
+        finally:
+            for lock in held:
+                lock.release()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    with app.app_context():
+        result = worker.run()
+    assert (result.attempted, result.done, result.failed) == (0, 0, 0)
+
+
+def test_sigterm_stops_an_idle_worker_and_gives_the_handlers_back(
+    recorder: RecorderFactory, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A real SIGTERM to a worker idling in the main thread (as ``flask
+    orderhooks worker`` does): the handler sets the flag, the idle sleep,
+    sliced, sees it, and :meth:`Worker.run` returns; the signal handlers it
+    installed are given back."""
+    assert threading.current_thread() is threading.main_thread()
+    app, _rec = deferred(recorder, clock)
+    worker = Worker(app, app.extensions["orderhooks"].state(app), poll_interval=0.05)
+    before = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
+    # Installed before the signal can be sent: the default SIGTERM would end
+    # the test process. run() installs the same, then gives it back.
+    signal.signal(signal.SIGTERM, worker.stop)
+    main = threading.main_thread().ident
+    assert main is not None
+    # Sent while the worker idles (a few empty looks), whenever it lands.
+    sender = threading.Timer(0.2, signal.pthread_kill, (main, signal.SIGTERM))
+    try:
+        with (
+            caplog.at_level(logging.INFO, "flask_orderhooks"),
+            _alarm_after(20, "the worker did not stop after SIGTERM"),
+            app.app_context(),
+        ):
+            sender.start()
+            result = worker.run()
+    finally:
+        sender.cancel()
+        sender.join()
+        signal.signal(signal.SIGTERM, before[0])
+    assert result.attempted == 0
+    assert "worker: SIGTERM received; stopping" in caplog.text
+    assert signal.getsignal(signal.SIGINT) is before[1]
 
 
 def test_worker_once_prints_what_it_did(recorder: RecorderFactory, clock: Clock) -> None:

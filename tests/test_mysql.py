@@ -19,8 +19,10 @@ from sqlalchemy.exc import DBAPIError
 
 from flask_orderhooks import OrderHooks, order_pending_delivery
 from flask_orderhooks.driver_statement import DriverStatement
+from flask_orderhooks.exc import StoreUnavailable
 from flask_orderhooks.store import DUE_INDEX, TABLE_NAME, DeliveryStore
 from flask_orderhooks.store.mysql import MySQLStatements
+from flask_orderhooks.worker import Worker
 from tests.conftest import BASE_CONFIG, Recorder
 from tests.test_durability import make, post, rows
 
@@ -421,3 +423,82 @@ def test_mysql_8_gives_the_hosts_own_lock_wait_back(recorder: RecorderFactory) -
     with store.engine.connect() as connection:
         after = connection.exec_driver_sql("SELECT @@SESSION.innodb_lock_wait_timeout").scalar()
     assert after == 7, "the store left the host's connection with the server's default lock wait"
+
+
+# -- a server that is down at first use -----------------------------------------
+# These need no MariaDB server (nothing listens on port 1); ``backend`` is only
+# the module's parametrization.
+
+
+def _down_mysql_app() -> tuple[Flask, OrderHooks]:
+    """A host app on MariaDB/MySQL whose server is not (yet) up."""
+    app = Flask("orderhooks_down_mysql")
+    app.config.update(
+        BASE_CONFIG,
+        SQLALCHEMY_DATABASE_URI="mysql+pymysql://root@127.0.0.1:1/test",
+        ORDERHOOKS_DISPATCH="deferred",
+        ORDERHOOKS_IGV_MAX_AGE=None,
+    )
+    db = SQLAlchemy(app)
+    return app, OrderHooks(app, db=db)
+
+
+def test_a_worker_on_a_mysql_store_that_is_down_keeps_looking(backend: str) -> None:
+    """``DeliveryStore._sql`` connects once on MySQL/MariaDB to learn the
+    server's flavour (MariaDB's SET STATEMENT), and ``claim_due`` read it
+    outside ``_store_errors``: a pass while the database is down raised a raw
+    OperationalError instead of StoreUnavailable, the error that tells a
+    worker (and ``flask orderhooks worker``) to look again. (The store's
+    part: flask_orderhooks/store/delivery_store.py.)"""
+    app, hooks = _down_mysql_app()
+    with app.app_context(), pytest.raises(StoreUnavailable):
+        hooks.process_due()
+
+
+def test_a_worker_started_while_its_mysql_store_is_down_does_not_exit(backend: str) -> None:
+    """The same, seen from ``Worker.run``: the OperationalError ended the loop
+    (``flask orderhooks worker`` exited 1), where on PostgreSQL and SQLite the
+    worker logs "the store is unavailable" and looks again."""
+    app, hooks = _down_mysql_app()
+    worker = Worker(app, hooks.state(app), poll_interval=0.05)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with app.app_context():
+                worker.run()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    # Alive after a few polls: it logged "store unavailable" and looked again.
+    thread.join(0.5)
+    still_running = thread.is_alive()
+    worker.stop()
+    thread.join(5)
+    assert errors == []
+    assert still_running
+
+
+def test_a_deferred_callback_on_a_mysql_store_that_is_down_is_answered_503(
+    backend: str,
+) -> None:
+    """The deferred acceptance evaluated ``self._sql.accept`` outside any
+    error handling too: the platform got the generic 500 "Internal error"
+    (and a traceback in the log) where a down store is a 503, which it
+    retries."""
+    app, _hooks = _down_mysql_app()
+
+    def receiver(_sender: Flask, **_kw: Any) -> None:
+        pass
+
+    order_pending_delivery.connect(receiver, app, weak=False)
+    try:
+        response = post(app, make("igv", app))
+    finally:
+        order_pending_delivery.disconnect(receiver, app)
+    assert (response.status_code, response.get_data(as_text=True)) == (
+        503,
+        "The store is unavailable.",
+    )

@@ -212,6 +212,52 @@ def test_a_failed_attempt_is_enqueued_with_its_retry_delay(recorder: RecorderFac
     assert published(celery, queue) == []
 
 
+def test_celery_eager_mode_does_not_recurse_on_a_retry_that_is_not_due(
+    recorder: RecorderFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With ``task_always_eager`` the dispatch runs inside the request that
+    stored the delivery. Eager ``apply_async`` ignores the countdown, so a
+    retry enqueued after a failed attempt would run at once, find the
+    delivery not due, and ``_enqueue_when_due`` enqueue it again, which ran
+    at once again...: about 150 nested dispatch tasks (each a due claim and
+    a read) inside the platform's request, until RecursionError. In eager
+    mode nothing with a countdown is enqueued; the retry waits in the store
+    for the sweep."""
+    clock = FrozenClock()
+    app, rec = recorder(
+        ORDERHOOKS_DISPATCH="deferred",
+        ORDERHOOKS_RETRY_DELAYS=[30],
+        hooks_options={"clock": clock},
+    )
+    hooks: OrderHooks = app.extensions["orderhooks"]
+    celery, queue = memory_celery()
+    celery.conf.task_always_eager = True
+    init_celery(celery, hooks)
+    calls = [0]
+    dispatch_due = hooks.dispatch_due
+
+    def counted(*args: str) -> bool:
+        calls[0] += 1
+        return dispatch_due(*args)
+
+    hooks.dispatch_due = counted  # type: ignore[method-assign]
+    rec.fail_next = 1
+    cb = igv_order_status(IGV_SECRET, request_id=f"R{uuid.uuid4().hex[:12]}")
+    with caplog.at_level(logging.WARNING):
+        assert post_in_process(app, cb).status == 200
+    failed = stored(app, cb)
+    assert (failed.status, failed.attempts) == ("failed", 1)
+    assert "RecursionError" not in caplog.text
+    # The stored delivery's dispatch only; its retry was not published.
+    assert calls[0] == 1
+    assert published(celery, queue) == []
+    # The sweep dispatches it once it is due.
+    clock.now += 30
+    with app.app_context():
+        assert hooks.process_due() == 1
+    assert (stored(app, cb).status, len(rec.events)) == ("done", 2)
+
+
 @pytest.mark.parametrize(
     "backend",
     [

@@ -414,12 +414,6 @@ def test_a_lost_last_attempt_is_dead_without_another_dispatch(
     assert error == LEASE_LOST
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the store to write the attempts that ran: DeliveryStore.record_failure "
-    "passes p_attempts=claim.attempt to mark_failed (store/delivery_store.py, "
-    "store/statements.py, store/mysql.py); remove this mark with that change",
-)
 def test_a_lost_last_attempt_is_dead_with_the_attempts_that_were_made(
     recorder: RecorderFactory, clock: Clock, operator: Callable[[Flask], OperatorSignals]
 ) -> None:

@@ -283,6 +283,7 @@ def test_per_delivery_statements_use_the_primary_key(recorder: RecorderFactory) 
         "p_lease": now,
         "p_status": "failed",
         "p_error": "e",
+        "p_attempts": 1,
         "p_failure": "{}\n",
         "p_next": now,
     }

@@ -641,6 +641,7 @@ class DeliveryStore:
                         "p_token": claim.token,
                         "p_status": status,
                         "p_error": error,
+                        "p_attempts": claim.attempt,
                         "p_failure": failure_line(claim.attempt, now, error) if in_history else "",
                         "p_next": next_attempt,
                         "p_now": now,

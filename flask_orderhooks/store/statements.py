@@ -148,6 +148,9 @@ class Statements:
             .values(
                 status=sa.bindparam("p_status", type_=t.c.status.type),
                 error=sa.bindparam("p_error"),
+                # The attempts that ran: a due claim that found its lease
+                # lost has counted one that a dead last attempt never made.
+                attempts=sa.bindparam("p_attempts", type_=sa.Integer),
                 failures=append_failure(t, sa.bindparam("p_failure", type_=t.c.failures.type)),
                 next_attempt_at=sa.bindparam("p_next", type_=when),
                 updated_at=sa.bindparam("p_now", type_=when),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from decimal import Decimal
 from pathlib import Path
 
@@ -85,6 +86,25 @@ def test_decimal_amounts_are_written_as_json_numbers() -> None:
     cb = gateway_collect("k", order_amount=Decimal("100.00"), payed_amount=Decimal("1e5"))
     assert b'"order_amount":100.00' in cb.body and b'"payed_amount":1E+5' in cb.body
     assert cb.json["order_amount"] == Decimal("100.00")
+
+
+def test_the_gateway_kit_signs_nested_numbers_as_written() -> None:
+    """The kit signs the way the verifier reads: a number inside a nested
+    value is signed bare, with its own text. The expected sign string is
+    written out here, not taken from the verifier."""
+    cb = gateway_collect(
+        "k",
+        id="C1",
+        payed_at=None,
+        extra={"extra": {"fee": Decimal("1.50"), "n": [1, Decimal("2.0")]}},
+    )
+    assert b'"extra":{"fee":1.50,"n":[1,2.0]}' in cb.body
+    text = (
+        'channel=bank&created_at=2026-05-04 10:05:00&extra={"fee":1.50,"n":[1,2.0]}&id=C1'
+        "&mch_id=10001&order_amount=100.00&payed_amount=100.00&status=60&trans_id=ORDER-10001"
+        "&key=k"
+    )
+    assert cb.json["sign"] == hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()
 
 
 def test_builders_explain_what_is_missing(tmp_path: Path) -> None:

@@ -395,13 +395,20 @@ def test_sud_verify_off_is_loud_and_skips_headers(
 
 
 def test_sud_seconds_timestamps_when_configured(recorder: RecorderFactory) -> None:
+    """With ORDERHOOKS_SUD_TIMESTAMP_UNIT = "s" a Sud-Timestamp in seconds is
+    on time and one in milliseconds 1000x in the future. notify_time is in
+    milliseconds either way (the kit takes the time in ms and writes the
+    header in the app's unit unless told otherwise)."""
     now = 1_795_000_000.0
     app, rec = recorder(ORDERHOOKS_SUD_TIMESTAMP_UNIT="s", hooks_options={"clock": lambda: now})
+    ms = int(now * 1000)
     with app.app_context():
-        assert post(app, sud_order_changed(timestamp_ms=int(now), app=app)).status_code == 200
-        assert (
-            post(app, sud_order_changed(timestamp_ms=int(now * 1000), app=app)).status_code == 401
-        )
+        seconds = sud_order_changed(timestamp_ms=ms, timestamp_unit="s", app=app)
+        assert seconds.headers["Sud-Timestamp"] == str(int(now))
+        assert post(app, seconds).status_code == 200
+        millis = sud_order_changed(timestamp_ms=ms, timestamp_unit="ms", app=app)
+        assert millis.headers["Sud-Timestamp"] == str(ms)
+        assert post(app, millis).status_code == 401
     assert len(rec.events) == 1
 
 

@@ -111,7 +111,8 @@ def render_value(value: object) -> str:
     """Render a parsed JSON value as the text it was written with, for signing.
 
     Strings are their decoded text, numbers their JSON text, booleans
-    ``true``/``false``; nested objects and arrays compact JSON.
+    ``true``/``false``; nested objects and arrays compact JSON, with every
+    number in them bare and exactly as written (``{"fee":1.50}``).
     """
     if isinstance(value, str):
         return value
@@ -121,10 +122,50 @@ def render_value(value: object) -> str:
         return value.json_text
     if isinstance(value, int):
         return str(value)
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=_default)
+    return _compact(value)
 
 
-def _default(value: object) -> str:
-    if isinstance(value, JSONDecimal):
-        return value.json_text
-    raise TypeError(type(value).__name__)
+class _Text(str):
+    """Output text queued between the values :func:`_compact` renders."""
+
+
+def _compact(value: object) -> str:
+    """Compact JSON (``json.dumps(separators=(",", ":"), ensure_ascii=False)``)
+    in which a :class:`JSONDecimal` is a bare number with its own text.
+
+    ``json.dumps(default=)`` cannot do that: whatever ``default`` returns is
+    encoded again, so a number's text would come out quoted. Iterative, as
+    the body may nest as deep as the parser allowed.
+    """
+    out: list[str] = []
+    stack: list[object] = [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is _Text:
+            out.append(item)
+        elif isinstance(item, JSONDecimal):
+            out.append(item.json_text)
+        elif isinstance(item, dict):
+            parts: list[object] = []
+            for key, member in item.items():
+                if not isinstance(key, str):
+                    raise TypeError(f"keys must be str, not {type(key).__name__}")
+                parts += [_Text(("," if parts else "") + _dumps(key) + ":"), member]
+            stack += [_Text("}"), *reversed(parts), _Text("{")]
+        elif isinstance(item, (list, tuple)):
+            parts = []
+            for member in item:
+                if parts:
+                    parts.append(_Text(","))
+                parts.append(member)
+            stack += [_Text("]"), *reversed(parts), _Text("[")]
+        elif item is None or isinstance(item, (str, int, float)):
+            # bool is an int: json.dumps writes true/false, as before.
+            out.append(_dumps(item))
+        else:
+            raise TypeError(f"Object of type {type(item).__name__} is not JSON serializable")
+    return "".join(out)
+
+
+def _dumps(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)

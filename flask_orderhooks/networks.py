@@ -15,17 +15,30 @@ from .exc import ConfigurationError
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+#: Where IPv4 addresses sit in IPv6 (``::ffff:a.b.c.d``, RFC 4291 2.5.5.2).
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
 def parse_networks(key: str, items: Iterable[object]) -> tuple[IPNetwork, ...]:
     """Addresses or CIDR networks; a single address is a one-address network.
 
+    An IPv4-mapped network (``::ffff:203.0.113.0/120``, as a dual-stack
+    listener writes its IPv4 clients) is its IPv4 network
+    (``203.0.113.0/24``): :func:`address_allowed` matches clients as IPv4.
+
     :raises ConfigurationError: naming ``key`` and the item that is wrong.
     """
-    networks = []
+    networks: list[IPNetwork] = []
     for item in items:
         try:
-            networks.append(ipaddress.ip_network(item, strict=False))  # type: ignore[arg-type]
+            network = ipaddress.ip_network(item, strict=False)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             raise ConfigurationError(key, f"{item!r} is not an address or CIDR network.") from None
+        if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_IPV4_MAPPED):
+            network = ipaddress.IPv4Network(
+                (int(network.network_address) & 0xFFFFFFFF, network.prefixlen - 96)
+            )
+        networks.append(network)
     return tuple(networks)
 
 

@@ -74,13 +74,27 @@ def _provider(app: Flask | None, cls: type[_P]) -> _P | None:
     return provider if isinstance(provider, cls) else None
 
 
+def _target(app: Flask | None) -> Flask | None:
+    """``app``, else the current app, else ``None``."""
+    if app is None and has_app_context():
+        target: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
+        return target
+    return app
+
+
+def _configured(app: Flask | None, cls: type[_P]) -> _P | None:
+    """Like :func:`_provider`, but ``None`` without an app or the extension."""
+    target = _target(app)
+    if target is None or "orderhooks" not in target.extensions:
+        return None
+    return _provider(target, cls)
+
+
 def _now_ms(timestamp_ms: int | str | None, app: Flask | None) -> str:
     """The given timestamp, or "now" by the app's clock (``OrderHooks(clock=)``)."""
     if timestamp_ms is not None:
         return str(timestamp_ms)
-    target = app
-    if target is None and has_app_context():
-        target = current_app._get_current_object()  # type: ignore[attr-defined]
+    target = _target(app)
     clock: Callable[[], float] = time.time
     if target is not None and "orderhooks" in target.extensions:
         clock = get_extension(target).state(target).clock
@@ -248,6 +262,10 @@ def sud_order(**fields: Any) -> dict[str, Any]:
     }
 
 
+#: A timestamp the SUD kit can write in seconds too.
+_WHOLE_MS = re.compile(r"[0-9]+")
+
+
 def _sud(
     secret: str | None,
     app_id: str | None,
@@ -256,6 +274,7 @@ def _sud(
     notify_event: str,
     data: Mapping[str, Any],
     timestamp_ms: int | str | None,
+    timestamp_unit: str | None,
     nonce: str | None,
     extra: Mapping[str, Any] | None,
 ) -> SignedCallback:
@@ -269,12 +288,21 @@ def _sud(
             if app_id not in apps:
                 raise LookupError(f"App {app_id!r} is not in ORDERHOOKS_SUD_APPS; pass secret=.")
             secret = apps[app_id].newest.decode("utf-8")
-    timestamp = _now_ms(timestamp_ms, app)
+    notify_time = _now_ms(timestamp_ms, app)
+    if timestamp_unit is None:
+        sud = _configured(app, SUDProvider)
+        timestamp_unit = sud.timestamp_unit if sud else "ms"
+    if timestamp_unit not in ("ms", "s"):
+        raise ValueError(f'timestamp_unit must be "ms" or "s", not {timestamp_unit!r}.')
+    timestamp = notify_time
+    if timestamp_unit == "s" and _WHOLE_MS.fullmatch(notify_time):
+        # notify_time stays in ms: the protocol gives it so whatever the header's unit.
+        timestamp = str(int(notify_time) // 1000)
     notify_id = notify_id or _random.token_hex(32)
     body = _dumps(
         {
             "notify_id": notify_id,
-            "notify_time": timestamp,
+            "notify_time": notify_time,
             "app_id": app_id,
             "notify_event": notify_event,
             "data": dict(data),
@@ -298,12 +326,25 @@ def sud_order_changed(
     app_id: str | None = None,
     notify_id: str | None = None,
     timestamp_ms: int | str | None = None,
+    timestamp_unit: str | None = None,
     nonce: str | None = None,
     extra: Mapping[str, Any] | None = None,
     app: Flask | None = None,
     **order: Any,
 ) -> SignedCallback:
-    """A SUD ``order.changed`` notification; keyword fields go into the order."""
+    """A SUD ``order.changed`` notification; keyword fields go into the order.
+
+    :param timestamp_ms: the notification's time in Unix milliseconds
+        (default: now by the app's clock), written into ``notify_time``.
+    :param timestamp_unit: the unit of the ``Sud-Timestamp`` header, ``"ms"``
+        or ``"s"`` (default: the app's ``ORDERHOOKS_SUD_TIMESTAMP_UNIT``, or
+        ``"ms"`` without an app). A ``timestamp_ms`` that is not whole
+        milliseconds is sent as given, in both places.
+
+    .. versionchanged:: 0.3
+        ``Sud-Timestamp`` follows ``ORDERHOOKS_SUD_TIMESTAMP_UNIT``;
+        ``timestamp_unit``.
+    """
     return _sud(
         secret,
         app_id,
@@ -312,6 +353,7 @@ def sud_order_changed(
         ORDER_CHANGED,
         sud_order(**order),
         timestamp_ms,
+        timestamp_unit,
         nonce,
         extra,
     )
@@ -324,15 +366,31 @@ def sud_order_batch_changed(
     app_id: str | None = None,
     notify_id: str | None = None,
     timestamp_ms: int | str | None = None,
+    timestamp_unit: str | None = None,
     nonce: str | None = None,
     extra: Mapping[str, Any] | None = None,
     app: Flask | None = None,
 ) -> SignedCallback:
-    """A SUD ``order.batch.changed`` notification (default: two orders)."""
+    """A SUD ``order.batch.changed`` notification (default: two orders);
+    the timestamp as in :func:`sud_order_changed`.
+
+    .. versionchanged:: 0.3
+        ``Sud-Timestamp`` follows ``ORDERHOOKS_SUD_TIMESTAMP_UNIT``;
+        ``timestamp_unit``.
+    """
     entries = [dict(o) for o in orders] if orders is not None else [sud_order(), sud_order()]
     data = {"mg_id": "1461564080052506636", "room_id": "9009", "orders": entries}
     return _sud(
-        secret, app_id, app, notify_id, ORDER_BATCH_CHANGED, data, timestamp_ms, nonce, extra
+        secret,
+        app_id,
+        app,
+        notify_id,
+        ORDER_BATCH_CHANGED,
+        data,
+        timestamp_ms,
+        timestamp_unit,
+        nonce,
+        extra,
     )
 
 

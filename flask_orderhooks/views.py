@@ -25,6 +25,7 @@ from .exc import (
     RequestRefused,
     SourceForbidden,
 )
+from .logtext import for_log, quoted
 from .networks import address_allowed
 from .provider import Delivery, Provider
 from .signals import callback_unhandled
@@ -96,7 +97,7 @@ def _run(state: AppState, provider: Provider, callback: str) -> tuple[int, str]:
             "%s %s %s: unexpected error", provider.name, callback, _key(provider, delivery)
         )
         return 500, "Internal error; retry later."
-    logger.info("%s %s %s: %s", provider.name, callback, delivery.key, outcome)
+    logger.info("%s %s %s: %s", provider.name, callback, _key(provider, delivery), outcome)
     return 200, "OK"
 
 
@@ -161,11 +162,15 @@ def _signed_headers(provider: Provider) -> dict[str, str]:
 
 
 def _key(provider: Provider, delivery: Delivery | None) -> str:
+    """The key as a log line holds it. A verified key is written raw only
+    when it holds nothing that forges or hides log text: a delivery exists
+    before the store refuses its key for a control character, and without a
+    signature check (ORDERHOOKS_SUD_VERIFY = False) anyone chooses it."""
     if delivery is not None:
-        return delivery.key
+        return for_log(delivery.key)
     claimed = request.headers.get(provider.key_header) if provider.key_header else None
     # Unverified: quoted and cut short, so a hostile value cannot forge log lines.
-    return f"(unverified {claimed[:80]!r})" if claimed else "-"
+    return f"(unverified {quoted(claimed)})" if claimed else "-"
 
 
 def _log_failure(

@@ -399,6 +399,27 @@ def test_an_allow_list_of_networks(make_own: Callable[..., tuple[Flask, OrderHoo
     }
 
 
+def test_an_ipv4_mapped_network_in_the_allow_list_admits_its_ipv4_clients(
+    make_own: Callable[..., tuple[Flask, OrderHooks]],
+) -> None:
+    """The refusal's log line shows a dual-stack listener's IPv4 client as
+    ::ffff:a.b.c.d; the network an operator writes that way is its IPv4
+    network (clients are matched as IPv4, so as IPv6 it matched none)."""
+    app, _ = make_own(ORDERHOOKS_METRICS_ALLOWED_IPS=["::ffff:10.0.0.0/104", "::ffff:127.0.0.1"])
+    client = app.test_client()
+    statuses = {
+        addr: client.get("/metrics", environ_base={"REMOTE_ADDR": addr}).status_code
+        for addr in ("10.1.2.3", "::ffff:10.1.2.3", "127.0.0.1", "11.0.0.1", "::ffff:11.0.0.1")
+    }
+    assert statuses == {
+        "10.1.2.3": 200,
+        "::ffff:10.1.2.3": 200,
+        "127.0.0.1": 200,
+        "11.0.0.1": 403,
+        "::ffff:11.0.0.1": 403,
+    }
+
+
 @pytest.mark.parametrize(
     ("answer", "status"),
     [("true", 200), ("false", 403), ("redirect", 403), ("truthy", 403), ("raise", 403)],

@@ -20,7 +20,7 @@ from flask_orderhooks.events import (
 )
 from flask_orderhooks.gateway import gateway_sign_string
 from flask_orderhooks.igv import igv_signature
-from flask_orderhooks.jsonbody import parse_object
+from flask_orderhooks.jsonbody import parse_object, render_value
 from flask_orderhooks.provider import signature_matches
 from flask_orderhooks.sud import sud_signature
 from flask_orderhooks.testing import (
@@ -158,6 +158,24 @@ def test_gateway_numbers_are_signed_as_written_not_as_floats() -> None:
     as_written = parse_object(b'{"a":100.00,"b":1e5,"c":-0.10}')
     assert (
         gateway_sign_string(as_written, "K", "{params}&key={key}") == "a=100.00&b=1e5&c=-0.10&key=K"
+    )
+
+
+def test_gateway_render_value_keeps_nested_numbers_as_json_numbers() -> None:
+    """render_value promises numbers as their JSON text and nested objects
+    and arrays as compact JSON. Nested numbers used to be quoted
+    (json.dumps encodes again what its ``default=`` returns, a str):
+    {"fee":1.50} was signed as {"fee":"1.50"}, a text no signer produces,
+    so a signed body carrying a nested number was refused 401. Strings,
+    literals and non-ASCII text stay as json.dumps writes them."""
+    data = parse_object(
+        b'{"extra":{"fee":1.50,"n":[1,2.0,-0.10,1e5],"s":"\\u00e9\\"\\n","t":true,"z":null}}'
+    )
+    assert render_value(data["extra"]) == (
+        '{"fee":1.50,"n":[1,2.0,-0.10,1e5],"s":"\u00e9\\"\\n","t":true,"z":null}'
+    )
+    assert (
+        render_value(parse_object(b'{"a":[[],{},[{"b":[0.0]}]]}')["a"]) == '[[],{},[{"b":[0.0]}]]'
     )
 
 
@@ -377,13 +395,20 @@ def test_sud_verify_off_is_loud_and_skips_headers(
 
 
 def test_sud_seconds_timestamps_when_configured(recorder: RecorderFactory) -> None:
+    """With ORDERHOOKS_SUD_TIMESTAMP_UNIT = "s" a Sud-Timestamp in seconds is
+    on time and one in milliseconds 1000x in the future. notify_time is in
+    milliseconds either way (the kit takes the time in ms and writes the
+    header in the app's unit unless told otherwise)."""
     now = 1_795_000_000.0
     app, rec = recorder(ORDERHOOKS_SUD_TIMESTAMP_UNIT="s", hooks_options={"clock": lambda: now})
+    ms = int(now * 1000)
     with app.app_context():
-        assert post(app, sud_order_changed(timestamp_ms=int(now), app=app)).status_code == 200
-        assert (
-            post(app, sud_order_changed(timestamp_ms=int(now * 1000), app=app)).status_code == 401
-        )
+        seconds = sud_order_changed(timestamp_ms=ms, timestamp_unit="s", app=app)
+        assert seconds.headers["Sud-Timestamp"] == str(int(now))
+        assert post(app, seconds).status_code == 200
+        millis = sud_order_changed(timestamp_ms=ms, timestamp_unit="ms", app=app)
+        assert millis.headers["Sud-Timestamp"] == str(ms)
+        assert post(app, millis).status_code == 401
     assert len(rec.events) == 1
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from flask_orderhooks import OrderHooks, payout_finished
+from flask_orderhooks import OrderHooks, logtext, payout_finished
 from flask_orderhooks.sud import sud_signature
 from flask_orderhooks.testing import SignedCallback, build
 from tests.conftest import BASE_CONFIG, SUD_APP_ID, Recorder
@@ -355,3 +355,58 @@ def test_refusal_log_names_the_unverified_key_safely(
         f"igv order-status (unverified 'req-42\\x1b[2J{'x' * 70}'): refused 401 from 127.0.0.1: "
         "The X-Signature does not match."
     )
+
+
+def test_a_key_refused_for_its_control_characters_is_not_logged_raw(
+    recorder: RecorderFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The store refuses a key with a newline because it would forge log
+    lines, but it does so after the provider has read the delivery, and the
+    refusal's log line used to write that same delivery.key unquoted. With
+    ORDERHOOKS_SUD_VERIFY = False anyone chooses the notify_id, and so could
+    write whole log lines. A key is now written raw only when it is
+    printable; otherwise quoted and cut short, like an unverified one."""
+    app, rec = recorder(ORDERHOOKS_SUD_VERIFY=False)
+    forged_line = "flask_orderhooks INFO sud order-changed n-2: dispatched"
+    cb = make("sud", app, app_id=SUD_APP_ID, notify_id=f"n-1\n{forged_line}")
+    caplog.clear()  # the ORDERHOOKS_SUD_VERIFY warning
+    with caplog.at_level(logging.DEBUG, logger="flask_orderhooks"):
+        response = post(app, cb)
+    assert response.status_code == 400
+    lines = [r.getMessage() for r in caplog.records if r.name == "flask_orderhooks"]
+    assert lines == [
+        f"sud order-changed 'n-1\\n{forged_line}': refused 400 from 127.0.0.1: "
+        "The idempotency key holds a control character."
+    ]
+    assert rec.events == []
+
+
+def test_a_stored_key_with_an_invisible_character_is_logged_quoted(
+    recorder: RecorderFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The store takes a key with a right-to-left override or a soft hyphen
+    (format characters, not controls), but a log line that holds one raw
+    reads as something else: such a key is quoted in every line, the
+    success line included; a plain key is written as it is."""
+    app, rec = recorder(ORDERHOOKS_SUD_VERIFY=False)
+    with caplog.at_level(logging.INFO, logger="flask_orderhooks"):
+        for key in ("n-\u202e1", "n-\xad2" + "x" * 100, "n-3 é"):
+            assert post(app, make("sud", app, app_id=SUD_APP_ID, notify_id=key)).status_code == 200
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO] == [
+        "sud order-changed 'n-\\u202e1': dispatched",
+        f"sud order-changed 'n-\\xad2{'x' * 76}': dispatched",
+        "sud order-changed n-3 é: dispatched",
+    ]
+    assert len(rec.events) == 3
+
+
+def test_every_character_the_store_refuses_in_a_key_is_quoted_in_logs() -> None:
+    """The store's refused set and the log rule must not drift apart: each
+    character a key cannot hold is also one a log line never holds raw."""
+    from flask_orderhooks.store.delivery_store import _UNSTORABLE
+
+    refused = [chr(c) for c in range(0x110000) if _UNSTORABLE.match(chr(c))]
+    assert len(refused) == 0x20 + 0x21 + 0x800
+    assert not any(logtext.loggable(f"k{char}") for char in refused)
+    assert all(char not in logtext.quoted(f"k{char}") for char in refused)
+    assert logtext.UNSTORABLE.pattern == _UNSTORABLE.pattern

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -18,7 +21,9 @@ from flask_orderhooks.testing import (
     standard_webhook,
     sud_order_changed,
 )
-from tests.conftest import BASE_CONFIG, AppFactory
+from tests.conftest import BASE_CONFIG, AppFactory, Recorder
+
+RecorderFactory = Callable[..., tuple[Flask, Recorder]]
 
 #: A Standard Webhooks source for the ``orderhooks`` fixture's app: BASE_CONFIG
 #: has none (tests/test_routes.py expects "standard off" with it).
@@ -85,6 +90,49 @@ def test_decimal_amounts_are_written_as_json_numbers() -> None:
     cb = gateway_collect("k", order_amount=Decimal("100.00"), payed_amount=Decimal("1e5"))
     assert b'"order_amount":100.00' in cb.body and b'"payed_amount":1E+5' in cb.body
     assert cb.json["order_amount"] == Decimal("100.00")
+
+
+def test_the_gateway_kit_signs_nested_numbers_as_written() -> None:
+    """The kit signs the way the verifier reads: a number inside a nested
+    value is signed bare, with its own text. The expected sign string is
+    written out here, not taken from the verifier."""
+    cb = gateway_collect(
+        "k",
+        id="C1",
+        payed_at=None,
+        extra={"extra": {"fee": Decimal("1.50"), "n": [1, Decimal("2.0")]}},
+    )
+    assert b'"extra":{"fee":1.50,"n":[1,2.0]}' in cb.body
+    text = (
+        'channel=bank&created_at=2026-05-04 10:05:00&extra={"fee":1.50,"n":[1,2.0]}&id=C1'
+        "&mch_id=10001&order_amount=100.00&payed_amount=100.00&status=60&trans_id=ORDER-10001"
+        "&key=k"
+    )
+    assert cb.json["sign"] == hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()
+
+
+def test_sud_kit_signs_in_the_configured_timestamp_unit(recorder: RecorderFactory) -> None:
+    """With ORDERHOOKS_SUD_TIMESTAMP_UNIT = "s" the kit (sud_order_changed,
+    build("sud"), the pytest plugin's deliver, ``flask orderhooks send``)
+    stamped Sud-Timestamp in milliseconds, so the app refused its own
+    callbacks 401 as 1000x in the future; and passing seconds made it write
+    notify_time in seconds, which PROTOCOLS.md gives in ms whatever the
+    header's unit. The header now follows the configured unit; notify_time
+    stays in milliseconds."""
+    now = 1_795_000_000.0
+    app, rec = recorder(ORDERHOOKS_SUD_TIMESTAMP_UNIT="s", hooks_options={"clock": lambda: now})
+    with app.app_context():
+        cb = sud_order_changed(app=app)
+        assert build("sud").headers["Sud-Timestamp"] == "1795000000"
+    assert (cb.headers["Sud-Timestamp"], cb.json["notify_time"]) == ("1795000000", "1795000000000")
+    response = app.test_client().post(cb.url(), data=cb.body, headers=cb.headers)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert OrderHooksClient(app).deliver("sud-batch").status_code == 200
+    assert [event.notify_time for _, event in rec.events] == [datetime.fromtimestamp(now, UTC)] * 3
+    # An explicit unit wins; without an app the unit is SUD's default, ms.
+    ms = sud_order_changed("s", app_id="42", timestamp_ms=1_795_000_000_123, timestamp_unit="ms")
+    assert ms.headers["Sud-Timestamp"] == "1795000000123"
+    assert sud_order_changed("s", app_id="42", timestamp_ms=5).headers["Sud-Timestamp"] == "5"
 
 
 def test_builders_explain_what_is_missing(tmp_path: Path) -> None:

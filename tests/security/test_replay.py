@@ -157,14 +157,18 @@ def test_configured_windows_apply(
 def test_sud_seconds_unit_when_configured(make_target: TargetFactory) -> None:
     seconds = make_target(ORDERHOOKS_SUD_TIMESTAMP_UNIT="s")
     # The platform sends seconds; milliseconds are then 1000 times too far ahead.
-    seconds.accept_cb(_sud_cb("unit-s", str(NOW)))
+    seconds.accept_cb(_sud_cb("unit-s", str(NOW_MS), unit="s"))
     reason = "The Sud-Timestamp is more than 300 seconds in the future."
-    seconds.refuse_cb(_sud_cb("unit-ms", str(NOW_MS)), refused("sud", 401, reason))
+    seconds.refuse_cb(_sud_cb("unit-ms", str(NOW_MS), unit="ms"), refused("sud", 401, reason))
 
 
-def _sud_cb(notify: str, stamp: str) -> SignedCallback:
+def _sud_cb(notify: str, stamp: str, unit: str = "ms") -> SignedCallback:
     return sud_order_changed(
-        SUD_APPS[SUD_APP_A], app_id=SUD_APP_A, notify_id=notify, timestamp_ms=stamp
+        SUD_APPS[SUD_APP_A],
+        app_id=SUD_APP_A,
+        notify_id=notify,
+        timestamp_ms=stamp,
+        timestamp_unit=unit,
     )
 
 

@@ -370,6 +370,33 @@ def test_gateway_numbers_are_signed_as_written_not_as_floats(target: Target) -> 
     target.accept(COLLECT_PATH, gateway_body(fields), {}, f"{fields['id']}:60")
 
 
+def test_gateway_nested_numbers_are_signed_as_written(target: Target) -> None:
+    """A number inside a nested value is signed as its JSON text, bare
+    ({"fee":1.50}); the verifier used to quote it ({"fee":"1.50"}) and so
+    refused every genuine body that carried one. Signed by hand here, by
+    PROTOCOLS.md's rule: the fields but sign, sorted, ``k=v&…&key=KEY``, MD5."""
+    signed = (
+        'channel=bank&created_at=2026-01-01 00:00:00&extra={"fee":1.50,"n":[1,2.0,1e5]}'
+        f"&id=GW-NESTED&mch_id={MERCHANT_A}&order_amount=100.00&payed_amount=100.00&status=60"
+        f"&trans_id=T-1&key={KEY_A}"
+    )
+    sign = hashlib.md5(signed.encode(), usedforsecurity=False).hexdigest()
+    body = (
+        f'{{"id":"GW-NESTED","trans_id":"T-1","mch_id":{MERCHANT_A},"order_amount":"100.00",'
+        '"payed_amount":"100.00","channel":"bank","status":60,'
+        '"created_at":"2026-01-01 00:00:00","extra":{"fee":1.50,"n":[1,2.0,1e5]},'
+        f'"sign":"{sign}"}}'
+    )
+    [delivered] = target.accept(COLLECT_PATH, body.encode(), {}, "GW-NESTED:60")
+    assert delivered.event.raw["extra"]["fee"] == Decimal("1.50")
+    # The quoted rendering is what nobody signs.
+    quoted = signed.replace('{"fee":1.50,"n":[1,2.0,1e5]}', '{"fee":"1.50","n":[1,"2.0","1e5"]}')
+    forged = body.replace(sign, hashlib.md5(quoted.encode(), usedforsecurity=False).hexdigest())
+    target.refuse(
+        COLLECT_PATH, forged.replace("GW-NESTED", "GW-QUOTED").encode(), {}, (401, "fail")
+    )
+
+
 @pytest.mark.parametrize(
     ("body", "status"),
     [

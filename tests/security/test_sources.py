@@ -8,11 +8,13 @@ changed no row (every refusal goes through :meth:`Target.refuse`).
 from __future__ import annotations
 
 import io
+import ipaddress
 import itertools
 from typing import Any
 
 import pytest
 
+from flask_orderhooks.networks import address_allowed, parse_networks
 from flask_orderhooks.testing import (
     SignedCallback,
     gateway_collect,
@@ -54,6 +56,12 @@ def guarded(make_target: TargetFactory) -> Target:
 def proxied(make_target: TargetFactory) -> Target:
     """Behind one trusted reverse proxy, as the README documents."""
     return make_target(proxy_fix=True, ORDERHOOKS_ALLOWED_IPS=ALLOWED)
+
+
+@pytest.fixture(scope="module")
+def mapped(make_target: TargetFactory) -> Target:
+    """The gateway's network written as a dual-stack listener shows it."""
+    return make_target(ORDERHOOKS_ALLOWED_IPS={"gateway": ["::ffff:203.0.113.0/120"]})
 
 
 def _callback(platform: str) -> SignedCallback:
@@ -115,6 +123,53 @@ def test_ipv4_mapped_address_of_an_allowed_network_is_allowed(guarded: Target) -
 def test_ipv4_mapped_address_of_another_network_is_refused(guarded: Target) -> None:
     cb = _callback("gateway")
     guarded.refuse_cb(cb, (403, "fail"), environ_base={"REMOTE_ADDR": "::ffff:198.51.100.1"})
+
+
+def test_an_ipv4_mapped_network_in_the_allow_list_admits_its_clients() -> None:
+    """A dual-stack listener reports an IPv4 client as ::ffff:a.b.c.d, which
+    is also what the refusal's log line shows ("refused 403 from
+    ::ffff:203.0.113.5"). address_allowed unwraps the client address to
+    IPv4, but parse_networks kept a configured ::ffff:… network as IPv6, and
+    an IPv4 address is never in an IPv6 network: the platform's own
+    address, copied from that log line, stayed refused. Such a network is
+    now its IPv4 network (prefix - 96); other IPv6 networks stay IPv6."""
+    networks = parse_networks(
+        "ORDERHOOKS_ALLOWED_IPS['igv']",
+        ["::ffff:203.0.113.0/120", "::ffff:198.51.100.7", "2001:db8::/32", "::/0"],
+    )
+    assert networks == (
+        ipaddress.ip_network("203.0.113.0/24"),
+        ipaddress.ip_network("198.51.100.7/32"),
+        ipaddress.ip_network("2001:db8::/32"),
+        ipaddress.ip_network("::/0"),
+    )
+    for address in ("::ffff:203.0.113.5", "203.0.113.5", "::ffff:198.51.100.7", "198.51.100.7"):
+        assert address_allowed(address, networks), address
+    only_mapped = parse_networks("k", ["::ffff:203.0.113.0/120"])
+    for address in ("::ffff:203.0.114.5", "203.0.114.5", "::ffff:198.51.100.7", "2001:db8::1"):
+        assert not address_allowed(address, only_mapped), address
+
+
+@pytest.mark.parametrize(
+    ("address", "allowed"),
+    [
+        ("::ffff:203.0.113.5", True),
+        ("203.0.113.5", True),
+        ("::ffff:203.0.114.5", False),
+        ("203.0.114.5", False),
+    ],
+)
+def test_a_route_whose_allow_list_is_written_ipv4_mapped_admits_its_clients(
+    mapped: Target, address: str, allowed: bool
+) -> None:
+    """The same through a route: the operator copied the ::ffff: form of the
+    platform's address from a refusal's log line into the allow-list."""
+    cb = _callback("gateway")
+    environ = {"REMOTE_ADDR": address}
+    if allowed:
+        mapped.accept_cb(cb, environ_base=environ)
+    else:
+        mapped.refuse_cb(cb, refused("gateway", 403, FORBIDDEN), environ_base=environ)
 
 
 def test_platforms_without_a_list_accept_any_address(make_target: TargetFactory) -> None:

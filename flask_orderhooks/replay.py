@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Literal
 from flask import Flask
 
 from .exc import CallbackError
+from .logtext import for_log
 from .store import DONE, StoredDelivery
 from .views import send
 
@@ -71,7 +72,10 @@ def replay(app: Flask, state: AppState, row: StoredDelivery, *, force: bool) -> 
         # A provider's own error: reported, not raised, so that a replay of
         # many rows (--failed) goes on with the next one.
         logger.exception(
-            "%s %s %s: replay: the provider failed to read it", row.provider, row.callback, row.key
+            "%s %s %s: replay: the provider failed to read it",
+            row.provider,
+            row.callback,
+            for_log(row.key),
         )
         return ReplayOutcome(
             "failed",

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from flask import Flask
 
 from .exc import CallbackError, ReceiverFailed, StoreUnavailable
+from .logtext import for_log
 from .store import FAILED, DueClaim
 from .store.statements import LEASE_LOST
 from .views import send
@@ -86,7 +87,7 @@ def process_due(
 def attempt(app: Flask, state: AppState, due: DueClaim) -> bool:
     """Dispatch one claimed delivery; ``True`` when it is done."""
     stored, claim, store = due.delivery, due.claim, state.store
-    name = f"{stored.provider} {stored.callback} {stored.key}"
+    name = f"{stored.provider} {stored.callback} {for_log(stored.key)}"
     if due.lease_lost:
         lost = claim.attempt - 1
         error = LEASE_LOST

@@ -7,7 +7,6 @@ import functools
 import hashlib
 import json
 import logging
-import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -28,6 +27,7 @@ from ..exc import (
     StaleSnapshot,
     StoreUnavailable,
 )
+from ..logtext import UNSTORABLE, for_log
 from ..provider import Delivery
 from .errors import (
     forget_server_rollbacks,
@@ -252,7 +252,7 @@ class DeliveryStore:
                 "%s %s %s: already done; a resend with a different body was ignored",
                 delivery.provider,
                 delivery.callback,
-                delivery.key,
+                for_log(delivery.key),
             )
             return "duplicate"
         if self._revivable(status, lease):
@@ -965,16 +965,11 @@ def _row_params(delivery: Delivery, token: str, digest: str) -> dict[str, Any]:
     }
 
 
-#: What no platform's id holds: C0 and C1 controls, DEL, lone surrogates.
-#: PostgreSQL refuses NUL in text (the claim would fail at every retry),
-#: a newline would forge log lines, and neither survives an HTML form.
-_UNSTORABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
-
-
 def _check_key(delivery: Delivery) -> None:
     if len(delivery.key) > MAX_KEY_LENGTH:
         raise MalformedPayload(f"The idempotency key is longer than {MAX_KEY_LENGTH}.")
-    if _UNSTORABLE.search(delivery.key):
+    # No platform's id holds one; PostgreSQL would refuse NUL at every retry.
+    if UNSTORABLE.search(delivery.key):
         raise MalformedPayload("The idempotency key holds a control character.")
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from flask import Flask
+from flask_sqlalchemy import SQLAlchemy
 
 from flask_orderhooks import ConfigurationError, OrderHooks, get_extension
 from flask_orderhooks.builtin import BUILTIN_PROVIDERS
@@ -224,8 +225,6 @@ def test_missing_init_app_says_how_to_fix(tmp_path: Path) -> None:
 
 
 def test_create_all_refuses_a_host_owned_table(tmp_path: Path) -> None:
-    from flask_sqlalchemy import SQLAlchemy
-
     app = make(tmp_path, SQLALCHEMY_DATABASE_URI=f"sqlite:///{tmp_path}/h.db")
     db = SQLAlchemy(app)
     hooks = OrderHooks(app, db=db)
@@ -260,7 +259,6 @@ def test_flask_migrate_sees_the_table_in_host_metadata(tmp_path: Path) -> None:
     """Autogenerate compares db.metadata with the database: the table must be in it."""
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
-    from flask_sqlalchemy import SQLAlchemy
 
     app = make(tmp_path, SQLALCHEMY_DATABASE_URI=f"sqlite:///{tmp_path}/m.db")
     db = SQLAlchemy(app)
@@ -270,4 +268,20 @@ def test_flask_migrate_sees_the_table_in_host_metadata(tmp_path: Path) -> None:
         added = {d[1].name for d in diff if d[0] == "add_table"}
     assert added == {"orderhooks_deliveries"}
     with app.app_context():
+        db.engine.dispose()
+
+
+def test_the_stores_repr_outside_an_app_context(tmp_path: Path) -> None:
+    """With ``db=`` the store's engine is the host's, known only inside an
+    app context: its repr must not resolve it (before, it raised "Working
+    outside of application context", so any log line or debugger showing
+    the store did)."""
+    app = make(tmp_path, SQLALCHEMY_DATABASE_URI=f"sqlite:///{tmp_path / 'host.sqlite3'}")
+    db = SQLAlchemy(app)
+    hooks = OrderHooks(app, db=db)
+    store = hooks.state(app).store
+    assert repr(store) == "<DeliveryStore (the host's engine) table='orderhooks_deliveries'>"
+    with app.app_context():
+        assert store.dialect == "sqlite"
+        assert repr(store) == "<DeliveryStore sqlite table='orderhooks_deliveries'>"
         db.engine.dispose()

@@ -195,7 +195,11 @@ class DeliveryStore:
         return self.engine.dialect.name
 
     def __repr__(self) -> str:
-        return f"<DeliveryStore {self.dialect} table={self.table.name!r}>"
+        # Never resolves the engine: the host's is only known inside an app
+        # context, and a repr (a log line, a debugger) must not raise.
+        engine = self._engine
+        where = engine.dialect.name if isinstance(engine, Engine) else "(the host's engine)"
+        return f"<DeliveryStore {where} table={self.table.name!r}>"
 
     # -- the pipeline ----------------------------------------------------------
 

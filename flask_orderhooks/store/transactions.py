@@ -152,7 +152,10 @@ def _guard_commits() -> None:
     """Listen to every Session's commits, once per process: one check of
     ``info`` per commit, where listening per dispatch would cost a listener's
     setup and removal on every callback."""
-    if not event.contains(Session, "before_commit", _refuse_a_receivers_commit):
+    # A set, not event.contains(): that costs more than a dispatch's other
+    # bookkeeping together.
+    if Session not in _guarded_session_classes:
+        _guarded_session_classes.add(Session)
         event.listen(Session, "before_commit", _refuse_a_receivers_commit)
         event.listen(Session, "after_begin", _guard_a_dispatchs_connection)
 
@@ -162,6 +165,7 @@ def _guard_commits() -> None:
 #: ``before_commit``. Weak: a connection object lasts one checkout.
 _guarded: weakref.WeakKeyDictionary[Connection, Session] = weakref.WeakKeyDictionary()
 _guarded_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+_guarded_session_classes: set[type[Session]] = set()
 
 
 def _guard_a_dispatchs_connection(

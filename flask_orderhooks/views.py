@@ -164,8 +164,8 @@ def _signed_headers(provider: Provider) -> dict[str, str]:
 def _key(provider: Provider, delivery: Delivery | None) -> str:
     """The key as a log line holds it. A verified key is written raw only
     when it holds nothing that forges or hides log text: a delivery exists
-    before the store refuses its key for a control character, and without a
-    signature check (ORDERHOOKS_SUD_VERIFY = False) anyone chooses it."""
+    before the store refuses its key for a control character, and a provider
+    whose signature check is off lets anyone choose it."""
     if delivery is not None:
         return for_log(delivery.key)
     claimed = request.headers.get(provider.key_header) if provider.key_header else None

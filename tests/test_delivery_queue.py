@@ -634,7 +634,8 @@ def _locks_of(worker: Worker) -> list[Any]:
     for attribute in vars(worker).values():
         value = attribute
         if isinstance(value, threading.Event):
-            value = value._cond  # the Condition whose lock Event.set() takes
+            # The Condition whose lock Event.set() takes.
+            value = value._cond  # type: ignore[attr-defined]
         if isinstance(value, threading.Condition):
             value = value._lock  # type: ignore[attr-defined]
         if isinstance(value, lock_types):

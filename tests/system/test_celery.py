@@ -240,7 +240,7 @@ def test_celery_eager_mode_does_not_recurse_on_a_retry_that_is_not_due(
         calls[0] += 1
         return dispatch_due(*args)
 
-    hooks.dispatch_due = counted  # type: ignore[method-assign]
+    hooks.dispatch_due = counted  # type: ignore[method-assign, assignment]
     rec.fail_next = 1
     cb = igv_order_status(IGV_SECRET, request_id=f"R{uuid.uuid4().hex[:12]}")
     with caplog.at_level(logging.WARNING):

@@ -17,6 +17,7 @@ from sqlalchemy.engine import Engine
 from .builtin import BUILTIN_PROVIDERS
 from .config import DEFAULTS, Settings, known_keys, load_settings, unknown_keys
 from .instruments import Instruments
+from .logtext import for_log
 from .provider import Provider
 from .signals import delivery_dead, delivery_failed
 from .store import (
@@ -329,7 +330,7 @@ class OrderHooks:
                 "%s %s %s: dead after %d attempts: %s",
                 delivery.provider,
                 delivery.callback,
-                delivery.key,
+                for_log(delivery.key),
                 delivery.attempts,
                 error,
             )

@@ -400,6 +400,22 @@ def test_a_stored_key_with_an_invisible_character_is_logged_quoted(
     assert len(rec.events) == 3
 
 
+def test_the_stores_and_the_dead_letters_log_lines_quote_an_invisible_key(
+    recorder: RecorderFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past the view, the lines the store and the dead-letter alert write
+    (a receiver failed, no retries left: dead) quote such a key too."""
+    app, rec = recorder(ORDERHOOKS_SUD_VERIFY=False, ORDERHOOKS_RETRY_DELAYS=[])
+    rec.fail_next = 1
+    with caplog.at_level(logging.INFO, logger="flask_orderhooks"):
+        cb = make("sud", app, app_id=SUD_APP_ID, notify_id="n-\u202e9")
+        assert post(app, cb).status_code == 500
+    dead = [r.getMessage() for r in caplog.records if "dead after" in r.getMessage()]
+    assert len(dead) == 1
+    assert dead[0].startswith("sud order-changed 'n-\\u202e9': dead after 1 attempts:")
+    assert not any("\u202e" in r.getMessage() for r in caplog.records)
+
+
 def test_every_character_the_store_refuses_in_a_key_is_quoted_in_logs() -> None:
     """The store's refused set and the log rule must not drift apart: each
     character a key cannot hold is also one a log line never holds raw."""

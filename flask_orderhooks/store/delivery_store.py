@@ -370,7 +370,7 @@ class DeliveryStore:
                             "%s %s %s: already done; a resend with a different body was ignored",
                             delivery.provider,
                             delivery.callback,
-                            delivery.key,
+                            for_log(delivery.key),
                         )
                     return None
                 if stored_digest != digest:
@@ -529,7 +529,7 @@ class DeliveryStore:
             "the done mark went with it, and what followed is committed after",
             delivery.provider,
             delivery.callback,
-            delivery.key,
+            for_log(delivery.key),
         )
         return True
 
@@ -582,7 +582,7 @@ class DeliveryStore:
             "before the view runs, or use READ COMMITTED for it.",
             delivery.provider,
             delivery.callback,
-            delivery.key,
+            for_log(delivery.key),
             level.upper(),
         )
         raise StaleSnapshot(
@@ -658,7 +658,7 @@ class DeliveryStore:
                 "%s %s %s: could not record the failed attempt %d",
                 delivery.provider,
                 delivery.callback,
-                delivery.key,
+                for_log(delivery.key),
                 claim.attempt,
             )
             return
@@ -672,7 +672,7 @@ class DeliveryStore:
                 "%s %s %s: a delivery_failed/delivery_dead receiver raised",
                 delivery.provider,
                 delivery.callback,
-                delivery.key,
+                for_log(delivery.key),
             )
 
     # -- workers -----------------------------------------------------------------
@@ -757,7 +757,7 @@ class DeliveryStore:
                 "%s %s %s: store %s: %s",
                 delivery.provider,
                 delivery.callback,
-                delivery.key,
+                for_log(delivery.key),
                 "busy" if busy else "unavailable",
                 type(exc.orig).__name__,
             )
@@ -768,7 +768,7 @@ class DeliveryStore:
                 "%s %s %s: store error: %s",
                 delivery.provider,
                 delivery.callback,
-                delivery.key,
+                for_log(delivery.key),
                 type(exc).__name__,
             )
             raise StoreUnavailable("The store is unavailable.") from exc

@@ -383,13 +383,20 @@ def test_loopback_behind_a_proxy_the_app_does_not_resolve_is_refused(
     assert client.get("/metrics").status_code == 200
 
 
+def statuses_from(app: Flask, *addresses: str) -> dict[str, int]:
+    """The status ``/metrics`` answers a client at each of ``addresses``."""
+    client = app.test_client()
+    return {
+        address: client.get("/metrics", environ_base={"REMOTE_ADDR": address}).status_code
+        for address in addresses
+    }
+
+
 def test_an_allow_list_of_networks(make_own: Callable[..., tuple[Flask, OrderHooks]]) -> None:
     app, _ = make_own(ORDERHOOKS_METRICS_ALLOWED_IPS=["10.0.0.0/8", "2001:db8::1"])
-    client = app.test_client()
-    statuses = {
-        addr: client.get("/metrics", environ_base={"REMOTE_ADDR": addr}).status_code
-        for addr in ("10.1.2.3", "::ffff:10.1.2.3", "2001:db8::1", "127.0.0.1", "11.0.0.1")
-    }
+    statuses = statuses_from(
+        app, "10.1.2.3", "::ffff:10.1.2.3", "2001:db8::1", "127.0.0.1", "11.0.0.1"
+    )
     assert statuses == {
         "10.1.2.3": 200,
         "::ffff:10.1.2.3": 200,  # a dual-stack listener's IPv4 client
@@ -406,11 +413,9 @@ def test_an_ipv4_mapped_network_in_the_allow_list_admits_its_ipv4_clients(
     ::ffff:a.b.c.d; the network an operator writes that way is its IPv4
     network (clients are matched as IPv4, so as IPv6 it matched none)."""
     app, _ = make_own(ORDERHOOKS_METRICS_ALLOWED_IPS=["::ffff:10.0.0.0/104", "::ffff:127.0.0.1"])
-    client = app.test_client()
-    statuses = {
-        addr: client.get("/metrics", environ_base={"REMOTE_ADDR": addr}).status_code
-        for addr in ("10.1.2.3", "::ffff:10.1.2.3", "127.0.0.1", "11.0.0.1", "::ffff:11.0.0.1")
-    }
+    statuses = statuses_from(
+        app, "10.1.2.3", "::ffff:10.1.2.3", "127.0.0.1", "11.0.0.1", "::ffff:11.0.0.1"
+    )
     assert statuses == {
         "10.1.2.3": 200,
         "::ffff:10.1.2.3": 200,

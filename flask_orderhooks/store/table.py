@@ -48,14 +48,17 @@ MYSQL = ("mysql", "mariadb")
 
 
 class _UTCDateTime(sa.types.TypeDecorator[datetime]):
-    """MySQL's and MariaDB's ``DATETIME(6)``, holding UTC.
+    """A ``DATETIME`` without a time zone, holding UTC: MySQL's and MariaDB's
+    ``DATETIME(6)``, and (:class:`_SQLiteUTCDateTime`) SQLite's text.
 
-    Their ``DATETIME`` has no time zone, and PyMySQL would write an aware
-    value's ``+00:00`` into the literal, which MariaDB refuses: values go in
-    as naive UTC and come back aware.
+    Values go in as naive UTC and come back aware. PyMySQL would write an
+    aware value's ``+00:00`` into the literal, which MariaDB refuses; SQLite's
+    would keep an aware value's wall clock and drop its zone, so a time in
+    another zone (a host's ``purge(older_than=...)`` in local time) would be
+    compared hours off the UTC stored.
     """
 
-    impl = mysql.DATETIME(fsp=6)
+    impl: sa.types.TypeEngine[datetime] = mysql.DATETIME(fsp=6)
     cache_ok = True
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
@@ -67,22 +70,11 @@ class _UTCDateTime(sa.types.TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value is not None else None
 
 
-class _SQLiteUTCDateTime(sa.types.TypeDecorator[datetime]):
-    """SQLite's ``DATETIME`` text, holding UTC.
-
-    SQLAlchemy writes a bound value's wall clock and drops its zone, so an
-    aware time in another zone (a host's ``purge(older_than=...)`` in local
-    time) would be compared hours off the UTC text stored: it goes in as
-    naive UTC.
-    """
+class _SQLiteUTCDateTime(_UTCDateTime):
+    """:class:`_UTCDateTime` on SQLite's ``DATETIME`` text."""
 
     impl = sa.DateTime()
     cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is not None and value.tzinfo is not None:
-            value = value.astimezone(UTC).replace(tzinfo=None)
-        return value
 
 
 #: The type of the stored times: microseconds on MySQL too (its DATETIME

@@ -135,17 +135,20 @@ class SessionTransaction:
             self.session.info.pop(_DISPATCHING, None)
 
 
+#: Why a receiver's commit is refused, and what to do instead.
+_LEAVE_THE_COMMIT = (
+    "the extension commits what receivers write together with the done mark, after the "
+    "last one returned. Remove the commit (flush() gives new rows their ids)."
+)
+
+
 def _refuse_a_receivers_commit(session: Session) -> None:
     if (
         session.info.get(_DISPATCHING)
         and not session.info.get(_OWN_COMMIT)
         and not session.in_nested_transaction()
     ):
-        raise ReceiverCommit(
-            "db.session.commit() inside a receiver: the extension commits what receivers "
-            "write together with the done mark, after the last one returned. Remove the "
-            "commit (flush() gives new rows their ids)."
-        )
+        raise ReceiverCommit(f"db.session.commit() inside a receiver: {_LEAVE_THE_COMMIT}")
 
 
 def _guard_commits() -> None:
@@ -190,9 +193,7 @@ def _refuse_a_receivers_connection_commit(connection: Connection) -> None:
     # Nested or not: the connection's commit commits the root transaction.
     if session is not None and session.info.get(_DISPATCHING) and not session.info.get(_OWN_COMMIT):
         raise ReceiverCommit(
-            "a commit of db.session's connection inside a receiver: the extension commits "
-            "what receivers write together with the done mark, after the last one returned. "
-            "Remove the commit (flush() gives new rows their ids)."
+            f"a commit of db.session's connection inside a receiver: {_LEAVE_THE_COMMIT}"
         )
 
 

@@ -468,8 +468,9 @@ class DeliveryStore:
                 delivery,
                 claim,
                 "AbortedTransaction: a receiver's statement failed with an error that "
-                "rolled back the dispatch's transaction (a deadlock), and the error was "
-                "caught; the done mark went with it.",
+                "rolled back the dispatch's transaction (a deadlock, or a lock wait "
+                "timeout under innodb_rollback_on_timeout), and the error was caught; "
+                "the done mark went with it.",
             )
         if _aborted(session):
             # A receiver caught a database error and carried on: PostgreSQL

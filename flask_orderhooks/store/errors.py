@@ -86,14 +86,19 @@ _HOSTS_LOCK_WAIT = "@orderhooks_hosts_lock_wait"
 
 
 #: InnoDB errors after which the server has rolled the whole transaction
-#: back, not only the statement: a deadlock. (A lock wait timeout, 1205,
-#: rolls back the statement alone unless ``innodb_rollback_on_timeout`` is
-#: on.)
+#: back, not only the statement: a deadlock.
 MYSQL_ROLLED_BACK = frozenset({1213})
+#: A lock wait timeout rolls back the statement alone, or the whole
+#: transaction when the server runs with ``innodb_rollback_on_timeout``.
+MYSQL_LOCK_WAIT_TIMEOUT = 1205
 _ROLLED_BACK_KEY = "orderhooks_rolled_back"
 #: Engines listened to: a set lookup per dispatch, where event.contains()
 #: costs about a microsecond.
 _watched_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+#: ``innodb_rollback_on_timeout`` by engine, read at an engine's first lock
+#: wait timeout. The option is global and can only be set at the server's
+#: start, so one reading holds for the engine's life.
+_rolls_back_on_timeout: weakref.WeakKeyDictionary[Engine, bool] = weakref.WeakKeyDictionary()
 
 
 def watch_for_server_rollbacks(engine: Engine) -> None:
@@ -112,8 +117,39 @@ def watch_for_server_rollbacks(engine: Engine) -> None:
 
 def _note_server_rollback(context: ExceptionContext) -> None:
     args = getattr(context.original_exception, "args", ())
-    if args and args[0] in MYSQL_ROLLED_BACK and context.connection is not None:
+    if not args or context.connection is None:
+        return
+    if args[0] in MYSQL_ROLLED_BACK or (
+        args[0] == MYSQL_LOCK_WAIT_TIMEOUT and _timeout_rolls_back(context.connection)
+    ):
         context.connection.info[_ROLLED_BACK_KEY] = True
+
+
+def _timeout_rolls_back(connection: Connection) -> bool:
+    """Whether the server behind ``connection`` rolls a transaction back
+    whole on a lock wait timeout.
+
+    Asked on the failed statement's own driver connection, which the error
+    left usable: no other connection is taken from a pool that may be
+    exhausted. When the question cannot be answered the answer is yes: the
+    attempt is then failed and retried, where a wrong no would answer done a
+    delivery whose done mark the server threw away."""
+    engine = connection.engine
+    known = _rolls_back_on_timeout.get(engine)
+    if known is not None:
+        return known
+    try:
+        cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.execute("SELECT @@GLOBAL.innodb_rollback_on_timeout")
+            row = cursor.fetchone()
+        finally:
+            cursor.close()
+    except Exception:
+        return True
+    answer = row is None or str(row[0]).upper() in {"1", "ON"}
+    _rolls_back_on_timeout[engine] = answer
+    return answer
 
 
 def forget_server_rollbacks(connection: Connection) -> None:

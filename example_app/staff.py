@@ -5,7 +5,8 @@ A real shop uses its own login (Flask-Login, SSO) and a form library with
 CSRF protection (Flask-WTF); this one checks one password and keeps a CSRF
 token in the session, which is enough to show the parts: a login page that
 marks the session, pages that ask for it, and the access function the
-console asks on every request.
+console asks on every request. Failed logins are limited per client address
+(Flask-Limiter), so the password cannot be guessed at the server's speed.
 
 All of it is off unless ``SHOP_STAFF_PASSWORD`` is set: a shop must not open
 its orders to whoever guesses a default password.
@@ -34,6 +35,9 @@ from flask import (
     url_for,
 )
 from flask.typing import ResponseReturnValue
+from flask_limiter import Limiter, RequestLimit
+from flask_limiter.util import get_remote_address
+from limits import parse_many
 from werkzeug.exceptions import HTTPException
 
 from flask_orderhooks import OrderHooks
@@ -41,7 +45,14 @@ from flask_orderhooks.console import BLUEPRINT as CONSOLE_BLUEPRINT
 
 from .views import recent_records
 
-__all__ = ["PASSWORD_KEY", "local_target", "prepare_staff", "register_staff", "staff"]
+__all__ = [
+    "LOGIN_LIMIT_KEY",
+    "PASSWORD_KEY",
+    "local_target",
+    "prepare_staff",
+    "register_staff",
+    "staff",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +60,13 @@ staff = Blueprint("staff", __name__)
 
 #: The config key of the staff password; without it the staff side is off.
 PASSWORD_KEY = "SHOP_STAFF_PASSWORD"
+#: The config key of how many failed logins a client address may make, in
+#: Flask-Limiter's notation; one more is refused with 429, whatever the
+#: password, until the window has passed. Where the counts live is
+#: Flask-Limiter's ``RATELIMIT_STORAGE_URI``: this process's memory unless set,
+#: so a shop served by several processes sets a shared one (``redis://…``).
+LOGIN_LIMIT_KEY = "SHOP_LOGIN_LIMIT"
+DEFAULT_LOGIN_LIMIT = "5 per minute; 30 per hour"
 #: The session keys: whether the session is a logged-in staff member's, and
 #: the token its forms carry.
 STAFF_SESSION_KEY = "staff"
@@ -122,7 +140,20 @@ def _ensure_secret_key(app: Flask) -> None:
 
 def register_staff(app: Flask, hooks: OrderHooks) -> None:
     """Add the staff pages and let logged-in staff into the console."""
+    _check_login_limit(app)
+    # Unless the shop says where: this process's memory (without the warning
+    # Flask-Limiter gives when it has to pick).
+    app.config.setdefault("RATELIMIT_STORAGE_URI", "memory://")
     app.register_blueprint(staff)
+    # One limiter per app: its storage and its counts are the app's own.
+    limiter = Limiter(get_remote_address, app=app, headers_enabled=True)
+    app.view_functions["staff.login"] = limiter.limit(
+        _login_limit,
+        methods=["POST"],
+        # Only failures count: staff who log in are never locked out by it.
+        deduct_when=lambda response: response.status_code == 401,
+        on_breach=_too_many_logins,
+    )(login)
 
     @hooks.console_access
     def shop_staff() -> bool | ResponseReturnValue:
@@ -226,11 +257,41 @@ def login() -> ResponseReturnValue:
     if not _csrf_ok():
         return _login_page("The form expired; please log in again.", 400)
     if not _password_matches(request.form.get("password", "")):
+        logger.warning("Staff login refused: wrong password (from %s).", request.remote_addr)
         return _login_page("Wrong password.", 401)
     # A new session: nothing from before the login (its CSRF token) carries over.
     session.clear()
     session[STAFF_SESSION_KEY] = True
     return redirect(local_target(request.args.get("next")) or url_for(DEFAULT_ENDPOINT))
+
+
+def _login_limit() -> str:
+    return str(current_app.config[LOGIN_LIMIT_KEY])
+
+
+def _check_login_limit(app: Flask) -> None:
+    """A limit Flask-Limiter cannot read fails here, at start, not as a 500
+    at the first login."""
+    limit = app.config.setdefault(LOGIN_LIMIT_KEY, DEFAULT_LOGIN_LIMIT)
+    try:
+        if not isinstance(limit, str) or not parse_many(limit):
+            raise ValueError
+    except ValueError:
+        raise ValueError(
+            f'{LOGIN_LIMIT_KEY} must be a limit such as "{DEFAULT_LOGIN_LIMIT}", not {limit!r}.'
+        ) from None
+
+
+def _too_many_logins(limit: RequestLimit) -> Response:
+    logger.warning(
+        "Staff login refused: too many failed logins from %s (at most %s).",
+        request.remote_addr,
+        limit.limit,
+    )
+    page = render_template(
+        "login.html", message="Too many failed logins; try again later.", csrf_token=csrf_token()
+    )
+    return Response(page, status=429)
 
 
 @staff.post("/logout")

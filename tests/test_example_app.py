@@ -526,6 +526,72 @@ def test_a_wrong_password_is_refused(app: Flask) -> None:
     assert client.get("/staff/").status_code == 302
 
 
+def client_from(app: Flask, address: str) -> FlaskClient:
+    client = app.test_client()
+    client.environ_base["REMOTE_ADDR"] = address
+    return client
+
+
+def test_a_wrong_password_is_logged_without_the_password(
+    app: Flask, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = client_from(app, "203.0.113.7")
+
+    with caplog.at_level(logging.WARNING, logger="example_app.staff"):
+        log_in(client, password="hunter2-guess")
+
+    assert [record.getMessage() for record in caplog.records] == [
+        "Staff login refused: wrong password (from 203.0.113.7)."
+    ]
+
+
+def test_failed_logins_are_limited_per_address(
+    app: Flask, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Five failures a minute from one address (the default limit): the
+    sixth try is refused with 429 whatever the password, so the password
+    cannot be guessed at the server's speed. Another address is not held
+    back by it."""
+    guesser = client_from(app, "203.0.113.7")
+    for _ in range(5):
+        assert log_in(guesser, password="guess").status_code == 401
+    caplog.clear()
+
+    with caplog.at_level(logging.WARNING, logger="example_app.staff"):
+        refused = log_in(guesser)
+
+    assert refused.status_code == 429
+    assert "Too many failed logins; try again later." in refused.get_data(as_text=True)
+    assert 0 < int(refused.headers["Retry-After"]) <= 60
+    assert refused.headers["Cache-Control"] == "no-store"
+    assert guesser.get("/staff/").status_code == 302
+    assert [record.getMessage() for record in caplog.records] == [
+        "Staff login refused: too many failed logins from 203.0.113.7 (at most 5 per 1 minute)."
+    ]
+    # The form itself still shows (GET is not limited), and staff elsewhere log in.
+    assert guesser.get("/login").status_code == 200
+    staff = client_from(app, "198.51.100.1")
+    assert log_in(staff).status_code == 302
+
+
+def test_logins_that_succeed_are_not_limited(app: Flask) -> None:
+    client = client_from(app, "203.0.113.7")
+
+    for _ in range(8):
+        assert log_in(client).status_code == 302
+
+
+@pytest.mark.parametrize("limit", ["often", "", 5])
+def test_a_login_limit_that_cannot_be_read_is_refused_at_start(
+    tmp_path: Path, limit: object
+) -> None:
+    with pytest.raises(ValueError, match="SHOP_LOGIN_LIMIT must be a limit such as"):
+        create_app(
+            {"TESTING": True, **STAFF_CONFIG, "SHOP_LOGIN_LIMIT": limit},
+            instance_path=tmp_path / "instance",
+        )
+
+
 @pytest.mark.parametrize("token", [None, "", "forged", "\u00e9"])
 def test_a_login_from_another_site_is_refused(app: Flask, token: str | None) -> None:
     client = app.test_client()

@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from .exc import ConfigurationError
 from .networks import IPNetwork, parse_networks
@@ -135,6 +139,10 @@ class Settings:
         return self.dispatch == "deferred"
 
 
+#: A plain URL path: no URL variables (``<name>``), no query, no fragment.
+URL_PATH = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*")
+
+
 def load_settings(config: Mapping[str, Any], providers: Sequence[str] = ()) -> Settings:
     """Validate the pipeline's ``ORDERHOOKS_*`` keys of ``config``.
 
@@ -143,19 +151,18 @@ def load_settings(config: Mapping[str, Any], providers: Sequence[str] = ()) -> S
     :raises ConfigurationError: naming the first key that is wrong.
     """
     prefix = config["ORDERHOOKS_URL_PREFIX"]
-    if not isinstance(prefix, str) or (prefix and not prefix.startswith("/")):
+    # No URL variables ("/<tenant>"): the callback views take no arguments,
+    # so every callback would be Flask's HTML 500, not the platform's answer.
+    if not isinstance(prefix, str) or (prefix and not URL_PATH.fullmatch(prefix)):
         raise ConfigurationError(
-            "ORDERHOOKS_URL_PREFIX", 'must be a path starting with "/", such as "/orderhooks".'
-        )
-    database_uri = config["ORDERHOOKS_DATABASE_URI"]
-    if database_uri is not None and (not isinstance(database_uri, str) or not database_uri):
-        raise ConfigurationError(
-            "ORDERHOOKS_DATABASE_URI", "must be a SQLAlchemy database URL string or None."
+            "ORDERHOOKS_URL_PREFIX",
+            'must be a path starting with "/" and without URL variables, such as '
+            '"/orderhooks", or "" for none.',
         )
     return Settings(
         url_prefix=prefix.rstrip("/"),
         max_clock_skew=read_seconds(config, "ORDERHOOKS_MAX_CLOCK_SKEW"),
-        database_uri=database_uri,
+        database_uri=_database_uri(config["ORDERHOOKS_DATABASE_URI"]),
         duplicate_wait=read_seconds(
             config, "ORDERHOOKS_DUPLICATE_WAIT", at_most=(LONGEST_REQUEST_WAIT, "an hour")
         ),
@@ -171,6 +178,30 @@ def load_settings(config: Mapping[str, Any], providers: Sequence[str] = ()) -> S
             at_most=(LONGEST_POLL_INTERVAL, "an hour"),
         ),
     )
+
+
+def _database_uri(value: object) -> str | None:
+    """The standalone store's URL, parsed and its dialect known; the value
+    never appears in a message (it may hold a password)."""
+    key = "ORDERHOOKS_DATABASE_URI"
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigurationError(key, "must be a SQLAlchemy database URL string or None.")
+    try:
+        url = sa.make_url(value)
+    except ArgumentError:
+        raise ConfigurationError(
+            key,
+            "is not a SQLAlchemy database URL (such as 'postgresql+psycopg://user@host/db').",
+        ) from None
+    try:
+        url.get_dialect()
+    except NoSuchModuleError:
+        raise ConfigurationError(
+            key, f"names the database {url.drivername!r}, which SQLAlchemy does not know."
+        ) from None
+    return value
 
 
 def _dispatch(value: object) -> str:
@@ -191,7 +222,7 @@ def _retry_delays(value: object) -> tuple[float, ...]:
     for item in value:
         if isinstance(item, bool) or not isinstance(item, (int, float)):
             raise ConfigurationError(key, f"every delay must be a number of seconds, not {item!r}.")
-        if not math.isfinite(item) or item < 0:
+        if not _finite(item) or item < 0:
             raise ConfigurationError(
                 key, "every delay must be a finite number of seconds, zero or more."
             )
@@ -279,12 +310,18 @@ def read_seconds(
 def _seconds(key: str, value: object, kind: str, at_most: tuple[float, str]) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigurationError(key, f"must be {kind}, not {type(value).__name__}.")
-    if not math.isfinite(value) or value < 0:
+    if not _finite(value) or value < 0:
         raise ConfigurationError(key, "must be a finite number of seconds, zero or more.")
     longest, said = at_most
     if value > longest:
         raise ConfigurationError(key, f"must be at most {longest:.0f} seconds ({said}).")
     return float(value)
+
+
+def _finite(value: float) -> bool:
+    # An int is finite however large: math.isfinite(10**400) raises
+    # OverflowError (a JSON number of 400 digits in the environment).
+    return isinstance(value, int) or math.isfinite(value)
 
 
 def _max_body(value: object) -> int:

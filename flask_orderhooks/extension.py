@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary
 
+from blinker import NamedSignal
 from flask import Flask, current_app
 from sqlalchemy.engine import Engine
 
 from .builtin import BUILTIN_PROVIDERS
 from .config import DEFAULTS, Settings, known_keys, load_settings, unknown_keys
+from .exc import ConfigurationError
 from .instruments import Instruments
 from .logtext import for_log
 from .provider import Provider
@@ -37,6 +41,9 @@ from .worker import process_due
 if TYPE_CHECKING:
     from flask.typing import ResponseReturnValue
     from flask_sqlalchemy import SQLAlchemy
+
+    from .console import ConsoleSettings
+    from .metrics import Metrics
 
 logger = logging.getLogger("flask_orderhooks")
 
@@ -147,16 +154,21 @@ class OrderHooks:
                 "OrderHooks per app and call init_app(app) once."
             )
         for key, value in DEFAULTS.items():
-            app.config.setdefault(key, value)
+            # A copy of a list default: editing one app's list must not edit
+            # the defaults of the apps made after it.
+            app.config.setdefault(key, copy.deepcopy(value))
         for provider_class in self.provider_classes:
             for key, value in provider_class.config_defaults.items():
-                app.config.setdefault(key, value)
+                app.config.setdefault(key, copy.deepcopy(value))
         _warn_of_unknown_keys(app, self.provider_classes)
         settings = load_settings(app.config, [p.name for p in self.provider_classes])
         configured = {p.name: p.from_config(app.config) for p in self.provider_classes}
         providers = {name: p for name, p in configured.items() if p is not None}
-        for provider in providers.values():
-            _check_routes(provider)
+        _check_routes(providers.values())
+        # Every check that can fail runs before anything is registered: a
+        # config error leaves the app as it was, and init_app can be called
+        # again once the config is fixed.
+        console = self._console_settings(app)
         standalone: StandaloneDatabase | None = None
         if self.db is not None:
             store = self._host_store(settings)
@@ -182,25 +194,44 @@ class OrderHooks:
             standalone=standalone,
             enqueue=self._enqueue,
         )
+        # Last of the checks: it registers the metrics in their registry,
+        # and leaves nothing there when it fails.
+        metrics = self._metrics(app, state)
         self._states[app] = state
         app.extensions["orderhooks"] = self
         app.register_blueprint(make_blueprint(state), url_prefix=settings.url_prefix or None)
-        # Imported only when asked for: the console's templates and the
-        # optional prometheus_client cost nothing to an app without them.
-        if app.config.get("ORDERHOOKS_CONSOLE_URL"):
+        if console is not None:
             from .console import register_console  # noqa: PLC0415
 
-            register_console(app, self, state)
-        if app.config.get("ORDERHOOKS_METRICS_URL"):
-            from .metrics import register_metrics  # noqa: PLC0415
+            register_console(app, self, state, console)
+        if metrics is not None:
+            from .metrics import serve_metrics  # noqa: PLC0415
 
-            register_metrics(app, self, state)
+            serve_metrics(app, state, *metrics)
         off = [name for name, provider in configured.items() if provider is None]
         if off:
             logger.info(
                 "OrderHooks: %s off (no credentials configured); their routes answer 404.",
                 ", ".join(off),
             )
+
+    @staticmethod
+    def _console_settings(app: Flask) -> ConsoleSettings | None:
+        # Imported only when asked for: the console's templates cost nothing
+        # to an app without it.
+        if not app.config.get("ORDERHOOKS_CONSOLE_URL"):
+            return None
+        from .console import load_settings as load_console_settings  # noqa: PLC0415
+
+        return load_console_settings(app)
+
+    def _metrics(self, app: Flask, state: AppState) -> tuple[str, Metrics] | None:
+        # Imported only when asked for: prometheus_client is optional.
+        if not app.config.get("ORDERHOOKS_METRICS_URL"):
+            return None
+        from .metrics import prepare_metrics  # noqa: PLC0415
+
+        return prepare_metrics(app, self, state)
 
     def console_access(self, check: ConsoleAccess) -> ConsoleAccess:
         """Register the function that decides who may use the operator console.
@@ -257,9 +288,17 @@ class OrderHooks:
         if uri is None:
             os.makedirs(app.instance_path, exist_ok=True)
             uri = "sqlite:///" + os.path.join(app.instance_path, "orderhooks.sqlite3")
-        return StandaloneDatabase(
-            uri, busy_timeout=settings.duplicate_wait, engine_options=self.engine_options
-        )
+        try:
+            return StandaloneDatabase(
+                uri, busy_timeout=settings.duplicate_wait, engine_options=self.engine_options
+            )
+        except ImportError as exc:
+            # The URL is checked (config.py); what is left is its driver.
+            raise ConfigurationError(
+                "ORDERHOOKS_DATABASE_URI",
+                f"needs the database driver {exc.name!r}, which is not installed "
+                "(pip install 'flask-orderhooks[postgres]' or 'flask-orderhooks[mysql]').",
+            ) from None
 
     def state(self, app: Flask | None = None) -> AppState:
         """The per-app state: settings, store and providers.
@@ -324,7 +363,7 @@ class OrderHooks:
         """The store recorded a failed attempt: tell operators, plan the retry."""
         app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
         next_attempt = delivery.next_attempt_at if delivery.status == FAILED else None
-        delivery_failed.send(app, delivery=delivery, error=error, next_attempt_at=next_attempt)
+        _tell_operators(app, delivery_failed, delivery, error=error, next_attempt_at=next_attempt)
         if delivery.status == DEAD:
             logger.error(
                 "%s %s %s: dead after %d attempts: %s",
@@ -334,7 +373,7 @@ class OrderHooks:
                 delivery.attempts,
                 error,
             )
-            delivery_dead.send(app, delivery=delivery, error=error)
+            _tell_operators(app, delivery_dead, delivery, error=error)
         elif next_attempt is not None:
             countdown = max(0.0, next_attempt.timestamp() - self.clock())
             self._enqueue(delivery.provider, delivery.callback, delivery.key, countdown)
@@ -358,18 +397,41 @@ class OrderHooks:
         standalone.ensure_table()
 
 
+def _tell_operators(
+    app: Flask, signal: NamedSignal, delivery: StoredDelivery, **kwargs: Any
+) -> None:
+    """Send an operator signal to each of its receivers in turn.
+
+    A receiver that raises (a chat webhook that is down) is logged and
+    changes nothing: the others still hear of it, the dead delivery is still
+    logged and paged, and the retry is still enqueued. (``send()`` would
+    stop at the first receiver that raised.)"""
+    for receiver in signal.receivers_for(app):
+        try:
+            receiver(app, delivery=delivery, **kwargs)
+        except Exception:
+            logger.exception(
+                "%s %s %s: a %s receiver raised; the delivery is unchanged",
+                delivery.provider,
+                delivery.callback,
+                for_log(delivery.key),
+                signal.name,
+            )
+
+
 def _checked_providers(classes: Sequence[type[Provider]]) -> tuple[type[Provider], ...]:
     """``classes``, refused at once when one cannot serve: a wrong type, a
-    name missing, too long for the store, or used twice."""
+    name missing, too long for the store, spelt with characters that are not
+    allowed, or used twice."""
     seen: set[str] = set()
     for cls in classes:
         if not (isinstance(cls, type) and issubclass(cls, Provider)):
             raise TypeError(f"providers must be Provider subclasses, not {cls!r}.")
         name = getattr(cls, "name", None)
-        if not isinstance(name, str) or not 0 < len(name) <= _MAX_NAME["provider"]:
+        if not isinstance(name, str) or not _valid_name(name, "provider"):
             raise ValueError(
-                f"{cls.__name__}.name must be a string of 1 to {_MAX_NAME['provider']} "
-                f"characters, not {name!r}."
+                f"{cls.__name__}.name must be 1 to {_MAX_NAME['provider']} {_NAME_CHARACTERS}, "
+                f"not {name!r}."
             )
         if name in seen:
             raise ValueError(f"Two providers are named {name!r}; names must be unique.")
@@ -377,21 +439,38 @@ def _checked_providers(classes: Sequence[type[Provider]]) -> tuple[type[Provider
     return tuple(classes)
 
 
-def _check_routes(provider: Provider) -> None:
-    endpoints: dict[str, str] = {}
-    for callback in provider.routes:
-        endpoint = endpoint_name(provider.name, callback)
-        if endpoint in endpoints:
-            raise ValueError(
-                f"{type(provider).__name__}: the callbacks {endpoints[endpoint]!r} and "
-                f"{callback!r} would share the endpoint {endpoint!r}; rename one."
-            )
-        endpoints[endpoint] = callback
-        if not 0 < len(callback) <= _MAX_NAME["callback"]:
-            raise ValueError(
-                f"{type(provider).__name__}: the callback name {callback!r} must be 1 to "
-                f"{_MAX_NAME['callback']} characters."
-            )
+#: A provider's or a callback's name is a segment of the console's URLs, part
+#: of a Flask endpoint and a metrics label: no "/", no space, nothing a URL
+#: or a terminal would read otherwise.
+_NAME = re.compile(r"[A-Za-z0-9._-]+")
+_NAME_CHARACTERS = "characters: ASCII letters, digits, '.', '-' or '_'"
+
+
+def _valid_name(name: str, kind: str) -> bool:
+    return 0 < len(name) <= _MAX_NAME[kind] and _NAME.fullmatch(name) is not None
+
+
+def _check_routes(providers: Iterable[Provider]) -> None:
+    """Every callback name fits the store and the console's URLs, and no two
+    routes of any providers share a Flask endpoint (``-`` and ``.`` are
+    spelt ``_`` there)."""
+    endpoints: dict[str, tuple[Provider, str]] = {}
+    for provider in providers:
+        for callback in provider.routes:
+            if not _valid_name(callback, "callback"):
+                raise ValueError(
+                    f"{type(provider).__name__}: the callback name {callback!r} must be 1 to "
+                    f"{_MAX_NAME['callback']} {_NAME_CHARACTERS}."
+                )
+            endpoint = endpoint_name(provider.name, callback)
+            if endpoint in endpoints:
+                other, its_callback = endpoints[endpoint]
+                raise ValueError(
+                    f"{type(provider).__name__}: the callback {provider.name}/{callback} and "
+                    f"{type(other).__name__}'s {other.name}/{its_callback} would share the "
+                    f"endpoint {endpoint!r}; rename one."
+                )
+            endpoints[endpoint] = (provider, callback)
 
 
 def get_extension(app: Flask | None = None) -> OrderHooks:

@@ -17,6 +17,7 @@ request, so the number of series is bounded whatever the platforms send.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -61,7 +62,9 @@ __all__ = [
     "Metrics",
     "get_metrics",
     "init_metrics",
+    "prepare_metrics",
     "register_metrics",
+    "serve_metrics",
 ]
 
 #: The config keys of the metrics and their defaults (``ORDERHOOKS_METRICS_URL``
@@ -484,9 +487,25 @@ def init_metrics(
             "OrderHooks metrics are already set up on this app (by ORDERHOOKS_METRICS_URL or an "
             "earlier init_metrics()); reach them with flask_orderhooks.metrics.get_metrics(app)."
         )
+    metrics = _collect(target, hooks, state, registry=registry, buckets=buckets)
+    _attach(target, state, metrics)
+    return metrics
+
+
+def _collect(
+    app: Flask,
+    hooks: OrderHooks,
+    state: AppState,
+    *,
+    registry: CollectorRegistry | None = None,
+    buckets: Sequence[float] | None = None,
+) -> Metrics:
+    """The app's metrics, registered in their registry and nowhere else yet."""
     for key, value in METRICS_DEFAULTS.items():
-        target.config.setdefault(key, value)
-    config = target.config
+        # A copy of a list default: editing one app's list must not edit
+        # the defaults of the apps made after it.
+        app.config.setdefault(key, copy.deepcopy(value))
+    config = app.config
     allowed = _allowed_ips(config["ORDERHOOKS_METRICS_ALLOWED_IPS"])
     if registry is None:
         registry = _registry(config["ORDERHOOKS_METRICS_REGISTRY"]) or CollectorRegistry()
@@ -496,8 +515,8 @@ def init_metrics(
     )
     multiprocess_dir = _multiprocess_dir()
     try:
-        metrics = Metrics(
-            target,
+        return Metrics(
+            app,
             hooks,
             state,
             registry=registry,
@@ -512,19 +531,37 @@ def init_metrics(
             "process registered them there. Leave the registry unset (each app gets its own), "
             "or share one registry between apps through one app only.",
         ) from None
+
+
+def _attach(app: Flask, state: AppState, metrics: Metrics) -> None:
     state.instruments.add(metrics)
-    target.extensions[_EXTENSION_KEY] = metrics
-    return metrics
+    app.extensions[_EXTENSION_KEY] = metrics
 
 
-def register_metrics(app: Flask, hooks: OrderHooks, state: AppState) -> None:
-    """Serve the metrics at ``ORDERHOOKS_METRICS_URL``; called by
-    :meth:`~flask_orderhooks.OrderHooks.init_app` when that key is set.
+def prepare_metrics(app: Flask, hooks: OrderHooks, state: AppState) -> tuple[str, Metrics]:
+    """Check the metrics' config and collect them, for
+    :meth:`~flask_orderhooks.OrderHooks.init_app` when
+    ``ORDERHOOKS_METRICS_URL`` is set; :func:`serve_metrics` then serves them.
+    Nothing is registered on the app yet, so an error leaves it as it was.
 
     :raises ConfigurationError: a metrics config key is wrong.
     """
     url = _url(app.config["ORDERHOOKS_METRICS_URL"])
-    metrics = init_metrics(hooks, app)
+    return url, _collect(app, hooks, state)
+
+
+def register_metrics(app: Flask, hooks: OrderHooks, state: AppState) -> None:
+    """Serve the metrics at ``ORDERHOOKS_METRICS_URL``: :func:`prepare_metrics`
+    then :func:`serve_metrics`.
+
+    :raises ConfigurationError: a metrics config key is wrong.
+    """
+    serve_metrics(app, state, *prepare_metrics(app, hooks, state))
+
+
+def serve_metrics(app: Flask, state: AppState, url: str, metrics: Metrics) -> None:
+    """Serve ``metrics`` at ``url`` (after :func:`prepare_metrics`)."""
+    _attach(app, state, metrics)
     blueprint = Blueprint("orderhooks_metrics", __name__)
     blueprint.add_url_rule(url, endpoint="scrape", view_func=metrics.view, methods=["GET"])
     app.register_blueprint(blueprint)

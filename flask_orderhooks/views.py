@@ -56,8 +56,9 @@ def _view(state: AppState, provider: Provider, callback: str) -> Callable[[], Re
 
 def endpoint_name(provider: str, callback: str) -> str:
     """The route's endpoint below the blueprint: ``<provider>_<callback>``
-    with ``-`` spelled ``_`` (``url_for("orderhooks.<endpoint>")``)."""
-    return f"{provider}_{callback.replace('-', '_')}"
+    with ``-`` and ``.`` spelled ``_`` (``url_for("orderhooks.<endpoint>")``;
+    Flask refuses a dot in an endpoint)."""
+    return f"{provider}_{callback}".replace("-", "_").replace(".", "_")
 
 
 def handle(state: AppState, provider: Provider, callback: str) -> Response:

@@ -110,7 +110,8 @@ def make(tmp_path: Path, **config: Any) -> Flask:
         (
             "ORDERHOOKS_URL_PREFIX",
             "hooks",
-            'must be a path starting with "/", such as "/orderhooks".',
+            'must be a path starting with "/" and without URL variables, such as '
+            '"/orderhooks", or "" for none.',
         ),
         ("ORDERHOOKS_DATABASE_URI", "", "must be a SQLAlchemy database URL string or None."),
         (

@@ -36,6 +36,7 @@ from flask_orderhooks import (
     delivery_dead,
 )
 from flask_orderhooks.cli import orderhooks as orderhooks_cli
+from flask_orderhooks.extension import _NAME_CHARACTERS as NAME_CHARACTERS
 from flask_orderhooks.pytest_plugin import OrderHooksClient
 from flask_orderhooks.store import StoredDelivery
 from flask_orderhooks.testing import SignedCallback, build
@@ -678,13 +679,17 @@ def _named(name: object) -> type[AcmeProvider]:
 @pytest.mark.parametrize(
     ("cls", "message"),
     [
-        (Unnamed, "Unnamed.name must be a string of 1 to 16 characters, not None."),
-        (_named(""), "Renamed.name must be a string of 1 to 16 characters, not ''."),
+        (Unnamed, f"Unnamed.name must be 1 to 16 {NAME_CHARACTERS}, not None."),
+        (_named(""), f"Renamed.name must be 1 to 16 {NAME_CHARACTERS}, not ''."),
         (
             _named("a" * 17),
-            f"Renamed.name must be a string of 1 to 16 characters, not '{'a' * 17}'.",
+            f"Renamed.name must be 1 to 16 {NAME_CHARACTERS}, not '{'a' * 17}'.",
         ),
-        (_named(7), "Renamed.name must be a string of 1 to 16 characters, not 7."),
+        (_named(7), f"Renamed.name must be 1 to 16 {NAME_CHARACTERS}, not 7."),
+        # A segment of the console's URLs, a Flask endpoint, a metrics label.
+        (_named("acme/pay"), f"Renamed.name must be 1 to 16 {NAME_CHARACTERS}, not 'acme/pay'."),
+        (_named("acme pay"), f"Renamed.name must be 1 to 16 {NAME_CHARACTERS}, not 'acme pay'."),
+        (_named("acmé"), f"Renamed.name must be 1 to 16 {NAME_CHARACTERS}, not 'acmé'."),
     ],
 )
 def test_a_provider_needs_a_name_of_1_to_16(cls: type[Provider], message: str) -> None:
@@ -709,10 +714,26 @@ def test_a_callback_name_past_32_characters_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError) as caught:
         OrderHooks(plain_app(tmp_path), providers=[long])
     assert str(caught.value) == (
-        f"LongCallback: the callback name '{'c' * 33}' must be 1 to 32 characters."
+        f"LongCallback: the callback name '{'c' * 33}' must be 1 to 32 {NAME_CHARACTERS}."
     )
     fits = type("FitsCallback", (AcmeProvider,), {"routes": {"c" * 32: "/acme/fits"}})
     OrderHooks(plain_app(tmp_path / "fits"), providers=[fits])
+
+
+@pytest.mark.parametrize("callback", ["orders/settled", "orders settled", "\u202eorders"])
+def test_a_callback_name_the_console_cannot_link_to_is_refused(
+    tmp_path: Path, callback: str
+) -> None:
+    """A "/" would make the console's /delivery/<provider>/<callback> links
+    404; spaces and other characters have no place in an endpoint either."""
+    odd = type("OddCallback", (AcmeProvider,), {"routes": {callback: "/acme/odd"}})
+    app = plain_app(tmp_path)
+    with pytest.raises(ValueError) as caught:
+        OrderHooks(app, providers=[odd])
+    assert str(caught.value) == (
+        f"OddCallback: the callback name {callback!r} must be 1 to 32 {NAME_CHARACTERS}."
+    )
+    assert "orderhooks" not in app.extensions
 
 
 @pytest.mark.parametrize(

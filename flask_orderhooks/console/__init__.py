@@ -10,11 +10,11 @@ See ``docs/console.rst``.
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Any
 
 from flask import Flask
 
+from ..config import URL_PATH
 from ..exc import ConfigurationError
 from .views import BLUEPRINT, CONTENT_SECURITY_POLICY, ConsoleSettings, make_blueprint
 
@@ -38,9 +38,6 @@ DEFAULTS: dict[str, Any] = {
     "ORDERHOOKS_CONSOLE_CSRF_MAX_AGE": 3600,
 }
 
-# A plain path: no converters, no query, no fragment.
-_PATH = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*")
-
 
 def _whole_number(config: Any, key: str, low: int, high: int) -> int:
     value = config[key]
@@ -59,7 +56,7 @@ def load_settings(app: Flask) -> ConsoleSettings:
     for key, value in DEFAULTS.items():
         app.config.setdefault(key, value)
     url = app.config["ORDERHOOKS_CONSOLE_URL"]
-    if not isinstance(url, str) or not _PATH.fullmatch(url) or "<" in url:
+    if not isinstance(url, str) or not URL_PATH.fullmatch(url):
         raise ConfigurationError(
             "ORDERHOOKS_CONSOLE_URL",
             f"must be a URL path such as '/orderhooks/console', not {url!r}.",
@@ -77,12 +74,10 @@ def load_settings(app: Flask) -> ConsoleSettings:
     )
 
 
-def register_console(app: Flask, hooks: OrderHooks, state: AppState) -> None:
-    """Register the console's blueprint at ``ORDERHOOKS_CONSOLE_URL``
-    (called by :meth:`OrderHooks.init_app` when that key is set).
-
-    :raises ConfigurationError: a console config value is wrong, or the app
-        has no ``SECRET_KEY``.
-    """
-    settings = load_settings(app)
+def register_console(
+    app: Flask, hooks: OrderHooks, state: AppState, settings: ConsoleSettings
+) -> None:
+    """Register the console's blueprint at ``settings.url`` (called by
+    :meth:`OrderHooks.init_app` when ``ORDERHOOKS_CONSOLE_URL`` is set, with
+    the settings :func:`load_settings` read before anything was registered)."""
     app.register_blueprint(make_blueprint(hooks, state, settings), url_prefix=settings.url)

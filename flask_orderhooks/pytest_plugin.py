@@ -11,9 +11,9 @@ It needs the host's ``app`` fixture (the pytest-flask convention)::
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -27,10 +27,24 @@ from .testing import SignedCallback, build
 
 @dataclass(frozen=True)
 class CapturedEvent:
-    """A signal sent while :meth:`OrderHooksClient.captured` was active."""
+    """A signal sent while :meth:`OrderHooksClient.captured` was active.
+
+    :param signal: the signal's name, such as ``"orderhooks.delivery-dead"``.
+    :param event: the ``event`` keyword of the providers' signals; ``None``
+        for a signal that sends none (``delivery_failed``, ``delivery_dead``).
+    :param kwargs: every keyword argument the signal was sent with, ``event``
+        included: ``delivery`` and ``error`` of the operators' signals. Not
+        compared: an item equals ``CapturedEvent(signal, event)``, as before.
+
+    .. versionchanged:: 0.3
+        ``kwargs``; a signal without ``event`` is captured too.
+    """
 
     signal: str
     event: Any
+    # Left out of == and hash(): items compare as they did before it was
+    # added, and a dict of keywords has no hash.
+    kwargs: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
 
 class OrderHooksClient:
@@ -71,29 +85,45 @@ class OrderHooksClient:
     def captured(self, *signals: NamedSignal) -> Iterator[list[CapturedEvent]]:
         """Record every signal the app's providers send inside the block
         (each provider's :attr:`~flask_orderhooks.Provider.signals`, a host
-        provider's included), and ``signals`` too.
+        provider's included), and ``signals`` too, whatever keywords they
+        send (:class:`CapturedEvent`)::
+
+            with orderhooks.captured(delivery_dead) as captured:
+                orderhooks.deliver("collect", id="C1")
+            [dead] = [c for c in captured if c.signal == "orderhooks.delivery-dead"]
+            dead.kwargs["delivery"].key, dead.kwargs["error"]
 
         .. versionchanged:: 0.3
-            Every configured provider's signals; extra ``signals``.
+            Every configured provider's signals; extra ``signals``, with
+            or without ``event``.
         """
         events: list[CapturedEvent] = []
-        receivers = []
+        receivers: list[tuple[NamedSignal, Callable[..., None]]] = []
         providers = get_extension(self.app).state(self.app).providers.values()
         listened = dict.fromkeys([s for p in providers for s in p.signals] + list(signals))
         try:
             for signal in listened:
-
-                def receiver(
-                    sender: Flask, *, event: Any, _name: str = signal.name, **_: Any
-                ) -> None:
-                    events.append(CapturedEvent(_name, event))
-
+                receiver = _recorder(signal.name, events)
                 signal.connect(receiver, self.app, weak=False)
                 receivers.append((signal, receiver))
             yield events
         finally:
             for signal, receiver in receivers:
-                signal.disconnect(receiver, self.app)
+                # From every sender: disconnecting from the app alone leaves
+                # blinker holding the receiver, and the list it appends to.
+                signal.disconnect(receiver)
+
+
+def _recorder(name: str, events: list[CapturedEvent]) -> Callable[..., None]:
+    """A receiver that appends each send of the signal ``name`` to ``events``."""
+
+    # Any keywords: the operators' signals send delivery and error, a host's
+    # signal what it likes; requiring event= would make blinker raise inside
+    # the sender instead of recording it.
+    def receiver(sender: Flask, **kwargs: Any) -> None:
+        events.append(CapturedEvent(name, kwargs.get("event"), kwargs))
+
+    return receiver
 
 
 @pytest.fixture

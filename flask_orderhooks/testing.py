@@ -146,15 +146,24 @@ def igv_order_status(
     )
 
 
+#: ``ORDERHOOKS_GATEWAY_SIGN_TEMPLATE``'s default: a key given without an app.
+_DEFAULT_SIGN_TEMPLATE: str = GatewayProvider.config_defaults["ORDERHOOKS_GATEWAY_SIGN_TEMPLATE"]
+
+
 def _gateway_key(secret: str | None, app: Flask | None, mch_id: int) -> tuple[str, str]:
-    provider = _provider(app, GatewayProvider) if secret is None or app is not None else None
-    template = provider.sign_template if provider else "{params}&key={key}"
+    """The key (``secret=``, else the app's newest for ``mch_id``) and the
+    sign template, which comes from the app (``app=`` or the current one)
+    whichever way the key does."""
     if secret is not None:
-        return secret, template
+        # A key passed in must still be signed the way that app verifies, as
+        # the SUD builders follow its timestamp unit: with its template.
+        configured = _configured(app, GatewayProvider)
+        return secret, configured.sign_template if configured else _DEFAULT_SIGN_TEMPLATE
+    provider = _provider(app, GatewayProvider)
     keys = provider.keys_for(str(mch_id)) if provider else None
-    if keys is None:
+    if provider is None or keys is None:
         raise LookupError(f"No ORDERHOOKS_GATEWAY_KEY for mch_id {mch_id}; pass secret=.")
-    return keys.newest.decode("utf-8"), template
+    return keys.newest.decode("utf-8"), provider.sign_template
 
 
 def _gateway(

@@ -9,9 +9,10 @@ from contextlib import contextmanager
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from ..exc import ConfigurationError
 from .sqlite import sqlite_pragmas
 from .table import MYSQL, TABLE_NAME, deliveries_table
 from .transactions import ConnectionTransaction, Transaction, transaction_level
@@ -21,6 +22,63 @@ _MYSQL_LOCK = "SELECT GET_LOCK(%s, %s)"
 
 #: Tries at creating or upgrading the table while other processes do the same.
 _DDL_ATTEMPTS = 5
+
+#: What pysqlite reads as true in ``?uri=``, as SQLAlchemy coerces it.
+_TRUE_WORDS = frozenset({"true", "yes", "on", "y", "t", "1"})
+#: SQLite filenames that name no file: a database private to one connection.
+_NO_FILE = frozenset({"", ":memory:"})
+_IN_MEMORY_REFUSED = (
+    "an in-memory or temporary SQLite database is not a durable store: it lives only as "
+    "long as one connection, so every recorded delivery is lost with the process (a "
+    "retried payment would be credited again), and each thread gets one of its own, "
+    'without the table. Use a SQLite file, such as "sqlite:////var/lib/shop/orderhooks.sqlite3" '
+    "(in tests, one in a temporary folder), or leave it unset for orderhooks.sqlite3 in the "
+    "instance folder."
+)
+
+
+def _refuse_in_memory_sqlite(url: URL, connect_args: Mapping[str, Any]) -> None:
+    """Refuse a SQLite URL whose database vanishes with its connection:
+    ``sqlite://``, ``sqlite:///:memory:`` (any driver), and in URI mode
+    (``?uri=true`` or ``connect_args={"uri": True}``) ``file::memory:``,
+    ``file:`` (a temporary file), ``mode=memory`` and ``vfs=memdb``.
+
+    :raises ConfigurationError: naming ``ORDERHOOKS_DATABASE_URI``.
+    """
+    if _sqlite_is_ephemeral(url, connect_args):
+        raise ConfigurationError("ORDERHOOKS_DATABASE_URI", _IN_MEMORY_REFUSED)
+
+
+def _sqlite_is_ephemeral(url: URL, connect_args: Mapping[str, Any]) -> bool:
+    database = url.database or ""
+    uri_mode = bool(connect_args.get("uri")) or any(
+        value.strip().lower() in _TRUE_WORDS for value in _query_values(url, "uri")
+    )
+    if not uri_mode:
+        # Outside URI mode pysqlite reads "file:..." and "?mode=" as a
+        # plain filename and ignored options: only these two are in memory.
+        return database in _NO_FILE
+    if "memory" in _query_values(url, "mode") or "memdb" in _query_values(url, "vfs"):
+        return True
+    return _uri_path(database) in _NO_FILE
+
+
+def _query_values(url: URL, name: str) -> tuple[str, ...]:
+    """Every value of ``?name=`` (a repeated parameter gives several)."""
+    value = url.query.get(name, ())
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _uri_path(database: str) -> str:
+    """The filename a SQLite URI filename opens: ``file:`` and an authority
+    (``file://localhost/...``) removed; any other text is a filename as is."""
+    if not database.startswith("file:"):
+        return database
+    path = database.removeprefix("file:")
+    if path.startswith("//"):
+        _, _, rest = path[2:].partition("/")
+        path = "/" + rest if rest else ""
+    return path
 
 
 class StandaloneDatabase:
@@ -32,10 +90,15 @@ class StandaloneDatabase:
     """
 
     def __init__(self, uri: str, *, busy_timeout: float, engine_options: Mapping[str, Any]) -> None:
+        """:raises ConfigurationError: ``uri`` is an in-memory or temporary
+        SQLite database."""
         options = dict(engine_options)
         url = sa.make_url(uri)
         if url.get_backend_name() == "sqlite":
             connect_args = dict(options.pop("connect_args", {}))
+            # A store the process forgets is no de-dup store; the table
+            # would also be made ready for one thread's database only.
+            _refuse_in_memory_sqlite(url, connect_args)
             connect_args.setdefault("timeout", busy_timeout)
             options["connect_args"] = connect_args
         self.engine: Engine = sa.create_engine(url, **options)

@@ -1,5 +1,6 @@
-"""Session 13's testing-kit fixes, from the review of the docs against the code
-(branch review-docs, tests/test_review_s13_docs.py, items 7 to 9).
+"""The testing kit as docs/testing.rst describes it, and a standalone store
+that must be a database on disk (found by the session-13 review of the docs
+against the code).
 
 - The builders given ``secret=`` inside an app's context sign the way that app
   verifies (docs/testing.rst: "the app's configured secret (app= or the

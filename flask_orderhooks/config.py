@@ -171,13 +171,21 @@ def load_settings(config: Mapping[str, Any], providers: Sequence[str] = ()) -> S
         allowed_ips=_allowed_ips(config["ORDERHOOKS_ALLOWED_IPS"], providers),
         dispatch=_dispatch(config["ORDERHOOKS_DISPATCH"]),
         retry_delays=_retry_delays(config["ORDERHOOKS_RETRY_DELAYS"]),
-        worker_poll_interval=read_seconds(
-            config,
-            "ORDERHOOKS_WORKER_POLL_INTERVAL",
-            positive=True,
-            at_most=(LONGEST_POLL_INTERVAL, "an hour"),
-        ),
+        worker_poll_interval=_poll_interval(config),
     )
+
+
+def _poll_interval(config: Mapping[str, Any]) -> float:
+    key = "ORDERHOOKS_WORKER_POLL_INTERVAL"
+    seconds = read_seconds(config, key, at_most=(LONGEST_POLL_INTERVAL, "an hour"))
+    if seconds < SHORTEST_POLL_INTERVAL:
+        # The worker's --poll-interval has the same floor.
+        raise ConfigurationError(
+            key,
+            f"must be at least {SHORTEST_POLL_INTERVAL} seconds: an idle worker would query "
+            "the database without pause.",
+        )
+    return seconds
 
 
 def _database_uri(value: object) -> str | None:
@@ -275,6 +283,8 @@ LONGEST_SECONDS = 36500 * 86400.0
 LONGEST_REQUEST_WAIT = 3600
 #: The CLI's bound for ``worker --poll-interval``.
 LONGEST_POLL_INTERVAL = 3600
+#: The shortest worker poll interval (config and ``worker --poll-interval``).
+SHORTEST_POLL_INTERVAL = 0.01
 _LONGEST = (LONGEST_SECONDS, "36500 days")
 
 

@@ -452,11 +452,21 @@ def _valid_name(name: str, kind: str) -> bool:
 
 def _check_routes(providers: Iterable[Provider]) -> None:
     """Every callback name fits the store and the console's URLs, and no two
-    routes of any providers share a Flask endpoint (``-`` and ``.`` are
-    spelt ``_`` there)."""
+    routes of any providers share a URL rule or a Flask endpoint (``-`` and
+    ``.`` are spelt ``_`` there)."""
     endpoints: dict[str, tuple[Provider, str]] = {}
+    rules: dict[str, tuple[Provider, str]] = {}
     for provider in providers:
-        for callback in provider.routes:
+        for callback, rule in provider.routes.items():
+            if rule in rules:
+                # Flask would send every request to the first one registered.
+                other, its_callback = rules[rule]
+                raise ValueError(
+                    f"{type(provider).__name__}: the callback {provider.name}/{callback} and "
+                    f"{type(other).__name__}'s {other.name}/{its_callback} have the same URL "
+                    f"rule {rule!r}; give each its own."
+                )
+            rules[rule] = (provider, callback)
             if not _valid_name(callback, "callback"):
                 raise ValueError(
                     f"{type(provider).__name__}: the callback name {callback!r} must be 1 to "

@@ -219,6 +219,9 @@ def _gateway_keys(value: object) -> tuple[Secrets | None, Mapping[str, Secrets] 
         for mch_id, keys in value.items():
             if isinstance(mch_id, bool) or not isinstance(mch_id, (str, int)):
                 raise ConfigurationError(key, "merchant ids must be strings or integers.")
+            if str(mch_id) in merchants:
+                # 10001 and "10001" are one merchant: which key would verify?
+                raise ConfigurationError(key, f"the merchant id {str(mch_id)!r} is given twice.")
             merchants[str(mch_id)] = read_secrets(f"{key}[{mch_id!r}]", keys)
         return None, merchants
     return read_secrets(key, value), None

@@ -428,3 +428,54 @@ def test_a_second_app_refused_for_its_metrics_registry_can_be_set_up_again(
     hooks.init_app(second)
     assert second.test_client().get("/metrics").status_code == 200
     assert repr(hooks) == "<OrderHooks db=own apps=2>"
+
+
+def test_two_providers_on_one_url_rule_are_refused(tmp_path: Path) -> None:
+    """Flask would route every request of that rule to the route registered
+    first, and the other provider would never be asked."""
+    app = make(tmp_path)
+    providers = [
+        _provider_class("acme", "paid", "/hook"),
+        _provider_class("other", "done", "/hook"),
+    ]
+    with pytest.raises(ValueError) as info:
+        OrderHooks(app, providers=providers)
+    assert str(info.value) == (
+        "_Sample: the callback other/done and _Sample's acme/paid have the same URL rule "
+        "'/hook'; give each its own."
+    )
+    assert "orderhooks" not in app.extensions
+
+
+@pytest.mark.parametrize("interval", [0, 1e-9, 0.009])
+def test_a_worker_poll_interval_under_a_hundredth_of_a_second_is_refused(
+    tmp_path: Path, interval: float
+) -> None:
+    """The same floor as ``worker --poll-interval``: an idle worker would
+    query the database without pause."""
+    app = make(tmp_path, ORDERHOOKS_WORKER_POLL_INTERVAL=interval)
+    with pytest.raises(ConfigurationError) as info:
+        OrderHooks(app)
+    assert info.value.key == "ORDERHOOKS_WORKER_POLL_INTERVAL"
+    OrderHooks(make(tmp_path / "ok", ORDERHOOKS_WORKER_POLL_INTERVAL=0.01))
+
+
+def test_a_merchant_given_twice_is_refused(tmp_path: Path) -> None:
+    """10001 and "10001" are one merchant id: which key verifies its callbacks
+    must not depend on the mapping's order."""
+    app = make(tmp_path, ORDERHOOKS_GATEWAY_KEY={"10001": "old-key", 10001: "new-key"})
+    with pytest.raises(ConfigurationError) as info:
+        OrderHooks(app)
+    assert info.value.key == "ORDERHOOKS_GATEWAY_KEY"
+    assert "'10001' is given twice" in str(info.value)
+    assert "old-key" not in str(info.value) and "new-key" not in str(info.value)
+
+
+@pytest.mark.parametrize("url", ["/", "//"])
+def test_a_console_at_the_root_is_refused(tmp_path: Path, url: str) -> None:
+    """Its stylesheet route would be the app's own /static, and the console
+    would show unstyled."""
+    app = make(tmp_path, ORDERHOOKS_CONSOLE_URL=url, SECRET_KEY="k")
+    with pytest.raises(ConfigurationError) as info:
+        OrderHooks(app)
+    assert info.value.key == "ORDERHOOKS_CONSOLE_URL"

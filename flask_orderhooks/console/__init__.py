@@ -56,10 +56,11 @@ def load_settings(app: Flask) -> ConsoleSettings:
     for key, value in DEFAULTS.items():
         app.config.setdefault(key, value)
     url = app.config["ORDERHOOKS_CONSOLE_URL"]
-    if not isinstance(url, str) or not URL_PATH.fullmatch(url):
+    # Not "/": the console's /static would be the app's own static route.
+    if not isinstance(url, str) or not URL_PATH.fullmatch(url) or not url.strip("/"):
         raise ConfigurationError(
             "ORDERHOOKS_CONSOLE_URL",
-            f"must be a URL path such as '/orderhooks/console', not {url!r}.",
+            f"must be a URL path below the root such as '/orderhooks/console', not {url!r}.",
         )
     if not app.secret_key:
         raise ConfigurationError(

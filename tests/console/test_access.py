@@ -50,13 +50,14 @@ def test_needs_secret_key(tmp_path: Path) -> None:
     )
 
 
-@pytest.mark.parametrize("url", ["console", "/a/<int:x>", "/a?b=1", "/a#b", 42, True])
+@pytest.mark.parametrize("url", ["console", "/a/<int:x>", "/a?b=1", "/a#b", 42, True, "/"])
 def test_console_url_must_be_a_path(tmp_path: Path, url: object) -> None:
     with pytest.raises(ConfigurationError) as info:
         _app(tmp_path, SECRET_KEY=SECRET_KEY, ORDERHOOKS_CONSOLE_URL=url)
     assert info.value.key == "ORDERHOOKS_CONSOLE_URL"
     assert str(info.value) == (
-        f"ORDERHOOKS_CONSOLE_URL: must be a URL path such as '/orderhooks/console', not {url!r}."
+        "ORDERHOOKS_CONSOLE_URL: must be a URL path below the root such as "
+        f"'/orderhooks/console', not {url!r}."
     )
 
 

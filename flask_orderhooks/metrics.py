@@ -103,8 +103,9 @@ OTHER = "other"
 _Metric = TypeVar("_Metric", Counter, Histogram)
 _Value = TypeVar("_Value", int, str)
 
-#: PostgreSQL: the longest the scrape's count may run (milliseconds); a
-#: scrape that waits longer than Prometheus does (10 s) only holds a worker.
+#: The longest the scrape's count may run (milliseconds; PostgreSQL, MySQL
+#: and MariaDB): a scrape that waits longer than Prometheus does (10 s) only
+#: holds a worker.
 _COUNT_TIMEOUT_MS = 2000
 _EXTENSION_KEY = "orderhooks_metrics"
 _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -396,12 +397,32 @@ class _StoreCollector:
                 # The own store creates its table on first use: a scrape
                 # before the first callback would otherwise find none.
                 state.standalone.ensure_table()
-            engine = state.store.engine
-            with engine.connect() as connection:
-                if engine.dialect.name == "postgresql":
-                    connection.exec_driver_sql(f"SET LOCAL statement_timeout = {_COUNT_TIMEOUT_MS}")
-                rows = connection.execute(self.query).all()
+            with state.store.engine.connect() as connection:
+                rows = self._bounded_count(connection)
         return {str(status): int(number) for status, number in rows}
+
+    def _bounded_count(self, connection: sa.Connection) -> Sequence[Any]:
+        """The count, stopped by the server after ``_COUNT_TIMEOUT_MS``."""
+        dialect = connection.dialect
+        if dialect.name == "postgresql":
+            # A transaction even on an engine in autocommit mode, where SET
+            # LOCAL would last only as long as its own statement. (The
+            # isolation level is reset when the connection goes back.)
+            connection.execution_options(isolation_level="READ COMMITTED")
+            with connection.begin():
+                connection.exec_driver_sql(f"SET LOCAL statement_timeout = {_COUNT_TIMEOUT_MS}")
+                return connection.execute(self.query).all()
+        if dialect.name in ("mysql", "mariadb"):
+            # In the statement itself: the session may be the host's.
+            sql = str(self.query.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
+            if getattr(dialect, "is_mariadb", False):
+                sql = f"SET STATEMENT max_statement_time = {_COUNT_TIMEOUT_MS / 1000} FOR {sql}"
+            else:
+                sql = sql.replace(
+                    "SELECT ", f"SELECT /*+ MAX_EXECUTION_TIME({_COUNT_TIMEOUT_MS}) */ ", 1
+                )
+            return connection.exec_driver_sql(sql).all()
+        return connection.execute(self.query).all()
 
     def _context(self) -> AbstractContextManager[object]:
         # A host serving the global registry (prometheus_client's own WSGI

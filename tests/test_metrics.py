@@ -734,6 +734,94 @@ def test_postgresql_counts_through_the_status_index(
         engine.dispose()
 
 
+# -- the count's time bound ------------------------------------------------------------
+
+
+@pytest.mark.postgres
+def test_the_count_is_bounded_on_an_engine_in_autocommit_mode(
+    postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SET LOCAL lasts for its transaction; in autocommit mode that is the
+    SET alone, so the count ran unbounded. It runs in a transaction of its
+    own now, and a count slower than the bound is cancelled by the server."""
+    from flask_orderhooks import metrics as metrics_module
+
+    with private_schema(postgres_url, "orderhooks_metrics_bound") as url:
+        app = Flask("metrics_test", instance_path=str(tmp_path / "instance"))
+        app.config.update(BASE_CONFIG)
+        app.config.update(ORDERHOOKS_DATABASE_URI=url, ORDERHOOKS_METRICS_URL="/metrics")
+        hooks = OrderHooks(app, engine_options={"isolation_level": "AUTOCOMMIT"})
+        collector = get_metrics(app).store_collector
+        monkeypatch.setattr(metrics_module, "_COUNT_TIMEOUT_MS", 100)
+        # Five seconds of work, twenty times the bound (no timing is asserted:
+        # the server's own cancellation is).
+        monkeypatch.setattr(
+            collector, "query", sa.text("SELECT 'failed', count(*) FROM pg_sleep(5)")
+        )
+        try:
+            with pytest.raises(sa.exc.OperationalError) as info:
+                collector.count()
+            assert "statement timeout" in str(info.value.orig)
+        finally:
+            standalone = hooks.state(app).standalone
+            assert standalone is not None
+            standalone.engine.dispose()
+
+
+@pytest.mark.mariadb
+@pytest.mark.parametrize("mariadb", [True, False], ids=["mariadb", "as-mysql-8"])
+def test_the_count_carries_its_bound_in_the_statement_on_mysql(
+    mariadb_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mariadb: bool
+) -> None:
+    """MariaDB: SET STATEMENT max_statement_time … FOR; MySQL 8: the
+    MAX_EXECUTION_TIME hint (which MariaDB reads as a comment, so both forms
+    run here). In the statement, so the host's session keeps its settings;
+    the counts are right either way."""
+    import pymysql
+
+    from tests.conftest import private_database
+
+    with private_database(mariadb_url, "orderhooks_metrics_bound") as url:
+        app = Flask("metrics_test", instance_path=str(tmp_path / "instance"))
+        app.config.update(BASE_CONFIG)
+        app.config.update(ORDERHOOKS_DATABASE_URI=url, ORDERHOOKS_METRICS_URL="/metrics")
+        hooks = OrderHooks(app)
+        state = hooks.state(app)
+        assert state.standalone is not None
+        state.standalone.ensure_table()
+        engine = state.store.engine
+        monkeypatch.setattr(engine.dialect, "is_mariadb", mariadb)
+        with engine.begin() as connection:
+            connection.execute(
+                sa.text(
+                    "INSERT INTO orderhooks_deliveries (provider, callback, `key`, status, "
+                    "attempts, claim_token, lease_expires_at, body, body_sha256, headers, "
+                    "created_at, updated_at) VALUES ('igv', 'order-status', 'k1', 'failed', 1, "
+                    "'t', now(), '', '', '{}', now(), now()), ('igv', 'order-status', 'k2', "
+                    "'dead', 1, 't', now(), '', '', '{}', now(), now())"
+                )
+            )
+        sent: list[str] = []
+        original = pymysql.connections.Connection._execute_command
+
+        def spy(self: Any, command: int, sql: Any) -> Any:
+            sent.append(sql.decode() if isinstance(sql, bytes) else str(sql))
+            return original(self, command, sql)
+
+        monkeypatch.setattr(pymysql.connections.Connection, "_execute_command", spy)
+        try:
+            assert get_metrics(app).store_collector.count() == {"failed": 1, "dead": 1}
+            (count,) = [sql for sql in sent if "count(" in sql]
+            bound = (
+                "SET STATEMENT max_statement_time = 2.0 FOR SELECT "
+                if mariadb
+                else "SELECT /*+ MAX_EXECUTION_TIME(2000) */ "
+            )
+            assert count.startswith(bound), count
+        finally:
+            engine.dispose()
+
+
 # -- the docs: every metric documented, alert rules on real names -------------------
 
 

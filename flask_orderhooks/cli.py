@@ -23,7 +23,9 @@ from flask.cli import with_appcontext
 from sqlalchemy.exc import SQLAlchemyError
 
 from .config import LONGEST_POLL_INTERVAL, LONGEST_SECONDS
+from .console.queries import unbindable
 from .extension import AppState, get_extension
+from .logtext import for_terminal
 from .provider import Provider
 from .replay import replay
 from .store import DEAD, DONE, FAILED, PROCESSING, STATUSES, StoredDelivery
@@ -141,6 +143,32 @@ class BaseURL(click.ParamType[str]):
         return url
 
 
+class StoredText(click.ParamType[str]):
+    """A key or a provider's name to look up: text every store backend can
+    bind as a parameter.
+
+    Argument bytes that are not UTF-8 (``show $'\\xff'`` in a UTF-8 locale)
+    reach Python as a lone surrogate, which no driver can encode: SQLite and
+    PostgreSQL raised UnicodeEncodeError, and MariaDB's StatementError read
+    as a database that is down. No stored delivery holds one (nor NUL).
+    """
+
+    name = "text"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value)
+        problem = unbindable(text)
+        if problem is not None:
+            self.fail(
+                f"{text!r} holds {problem}, which no stored delivery holds, so nothing "
+                "was looked up. Was the argument written in another encoding than "
+                "the terminal's?",
+                param,
+                ctx,
+            )
+        return text
+
+
 def _state() -> AppState:
     app = current_app._get_current_object()  # type: ignore[attr-defined]
     try:
@@ -179,7 +207,10 @@ def orderhooks() -> None:
 @orderhooks.command("deliveries")
 @click.option("--status", type=click.Choice(STATUSES), help="Only deliveries in this state.")
 @click.option(
-    "--provider", metavar="NAME", help="Only this platform (igv, gateway, sud or a host's own)."
+    "--provider",
+    metavar="NAME",
+    type=StoredText(),
+    help="Only this platform (igv, gateway, sud or a host's own).",
 )
 @click.option(
     "--since",
@@ -211,7 +242,7 @@ def deliveries_command(
             r.created_at.strftime("%Y-%m-%d %H:%M:%S"),
             r.provider,
             r.callback,
-            r.key,
+            for_terminal(r.key),
             r.status,
             str(r.attempts),
             _one_line(r.error or "", 60),
@@ -226,7 +257,7 @@ def deliveries_command(
 
 
 @orderhooks.command("show")
-@click.argument("key")
+@click.argument("key", type=StoredText())
 @click.option(
     "--anywhere",
     is_flag=True,
@@ -242,27 +273,35 @@ def show_command(key: str, anywhere: bool) -> None:
         hint = "" if anywhere else " under a configured route (--anywhere looks everywhere)"
         raise click.ClickException(f"No delivery is stored under the key {key!r}{hint}.")
     for r in rows:
-        click.echo(f"{r.provider} {r.callback} {r.key}")
-        click.echo(f"  status:   {r.status}")
-        click.echo(f"  attempts: {r.attempts}")
-        click.echo(f"  created:  {r.created_at.isoformat()}")
-        click.echo(f"  updated:  {r.updated_at.isoformat()}")
-        click.echo(f"  next:     {_next_attempt(state, r)}")
-        click.echo(f"  error:    {r.error or '-'}")
-        for failed in r.failed_attempts:
-            click.echo(
-                f"  failed:   attempt {failed.attempt} at {failed.at.isoformat()}: "
-                + _one_line(failed.error, 100)
-            )
-        if r.compacted_at is not None:
-            click.echo(f"  compacted: {r.compacted_at.isoformat()} (body and headers purged)")
-        for name, value in sorted(r.headers.items()):
-            click.echo(f"  header:   {name}: {value}")
-        click.echo("  body:     " + r.body.decode("utf-8", errors="replace"))
+        _show_one(state, r)
+
+
+def _show_one(state: AppState, r: StoredDelivery) -> None:
+    """One delivery, as ``show`` prints it. What a request wrote (the key,
+    the headers, the body) or a receiver raised (the errors) is printed
+    through :func:`for_terminal`: it runs no escape sequence on the
+    operator's terminal, and hides no character."""
+    click.echo(f"{r.provider} {r.callback} {for_terminal(r.key)}")
+    click.echo(f"  status:   {r.status}")
+    click.echo(f"  attempts: {r.attempts}")
+    click.echo(f"  created:  {r.created_at.isoformat()}")
+    click.echo(f"  updated:  {r.updated_at.isoformat()}")
+    click.echo(f"  next:     {_next_attempt(state, r)}")
+    click.echo(f"  error:    {for_terminal(r.error) if r.error else '-'}")
+    for failed in r.failed_attempts:
+        click.echo(
+            f"  failed:   attempt {failed.attempt} at {failed.at.isoformat()}: "
+            + _one_line(failed.error, 100)
+        )
+    if r.compacted_at is not None:
+        click.echo(f"  compacted: {r.compacted_at.isoformat()} (body and headers purged)")
+    for name, value in sorted(r.headers.items()):
+        click.echo(f"  header:   {for_terminal(name)}: {for_terminal(value)}")
+    click.echo("  body:     " + for_terminal(r.body.decode("utf-8", errors="replace")))
 
 
 @orderhooks.command("replay")
-@click.argument("key", required=False)
+@click.argument("key", required=False, type=StoredText())
 @click.option("--failed", "all_failed", is_flag=True, help="Replay every failed delivery.")
 @click.option("--dead", "all_dead", is_flag=True, help="Replay every dead delivery.")
 @click.option("--force", is_flag=True, help="Replay deliveries that are already done.")
@@ -304,7 +343,7 @@ def _replay_one(state: AppState, row: StoredDelivery, *, force: bool) -> bool:
     message = outcome.message
     if row.status == DONE and not force:
         message = "already done; not replayed (use --force to dispatch it again)."
-    click.echo(f"{row.provider} {row.callback} {row.key}: {message}")
+    click.echo(f"{row.provider} {row.callback} {for_terminal(row.key)}: {for_terminal(message)}")
     return outcome.ok
 
 
@@ -539,5 +578,8 @@ def _field(item: str) -> tuple[str, Any]:
 
 
 def _one_line(text: str, width: int) -> str:
-    text = " ".join(text.split())
+    """``text`` (a receiver's error) on one line of at most ``width``
+    characters, through :func:`for_terminal` once its whitespace is one
+    space: a table's cell holds no escape sequence, and no line break."""
+    text = for_terminal(" ".join(text.split()))
     return text if len(text) <= width else text[: width - 1] + "…"

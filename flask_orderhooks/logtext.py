@@ -1,9 +1,11 @@
-"""Text from a request, as a log line may hold it.
+"""Text from a request, as a log line (or the CLI's output) may hold it.
 
 An idempotency key comes from the platform (or from whoever posts, before the
 signature is checked). Written raw, a newline in it forges a log line, and a
 control or invisible formatting character (a right-to-left override, a soft
-hyphen) hides or changes what the line says.
+hyphen) hides or changes what the line says. On an operator's terminal an
+escape sequence (ESC, CSI, OSC) does worse: it sets the window's title,
+clears the screen or hides the lines around it.
 """
 
 from __future__ import annotations
@@ -37,3 +39,12 @@ def quoted(text: str) -> str:
 def for_log(text: str) -> str:
     """``text`` itself when it is :func:`loggable`, else :func:`quoted`."""
     return text if loggable(text) else quoted(text)
+
+
+def for_terminal(text: str) -> str:
+    """``text`` itself when it is :func:`loggable`, else its whole ``repr()``
+    (uncut, unlike :func:`quoted`): what the CLI prints of a key, an error,
+    a header or a body, so that a hidden character shows as its escape and an
+    escape sequence from a request reaches the terminal as text, running
+    nothing."""
+    return text if loggable(text) else repr(text)

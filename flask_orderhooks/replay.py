@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal
 
 from flask import Flask
 
 from .exc import CallbackError
 from .logtext import for_log
-from .store import DONE, StoredDelivery
+from .store import DEAD, DONE, FAILED, Claim, StoredDelivery
 from .views import send
 
 if TYPE_CHECKING:
@@ -43,21 +44,23 @@ class ReplayOutcome:
 def replay(app: Flask, state: AppState, row: StoredDelivery, *, force: bool) -> ReplayOutcome:
     """Verify ``row`` again (without the timestamp window) and dispatch it now.
 
-    A done delivery is dispatched again only with ``force``, and only if
-    ``row`` was read as done: ``force`` never takes over a delivery that
-    became done since ``row`` was read (a worker finished it while
-    ``replay --failed --force`` went through its list), which would dispatch
-    it a second time. Runs inside an app context of ``app``; the outcome is
-    also recorded in the store (done, or failed with the error) exactly as
-    any other attempt.
+    A done delivery is dispatched again only with ``force``, and only in the
+    state ``row`` holds: read as done, with ``row.attempts`` attempts. The
+    store's claim checks that state in the same statement that takes the row
+    over, so ``force`` never takes over a delivery that became done since
+    ``row`` was read (a worker finished it while ``replay --failed --force``
+    went through its list), nor one that another forced replay of the same
+    state ran already (a double submit, two operators): either would
+    dispatch it once more than asked. Runs inside an app context of ``app``;
+    the outcome is also recorded in the store (done, or failed with the
+    error) exactly as any other attempt.
     """
     if row.status == DONE and not force:
         return ReplayOutcome("already_done", "already done; not replayed.")
     if row.compacted_at is not None:
         return ReplayOutcome(
             "failed",
-            f"compacted by purge at {row.compacted_at:%Y-%m-%d %H:%M:%S} UTC: its body is "
-            "gone; not replayed.",
+            f"compacted by purge at {_utc_text(row.compacted_at)}: its body is gone; not replayed.",
         )
     provider = state.providers.get(row.provider)
     if provider is None:
@@ -81,13 +84,66 @@ def replay(app: Flask, state: AppState, row: StoredDelivery, *, force: bool) -> 
             "failed",
             f"failed: the {row.provider} provider could not read it ({type(exc).__name__}).",
         )
+    forced = force and row.status == DONE
     try:
-        # Forced only over the done row the caller saw: ``row`` may be stale.
-        claim = state.store.claim(delivery, force=force and row.status == DONE)
-        if claim is None:
-            return ReplayOutcome("already_done", "already done; not replayed.")
+        # Forced only over the done state the caller saw: ``row`` may be stale.
+        claim = state.store.claim(
+            delivery, force=forced, seen_attempts=row.attempts if forced else None
+        )
+    except CallbackError as exc:
+        return ReplayOutcome("failed", f"failed: {exc.reason}")
+    if claim is None:
+        if forced:
+            return ReplayOutcome(
+                "already_done",
+                f"already done, and replayed since it was read at attempt {row.attempts}; "
+                "not replayed again.",
+            )
+        return ReplayOutcome("already_done", "already done; not replayed.")
+    try:
         run = state.instruments.timed(row.provider, row.callback, lambda: send(app, delivery))
         state.store.dispatch(delivery, claim, run)
     except CallbackError as exc:
-        return ReplayOutcome("failed", f"failed: {exc.reason}")
+        return ReplayOutcome("failed", _failed_attempt(state, row, claim, exc))
     return ReplayOutcome("done", f"replayed, attempt {claim.attempt}: done.", attempt=claim.attempt)
+
+
+def _utc_text(when: datetime) -> str:
+    """``when`` as a replay's messages write it; in UTC whatever the zone a
+    driver handed it back in (PostgreSQL's: the session's)."""
+    return f"{when.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC"
+
+
+# How much of a failed attempt's error a replay's message repeats; the whole
+# error is in the row (``show``, the console's failed attempts).
+_ERROR_IN_MESSAGE = 200
+
+
+def _failed_attempt(state: AppState, row: StoredDelivery, claim: Claim, exc: CallbackError) -> str:
+    """What became of the delivery after this replay's attempt failed, read
+    from the row: ``exc.reason`` is the answer a platform gets ("the delivery
+    will be retried"), which is not what happened to a delivery that is now
+    dead, and says nothing of when the next attempt is."""
+    after = state.store.get(row.key, provider=row.provider, callback=row.callback)
+    current = after[0] if after else None
+    if current is None or current.attempts != claim.attempt or current.status not in (FAILED, DEAD):
+        # Not recorded as this attempt (the store failed, or another worker
+        # took the delivery over since): the reason is all that is known.
+        return f"failed: {exc.reason}"
+    what = f"failed: attempt {claim.attempt} failed ({_short(current.error or exc.reason)})"
+    if current.status == DEAD:
+        return (
+            f"{what}; the delivery is dead: no further attempt will be made "
+            "(replay it once the cause is fixed)."
+        )
+    if current.next_attempt_at is None:
+        return f"{what}; no further attempt is planned (replay it once the cause is fixed)."
+    return f"{what}; the next attempt is at {_utc_text(current.next_attempt_at)}."
+
+
+def _short(error: str) -> str:
+    """``error`` on one line, cut to :data:`_ERROR_IN_MESSAGE` characters."""
+    text = " ".join(error.split())
+    if len(text) <= _ERROR_IN_MESSAGE:
+        return text
+    return text[: _ERROR_IN_MESSAGE - 1] + "…"

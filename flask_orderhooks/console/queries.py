@@ -15,7 +15,7 @@ a status filter                           ``ix_orderhooks_deliveries_status_crea
                                           range read backwards (PostgreSQL may read
                                           the created index for done, nearly every
                                           row)
-one delivery                              the primary key
+one delivery, a tombstone's body digest    the primary key
 the chart's 24 hours                      ``ix_orderhooks_deliveries_status_created``
                                           alone: one created_at range per status
 ========================================  ==========================================
@@ -330,6 +330,19 @@ def one(store: DeliveryStore, provider: str, callback: str, key: str) -> StoredD
         return None
     rows = store.get(key, provider=provider, callback=callback)
     return rows[0] if rows else None
+
+
+def body_digest(store: DeliveryStore, provider: str, callback: str, key: str) -> str | None:
+    """The SHA-256 digest (hex) kept of the delivery's body (primary key):
+    all that is left of the body of a tombstone purge compacted."""
+    t = store.table
+    query = sa.select(t.c.body_sha256).where(
+        t.c.provider == provider, t.c.callback == callback, t.c.key == key
+    )
+    store.prepare()
+    with store.engine.connect() as connection:
+        digest = connection.execute(query).scalar()
+    return None if digest is None else str(digest)
 
 
 def _hour(dialect: str, t: sa.Table) -> sa.ColumnElement[Any]:

@@ -32,6 +32,7 @@ from . import csrf
 from .queries import (
     Cursor,
     Filters,
+    body_digest,
     hourly_counts,
     last_hours,
     list_page,
@@ -137,6 +138,43 @@ def _logged(text: str) -> str:
     """A request's path or a key as a log line holds it: a newline in it must
     not forge a line, nor an override hide what it says (the pages' rule)."""
     return bodies.visible(text)
+
+
+def _seen_attempts(text: str | None) -> int:
+    """The attempts a force form says its page showed: the done state the
+    operator confirmed to run again, and only that one.
+
+    :raises _BadInput: the form does not say (a page older than this
+        field, a hand-made request), or not as a number of attempts.
+    """
+    if text is None or not text.strip():
+        raise _BadInput(
+            "This force replay does not say which attempt of the delivery the page "
+            "showed, so it cannot be applied to that state only; nothing was done. "
+            "Reload the page and confirm again."
+        )
+    value = text.strip()
+    if not (value.isascii() and value.isdigit()) or len(value) > _LONGEST_ATTEMPTS:
+        raise _BadInput(
+            f"The attempts in this force replay, {value[: _LONGEST_ATTEMPTS + 1]!r}, are not a "
+            "number of attempts; nothing was done. Reload the page and confirm again."
+        )
+    return int(value)
+
+
+# Digits of the largest attempts count a form may carry (the column's range).
+_LONGEST_ATTEMPTS = len(str(2**31 - 1))
+
+
+def _changed_since_seen(seen: int, row: StoredDelivery) -> str:
+    """Why a force replay was not run: the delivery is no longer in the state
+    the operator confirmed (another replay, a double submit or a worker ran
+    it since the page was shown)."""
+    return (
+        f"not replayed: the page showed attempt {seen}, and the delivery has changed "
+        f"since (it is {row.status}, attempt {row.attempts}). Nothing was done; "
+        "look at it again before replaying."
+    )
 
 
 def make_blueprint(hooks: OrderHooks, state: AppState, settings: ConsoleSettings) -> Blueprint:
@@ -338,6 +376,9 @@ def make_blueprint(hooks: OrderHooks, state: AppState, settings: ConsoleSettings
         else:
             outcome = None
         signed = state.providers.get(provider)
+        # A tombstone's body and headers are gone, not empty: it is shown as
+        # compacted, and nothing can replay it.
+        compacted = row.compacted_at is not None
         return page(
             "detail.html",
             row=row,
@@ -346,8 +387,10 @@ def make_blueprint(hooks: OrderHooks, state: AppState, settings: ConsoleSettings
             failures=row.failed_attempts,
             reference=row.reference,
             next_attempt=next_attempt(row),
-            can_replay=row.status in (FAILED, DEAD, PENDING),
-            can_force=row.status == DONE,
+            compacted=compacted,
+            digest=body_digest(store, provider, callback, row.key) if compacted else None,
+            can_replay=row.status in (FAILED, DEAD, PENDING) and not compacted,
+            can_force=row.status == DONE and not compacted,
             can_retry=row.status == FAILED and row.next_attempt_at is not None,
             configured=signed is not None,
             csrf_token=csrf.token(app()),
@@ -368,14 +411,17 @@ def make_blueprint(hooks: OrderHooks, state: AppState, settings: ConsoleSettings
                 "done. Reload the page and try again.",
             )
         row = find(provider, callback, request.form.get("key"))
+        force = action == "replay" and request.form.get("force") == "yes"
+        seen = _seen_attempts(request.form.get("attempts")) if force else None
         if action == "retry" and (row.status != FAILED or row.next_attempt_at is None):
             ok, message = (
                 False,
                 f"no attempt is scheduled (the delivery is {row.status}); nothing done.",
             )
+        elif seen is not None and seen != row.attempts:
+            ok, message = False, _changed_since_seen(seen, row)
         else:
-            force = action == "replay" and row.status == DONE and request.form.get("force") == "yes"
-            result = replay(app(), state, row, force=force)
+            result = replay(app(), state, row, force=force and row.status == DONE)
             ok, message = result.ok, result.message
         logger.info(
             "OrderHooks console: %s of %s %s %s: %s",

@@ -41,7 +41,7 @@ from .mysql import MySQLStatements
 from .retention import compact_old, delete_old
 from .retries import NO_RETRIES, RetrySchedule
 from .sqlite import relaxed_sqlite_sync, take_write_lock
-from .statements import ROW_COLUMNS, Statements, lost_line_suffix
+from .statements import ROW_COLUMNS, Statements, forced_state, lost_line_suffix
 from .table import (
     DEAD,
     DONE,
@@ -339,11 +339,26 @@ class DeliveryStore:
             with self._store_errors(delivery):
                 raise
 
-    def claim(self, delivery: Delivery, *, force: bool = False) -> Claim | None:
+    def claim(
+        self, delivery: Delivery, *, force: bool = False, seen_attempts: int | None = None
+    ) -> Claim | None:
         """Take the delivery's next attempt, or ``None`` if it is already done.
 
-        :param force: take a ``done`` delivery too (``replay --force``).
+        :param force: take a ``done`` delivery too (``replay --force``), but
+            only while it has ``seen_attempts`` attempts: the done state the
+            caller saw. Once a forced claim took it over (it has one attempt
+            more), another forced claim of that same state gets ``None``.
+        :param seen_attempts: required with ``force``.
+
+        .. versionchanged:: 0.3
+            ``force`` needs ``seen_attempts``.
         """
+        if force and seen_attempts is None:
+            raise TypeError(
+                "claim(force=True) needs seen_attempts: the attempts of the done "
+                "delivery the caller saw, so that it is dispatched again once, not "
+                "once per caller."
+            )
         self._ensure_table(delivery)
         digest = hashlib.sha256(delivery.body).hexdigest()
         token = secrets.token_hex(16)
@@ -351,7 +366,9 @@ class DeliveryStore:
         while True:
             remaining = deadline - time.monotonic()
             try:
-                row, current = self._claim_once(delivery, token, digest, remaining, force=force)
+                row, current = self._claim_once(
+                    delivery, token, digest, remaining, force_over=seen_attempts if force else None
+                )
             except StoreUnavailable as exc:
                 # Busy (a lock wait ran out, a MySQL deadlock was broken):
                 # nothing was claimed, so trying again is safe while time is left.
@@ -380,10 +397,17 @@ class DeliveryStore:
             time.sleep(min(_POLL_INTERVAL, max(0.0, deadline - time.monotonic())))
 
     def _claim_once(
-        self, delivery: Delivery, token: str, digest: str, remaining: float, *, force: bool
+        self,
+        delivery: Delivery,
+        token: str,
+        digest: str,
+        remaining: float,
+        *,
+        force_over: int | None,
     ) -> tuple[tuple[Any, ...] | None, tuple[Any, ...] | None]:
         """One claim statement: (its row, or None) and, when it did not win,
-        the delivery's (status, digest) as it is now."""
+        the delivery's (status, digest) as it is now. ``force_over``: take
+        a done row over too while it has that many attempts."""
         with (
             self._store_errors(delivery),
             self._own_transaction(lock_wait=remaining, writes=True) as connection,
@@ -396,7 +420,7 @@ class DeliveryStore:
                     **_row_params(delivery, token, digest),
                     "p_lease": now + timedelta(seconds=self.claim_timeout),
                     "p_now": now,
-                    "p_takeover": DONE if force else FAILED,
+                    "p_takeover": FAILED if force_over is None else forced_state(force_over),
                     # ON CONFLICT waits for another worker's row lock,
                     # unbounded by default.
                     **_lock_wait_params(remaining),

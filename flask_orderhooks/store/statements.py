@@ -206,17 +206,34 @@ def _lock_timeout() -> sa.ColumnElement[bool]:
 def claim_takeover(t: sa.Table, digest: Any) -> sa.ColumnElement[bool]:
     """When a claim takes an existing row over: a failed, dead or pending
     delivery, a claim whose worker died (lease over), or a done one when
-    replay is forced (``p_takeover``); never another body."""
+    replay is forced and it is still in the state the operator saw; never
+    another body.
+
+    ``p_takeover`` is that state, ``"done:<attempts>"`` (:func:`forced_state`);
+    an unforced claim passes ``"failed"``, which matches no row's state text
+    (the failed rows it takes match the condition before). The attempts are
+    checked here, in the claim's own statement, because every claim adds one:
+    of two forced replays of the same done state (a double submit, two
+    operators), the second finds one attempt more and takes nothing over,
+    however the two interleave. A check before the claim would let both in.
+    (One parameter, not two: the store's statements are run with
+    ``p_takeover`` alone by older callers.)"""
+    state = t.c.status + ":" + sa.cast(t.c.attempts, sa.String(12))
     return sa.and_(
         sa.or_(
             t.c.status == FAILED,
             t.c.status == DEAD,
             t.c.status == PENDING,
-            t.c.status == sa.bindparam("p_takeover"),
+            state == sa.bindparam("p_takeover", type_=sa.String(32)),
             _abandoned(t),
         ),
         t.c.body_sha256 == digest,
     )
+
+
+def forced_state(attempts: int) -> str:
+    """``p_takeover`` for a forced claim of a done row that has ``attempts``."""
+    return f"{DONE}:{attempts}"
 
 
 def accept_takeover(t: sa.Table, digest: Any) -> sa.ColumnElement[bool]:

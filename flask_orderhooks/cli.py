@@ -287,7 +287,7 @@ def _show_one(state: AppState, r: StoredDelivery) -> None:
     click.echo(f"  created:  {r.created_at.isoformat()}")
     click.echo(f"  updated:  {r.updated_at.isoformat()}")
     click.echo(f"  next:     {_next_attempt(state, r)}")
-    click.echo(f"  error:    {for_terminal(r.error) if r.error else '-'}")
+    click.echo(f"  error:    {for_terminal(r.error, lines=True) if r.error else '-'}")
     for failed in r.failed_attempts:
         click.echo(
             f"  failed:   attempt {failed.attempt} at {failed.at.isoformat()}: "
@@ -297,7 +297,7 @@ def _show_one(state: AppState, r: StoredDelivery) -> None:
         click.echo(f"  compacted: {r.compacted_at.isoformat()} (body and headers purged)")
     for name, value in sorted(r.headers.items()):
         click.echo(f"  header:   {for_terminal(name)}: {for_terminal(value)}")
-    click.echo("  body:     " + for_terminal(r.body.decode("utf-8", errors="replace")))
+    click.echo("  body:     " + for_terminal(r.body.decode("utf-8", errors="replace"), lines=True))
 
 
 @orderhooks.command("replay")

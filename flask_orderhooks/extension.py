@@ -411,7 +411,7 @@ def _tell_operators(
             receiver(app, delivery=delivery, **kwargs)
         except Exception:
             logger.exception(
-                "%s %s %s: a %s receiver raised; the delivery is unchanged",
+                "%s %s %s: a receiver of %s raised; the delivery is unchanged",
                 delivery.provider,
                 delivery.callback,
                 for_log(delivery.key),

@@ -41,10 +41,15 @@ def for_log(text: str) -> str:
     return text if loggable(text) else quoted(text)
 
 
-def for_terminal(text: str) -> str:
+def for_terminal(text: str, *, lines: bool = False) -> str:
     """``text`` itself when it is :func:`loggable`, else its whole ``repr()``
     (uncut, unlike :func:`quoted`): what the CLI prints of a key, an error,
     a header or a body, so that a hidden character shows as its escape and an
     escape sequence from a request reaches the terminal as text, running
-    nothing."""
+    nothing.
+
+    ``lines``: text whose line breaks are its layout (a pretty-printed body,
+    a multi-line error) keeps them; each line is judged on its own."""
+    if lines:
+        return "\n".join(for_terminal(line) for line in text.split("\n"))
     return text if loggable(text) else repr(text)

@@ -166,14 +166,16 @@ def test_replay_failure_is_recorded_and_reported(recorder: RecorderFactory) -> N
     deliver(app, "payout", id="P-1")
     result = run(app, "replay", "P-1:60")
     assert result.exit_code == 1
-    assert (
-        "gateway payout P-1:60: failed: A receiver failed; the delivery will be retried."
-        in result.output
-    )
-    assert "1 of 1 replays did not succeed." in result.output
     with app.app_context():
         (row,) = app.extensions["orderhooks"].store.get("P-1:60")
     assert (row.status, row.attempts) == ("failed", 2)
+    assert row.next_attempt_at is not None
+    assert (
+        "gateway payout P-1:60: failed: attempt 2 failed (RuntimeError: receiver exploded on "
+        f"purpose); the next attempt is at {row.next_attempt_at:%Y-%m-%d %H:%M:%S} UTC."
+        in result.output
+    )
+    assert "1 of 1 replays did not succeed." in result.output
 
 
 def test_replay_arguments_are_checked(recorder: RecorderFactory) -> None:

@@ -400,7 +400,7 @@ def test_every_operator_receiver_hears_of_a_dead_delivery_when_one_raises(
         )
         assert response.status_code == 500
         assert paged == ["C3:60"]
-        assert "gateway collect C3:60: a orderhooks.delivery-dead receiver raised" in caplog.text
+        assert "gateway collect C3:60: a receiver of orderhooks.delivery-dead raised" in caplog.text
     finally:
         delivery_dead.disconnect(chat_is_down, app)
         delivery_dead.disconnect(page_someone, app)

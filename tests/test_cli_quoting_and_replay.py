@@ -205,3 +205,20 @@ def test_a_forced_claim_needs_the_attempts_it_saw(recorder: RecorderFactory) -> 
         assert store.claim(received, force=True, seen_attempts=2) is None
         claim = store.claim(received, force=True, seen_attempts=1)
         assert claim is not None and claim.attempt == 2
+
+
+def test_text_laid_out_in_lines_keeps_its_lines_and_quotes_each_odd_one() -> None:
+    """``show`` prints a pretty-printed body (and a multi-line error) line by
+    line, as it was before the quoting; only a line holding a hidden
+    character is quoted."""
+    from flask_orderhooks.logtext import for_terminal
+
+    body = '{\n  "id": "C-1",\n  "note": "\x1b[2J"\n}'
+    assert for_terminal(body, lines=True).split("\n") == [
+        "{",
+        '  "id": "C-1",',
+        repr('  "note": "\x1b[2J"'),
+        "}",
+    ]
+    assert for_terminal("plain\ntext", lines=True) == "plain\ntext"
+    assert for_terminal("plain\ntext") == "'plain\\ntext'"

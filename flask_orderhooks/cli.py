@@ -305,8 +305,15 @@ def _show_one(state: AppState, r: StoredDelivery) -> None:
 @click.option("--failed", "all_failed", is_flag=True, help="Replay every failed delivery.")
 @click.option("--dead", "all_dead", is_flag=True, help="Replay every dead delivery.")
 @click.option("--force", is_flag=True, help="Replay deliveries that are already done.")
+@click.option(
+    "--route",
+    metavar="PROVIDER/CALLBACK",
+    help="Only KEY's delivery of this route (needed with --force when KEY is on several).",
+)
 @with_appcontext
-def replay_command(key: str | None, all_failed: bool, all_dead: bool, force: bool) -> None:
+def replay_command(
+    key: str | None, all_failed: bool, all_dead: bool, force: bool, route: str | None
+) -> None:
     """Dispatch stored deliveries now: KEY, or every failed (--failed) or
     dead (--dead) one.
 
@@ -318,12 +325,24 @@ def replay_command(key: str | None, all_failed: bool, all_dead: bool, force: boo
     statuses = [s for s, on in ((FAILED, all_failed), (DEAD, all_dead)) if on]
     if (key is None) == (not statuses):
         raise click.UsageError("Give a KEY, or --failed and/or --dead, not both and not neither.")
+    if route is not None and key is None:
+        raise click.UsageError("--route chooses among KEY's deliveries: give a KEY.")
     state = _state()
     if statuses:
         rows = [row for status in statuses for row in state.store.list(status=status)]
     else:
         # Only configured routes: a delivery of any other has no receiver to replay to.
-        rows = state.store.get(key or "", routes=state.routes, anywhere=False)
+        routes = state.routes if route is None else [_route(state, route)]
+        rows = state.store.get(key or "", routes=routes, anywhere=False)
+        if force and len(rows) > 1:
+            # Two platforms' ids may coincide (a gateway collect and a payout
+            # both "123:60"): forcing both would run a second, unrelated
+            # delivery's receivers again.
+            raise click.UsageError(
+                f"The key {for_terminal(key or '')} is stored on "
+                f"{', '.join(f'{r.provider}/{r.callback}' for r in rows)}: with --force, "
+                "choose one with --route PROVIDER/CALLBACK."
+            )
     if not rows:
         raise click.ClickException(
             f"No {' or '.join(statuses)} deliveries."
@@ -335,6 +354,17 @@ def replay_command(key: str | None, all_failed: bool, all_dead: bool, force: boo
         failures += not _replay_one(state, row, force=force)
     if failures:
         raise click.ClickException(f"{failures} of {len(rows)} replays did not succeed.")
+
+
+def _route(state: AppState, value: str) -> tuple[str, str]:
+    provider, _, callback = value.partition("/")
+    if (provider, callback) not in state.routes:
+        configured = ", ".join(f"{p}/{c}" for p, c in state.routes)
+        raise click.BadParameter(
+            f"{for_terminal(value)} is not a configured route ({configured}).",
+            param_hint="--route",
+        )
+    return provider, callback
 
 
 def _replay_one(state: AppState, row: StoredDelivery, *, force: bool) -> bool:
@@ -552,8 +582,13 @@ def send_command(kind: str, url: str, fields: tuple[str, ...], timeout: float) -
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise click.ClickException(f"Could not reach {target}: {reason}") from None
-    click.echo(f"POST {target} (key {callback.key})")
-    click.echo(f"{status} {body.decode('utf-8', errors='replace')}")
+    click.echo(f"POST {target} (key {for_terminal(callback.key)})")
+    # The server's answer is printed quoted when it holds what a terminal
+    # would run: it is another program's text.
+    click.echo(f"{status} {for_terminal(body.decode('utf-8', errors='replace'), lines=True)}")
+    if not 200 <= status < 300:
+        # Exit 1: a script (a deploy's smoke test) must see that the server refused it.
+        raise click.ClickException(f"The server answered {status}: the callback was not accepted.")
 
 
 #: A --field value sent as a JSON number rather than a string.

@@ -332,6 +332,19 @@ def test_send_posts_a_signed_sample(
     assert len(rec.events) == 1
 
 
+def test_send_exits_1_when_the_server_refuses_the_callback(
+    live_server: tuple[Flask, Recorder, str],
+) -> None:
+    """A deploy's smoke test runs `flask orderhooks send`: an answer that is
+    not 2xx (here a receiver failing, 500) must fail the script."""
+    app, rec, url = live_server
+    rec.fail_next = 1
+    result = run(app, "send", "collect", "--url", url, "--field", "trans_id=T-78")
+    assert result.exit_code == 1, result.output
+    assert "500 fail" in result.output.splitlines()
+    assert "The server answered 500: the callback was not accepted." in result.output
+
+
 def test_send_reports_errors_clearly(
     live_server: tuple[Flask, Recorder, str], make_app: Any
 ) -> None:

@@ -222,3 +222,43 @@ def test_text_laid_out_in_lines_keeps_its_lines_and_quotes_each_odd_one() -> Non
     ]
     assert for_terminal("plain\ntext", lines=True) == "plain\ntext"
     assert for_terminal("plain\ntext") == "'plain\\ntext'"
+
+
+def test_a_forced_replay_of_a_key_on_two_routes_must_choose_one(
+    recorder: RecorderFactory,
+) -> None:
+    """A gateway collect and a payout can share a key ("123:60"): forcing
+    both would run the unrelated one's receivers (a second payout) again.
+    --force with such a key needs --route; --route replays that one only."""
+    app, rec = recorder()
+    deliver(app, "collect", id="123")
+    deliver(app, "payout", id="123")
+    before = len(rec.events)
+
+    both = run(app, "replay", "123:60", "--force")
+    assert both.exit_code == 2, both.output
+    assert (
+        "The key 123:60 is stored on gateway/collect, gateway/payout: with --force, choose "
+        "one with --route PROVIDER/CALLBACK." in " ".join(both.output.split())
+    )
+    assert len(rec.events) == before
+
+    one = run(app, "replay", "123:60", "--force", "--route", "gateway/payout")
+    assert one.exit_code == 0, one.output
+    assert [name for name, _event in rec.events[before:]] == ["PayoutFinished"]
+    assert "gateway payout 123:60: replayed, attempt 2: done." in one.output
+
+
+def test_a_route_that_is_not_configured_or_without_a_key_is_a_usage_error(
+    recorder: RecorderFactory,
+) -> None:
+    app, _rec = recorder()
+    deliver(app, "collect", id="124")
+    unknown = run(app, "replay", "124:60", "--route", "gateway/refund")
+    assert unknown.exit_code == 2
+    assert "gateway/refund is not a configured route" in " ".join(unknown.output.split())
+    no_key = run(app, "replay", "--failed", "--route", "gateway/collect")
+    assert no_key.exit_code == 2
+    assert "--route chooses among KEY's deliveries: give a KEY." in no_key.output
+    # Without --force a key on one route needs no --route.
+    assert run(app, "replay", "124:60").exit_code == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import os
 import re
@@ -407,6 +408,19 @@ def _tell_operators(
     logged and paged, and the retry is still enqueued. (``send()`` would
     stop at the first receiver that raised.)"""
     for receiver in signal.receivers_for(app):
+        if inspect.iscoroutinefunction(receiver):
+            # Called, it would only make a coroutine nobody awaits (blinker's
+            # send() refuses it too).
+            logger.error(
+                "%s %s %s: a receiver of %s is a coroutine function (%r); operator "
+                "signals call their receivers synchronously, so it was not called",
+                delivery.provider,
+                delivery.callback,
+                for_log(delivery.key),
+                signal.name,
+                receiver,
+            )
+            continue
         try:
             receiver(app, delivery=delivery, **kwargs)
         except Exception:

@@ -479,3 +479,37 @@ def test_a_console_at_the_root_is_refused(tmp_path: Path, url: str) -> None:
     with pytest.raises(ConfigurationError) as info:
         OrderHooks(app)
     assert info.value.key == "ORDERHOOKS_CONSOLE_URL"
+
+
+def test_an_async_operator_receiver_is_logged_not_left_unawaited(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """blinker's send() refuses a coroutine function; called one by one, it
+    would only make a coroutine nobody awaits. It is logged at ERROR, and
+    the other receivers still run."""
+    app = make(tmp_path, ORDERHOOKS_RETRY_DELAYS=[])
+    hooks = OrderHooks(app)
+    paged: list[str] = []
+
+    async def async_pager(sender: Flask, **extra: Any) -> None:
+        raise AssertionError("never called")
+
+    def page_someone(sender: Flask, delivery: Any, **extra: Any) -> None:
+        paged.append(delivery.key)
+
+    def ledger_is_down(sender: Flask, **extra: Any) -> None:
+        raise RuntimeError("the ledger is down")
+
+    delivery_dead.connect(async_pager, app)
+    delivery_dead.connect(page_someone, app)
+    payment_collected.connect(ledger_is_down, app)
+    try:
+        callback = gateway_collect(app=app, id="C4")
+        app.test_client().post(callback.url(), data=callback.body, headers=callback.headers)
+        assert paged == ["C4:60"]
+        assert "a receiver of orderhooks.delivery-dead is a coroutine function" in caplog.text
+    finally:
+        delivery_dead.disconnect(async_pager, app)
+        delivery_dead.disconnect(page_someone, app)
+        payment_collected.disconnect(ledger_is_down, app)
+        hooks.state(app).store.engine.dispose()

@@ -21,6 +21,7 @@ import copy
 import logging
 import math
 import os
+import sys
 import weakref
 from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -646,6 +647,10 @@ def _buckets(key: str, value: object) -> tuple[float, ...]:
     bounds: list[float] = []
     for item in value:
         if isinstance(item, bool) or not isinstance(item, (int, float)):
+            raise ConfigurationError(key, message)
+        # An int too large for a float (a 400-digit number) is out of range
+        # too, not an OverflowError.
+        if isinstance(item, int) and item > sys.float_info.max:
             raise ConfigurationError(key, message)
         if not math.isfinite(item) or item <= 0 or (bounds and item <= bounds[-1]):
             raise ConfigurationError(key, message)

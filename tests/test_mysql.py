@@ -384,6 +384,7 @@ def test_a_duplicate_key_never_reports_the_inserted_id(
             "p_now": now,
             "p_lease": now,
             "p_takeover": "failed",
+            "p_seen_attempts": -1,
             "p_lock_wait": 1,
         }
         ran = statement.run(connection, params)

@@ -41,7 +41,7 @@ from .mysql import MySQLStatements
 from .retention import compact_old, delete_old
 from .retries import NO_RETRIES, RetrySchedule
 from .sqlite import relaxed_sqlite_sync, take_write_lock
-from .statements import ROW_COLUMNS, Statements, forced_state, lost_line_suffix
+from .statements import NOT_FORCED, ROW_COLUMNS, Statements, lost_line_suffix
 from .table import (
     DEAD,
     DONE,
@@ -420,7 +420,8 @@ class DeliveryStore:
                     **_row_params(delivery, token, digest),
                     "p_lease": now + timedelta(seconds=self.claim_timeout),
                     "p_now": now,
-                    "p_takeover": FAILED if force_over is None else forced_state(force_over),
+                    "p_takeover": FAILED if force_over is None else DONE,
+                    "p_seen_attempts": NOT_FORCED if force_over is None else force_over,
                     # ON CONFLICT waits for another worker's row lock,
                     # unbounded by default.
                     **_lock_wait_params(remaining),

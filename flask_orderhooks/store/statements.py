@@ -209,31 +209,33 @@ def claim_takeover(t: sa.Table, digest: Any) -> sa.ColumnElement[bool]:
     replay is forced and it is still in the state the operator saw; never
     another body.
 
-    ``p_takeover`` is that state, ``"done:<attempts>"`` (:func:`forced_state`);
-    an unforced claim passes ``"failed"``, which matches no row's state text
-    (the failed rows it takes match the condition before). The attempts are
-    checked here, in the claim's own statement, because every claim adds one:
-    of two forced replays of the same done state (a double submit, two
-    operators), the second finds one attempt more and takes nothing over,
-    however the two interleave. A check before the claim would let both in.
-    (One parameter, not two: the store's statements are run with
-    ``p_takeover`` alone by older callers.)"""
-    state = t.c.status + ":" + sa.cast(t.c.attempts, sa.String(12))
+    A forced claim passes ``p_takeover = 'done'`` and ``p_seen_attempts``,
+    the attempts it saw; an unforced one ``'failed'`` and ``-1``, which no
+    row has (the failed rows it takes match the condition before). The
+    attempts are checked here, in the claim's own statement, because every
+    claim adds one: of two forced replays of the same done state (a double
+    submit, two operators), the second finds one attempt more and takes
+    nothing over, however the two interleave. Two plain comparisons, not one
+    of concatenated text: on MySQL a concatenation of the column and a cast
+    has no collation when the column's differs from the connection's, and
+    the server would refuse every claim (error 1267)."""
     return sa.and_(
         sa.or_(
             t.c.status == FAILED,
             t.c.status == DEAD,
             t.c.status == PENDING,
-            state == sa.bindparam("p_takeover", type_=sa.String(32)),
+            sa.and_(
+                t.c.status == sa.bindparam("p_takeover"),
+                t.c.attempts == sa.bindparam("p_seen_attempts", type_=sa.Integer),
+            ),
             _abandoned(t),
         ),
         t.c.body_sha256 == digest,
     )
 
 
-def forced_state(attempts: int) -> str:
-    """``p_takeover`` for a forced claim of a done row that has ``attempts``."""
-    return f"{DONE}:{attempts}"
+#: ``p_seen_attempts`` of a claim that is not forced: no row has it.
+NOT_FORCED = -1
 
 
 def accept_takeover(t: sa.Table, digest: Any) -> sa.ColumnElement[bool]:

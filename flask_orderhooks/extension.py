@@ -477,11 +477,9 @@ def _check_routes(providers: Iterable[Provider]) -> None:
         for callback, rule in provider.routes.items():
             if rule in rules:
                 # Flask would send every request to the first one registered.
-                other, its_callback = rules[rule]
                 raise ValueError(
-                    f"{type(provider).__name__}: the callback {provider.name}/{callback} and "
-                    f"{type(other).__name__}'s {other.name}/{its_callback} have the same URL "
-                    f"rule {rule!r}; give each its own."
+                    f"{_both(provider, callback, rules[rule])} have the same URL rule "
+                    f"{rule!r}; give each its own."
                 )
             rules[rule] = (provider, callback)
             if not _valid_name(callback, "callback"):
@@ -491,13 +489,20 @@ def _check_routes(providers: Iterable[Provider]) -> None:
                 )
             endpoint = endpoint_name(provider.name, callback)
             if endpoint in endpoints:
-                other, its_callback = endpoints[endpoint]
                 raise ValueError(
-                    f"{type(provider).__name__}: the callback {provider.name}/{callback} and "
-                    f"{type(other).__name__}'s {other.name}/{its_callback} would share the "
+                    f"{_both(provider, callback, endpoints[endpoint])} would share the "
                     f"endpoint {endpoint!r}; rename one."
                 )
             endpoints[endpoint] = (provider, callback)
+
+
+def _both(provider: Provider, callback: str, other: tuple[Provider, str]) -> str:
+    """The two routes of a clash, as its message names them."""
+    them, its_callback = other
+    return (
+        f"{type(provider).__name__}: the callback {provider.name}/{callback} and "
+        f"{type(them).__name__}'s {them.name}/{its_callback}"
+    )
 
 
 def get_extension(app: Flask | None = None) -> OrderHooks:

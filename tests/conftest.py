@@ -92,6 +92,28 @@ def _require_server(url: str, name: str, switch: str, part: str, skipped: list[s
     pytest.skip(message)
 
 
+@contextmanager
+def connected(app: Flask, *receivers: tuple[Any, Callable[..., Any]]) -> Iterator[None]:
+    """Each ``(signal, receiver)`` connected for ``app`` during the block only."""
+    for signal, receiver in receivers:
+        signal.connect(receiver, app)
+    try:
+        yield
+    finally:
+        for signal, receiver in receivers:
+            signal.disconnect(receiver, app)
+
+
+def ledger_is_down(sender: Flask, **extra: Any) -> None:
+    """A receiver that fails every delivery it gets."""
+    raise RuntimeError("the ledger is down")
+
+
+def chat_is_down(sender: Flask, **extra: Any) -> None:
+    """An operator's receiver that raises (a chat webhook that is down)."""
+    raise RuntimeError("the chat webhook is down")
+
+
 def stored_row(
     dialect: str,
     *,

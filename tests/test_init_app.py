@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from flask import Flask, Response
 from prometheus_client import CollectorRegistry
+from werkzeug.test import TestResponse
 
 from flask_orderhooks import (
     BadSignature,
@@ -24,7 +25,7 @@ from flask_orderhooks import (
     payment_collected,
 )
 from flask_orderhooks.testing import gateway_collect
-from tests.conftest import BASE_CONFIG
+from tests.conftest import BASE_CONFIG, chat_is_down, connected, ledger_is_down
 
 
 def make(tmp_path: Path, **config: Any) -> Flask:
@@ -32,6 +33,12 @@ def make(tmp_path: Path, **config: Any) -> Flask:
     app.config.update(BASE_CONFIG)
     app.config.update(config)
     return app
+
+
+def post_collect(app: Flask, order_id: str) -> TestResponse:
+    """A signed gateway collect callback for ``order_id``, through the test client."""
+    callback = gateway_collect(app=app, id=order_id)
+    return app.test_client().post(callback.url(), data=callback.body, headers=callback.headers)
 
 
 # -- 1. init_app that raises leaves the app half-registered ---------------------------
@@ -202,31 +209,21 @@ def test_a_raising_delivery_failed_receiver_still_lets_delivery_dead_through(
     hooks = OrderHooks(app)
     dead: list[str] = []
 
-    def chat_is_down(sender: Flask, **extra: Any) -> None:
-        raise RuntimeError("the chat webhook is down")
-
     def page_someone(sender: Flask, delivery: Any, error: str, **extra: Any) -> None:
         dead.append(delivery.key)
 
-    def ledger_is_down(sender: Flask, **extra: Any) -> None:
-        raise RuntimeError("the ledger is down")
-
-    delivery_failed.connect(chat_is_down, app)
-    delivery_dead.connect(page_someone, app)
-    payment_collected.connect(ledger_is_down, app)
     try:
-        callback = gateway_collect(app=app, id="C1")
-        response = app.test_client().post(
-            callback.url(), data=callback.body, headers=callback.headers
-        )
-        assert response.status_code == 500
+        with connected(
+            app,
+            (delivery_failed, chat_is_down),
+            (delivery_dead, page_someone),
+            (payment_collected, ledger_is_down),
+        ):
+            assert post_collect(app, "C1").status_code == 500
         [row] = hooks.state(app).store.get("C1:60")
         assert row.status == "dead"
         assert dead == ["C1:60"]
     finally:
-        delivery_failed.disconnect(chat_is_down, app)
-        delivery_dead.disconnect(page_someone, app)
-        payment_collected.disconnect(ledger_is_down, app)
         hooks.state(app).store.engine.dispose()
 
 
@@ -237,22 +234,11 @@ def test_a_raising_delivery_failed_receiver_still_lets_the_retry_be_enqueued(
     hooks = OrderHooks(app)
     enqueued: list[tuple[str, str, str, float]] = []
     hooks.enqueuer = lambda *args: enqueued.append(args)
-
-    def chat_is_down(sender: Flask, **extra: Any) -> None:
-        raise RuntimeError("the chat webhook is down")
-
-    def ledger_is_down(sender: Flask, **extra: Any) -> None:
-        raise RuntimeError("the ledger is down")
-
-    delivery_failed.connect(chat_is_down, app)
-    payment_collected.connect(ledger_is_down, app)
     try:
-        callback = gateway_collect(app=app, id="C2")
-        app.test_client().post(callback.url(), data=callback.body, headers=callback.headers)
+        with connected(app, (delivery_failed, chat_is_down), (payment_collected, ledger_is_down)):
+            post_collect(app, "C2")
         assert [(p, c, k) for p, c, k, _ in enqueued] == [("gateway", "collect", "C2:60")]
     finally:
-        delivery_failed.disconnect(chat_is_down, app)
-        payment_collected.disconnect(ledger_is_down, app)
         hooks.state(app).store.engine.dispose()
 
 
@@ -381,30 +367,20 @@ def test_every_operator_receiver_hears_of_a_dead_delivery_when_one_raises(
     hooks = OrderHooks(app)
     paged: list[str] = []
 
-    def chat_is_down(sender: Flask, **extra: Any) -> None:
-        raise RuntimeError("the chat webhook is down")
-
     def page_someone(sender: Flask, delivery: Any, error: str, **extra: Any) -> None:
         paged.append(delivery.key)
 
-    def ledger_is_down(sender: Flask, **extra: Any) -> None:
-        raise RuntimeError("the ledger is down")
-
-    delivery_dead.connect(chat_is_down, app)
-    delivery_dead.connect(page_someone, app)
-    payment_collected.connect(ledger_is_down, app)
     try:
-        callback = gateway_collect(app=app, id="C3")
-        response = app.test_client().post(
-            callback.url(), data=callback.body, headers=callback.headers
-        )
-        assert response.status_code == 500
+        with connected(
+            app,
+            (delivery_dead, chat_is_down),
+            (delivery_dead, page_someone),
+            (payment_collected, ledger_is_down),
+        ):
+            assert post_collect(app, "C3").status_code == 500
         assert paged == ["C3:60"]
         assert "gateway collect C3:60: a receiver of orderhooks.delivery-dead raised" in caplog.text
     finally:
-        delivery_dead.disconnect(chat_is_down, app)
-        delivery_dead.disconnect(page_someone, app)
-        payment_collected.disconnect(ledger_is_down, app)
         hooks.state(app).store.engine.dispose()
 
 
@@ -497,19 +473,15 @@ def test_an_async_operator_receiver_is_logged_not_left_unawaited(
     def page_someone(sender: Flask, delivery: Any, **extra: Any) -> None:
         paged.append(delivery.key)
 
-    def ledger_is_down(sender: Flask, **extra: Any) -> None:
-        raise RuntimeError("the ledger is down")
-
-    delivery_dead.connect(async_pager, app)
-    delivery_dead.connect(page_someone, app)
-    payment_collected.connect(ledger_is_down, app)
     try:
-        callback = gateway_collect(app=app, id="C4")
-        app.test_client().post(callback.url(), data=callback.body, headers=callback.headers)
+        with connected(
+            app,
+            (delivery_dead, async_pager),
+            (delivery_dead, page_someone),
+            (payment_collected, ledger_is_down),
+        ):
+            post_collect(app, "C4")
         assert paged == ["C4:60"]
         assert "a receiver of orderhooks.delivery-dead is a coroutine function" in caplog.text
     finally:
-        delivery_dead.disconnect(async_pager, app)
-        delivery_dead.disconnect(page_someone, app)
-        payment_collected.disconnect(ledger_is_down, app)
         hooks.state(app).store.engine.dispose()

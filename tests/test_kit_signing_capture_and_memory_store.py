@@ -42,7 +42,15 @@ from flask_orderhooks.testing import (
     sud_order_batch_changed,
     sud_order_changed,
 )
-from tests.conftest import BASE_CONFIG, GATEWAY_KEYS, IGV_SECRET, SUD_APP_ID, SUD_APPS
+from tests.conftest import (
+    BASE_CONFIG,
+    GATEWAY_KEYS,
+    IGV_SECRET,
+    SUD_APP_ID,
+    SUD_APPS,
+    connected,
+    ledger_is_down,
+)
 
 #: A frozen clock two weeks from the machine's: a builder that took the
 #: machine's time instead of the app's would be refused as too old or new.
@@ -213,49 +221,39 @@ def test_every_builder_given_its_secret_inside_the_app_is_accepted_by_that_app(
 def test_captured_records_the_operator_signals_it_is_given(tmp_path: Path) -> None:
     app = make(tmp_path, ORDERHOOKS_RETRY_DELAYS=[])
     hooks = OrderHooks(app)
-
-    def ledger_is_down(sender: Flask, **extra: Any) -> None:
-        raise RuntimeError("the ledger is down")
-
-    payment_collected.connect(ledger_is_down, app)
     try:
-        client = OrderHooksClient(app)
-        with client.captured(delivery_dead) as events:
-            assert client.deliver("collect", id="C3").status_code == 500
-        assert "orderhooks.delivery-dead" in [e.signal for e in events]
+        with connected(app, (payment_collected, ledger_is_down)):
+            client = OrderHooksClient(app)
+            with client.captured(delivery_dead) as events:
+                assert client.deliver("collect", id="C3").status_code == 500
+            assert "orderhooks.delivery-dead" in [e.signal for e in events]
     finally:
-        payment_collected.disconnect(ledger_is_down, app)
         hooks.state(app).store.engine.dispose()
 
 
 def test_a_captured_operator_signal_keeps_every_keyword(tmp_path: Path) -> None:
     app = make(tmp_path, ORDERHOOKS_RETRY_DELAYS=[])
     hooks = OrderHooks(app)
-
-    def ledger_is_down(sender: Flask, **extra: Any) -> None:
-        raise RuntimeError("the ledger is down")
-
-    payment_collected.connect(ledger_is_down, app)
     try:
-        client = OrderHooksClient(app)
-        with client.captured(delivery_failed, delivery_dead) as captured:
-            assert client.deliver("collect", id="C4").status_code == 500
-        operators = [c for c in captured if c.signal != "orderhooks.payment-collected"]
-        assert [c.signal for c in operators] == [
-            "orderhooks.delivery-failed",
-            "orderhooks.delivery-dead",
-        ]
-        failed, dead = operators
-        assert (failed.event, dead.event) == (None, None)
-        assert set(failed.kwargs) == {"delivery", "error", "next_attempt_at"}
-        assert set(dead.kwargs) == {"delivery", "error"}
-        assert failed.kwargs["next_attempt_at"] is None
-        for item in operators:
-            assert item.kwargs["delivery"].key == "C4:60"
-            assert item.kwargs["delivery"].status == "dead"
-            assert item.kwargs["error"] == "RuntimeError: the ledger is down"
+        with connected(app, (payment_collected, ledger_is_down)):
+            client = OrderHooksClient(app)
+            with client.captured(delivery_failed, delivery_dead) as captured:
+                assert client.deliver("collect", id="C4").status_code == 500
+            operators = [c for c in captured if c.signal != "orderhooks.payment-collected"]
+            assert [c.signal for c in operators] == [
+                "orderhooks.delivery-failed",
+                "orderhooks.delivery-dead",
+            ]
+            failed, dead = operators
+            assert (failed.event, dead.event) == (None, None)
+            assert set(failed.kwargs) == {"delivery", "error", "next_attempt_at"}
+            assert set(dead.kwargs) == {"delivery", "error"}
+            assert failed.kwargs["next_attempt_at"] is None
+            for item in operators:
+                assert item.kwargs["delivery"].key == "C4:60"
+                assert item.kwargs["delivery"].status == "dead"
+                assert item.kwargs["error"] == "RuntimeError: the ledger is down"
     finally:
-        payment_collected.disconnect(ledger_is_down, app)
         hooks.state(app).store.engine.dispose()
 
 

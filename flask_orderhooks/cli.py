@@ -13,6 +13,7 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -28,7 +29,7 @@ from .extension import AppState, get_extension
 from .logtext import for_terminal
 from .provider import Provider
 from .replay import replay
-from .store import DEAD, DONE, FAILED, PROCESSING, STATUSES, StoredDelivery
+from .store import DEAD, DONE, FAILED, PROCESSING, STATUSES, DeliveryStore, StoredDelivery
 from .testing import KINDS, build
 from .worker import Worker, process_due
 
@@ -328,8 +329,9 @@ def replay_command(
     if route is not None and key is None:
         raise click.UsageError("--route chooses among KEY's deliveries: give a KEY.")
     state = _state()
+    rows: Iterable[StoredDelivery]
     if statuses:
-        rows = [row for status in statuses for row in state.store.list(status=status)]
+        rows = (row for status in statuses for row in _each(state.store, status))
     else:
         # Only configured routes: a delivery of any other has no receiver to replay to.
         routes = state.routes if route is None else [_route(state, route)]
@@ -343,17 +345,36 @@ def replay_command(
                 f"{', '.join(f'{r.provider}/{r.callback}' for r in rows)}: with --force, "
                 "choose one with --route PROVIDER/CALLBACK."
             )
-    if not rows:
+    replayed = failures = 0
+    for row in rows:
+        replayed += 1
+        failures += not _replay_one(state, row, force=force)
+    if not replayed:
         raise click.ClickException(
             f"No {' or '.join(statuses)} deliveries."
             if statuses
             else f"No delivery is stored under the key {key!r}."
         )
-    failures = 0
-    for row in rows:
-        failures += not _replay_one(state, row, force=force)
     if failures:
-        raise click.ClickException(f"{failures} of {len(rows)} replays did not succeed.")
+        raise click.ClickException(f"{failures} of {replayed} replays did not succeed.")
+
+
+#: Deliveries ``replay --failed`` or ``--dead`` reads at a time: each is read
+#: whole, body included, and a year's store may hold many thousands.
+_REPLAY_PAGE = 100
+
+
+def _each(store: DeliveryStore, status: str) -> Iterator[StoredDelivery]:
+    """Every delivery in ``status``, newest received first, a keyset page at
+    a time. A row replayed meanwhile keeps its place in that order, so the
+    next page never holds it again, whatever its status became."""
+    after: StoredDelivery | None = None
+    while True:
+        page = store.list(status=status, limit=_REPLAY_PAGE, after=after)
+        yield from page
+        if len(page) < _REPLAY_PAGE:
+            return
+        after = page[-1]
 
 
 def _route(state: AppState, value: str) -> tuple[str, str]:

@@ -288,15 +288,24 @@ SHORTEST_POLL_INTERVAL = 0.01
 _LONGEST = (LONGEST_SECONDS, "36500 days")
 
 
-def read_optional_seconds(config: Mapping[str, Any], key: str) -> float | None:
-    """A number of seconds from zero to 36500 days, or ``None`` (``config[key]``).
+def read_optional_seconds(
+    config: Mapping[str, Any], key: str, *, positive: bool = False
+) -> float | None:
+    """A number of seconds from zero (more than zero with ``positive``) to
+    36500 days, or ``None`` (``config[key]``).
 
     :raises ConfigurationError: naming ``key``.
+
+    .. versionchanged:: 0.3
+       ``positive``.
     """
     value = config[key]
     if value is None:
         return None
-    return _seconds(key, value, "a number of seconds or None", _LONGEST)
+    seconds = _seconds(key, value, "a number of seconds or None", _LONGEST)
+    if positive and seconds == 0:
+        raise ConfigurationError(key, "must be more than zero seconds, or None.")
+    return seconds
 
 
 def read_seconds(

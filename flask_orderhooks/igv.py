@@ -80,7 +80,8 @@ class IGVProvider(Provider):
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> IGVProvider | None:
         value = config.get("ORDERHOOKS_IGV_SECRET")
-        max_age = read_optional_seconds(config, "ORDERHOOKS_IGV_MAX_AGE")
+        # Zero would refuse every callback: none arrives in the instant it was signed.
+        max_age = read_optional_seconds(config, "ORDERHOOKS_IGV_MAX_AGE", positive=True)
         if value is None:
             return None
         return cls(

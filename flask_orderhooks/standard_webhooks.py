@@ -78,7 +78,8 @@ class StandardWebhooksProvider(Provider):
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> StandardWebhooksProvider | None:
-        tolerance = read_seconds(config, TOLERANCE_KEY)
+        # Zero would refuse every webhook: none arrives in the instant it was signed.
+        tolerance = read_seconds(config, TOLERANCE_KEY, positive=True)
         value = config.get(CONFIG_KEY)
         if value is None:
             return None

@@ -105,7 +105,8 @@ class SUDProvider(Provider):
         verify = config.get("ORDERHOOKS_SUD_VERIFY")
         if not isinstance(verify, bool):
             raise ConfigurationError("ORDERHOOKS_SUD_VERIFY", "must be True or False.")
-        max_age = read_optional_seconds(config, "ORDERHOOKS_SUD_MAX_AGE")
+        # Zero would refuse every callback: none arrives in the instant it was signed.
+        max_age = read_optional_seconds(config, "ORDERHOOKS_SUD_MAX_AGE", positive=True)
         failure_http_status = _failure_http_status(config.get("ORDERHOOKS_SUD_FAILURE_HTTP_STATUS"))
         apps = _sud_apps(config.get("ORDERHOOKS_SUD_APPS"))
         if not apps:

@@ -83,6 +83,10 @@ def make(tmp_path: Path, **config: Any) -> Flask:
         ("ORDERHOOKS_GATEWAY_SIGN_TEMPLATE", 5, 'must be a string such as "{params}&key={key}".'),
         ("ORDERHOOKS_IGV_MAX_AGE", "1h", "must be a number of seconds or None, not str."),
         ("ORDERHOOKS_IGV_MAX_AGE", -1, "must be a finite number of seconds, zero or more."),
+        # No callback arrives in the instant it was signed: every one refused (401).
+        ("ORDERHOOKS_IGV_MAX_AGE", 0, "must be more than zero seconds, or None."),
+        ("ORDERHOOKS_SUD_MAX_AGE", 0.0, "must be more than zero seconds, or None."),
+        ("ORDERHOOKS_STANDARD_WEBHOOKS_TOLERANCE", 0, "must be more than zero seconds."),
         ("ORDERHOOKS_DUPLICATE_WAIT", None, "must be a number of seconds, not NoneType."),
         # PostgreSQL refused the wait's lock_timeout at every callback (503).
         (

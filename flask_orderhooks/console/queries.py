@@ -35,6 +35,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from ..store import MAX_KEY_LENGTH, STATUSES, DeliveryStore, StoredDelivery
+from ..store.keyset import newest_first, older_than
 from ..store.table import MYSQL, REFERENCE, WHEN, text_of
 
 
@@ -186,25 +187,8 @@ def _when(name: str, value: datetime) -> sa.BindParameter[datetime]:
 
 
 def _older_than(t: sa.Table, cursor: Cursor) -> sa.ColumnElement[bool]:
-    """Rows after ``cursor`` in the order (created_at, provider, callback,
-    key) descending. Written out rather than as a row-value comparison: the
-    first condition is a plain range on the created_at index for every
-    planner; the rest only breaks ties between rows stored in the same
-    microsecond."""
-    at = _when("c_created", cursor.created_at)
-    return sa.and_(
-        t.c.created_at <= at,
-        sa.or_(
-            t.c.created_at < at,
-            t.c.provider < cursor.provider,
-            sa.and_(t.c.provider == cursor.provider, t.c.callback < cursor.callback),
-            sa.and_(
-                t.c.provider == cursor.provider,
-                t.c.callback == cursor.callback,
-                t.c.key < cursor.key,
-            ),
-        ),
-    )
+    """Rows after ``cursor`` in the list's order."""
+    return older_than(t, utc(cursor.created_at), cursor.provider, cursor.callback, cursor.key)
 
 
 def _search(
@@ -279,7 +263,7 @@ def list_query(
             t.c.next_attempt_at,
         )
         .where(*conditions)
-        .order_by(t.c.created_at.desc(), t.c.provider.desc(), t.c.callback.desc(), t.c.key.desc())
+        .order_by(*newest_first(t))
         .limit(limit + 1)
     )
 

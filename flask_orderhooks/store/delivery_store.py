@@ -37,6 +37,7 @@ from .errors import (
     watch_for_server_rollbacks,
     whole_seconds,
 )
+from .keyset import newest_first, older_than
 from .mysql import MySQLStatements
 from .retention import compact_old, delete_old
 from .retries import NO_RETRIES, RetrySchedule
@@ -844,9 +845,18 @@ class DeliveryStore:
         provider: str | None = None,
         since: datetime | None = None,
         limit: int | None = None,
+        after: StoredDelivery | None = None,
     ) -> builtins.list[StoredDelivery]:
         """Stored deliveries, newest received first (``since``: received
-        since), read along the ``created_at`` index."""
+        since), read along the ``created_at`` index.
+
+        :param after: the last row of the previous page: this page holds the
+            rows after it in this order (a keyset page, which costs the same
+            however deep it is), for reading a long list a page at a time.
+
+        .. versionchanged:: 0.3
+           ``after``.
+        """
         t = self.table
         query = sa.select(t)
         if status is not None:
@@ -855,11 +865,11 @@ class DeliveryStore:
             query = query.where(t.c.provider == provider)
         if since is not None:
             query = query.where(t.c.created_at >= sa.bindparam("since", since, type_=WHEN))
-        # Ties broken in the primary key's order, descending: the order an
-        # index on created_at (InnoDB: with the primary key appended) keeps.
-        query = query.order_by(
-            t.c.created_at.desc(), t.c.provider.desc(), t.c.callback.desc(), t.c.key.desc()
-        )
+        if after is not None:
+            query = query.where(
+                older_than(t, after.created_at, after.provider, after.callback, after.key)
+            )
+        query = query.order_by(*newest_first(t))
         if limit is not None:
             query = query.limit(limit)
         return self._rows(query)

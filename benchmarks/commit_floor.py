@@ -16,7 +16,12 @@ no SQLAlchemy and no verification, on the driver's own connections:
   ``UPDATE`` that row and ``COMMIT`` with full durability;
 - ``two, one trip``: the same two transactions with the claim, its COMMIT,
   the BEGIN and the UPDATE in one query (PostgreSQL only; what
-  ``store/one_trip.py`` sends).
+  ``store/one_trip.py`` sent in session 6, backed out);
+- MariaDB also: ``one, pooled`` and ``two, pooled`` with the ``ROLLBACK``
+  that SQLAlchemy's pool has PyMySQL send when a connection goes back (the
+  naive endpoint's and the shipped store's commands), and ``two, pooled,
+  claim in autocommit``: the claim alone on a connection kept in autocommit
+  mode with no reset (one command), the dispatch as pooled.
 
 ``--threads`` (2, as the benchmarks' 2 sync gunicorn workers) threads each run
 batches of ``--batch`` operations; each round runs every shape once, in an
@@ -74,18 +79,37 @@ def _pg_connect(url: str) -> Connect:
     return lambda: psycopg.connect(**conninfo)  # type: ignore[arg-type]
 
 
+class _MySQLPair:
+    """Two PyMySQL connections of one thread: ``main`` as SQLAlchemy's pool
+    hands them out (autocommit off), ``auto`` in autocommit mode from its
+    connect on, as a pool of the store's own could keep one."""
+
+    def __init__(self, connect: Callable[..., Any]) -> None:
+        self.main = connect(autocommit=False)
+        self.auto = connect(autocommit=True)
+
+    def close(self) -> None:
+        self.main.close()
+        self.auto.close()
+
+
 def _mysql_connect(url: str) -> Connect:
     import pymysql  # noqa: PLC0415
 
     parsed = sa.make_url(url)
-    return lambda: pymysql.connect(
-        host=parsed.host or "127.0.0.1",
-        port=parsed.port or 3306,
-        user=parsed.username or "root",
-        password=parsed.password or "",
-        database=parsed.database,
-        charset="utf8mb4",
-    )
+
+    def connect(**options: Any) -> Any:
+        return pymysql.connect(
+            host=parsed.host or "127.0.0.1",
+            port=parsed.port or 3306,
+            user=parsed.username or "root",
+            password=parsed.password or "",
+            database=parsed.database,
+            charset="utf8mb4",
+            **options,
+        )
+
+    return lambda: _MySQLPair(connect)
 
 
 def _sqlite_connect(path: Path) -> Connect:
@@ -132,18 +156,53 @@ def shapes(backend: str) -> dict[str, Shape]:
     if backend == "mariadb":
 
         def one(c: Any, key: str) -> None:
+            c = c.main
             with c.cursor() as cursor:
                 cursor.execute(f"INSERT INTO {_TABLE} (k, v) VALUES (%s, 0)", (key,))
             c.commit()
 
         def two(c: Any, key: str) -> None:
+            c = c.main
             with c.cursor() as cursor:
                 cursor.execute(f"INSERT INTO {_TABLE} (k, v) VALUES (%s, 0)", (key,))
                 c.commit()
                 cursor.execute(f"UPDATE {_TABLE} SET v = 1 WHERE k = %s", (key,))
             c.commit()
 
-        return {"one": one, "two": two}
+        # As SQLAlchemy's pool runs them: PyMySQL answers the pool's reset
+        # with a ROLLBACK command whatever the connection's state.
+        def one_pooled(pair: _MySQLPair, key: str) -> None:
+            one(pair, key)
+            pair.main.rollback()
+
+        def two_pooled(pair: _MySQLPair, key: str) -> None:
+            c = pair.main
+            with c.cursor() as cursor:
+                cursor.execute(f"INSERT INTO {_TABLE} (k, v) VALUES (%s, 0)", (key,))
+                c.commit()
+                c.rollback()
+                cursor.execute(f"UPDATE {_TABLE} SET v = 1 WHERE k = %s", (key,))
+            c.commit()
+            c.rollback()
+
+        # The claim alone on an autocommit connection with no reset (one
+        # command: it commits itself), the dispatch as pooled.
+        def two_autocommit_claim(pair: _MySQLPair, key: str) -> None:
+            with pair.auto.cursor() as cursor:
+                cursor.execute(f"INSERT INTO {_TABLE} (k, v) VALUES (%s, 0)", (key,))
+            c = pair.main
+            with c.cursor() as cursor:
+                cursor.execute(f"UPDATE {_TABLE} SET v = 1 WHERE k = %s", (key,))
+            c.commit()
+            c.rollback()
+
+        return {
+            "one": one,
+            "two": two,
+            "one, pooled (naive)": one_pooled,
+            "two, pooled (shipped)": two_pooled,
+            "two, pooled, claim in autocommit": two_autocommit_claim,
+        }
 
     def one_sqlite(c: Any, key: str) -> None:
         c.execute("BEGIN IMMEDIATE")
@@ -177,11 +236,11 @@ def database(backend: str, args: argparse.Namespace) -> Iterator[Connect]:
     if backend == "mariadb":
         with private_database(args.mariadb_url, "orderhooks_floor") as url:
             connect = _mysql_connect(url)
-            c = connect()
-            with c.cursor() as cursor:
+            pair = connect()
+            with pair.main.cursor() as cursor:
                 cursor.execute(ddl + " ENGINE=InnoDB")
-            c.commit()
-            c.close()
+            pair.main.commit()
+            pair.close()
             yield connect
         return
     with tempfile.TemporaryDirectory(prefix="orderhooks-floor-") as tmp:

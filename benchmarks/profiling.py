@@ -1,7 +1,7 @@
 """Profile the orderhooks request pipeline with pyinstrument.
 
     .venv/bin/pip install pyinstrument
-    .venv/bin/python -m benchmarks.profiling [--backend sqlite|sqlite-file|postgresql]
+    .venv/bin/python -m benchmarks.profiling [--backend sqlite|sqlite-file|postgresql|mariadb]
         [--kind orderhooks|naive|bare] [--duplicates] [--requests 2000]
 
 Sends signed iGV callbacks through the Flask test client in a loop (the same
@@ -28,7 +28,7 @@ from typing import Any
 from flask_orderhooks.testing import SignedCallback, igv_order_status
 
 from .apps import KINDS, PATH, SECRET, Kind, ready_app
-from .harness import DEFAULT_PG_URL, private_schema
+from .harness import DEFAULT_MARIADB_URL, DEFAULT_PG_URL, private_database, private_schema
 
 
 def _profiler_class() -> Any:
@@ -41,13 +41,17 @@ def _profiler_class() -> Any:
 
 
 @contextmanager
-def database(backend: str, pg_url: str) -> Iterator[str]:
-    """A database URI for one profile run; a PostgreSQL schema is dropped after."""
+def database(backend: str, pg_url: str, mariadb_url: str) -> Iterator[str]:
+    """A database URI for one profile run; a PostgreSQL schema or a MariaDB
+    database is dropped after."""
     if backend == "sqlite":
         yield "sqlite://"
     elif backend == "sqlite-file":
         with tempfile.TemporaryDirectory(prefix="orderhooks-profile-") as tmp:
             yield f"sqlite:///{Path(tmp) / 'profile.sqlite3'}"
+    elif backend == "mariadb":
+        with private_database(mariadb_url, "orderhooks_profile") as url:
+            yield url
     else:
         with private_schema(pg_url, "orderhooks_profile") as url:
             yield url
@@ -134,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--backend",
-        choices=("sqlite", "sqlite-file", "postgresql"),
+        choices=("sqlite", "sqlite-file", "postgresql", "mariadb"),
         default="sqlite",
         help="sqlite = in memory [sqlite]",
     )
@@ -148,13 +152,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=25, help="lines of the flat list [25]")
     parser.add_argument("--tree", action="store_true", help="print the call tree too")
     parser.add_argument("--pg-url", default=DEFAULT_PG_URL)
+    parser.add_argument("--mariadb-url", default=DEFAULT_MARIADB_URL)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     Profiler = _profiler_class()
     if Profiler is None:
         print("pyinstrument is not installed: .venv/bin/pip install pyinstrument", file=sys.stderr)
         return 2
     kind: Kind = args.kind
-    with database(args.backend, args.pg_url) as uri:
+    with database(args.backend, args.pg_url, args.mariadb_url) as uri:
         app = ready_app(kind, uri)
         client = app.test_client()
         batch = callbacks(args.requests)

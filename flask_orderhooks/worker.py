@@ -53,6 +53,7 @@ def process_due(
     limit: int | None = None,
     key: tuple[str, str, str] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    result: PassResult | None = None,
 ) -> PassResult:
     """Dispatch deliveries due now, one at a time, until none is left.
 
@@ -60,10 +61,14 @@ def process_due(
     :param key: only this delivery ``(provider, callback, key)``, if it is due.
     :param should_stop: checked before each claim (a worker told to stop
         finishes the delivery in hand, and takes no other).
+    :param result: count into this one, as each attempt ends: what a pass
+        did before the store failed is still counted.
     :raises StoreUnavailable: the store failed while looking for work.
     """
-    result = PassResult()
-    while (limit is None or result.attempted < limit) and not should_stop():
+    if result is None:
+        result = PassResult()
+    attempted = result.attempted
+    while (limit is None or result.attempted - attempted < limit) and not should_stop():
         due = state.store.claim_due(key)
         if due is None:
             break
@@ -219,24 +224,24 @@ class Worker:
                 previous.append((which, signal.signal(which, self.stop)))
         try:
             while not self._should_stop():
+                before = self.total.attempted
                 try:
-                    result = process_due(self.app, self.state, should_stop=self._should_stop)
+                    # Counted into the totals as each attempt ends: a pass
+                    # the store cuts short keeps what it did.
+                    process_due(
+                        self.app, self.state, should_stop=self._should_stop, result=self.total
+                    )
                 except StoreUnavailable as exc:
                     logger.warning(
                         "worker: the store is unavailable (%s); looking again", exc.reason
                     )
-                    result = PassResult()
                 except Exception:
                     # attempt() records each delivery's own errors; this is
                     # anything else (the store raised what it should have
                     # turned into StoreUnavailable). One bad pass must not
                     # end the loop.
                     logger.exception("worker: the pass failed; looking again")
-                    result = PassResult()
-                self.total.attempted += result.attempted
-                self.total.done += result.done
-                self.total.failed += result.failed
-                if not result.attempted:
+                if self.total.attempted == before:
                     self._idle()
         finally:
             for which, handler in previous:

@@ -485,7 +485,22 @@ class DeliveryStore:
                 "EndedTransaction: a receiver rolled back the dispatch's transaction, and "
                 "the done mark with it.",
             )
-        if self.dialect in MYSQL and server_rolled_back(session.connection()):
+        try:
+            connection = session.connection()
+        except SQLAlchemyError:
+            # A receiver caught the error of a failed flush (or of a lost
+            # connection) and carried on: the session's transaction, done
+            # mark included, is rolled back and refuses every statement
+            # (PendingRollbackError). Not the store's failure (503) with the
+            # row left processing until its lease ran out: the receiver's.
+            self._fail_attempt(
+                session,
+                delivery,
+                claim,
+                "AbortedTransaction: a receiver's flush or statement failed and the error "
+                "was caught; db.session's transaction, done mark included, was rolled back.",
+            )
+        if self.dialect in MYSQL and server_rolled_back(connection):
             # InnoDB rolled back the whole transaction, done mark included,
             # and began a new one for the receiver's next statement: the
             # COMMIT would commit only what came after, and answer done.
@@ -498,7 +513,7 @@ class DeliveryStore:
                 "timeout under innodb_rollback_on_timeout), and the error was caught; "
                 "the done mark went with it.",
             )
-        if _aborted(session):
+        if _aborted(connection):
             # A receiver caught a database error and carried on: PostgreSQL
             # would answer the COMMIT with a ROLLBACK that psycopg reports as
             # a success, and the delivery would be answered done undone.
@@ -1013,10 +1028,11 @@ def _check_key(delivery: Delivery) -> None:
         raise MalformedPayload("The idempotency key holds a control character.")
 
 
-def _aborted(session: Transaction) -> bool:
-    """Whether the transaction is in error (PostgreSQL: a statement in it
-    failed; libpq's PQTRANS_INERROR, which psycopg and psycopg2 report)."""
-    raw = session.connection().connection.dbapi_connection
+def _aborted(connection: Connection) -> bool:
+    """Whether the dispatch's transaction on ``connection`` is in error
+    (PostgreSQL: a statement in it failed; libpq's PQTRANS_INERROR, which
+    psycopg and psycopg2 report)."""
+    raw = connection.connection.dbapi_connection
     info = getattr(raw, "info", None)
     return getattr(info, "transaction_status", None) == _PQTRANS_INERROR
 

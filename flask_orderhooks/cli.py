@@ -13,7 +13,7 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -331,7 +331,7 @@ def replay_command(
     state = _state()
     rows: Iterable[StoredDelivery]
     if statuses:
-        rows = (row for status in statuses for row in _each(state.store, status))
+        rows = _each_once(state.store, statuses)
     else:
         # Only configured routes: a delivery of any other has no receiver to replay to.
         routes = state.routes if route is None else [_route(state, route)]
@@ -375,6 +375,24 @@ def _each(store: DeliveryStore, status: str) -> Iterator[StoredDelivery]:
         if len(page) < _REPLAY_PAGE:
             return
         after = page[-1]
+
+
+def _each_once(store: DeliveryStore, statuses: Sequence[str]) -> Iterator[StoredDelivery]:
+    """Every delivery in each of ``statuses`` in turn (:func:`_each`), each
+    one once: a failed delivery whose replay fails on its last attempt is
+    dead by the time the dead ones are read, and must not be replayed (nor
+    announced dead) a second time by the same run."""
+    seen: set[tuple[str, str, str]] = set()
+    for n, status in enumerate(statuses):
+        last = n == len(statuses) - 1
+        for row in _each(store, status):
+            identity = (row.provider, row.callback, row.key)
+            if identity in seen:
+                continue
+            if not last:
+                # Only a later status's pages can meet it again.
+                seen.add(identity)
+            yield row
 
 
 def _route(state: AppState, value: str) -> tuple[str, str]:

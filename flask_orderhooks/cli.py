@@ -6,6 +6,7 @@ minutes); these commands let an operator finish by hand what they gave up on.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -625,9 +626,41 @@ def send_command(kind: str, url: str, fields: tuple[str, ...], timeout: float) -
     # The server's answer is printed quoted when it holds what a terminal
     # would run: it is another program's text.
     click.echo(f"{status} {for_terminal(body.decode('utf-8', errors='replace'), lines=True)}")
-    if not 200 <= status < 300:
+    refused = _not_accepted(callback.provider, status, body)
+    if refused is not None:
         # Exit 1: a script (a deploy's smoke test) must see that the server refused it.
-        raise click.ClickException(f"The server answered {status}: the callback was not accepted.")
+        raise click.ClickException(
+            f"The server answered {status}{refused}: the callback was not accepted."
+        )
+
+
+#: How much of a gateway answer that is not ``success`` the error repeats.
+_ANSWER_IN_ERROR = 40
+
+
+def _not_accepted(provider: str, status: int, body: bytes) -> str | None:
+    """Why the platform would read this answer as a failure (and retry),
+    as the end of "The server answered 200…", or ``None`` when it is done.
+
+    The HTTP status is not always enough: SUD reads ``ret_code``, and a
+    failure may come with HTTP 200 (``ORDERHOOKS_SUD_FAILURE_HTTP_STATUS``);
+    the gateway reads the text ``success``.
+    """
+    if not 200 <= status < 300:
+        return ""
+    if provider == "sud":
+        try:
+            answer = json.loads(body.decode("utf-8"))
+        except (ValueError, RecursionError):
+            answer = None
+        code = answer.get("ret_code") if isinstance(answer, dict) else None
+        if isinstance(code, bool) or not isinstance(code, int):
+            return " without ret_code 0"
+        return None if code == 0 else f" with ret_code {code}"
+    if provider == "gateway" and body != b"success":
+        text = body.decode("utf-8", errors="replace")[:_ANSWER_IN_ERROR]
+        return f" with {text!r}, not 'success'"
+    return None
 
 
 #: A --field value sent as a JSON number rather than a string.

@@ -29,6 +29,7 @@ from flask_orderhooks import (
     payout_finished,
     webhook_received,
 )
+from flask_orderhooks.events import GATEWAY_SUCCESS
 from flask_orderhooks.store import StoredDelivery
 
 from .models import READY_FOR_DELIVERY, Base, GameOrder, Order, Payment, Payout, db
@@ -39,6 +40,8 @@ _Model = TypeVar("_Model", bound=Base)
 
 #: SUD statuses after which an order never changes again.
 _FINAL_GAME_STATUSES = frozenset({"EXECUTE_SUCCESS", "EXECUTE_FAIL"})
+#: ``Payout.state`` of a payout the gateway finished (success or canceled).
+_FINAL_PAYOUT_STATES = frozenset({"paid", "canceled"})
 
 
 def _one(model: type[_Model], where: sa.ColumnElement[bool]) -> _Model | None:
@@ -70,6 +73,17 @@ def on_payment_collected(sender: Flask, *, event: PaymentCollected) -> None:
         # Defence in depth: the store already drops duplicates, and a credited
         # payment is final whatever status arrives later.
         return
+    elif payment.status == GATEWAY_SUCCESS and not event.succeeded:
+        # A late "processing" notice (the gateway's retry of one the shop
+        # failed at first) must not undo the paid result, nor hide its
+        # amount mismatch from the staff.
+        logger.info(
+            "payment %s for %s: status %s arrived after the paid result; kept it",
+            event.id,
+            event.trans_id,
+            event.status,
+        )
+        return
     payment.order_amount = str(event.order_amount)
     payment.payed_amount = None if event.payed_amount is None else str(event.payed_amount)
     payment.status = event.status
@@ -100,6 +114,19 @@ def on_payout_finished(sender: Flask, *, event: PayoutFinished) -> None:
     if payout is None:
         payout = Payout(gateway_id=event.id, trans_id=event.trans_id, amount="", state="")
         db.session.add(payout)
+    elif payout.state in _FINAL_PAYOUT_STATES and state not in _FINAL_PAYOUT_STATES:
+        # A late "processing" notice (the gateway's retry of one the shop
+        # failed at first) must not turn a finished payout back into one
+        # in progress.
+        logger.info(
+            "payout %s for %s: %s arrived after %s; kept %s",
+            event.id,
+            event.trans_id,
+            state,
+            payout.state,
+            payout.state,
+        )
+        return
     payout.amount = str(event.order_amount)
     payout.state = state
     payout.finished_at = finished_at

@@ -6,6 +6,7 @@ minutes); these commands let an operator finish by hand what they gave up on.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -13,7 +14,7 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -331,7 +332,7 @@ def replay_command(
     state = _state()
     rows: Iterable[StoredDelivery]
     if statuses:
-        rows = (row for status in statuses for row in _each(state.store, status))
+        rows = _each_once(state.store, statuses)
     else:
         # Only configured routes: a delivery of any other has no receiver to replay to.
         routes = state.routes if route is None else [_route(state, route)]
@@ -375,6 +376,24 @@ def _each(store: DeliveryStore, status: str) -> Iterator[StoredDelivery]:
         if len(page) < _REPLAY_PAGE:
             return
         after = page[-1]
+
+
+def _each_once(store: DeliveryStore, statuses: Sequence[str]) -> Iterator[StoredDelivery]:
+    """Every delivery in each of ``statuses`` in turn (:func:`_each`), each
+    one once: a failed delivery whose replay fails on its last attempt is
+    dead by the time the dead ones are read, and must not be replayed (nor
+    announced dead) a second time by the same run."""
+    seen: set[tuple[str, str, str]] = set()
+    for n, status in enumerate(statuses):
+        last = n == len(statuses) - 1
+        for row in _each(store, status):
+            identity = (row.provider, row.callback, row.key)
+            if identity in seen:
+                continue
+            if not last:
+                # Only a later status's pages can meet it again.
+                seen.add(identity)
+            yield row
 
 
 def _route(state: AppState, value: str) -> tuple[str, str]:
@@ -607,9 +626,41 @@ def send_command(kind: str, url: str, fields: tuple[str, ...], timeout: float) -
     # The server's answer is printed quoted when it holds what a terminal
     # would run: it is another program's text.
     click.echo(f"{status} {for_terminal(body.decode('utf-8', errors='replace'), lines=True)}")
-    if not 200 <= status < 300:
+    refused = _not_accepted(callback.provider, status, body)
+    if refused is not None:
         # Exit 1: a script (a deploy's smoke test) must see that the server refused it.
-        raise click.ClickException(f"The server answered {status}: the callback was not accepted.")
+        raise click.ClickException(
+            f"The server answered {status}{refused}: the callback was not accepted."
+        )
+
+
+#: How much of a gateway answer that is not ``success`` the error repeats.
+_ANSWER_IN_ERROR = 40
+
+
+def _not_accepted(provider: str, status: int, body: bytes) -> str | None:
+    """Why the platform would read this answer as a failure (and retry),
+    as the end of "The server answered 200…", or ``None`` when it is done.
+
+    The HTTP status is not always enough: SUD reads ``ret_code``, and a
+    failure may come with HTTP 200 (``ORDERHOOKS_SUD_FAILURE_HTTP_STATUS``);
+    the gateway reads the text ``success``.
+    """
+    if not 200 <= status < 300:
+        return ""
+    if provider == "sud":
+        try:
+            answer = json.loads(body.decode("utf-8"))
+        except (ValueError, RecursionError):
+            answer = None
+        code = answer.get("ret_code") if isinstance(answer, dict) else None
+        if isinstance(code, bool) or not isinstance(code, int):
+            return " without ret_code 0"
+        return None if code == 0 else f" with ret_code {code}"
+    if provider == "gateway" and body != b"success":
+        text = body.decode("utf-8", errors="replace")[:_ANSWER_IN_ERROR]
+        return f" with {text!r}, not 'success'"
+    return None
 
 
 #: A --field value sent as a JSON number rather than a string.

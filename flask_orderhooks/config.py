@@ -271,6 +271,16 @@ def read_secrets(key: str, value: object) -> Secrets:
             raise ConfigurationError(
                 key, "a secret starts or ends with whitespace (a newline from a file?); strip it."
             )
+        try:
+            item.encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate: os.environ's spelling of a byte that is not
+            # UTF-8. The UnicodeEncodeError would carry the whole secret.
+            raise ConfigurationError(
+                key,
+                "a secret is not UTF-8 text (a byte of another encoding in an environment "
+                "variable or a file?); set it again.",
+            ) from None
     return Secrets([str(v) for v in values])
 
 

@@ -15,6 +15,7 @@ from decimal import Decimal
 from typing import Any
 
 from .exc import MalformedPayload
+from .logtext import quoted
 
 
 class JSONDecimal(Decimal):
@@ -39,7 +40,9 @@ def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: set[str] = set()
         for key, _ in pairs:
             if key in seen:
-                raise MalformedPayload(f"The body repeats the key {key!r}.")
+                # Cut short: the gateway's body is parsed before it is
+                # verified, and the reason goes into the log and the answer.
+                raise MalformedPayload(f"The body repeats the key {quoted(key)}.")
             seen.add(key)
     return obj
 

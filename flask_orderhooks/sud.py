@@ -274,6 +274,9 @@ def _sud_apps(value: object) -> Mapping[str, Secrets] | None:
     for app_id, secrets in value.items():
         if isinstance(app_id, bool) or not isinstance(app_id, (str, int)) or not str(app_id):
             raise ConfigurationError(key, "app ids must be non-empty strings.")
+        if str(app_id) in apps:
+            # 1 and "1" are one app: which secret would verify?
+            raise ConfigurationError(key, f"the app id {str(app_id)!r} is given twice.")
         apps[str(app_id)] = read_secrets(f"{key}[{app_id!r}]", secrets)
     return apps
 

@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING
 
 from blinker import NamedSignal
 from flask import Blueprint, Flask, Response, current_app, request
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
 from .exc import (
     CallbackError,
+    MalformedPayload,
     NoReceiver,
     PayloadTooLarge,
     ReceiverFailed,
@@ -147,6 +148,12 @@ def _read_body(limit: int) -> bytes:
         body = request.get_data(cache=True)
     except RequestEntityTooLarge:
         raise PayloadTooLarge(f"The body is larger than {limit} bytes.") from None
+    except (ClientDisconnected, OSError):
+        # The input ended before its Content-Length, or the connection broke
+        # mid-body: the client's failure, not a bug of ours (500, ERROR).
+        raise MalformedPayload(
+            "The body ended before it was read whole (the client disconnected?)."
+        ) from None
     if len(body) > limit:
         raise PayloadTooLarge(f"The body is larger than {limit} bytes.")
     return body

@@ -1014,10 +1014,21 @@ def _row_params(delivery: Delivery, token: str, digest: str) -> dict[str, Any]:
         "p_body": delivery.body,
         "p_digest": digest,
         "p_headers": json.dumps(dict(delivery.headers), sort_keys=True),
-        # Too long to index: kept out of the search rather than cut, since a
-        # cut id would find other orders.
-        "p_reference": reference if reference and len(reference) <= MAX_REFERENCE_LENGTH else None,
+        # Too long to index, or holding a character no key may hold (NUL,
+        # which PostgreSQL refuses in text, failed every attempt as "store
+        # unavailable"): kept out of the search rather than cut or cleaned,
+        # since such an id would find other orders.
+        "p_reference": reference if _searchable(reference) else None,
     }
+
+
+def _searchable(reference: str | None) -> bool:
+    """Whether a delivery's ``reference`` can be stored and searched."""
+    return (
+        reference is not None
+        and 0 < len(reference) <= MAX_REFERENCE_LENGTH
+        and not UNSTORABLE.search(reference)
+    )
 
 
 def _check_key(delivery: Delivery) -> None:

@@ -248,7 +248,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     seen: dict[str, Any] = {}
     for key, value in pairs:
         if key in seen:
-            raise Refusal(400, f"The body repeats the key {key!r}.")
+            raise Refusal(400, f"The body repeats the key {key[:80]!r}.")
         seen[key] = value
     return seen
 

@@ -26,13 +26,14 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from .config import LONGEST_POLL_INTERVAL, LONGEST_SECONDS
 from .console.queries import unbindable
+from .exc import StoreUnavailable
 from .extension import AppState, get_extension
 from .logtext import for_terminal
 from .provider import Provider
 from .replay import replay
 from .store import DEAD, DONE, FAILED, PROCESSING, STATUSES, DeliveryStore, StoredDelivery
 from .testing import KINDS, build
-from .worker import Worker, process_due
+from .worker import PassResult, Worker, process_due
 
 _DURATION = re.compile(r"([0-9]+)\s*([smhdw])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -438,7 +439,15 @@ def worker_command(once: bool, poll_interval: float | None) -> None:
     state = _state()
     app = current_app._get_current_object()  # type: ignore[attr-defined]
     if once:
-        result = process_due(app, state)
+        result = PassResult()
+        try:
+            process_due(app, state, result=result)
+        except StoreUnavailable as exc:
+            # What the pass did before the store failed still happened.
+            raise click.ClickException(
+                f"The delivery store failed after {_deliveries(result.attempted)} "
+                f"({result.failed} failed): {exc.reason}"
+            ) from None
         click.echo(f"Dispatched {_deliveries(result.attempted)}, {result.failed} failed.")
         return
     interval = poll_interval or state.settings.worker_poll_interval

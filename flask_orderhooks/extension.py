@@ -355,7 +355,7 @@ class OrderHooks:
                 "%s %s %s: could not enqueue (%s: %s); a worker or the sweep will find it",
                 provider,
                 callback,
-                key,
+                for_log(key),
                 type(exc).__name__,
                 exc,
             )

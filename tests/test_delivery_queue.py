@@ -586,6 +586,26 @@ def test_an_enqueuer_that_raises_never_fails_the_request(
     assert len(rec.events) == 1
 
 
+def test_the_enqueue_warning_quotes_a_key_with_hidden_characters(
+    recorder: RecorderFactory, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A signed gateway id holding U+202E (which reverses the rest of a line
+    on a terminal) is stored; the warning writes it as its quoted repr, as
+    every other log line does."""
+    app, _rec = deferred(recorder, clock)
+
+    def broker_down(*_args: object) -> None:
+        raise ConnectionRefusedError("broker down")
+
+    app.extensions["orderhooks"].enqueuer = broker_down
+    cb = make("collect", app, id="C\u202e1")
+    with caplog.at_level(logging.WARNING, "flask_orderhooks"):
+        assert post(app, cb).status_code == 200
+    (line,) = [r.getMessage() for r in caplog.records if "could not enqueue" in r.getMessage()]
+    assert "\u202e" not in line
+    assert f"gateway collect {cb.key!r}: could not enqueue" in line, line
+
+
 def test_worker_stops_after_the_delivery_in_hand(recorder: RecorderFactory, clock: Clock) -> None:
     app, rec = deferred(recorder, clock)
     for _ in range(3):

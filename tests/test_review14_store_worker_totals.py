@@ -8,6 +8,7 @@ from collections.abc import Callable
 import pytest
 from flask import Flask
 
+from flask_orderhooks.cli import orderhooks
 from flask_orderhooks.exc import StoreUnavailable
 from flask_orderhooks.store import DeliveryStore, DueClaim
 from flask_orderhooks.worker import Worker
@@ -46,3 +47,31 @@ def test_a_pass_cut_short_by_the_store_still_counts_its_attempts(
     assert (result.attempted, result.done, result.failed) == (1, 1, 0)
     assert len(rec.events) == 1
     assert sorted(r.status for r in rows(app)) == ["done", "pending"]
+
+
+def test_worker_once_says_what_it_did_when_the_store_fails(
+    recorder: RecorderFactory, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``worker --once`` with the store failing after one delivery: one line
+    with the count so far and the store's reason, exit 1; no traceback."""
+    app, rec = deferred(recorder, clock)
+    for _ in range(2):
+        assert post(app, make("igv", app)).status_code == 200
+    store: DeliveryStore = app.extensions["orderhooks"].state(app).store
+    real = store.claim_due
+    calls = [0]
+
+    def claim_due(key: tuple[str, str, str] | None = None) -> DueClaim | None:
+        calls[0] += 1
+        if calls[0] == 2:
+            raise StoreUnavailable("The store is unavailable.")
+        return real(key)
+
+    monkeypatch.setattr(store, "claim_due", claim_due)
+    result = app.test_cli_runner().invoke(orderhooks, ["worker", "--once"])
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert result.output == (
+        "Error: The delivery store failed after 1 delivery (0 failed): The store is unavailable.\n"
+    )
+    assert len(rec.events) == 1

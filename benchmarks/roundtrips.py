@@ -181,7 +181,9 @@ class Recorder:
         """Commits (writes in autocommit mode included) and rollbacks sent."""
         commits = autocommits = rollbacks = 0
         for sql, autocommit in self.mysql_commands:
-            word = sql.split(maxsplit=1)[0].upper() if sql else ""
+            # MariaDB's lock wait rides before the statement it bounds.
+            statement = sql.split(" FOR ", 1)[1] if sql.startswith("SET STATEMENT ") else sql
+            word = statement.split(maxsplit=1)[0].upper() if statement else ""
             commits += word == "COMMIT"
             rollbacks += word == "ROLLBACK"
             autocommits += word in _WRITES and autocommit

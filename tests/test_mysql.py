@@ -38,21 +38,28 @@ def store_of(app: Flask) -> DeliveryStore:
         return store
 
 
-def lock_wait_statements(store: DeliveryStore, act: Callable[[], bool]) -> list[str]:
-    """The statements touching innodb_lock_wait_timeout while ``act`` runs
-    (``act`` must return True)."""
+def lock_wait_statements(engine: sa.Engine, act: Callable[[], bool]) -> list[str]:
+    """The statements touching innodb_lock_wait_timeout sent on ``engine``'s
+    connections while ``act`` runs (``act`` must return True)."""
     seen: list[str] = []
 
     def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         if "innodb_lock_wait_timeout" in statement:
             seen.append(statement)
 
-    sa.event.listen(store.engine, "before_cursor_execute", record)
+    sa.event.listen(engine, "before_cursor_execute", record)
     try:
         assert act()
     finally:
-        sa.event.remove(store.engine, "before_cursor_execute", record)
+        sa.event.remove(engine, "before_cursor_execute", record)
     return seen
+
+
+def own_engine(store: DeliveryStore) -> sa.Engine:
+    """The store's own autocommit engine (the claim's, the acceptance's)."""
+    engine = store._mysql_autocommit_engine
+    assert engine is not store.engine
+    return engine
 
 
 def test_keys_differing_in_case_or_trailing_space_are_three_deliveries(
@@ -210,17 +217,39 @@ def test_mariadb_deferred_acceptance_bounds_its_wait_in_the_statement(
 
 
 def test_mysql_8_lock_waits_are_whole_seconds_and_given_back(recorder: RecorderFactory) -> None:
-    """Without SET STATEMENT the session's value is set around the claim and
-    goes back afterwards (the connection may be the host's)."""
-    app, _rec = recorder(ORDERHOOKS_DUPLICATE_WAIT=0.5)
+    """Without SET STATEMENT the session's value is set, in whole seconds: on
+    the store's own autocommit connections (the claim) once, and kept; on a
+    connection of the host's (the failure record, in a transaction) around
+    the statement, and given back afterwards."""
+    app, rec = recorder(ORDERHOOKS_DUPLICATE_WAIT=0.5)
     store = store_of(app)
     as_mysql_8(store)
-    seen = lock_wait_statements(store, lambda: post(app, make("igv", app)).status_code == 200)
-    assert seen == [
-        "SET @orderhooks_hosts_lock_wait = @@SESSION.innodb_lock_wait_timeout, "
-        "SESSION innodb_lock_wait_timeout = 1",
-        "SET SESSION innodb_lock_wait_timeout = @orderhooks_hosts_lock_wait",
-    ]
+
+    def delivered() -> bool:
+        return bool(post(app, make("igv", app)).status_code == 200)
+
+    def on_both(act: Callable[[], bool]) -> tuple[list[str], list[str]]:
+        """What ``act`` set on the own engine's connections and on the host's."""
+        host: list[str] = []
+
+        def act_on_host() -> bool:
+            host.extend(lock_wait_statements(store.engine, act))
+            return True
+
+        return lock_wait_statements(own_engine(store), act_on_host), host
+
+    assert on_both(delivered) == (["SET SESSION innodb_lock_wait_timeout = 1"], [])
+    assert on_both(delivered) == ([], [])  # the own connection kept it
+    rec.fail_next = 1
+    failed = on_both(lambda: post(app, make("igv", app)).status_code == 500)
+    assert failed == (
+        [],
+        [
+            "SET @orderhooks_hosts_lock_wait = @@SESSION.innodb_lock_wait_timeout, "
+            "SESSION innodb_lock_wait_timeout = 1",
+            "SET SESSION innodb_lock_wait_timeout = @orderhooks_hosts_lock_wait",
+        ],
+    )
     with store.engine.connect() as connection:
         session, server = connection.exec_driver_sql(
             "SELECT @@SESSION.innodb_lock_wait_timeout, @@GLOBAL.innodb_lock_wait_timeout"
@@ -302,7 +331,8 @@ def test_the_own_store_sets_its_lock_wait_once(recorder: RecorderFactory) -> Non
     post(app, make("igv", app))
     as_mysql_8(store)
     seen = lock_wait_statements(
-        store, lambda: all(post(app, make("igv", app)).status_code == 200 for _ in range(3))
+        own_engine(store),
+        lambda: all(post(app, make("igv", app)).status_code == 200 for _ in range(3)),
     )
     assert seen == ["SET SESSION innodb_lock_wait_timeout = 3"]
 
@@ -319,16 +349,18 @@ def test_an_upsert_that_inserted_reads_nothing_back(
     takes a failed delivery over, read the row once: only the read knows its
     token, attempts and state."""
     app, rec = recorder()
+    # The store's own engine reads the server's settings at its first connect.
+    assert post(app, make("igv", app)).status_code == 200
     cb = make("igv", app)
     seen = sent_to_the_server(monkeypatch)
     assert post(app, cb).status_code == 200
     assert _reads_back(seen) == [], seen
-    assert [row.attempts for row in rows(app)] == [1]
+    assert sorted(row.attempts for row in rows(app)) == [1, 1]
 
     seen.clear()
     assert post(app, cb).status_code == 200
     assert len(_reads_back(seen)) == 1, seen  # the claim's row, with its state
-    assert len(rec.events) == 1
+    assert len(rec.events) == 2
 
     rec.fail_next = 1
     failed = make("igv", app)
@@ -336,24 +368,26 @@ def test_an_upsert_that_inserted_reads_nothing_back(
     seen.clear()
     assert post(app, failed).status_code == 200
     assert len(_reads_back(seen)) == 1, seen  # the takeover's row: attempt 2
-    assert sorted(row.attempts for row in rows(app)) == [1, 2]
-    assert len(rec.events) == 3
+    assert sorted(row.attempts for row in rows(app)) == [1, 1, 2]
+    assert len(rec.events) == 4
 
 
 def test_a_deferred_acceptance_that_inserted_reads_nothing_back(
     recorder: RecorderFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     app, rec = recorder(ORDERHOOKS_DISPATCH="deferred")
+    # The store's own engine reads the server's settings at its first connect.
+    assert post(app, make("igv", app)).status_code == 200
     cb = make("igv", app)
     seen = sent_to_the_server(monkeypatch)
     assert post(app, cb).status_code == 200
-    assert _reads_back(seen) == [], seen
+    # One command: the upsert, which commits itself (autocommit).
+    assert len(seen) == 1 and " INSERT INTO " in seen[0], seen
     seen.clear()
     assert post(app, cb).status_code == 200
-    # The row with its state, in the acceptance's transaction: one COMMIT.
-    assert len(_reads_back(seen)) == 1, seen
-    assert len([sql for sql in seen if sql == "COMMIT"]) == 1, seen
-    assert [(row.status, row.attempts) for row in rows(app)] == [("pending", 0)]
+    # The upsert, then the row with its state: no COMMIT, no ROLLBACK.
+    assert len(seen) == 2 and seen[1].startswith("SELECT"), seen
+    assert [(row.status, row.attempts) for row in rows(app)] == [("pending", 0)] * 2
     assert rec.events == []
 
 

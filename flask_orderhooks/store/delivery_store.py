@@ -39,6 +39,7 @@ from .errors import (
 )
 from .keyset import newest_first, older_than
 from .mysql import MySQLStatements
+from .mysql_autocommit import autocommit_engine
 from .retention import compact_old, delete_old
 from .retries import NO_RETRIES, RetrySchedule
 from .sqlite import relaxed_sqlite_sync, take_write_lock
@@ -132,7 +133,12 @@ class DeliveryStore:
 
     @contextmanager
     def _own_transaction(
-        self, *, durable: bool = False, lock_wait: float | None = None, writes: bool = False
+        self,
+        *,
+        durable: bool = False,
+        lock_wait: float | None = None,
+        writes: bool = False,
+        each_alone: bool = False,
     ) -> Iterator[Connection]:
         """A connection for the store's statements outside the dispatch (the
         claim, the failure record), committed when the block ends.
@@ -155,10 +161,24 @@ class DeliveryStore:
         ``writes``: on SQLite the transaction begins with the write lock,
         taken by polling (:func:`take_write_lock`), for at least ``lock_wait``
         (or the duplicate wait) and as long as the driver's busy timeout.
+
+        ``each_alone``: the block's statements may each commit on its own
+        (the claim, the acceptance, a plain read). On MySQL they then run in
+        autocommit mode too, on a pool of the store's own
+        (:mod:`.mysql_autocommit`): one command for a first delivery's claim
+        instead of the upsert, its COMMIT and the pool's ROLLBACK.
         """
         if self.dialect == "postgresql":
             with self._autocommit_engine.connect() as connection:
                 yield connection
+            return
+        if self.dialect in MYSQL and each_alone:
+            with self._mysql_autocommit_engine.connect() as connection:
+                # MariaDB's statements carry the wait themselves; on MySQL 8
+                # the session's value is the store's own here: kept.
+                session_wait = None if self._sql.statement_lock_wait else lock_wait
+                with mysql_lock_wait(connection, session_wait, give_back=False):
+                    yield connection
             return
         if self.dialect in MYSQL:
             with self.engine.connect() as connection:
@@ -184,6 +204,10 @@ class DeliveryStore:
         if self._prepare is not None:
             with self._store_errors(where):
                 self._prepare()
+
+    @functools.cached_property
+    def _mysql_autocommit_engine(self) -> Engine:
+        return autocommit_engine(self.engine)
 
     @functools.cached_property
     def _autocommit_engine(self) -> Engine:
@@ -296,7 +320,7 @@ class DeliveryStore:
     def _current_state(self, delivery: Delivery) -> tuple[Any, ...] | None:
         """The row's (status, body_sha256, lease_expires_at), by a plain read
         in a transaction of its own, which waits for no lock."""
-        with self._store_errors(delivery), self._own_transaction() as connection:
+        with self._store_errors(delivery), self._own_transaction(each_alone=True) as connection:
             return self._sql.state.first(connection, self._key_params(delivery))
 
     def _try_accept(self, delivery: Delivery, token: str, digest: str) -> tuple[Any, ...] | None:
@@ -320,7 +344,7 @@ class DeliveryStore:
         lock_wait = min(self.duplicate_wait, _ACCEPT_LOCK_WAIT)
         try:
             with self._own_transaction(
-                durable=True, lock_wait=lock_wait, writes=True
+                durable=True, lock_wait=lock_wait, writes=True, each_alone=True
             ) as connection:
                 return statement.first(  # type: ignore[no-any-return]
                     connection,
@@ -411,7 +435,7 @@ class DeliveryStore:
         a done row over too while it has that many attempts."""
         with (
             self._store_errors(delivery),
-            self._own_transaction(lock_wait=remaining, writes=True) as connection,
+            self._own_transaction(lock_wait=remaining, writes=True, each_alone=True) as connection,
         ):
             now = self._now()
             row = self._sql.claim.first(
@@ -562,7 +586,7 @@ class DeliveryStore:
         Done is not enough: after a rollback this worker's lease may run out
         and another worker take the delivery over and finish it, and what
         this receiver writes next must not be committed as well."""
-        with self._store_errors(delivery), self._own_transaction() as connection:
+        with self._store_errors(delivery), self._own_transaction(each_alone=True) as connection:
             current = self._sql.owner.first(connection, self._key_params(delivery))
         if current is None or current[0] != DONE or current[1] != claim.token:
             return False

@@ -1,0 +1,136 @@
+"""MySQL and MariaDB: the store's own autocommit pool (store/mysql_autocommit.py).
+
+The claim, the acceptance and the store's plain reads run on connections of
+a pool of the store's own in autocommit mode: one command where a
+transaction on the host's pool took three (the statement, COMMIT, and the
+pool's reset ROLLBACK). These tests hold it to what it must keep: the
+connections are set up as the host's engine sets up its own, they never
+hold a transaction, and they go when the host's engine is disposed of.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+
+from tests.conftest import Recorder
+from tests.test_durability import make, post, rows
+from tests.test_mysql import own_engine, sent_to_the_server, store_of
+
+RecorderFactory = Callable[..., tuple[Flask, Recorder]]
+
+pytestmark = [pytest.mark.mariadb, pytest.mark.parametrize("backend", ["mariadb"])]
+
+
+def test_an_inline_first_delivery_sends_four_commands(
+    recorder: RecorderFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim alone, committed by itself; then the dispatch on the host's
+    connection: the done mark, the receiver's write, COMMIT and the pool's
+    ROLLBACK (the last three are what a hand-written endpoint sends too)."""
+    app, rec = recorder()
+    assert post(app, make("igv", app)).status_code == 200  # engines connected
+    seen = sent_to_the_server(monkeypatch)
+    assert post(app, make("igv", app)).status_code == 200
+    commands = [sql.split()[0] for sql in seen]
+    assert commands == ["SET", "UPDATE", "INSERT", "COMMIT", "ROLLBACK"], seen
+    assert " INSERT INTO orderhooks_deliveries " in seen[0]
+    assert seen[2].startswith("INSERT INTO test_credits ")
+    assert len(rec.events) == 2
+    assert [row.status for row in rows(app)] == ["done", "done"]
+
+
+def test_the_own_connections_are_the_host_engines_own_make(
+    recorder: RecorderFactory,
+) -> None:
+    """A connection of the store's own pool is made by the host's engine
+    (its connect listeners and arguments apply: here a session variable),
+    then switched to autocommit; the host's own connections are left as
+    they were."""
+    app, _rec = recorder()
+    store = store_of(app)
+
+    def marked(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("SET @orderhooks_made_by = 'the host'")
+        cursor.close()
+
+    sa.event.listen(store.engine, "connect", marked)
+    try:
+        store.engine.dispose()  # every connection from now on is a new one
+        assert post(app, make("igv", app)).status_code == 200
+        with own_engine(store).connect() as connection:
+            made_by, autocommit = connection.exec_driver_sql(
+                "SELECT @orderhooks_made_by, @@autocommit"
+            ).one()
+        assert (made_by, autocommit) == ("the host", 1)
+        with store.engine.connect() as connection:
+            made_by, autocommit = connection.exec_driver_sql(
+                "SELECT @orderhooks_made_by, @@autocommit"
+            ).one()
+        assert (made_by, autocommit) == ("the host", 0)
+    finally:
+        sa.event.remove(store.engine, "connect", marked)
+
+
+def test_disposing_of_the_host_engine_closes_the_own_pool(recorder: RecorderFactory) -> None:
+    app, _rec = recorder()
+    store = store_of(app)
+    assert post(app, make("igv", app)).status_code == 200
+    own = own_engine(store)
+    pool = own.pool
+    assert isinstance(pool, sa.QueuePool)
+    assert pool.checkedin() == 1
+    store.engine.dispose()
+    assert own.pool is not pool
+    assert pool.checkedin() == 0
+    # And it makes a new connection when next needed.
+    assert post(app, make("igv", app)).status_code == 200
+    assert isinstance(own.pool, sa.QueuePool)
+    assert own.pool.checkedin() == 1
+
+
+def _open_transactions(store: Any) -> int:
+    """Transactions open on the own pool's (one) idle connection."""
+    with own_engine(store).connect() as connection:
+        dbapi_connection = connection.connection.dbapi_connection
+        assert dbapi_connection is not None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(
+            "SELECT COUNT(*) FROM information_schema.innodb_trx "
+            "WHERE trx_mysql_thread_id = CONNECTION_ID()"
+        )
+        row = cursor.fetchone()
+        cursor.close()
+    assert row is not None
+    return int(row[0])
+
+
+def test_claims_that_fail_leave_no_transaction_on_the_own_connection(
+    recorder: RecorderFactory,
+) -> None:
+    """A claim that did not win (a key conflict) and one the server refused
+    (its lock wait ran out behind another transaction's row lock: 1205)
+    leave the own connection idle: with no reset on check-in, nothing may be
+    left open for the next claim."""
+    app, rec = recorder(ORDERHOOKS_DUPLICATE_WAIT=0.2)
+    store = store_of(app)
+    rec.fail_next = 1
+    cb = make("igv", app, request_id="conflict-1", order_id=1)
+    assert post(app, cb).status_code == 500  # failed: a resend may take it over
+    other = make("igv", app, request_id="conflict-1", order_id=2)
+    assert post(app, other).status_code == 409
+    assert _open_transactions(store) == 0
+    with store.engine.connect() as holder:
+        holder.exec_driver_sql(
+            "SELECT status FROM orderhooks_deliveries WHERE `key` = 'conflict-1' FOR UPDATE"
+        ).all()
+        assert post(app, cb).status_code == 503  # waited 1 s (whole seconds), refused
+        holder.rollback()
+    assert _open_transactions(store) == 0
+    assert post(app, cb).status_code == 200
+    assert [row.status for row in rows(app)] == ["done"]

@@ -3,8 +3,8 @@
 One row per ``(provider, callback, key)``. A delivery moves through two short
 transactions:
 
-1. **Claim** (committed at once): one upsert (on PostgreSQL run alone in
-   autocommit mode, one round trip) that inserts the delivery as
+1. **Claim** (committed at once): one upsert (on PostgreSQL, MySQL and
+   MariaDB run alone in autocommit mode, one round trip) that inserts the delivery as
    ``processing`` with a lease, or takes over a ``failed`` row or one whose
    lease ran out (its worker died). The raw body and signed headers are
    stored here, before any receiver runs, so nothing verified is ever lost.

@@ -2,8 +2,11 @@
 
 They have ``INSERT … ON DUPLICATE KEY UPDATE`` but no ``RETURNING`` on it
 (MariaDB's ``INSERT … RETURNING`` is its own, MySQL has none), so each
-operation is a few statements in one short transaction, written so that both
-MySQL 8 and MariaDB ≥ 10.6 accept them. Each exposes ``first(connection,
+operation is a few statements, written so that both MySQL 8 and MariaDB ≥
+10.6 accept them: in autocommit mode on the store's own pool where each may
+commit alone (the claim, the acceptance, plain reads:
+:mod:`.mysql_autocommit`), in one short transaction otherwise (the failure
+record, the workers' due claim). Each exposes ``first(connection,
 params)`` with the same rows as :class:`~.statements.Statements` (the claim's
 and the acceptance's followed by the row's state, which
 :meth:`~MySQLStatements.claimed_state` and

@@ -112,14 +112,20 @@ class StandaloneDatabase:
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:
         """A connection for the dispatch: receivers' writes are their own."""
+        # Asked first: its probe (once per engine) takes a connection of its
+        # own, which a pool of one cannot give while the dispatch holds it.
+        level = transaction_level(self.engine)
         with self.engine.connect() as connection:
-            level = transaction_level(self.engine)
             if level is not None:
                 # An engine in autocommit mode would commit the done mark on
                 # its own, before any receiver ran. Reset when the
                 # connection goes back to the pool.
                 connection.execution_options(isolation_level=level)
-            yield ConnectionTransaction(connection)
+            transaction = ConnectionTransaction(connection)
+            try:
+                yield transaction
+            finally:
+                transaction.close()
 
     def ensure_table(self) -> None:
         """Create the table, or upgrade one an older version made, once."""

@@ -199,16 +199,32 @@ def _refuse_a_receivers_connection_commit(connection: Connection) -> None:
 
 class ConnectionTransaction:
     """A plain :class:`~sqlalchemy.engine.Connection` as the dispatch's
-    :class:`Transaction` (the store's own database)."""
+    :class:`Transaction` (the store's own database).
+
+    A rollback gives the connection back to its pool at once (the failure
+    record that follows takes a connection of its own, which a pool of one
+    could not give while the dispatch held one); a later :meth:`connection`
+    takes a new one with the same options, which :meth:`close` gives back.
+
+    .. versionchanged:: 0.3
+       Rollback gives the connection back; :meth:`close`.
+    """
 
     def __init__(self, connection: Connection) -> None:
-        self._connection = connection
+        self._connection: Connection | None = connection
+        self._engine = connection.engine
+        self._options = connection.get_execution_options()
+        self._reopened: Connection | None = None
 
     def connection(self) -> Connection:
+        if self._connection is None:
+            self._connection = self._reopened = self._engine.connect().execution_options(
+                **self._options
+            )
         return begun(self._connection)
 
     def current(self) -> object:
-        return self._connection.get_transaction()
+        return None if self._connection is None else self._connection.get_transaction()
 
     def has_unflushed_changes(self) -> bool:
         return False
@@ -217,10 +233,25 @@ class ConnectionTransaction:
         pass
 
     def commit(self) -> None:
-        self._connection.commit()
+        if self._connection is not None:
+            self._connection.commit()
 
     def rollback(self) -> None:
-        self._connection.rollback()
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            try:
+                connection.rollback()
+            finally:
+                connection.close()
+
+    def close(self) -> None:
+        """Give back the connection this took after a rollback, if any (the
+        one it was made with is its creator's to close)."""
+        reopened, self._reopened = self._reopened, None
+        if reopened is not None:
+            if self._connection is reopened:
+                self._connection = None
+            reopened.close()
 
 
 #: Per engine: ``None`` when its connections begin transactions, or the

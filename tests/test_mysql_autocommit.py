@@ -10,6 +10,7 @@ hold a transaction, and they go when the host's engine is disposed of.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -134,3 +135,37 @@ def test_claims_that_fail_leave_no_transaction_on_the_own_connection(
     assert _open_transactions(store) == 0
     assert post(app, cb).status_code == 200
     assert [row.status for row in rows(app)] == ["done"]
+
+
+def test_a_connection_idle_past_the_servers_wait_timeout_is_replaced(
+    recorder: RecorderFactory,
+) -> None:
+    """A server that closes idle connections quickly (``wait_timeout``, here
+    2 s for the connections the host's engine makes): the own pool's idle
+    connection is replaced before the next claim, which would otherwise fail
+    as "store unavailable" (503). The host's engine pings its own connections
+    (``pool_pre_ping``), which the own pool does not copy: a ping per claim is
+    the round trip it saves."""
+    app, rec = recorder(SQLALCHEMY_ENGINE_OPTIONS={"pool_pre_ping": True})
+    store = store_of(app)
+
+    def short_wait(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("SET SESSION wait_timeout = 2")
+        cursor.close()
+
+    sa.event.listen(store.engine, "connect", short_wait)
+    try:
+        store.engine.dispose()
+        assert post(app, make("igv", app)).status_code == 200
+        own = own_engine(store)
+        with own.connect() as connection:
+            first = connection.exec_driver_sql("SELECT CONNECTION_ID()").scalar()
+        time.sleep(3)  # the server has closed it by now
+        assert post(app, make("igv", app)).status_code == 200
+        with own.connect() as connection:
+            second = connection.exec_driver_sql("SELECT CONNECTION_ID()").scalar()
+        assert second != first
+        assert len(rec.events) == 2
+    finally:
+        sa.event.remove(store.engine, "connect", short_wait)

@@ -14,7 +14,8 @@ isolation level on check-in), so the store keeps a small pool of its own. Its
 connections are made by the host's engine (checked out of its pool and
 detached), so they carry whatever the host's engine sets up on a new
 connection (connect arguments, an ``init_command``, ``connect`` listeners);
-they are then switched to autocommit once. Disposing of the host's engine
+they are then switched to autocommit once. One idle for most of the server's
+``wait_timeout`` is replaced before use. Disposing of the host's engine
 disposes of this one too.
 
 Only statements that stand alone run here: the claim and the acceptance (an
@@ -26,17 +27,24 @@ failure record (an update, then the row it left) stay in transactions.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.pool import ConnectionPoolEntry
 
-#: Connections older than this are replaced when next checked out: the
-#: server closes idle ones after ``wait_timeout`` (8 hours by default), and a
-#: pool of its own cannot count on the host's ``pool_pre_ping``, whose ping is
-#: a round trip per checkout (what this pool exists to save).
+#: Connections older than this are replaced when next checked out.
 RECYCLE_SECONDS = 3600
+#: Of the server's ``wait_timeout``: a connection idle longer than this share
+#: of it is replaced when next checked out, before the server closes it.
+IDLE_SHARE = 0.8
+#: Where a connection's record keeps its server's ``wait_timeout`` and when
+#: it last went back to the pool.
+_WAIT_TIMEOUT = "orderhooks_wait_timeout"
+_IDLE_SINCE = "orderhooks_idle_since"
 
 
 def autocommit_engine(host: Engine) -> Engine:
@@ -58,9 +66,46 @@ def autocommit_engine(host: Engine) -> Engine:
         pool_reset_on_return=None,
         pool_recycle=RECYCLE_SECONDS,
     )
+    event.listen(own, "connect", _read_wait_timeout)
+    event.listen(own, "checkin", _idle_from_now)
+    event.listen(own, "checkout", _replace_if_idle_too_long)
 
     def dispose(_engine: Engine) -> None:
         own.dispose()
 
     event.listen(host, "engine_disposed", dispose)
     return own
+
+
+# The server closes a connection idle for ``wait_timeout`` seconds (8 hours by
+# default, minutes on some hosted servers), and the claim that next used it
+# would fail as "store unavailable". The host's ``pool_pre_ping`` would catch
+# it at the cost of a round trip per checkout, the one this pool saves; the
+# idle time is known without asking, so a connection idle too long is
+# replaced before use (SQLAlchemy retries the checkout on DisconnectionError).
+
+
+def _read_wait_timeout(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("SELECT @@SESSION.wait_timeout")
+        row = cursor.fetchone()
+    finally:
+        cursor.close()
+    if row is not None and row[0]:
+        record.info[_WAIT_TIMEOUT] = float(row[0])
+
+
+def _idle_from_now(_dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+    record.info[_IDLE_SINCE] = time.monotonic()
+
+
+def _replace_if_idle_too_long(
+    _dbapi_connection: Any, record: ConnectionPoolEntry, _proxy: Any
+) -> None:
+    wait_timeout = record.info.get(_WAIT_TIMEOUT)
+    idle_since = record.info.get(_IDLE_SINCE)
+    if wait_timeout is None or idle_since is None:
+        return
+    if time.monotonic() - idle_since > IDLE_SHARE * wait_timeout:
+        raise DisconnectionError("idle longer than the server's wait_timeout allows")

@@ -10,6 +10,7 @@ hold a transaction, and they go when the host's engine is disposed of.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -169,3 +170,30 @@ def test_a_connection_idle_past_the_servers_wait_timeout_is_replaced(
         assert len(rec.events) == 2
     finally:
         sa.event.remove(store.engine, "connect", short_wait)
+
+
+def test_a_forked_child_leaves_the_parents_connections_open(recorder: RecorderFactory) -> None:
+    """gunicorn with ``--preload`` forks workers from a process that may
+    have claimed already. The child's pool starts empty without closing the
+    inherited connections, even when the child disposes of the host's engine
+    the way SQLAlchemy recommends after a fork (``dispose(close=False)``):
+    closing them would end the parent's, and its next claim would be 503."""
+    app, rec = recorder()
+    store = store_of(app)
+    assert post(app, make("igv", app)).status_code == 200
+    own = own_engine(store)
+    with own.connect() as connection:
+        before = connection.exec_driver_sql("SELECT CONNECTION_ID()").scalar()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child's coverage is not collected
+        try:
+            store.engine.dispose(close=False)
+        finally:
+            os._exit(0)
+    _pid, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert post(app, make("igv", app)).status_code == 200
+    with own.connect() as connection:
+        after = connection.exec_driver_sql("SELECT CONNECTION_ID()").scalar()
+    assert after == before
+    assert len(rec.events) == 2

@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -124,6 +125,9 @@ class DeliveryStore:
         self._prepare = prepare
         self.on_failure = on_failure
         self.shared_engine = shared_engine
+        # MySQL: the pool of the store's own for statements that stand alone.
+        self._own_autocommit: Engine | None = None
+        self._own_autocommit_lock = threading.Lock()
 
     @property
     def engine(self) -> Engine:
@@ -205,9 +209,17 @@ class DeliveryStore:
             with self._store_errors(where):
                 self._prepare()
 
-    @functools.cached_property
+    @property
     def _mysql_autocommit_engine(self) -> Engine:
-        return autocommit_engine(self.engine)
+        engine = self._own_autocommit
+        if engine is None:
+            # Once per store, whatever the threads racing for the first claim:
+            # each engine made would keep a pool of connections open.
+            with self._own_autocommit_lock:
+                if self._own_autocommit is None:
+                    self._own_autocommit = autocommit_engine(self.engine)
+                engine = self._own_autocommit
+        return engine
 
     @functools.cached_property
     def _autocommit_engine(self) -> Engine:

@@ -27,7 +27,9 @@ failure record (an update, then the row it left) stay in transactions.
 
 from __future__ import annotations
 
+import os
 import time
+import weakref
 from typing import Any
 
 import sqlalchemy as sa
@@ -74,7 +76,27 @@ def autocommit_engine(host: Engine) -> Engine:
         own.dispose()
 
     event.listen(host, "engine_disposed", dispose)
+    _forget_in_forked_children(own)
     return own
+
+
+def _forget_in_forked_children(own: Engine) -> None:
+    """A child process made by ``fork`` (gunicorn's workers with
+    ``--preload``) starts with a pool of its own, without closing the
+    connections it inherited: they are the parent's, and closing them would
+    break the parent's next claim (the host's ``dispose(close=False)`` after
+    a fork, which this engine's dispose listener follows, would otherwise
+    close them). Held weakly: an engine no store uses any more goes."""
+    if not hasattr(os, "register_at_fork"):  # pragma: no cover - not on Windows
+        return
+    engine = weakref.ref(own)
+
+    def forget() -> None:
+        alive = engine()
+        if alive is not None:
+            alive.dispose(close=False)
+
+    os.register_at_fork(after_in_child=forget)
 
 
 # The server closes a connection idle for ``wait_timeout`` seconds (8 hours by

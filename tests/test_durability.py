@@ -77,7 +77,11 @@ def test_rule1_a_new_gateway_status_is_a_new_event(recorder: RecorderFactory) ->
 def test_rule2_concurrent_duplicates_dispatch_exactly_once(
     kind: str, recorder: RecorderFactory
 ) -> None:
-    app, rec = recorder()
+    # Duplicates wait for the first one's outcome for the duplicate wait: 3 s
+    # by default, which a CI machine's stalled commit (another test's heavy
+    # writes on the same disk) once outlasted, answering two duplicates 503.
+    # The wait is what the test gives them; waiting is what it checks.
+    app, rec = recorder(ORDERHOOKS_DUPLICATE_WAIT=15.0)
     started = threading.Event()
 
     def slow(_event: object) -> None:

@@ -217,3 +217,29 @@ def test_the_own_connections_outlive_a_garbage_collection(recorder: RecorderFact
         after = connection.exec_driver_sql("SELECT CONNECTION_ID()").scalar()
     assert after == before
     assert len(rec.events) == 2
+
+
+@pytest.mark.parametrize("dispatch", ["inline", "deferred"])
+def test_a_connection_the_server_dropped_costs_no_callback(
+    recorder: RecorderFactory, dispatch: str
+) -> None:
+    """The own pool does not ping before use: a connection the server dropped
+    meanwhile (a restart, a failover: here KILL) fails its first statement as
+    a disconnect, and the claim (or the acceptance) runs once more on a new
+    connection, instead of answering the platform 503. A duplicate after it
+    is one too."""
+    app, rec = recorder(ORDERHOOKS_DISPATCH=dispatch)
+    store = store_of(app)
+    assert post(app, make("igv", app)).status_code == 200
+    own = own_engine(store)
+    for _ in range(2):
+        with own.connect() as connection:
+            dropped = connection.exec_driver_sql("SELECT CONNECTION_ID()").scalar_one()
+        with store.engine.connect() as killer:
+            killer.exec_driver_sql(f"KILL {int(dropped)}")
+        cb = make("igv", app)
+        assert post(app, cb).status_code == 200
+        assert post(app, cb).status_code == 200
+    expected = ("done", 1) if dispatch == "inline" else ("pending", 0)
+    assert [(r.status, r.attempts) for r in rows(app)][1:] == [expected, expected]
+    assert len(rec.events) == (3 if dispatch == "inline" else 0)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -72,6 +72,9 @@ _POLL_INTERVAL = 0.02
 # How long a deferred acceptance waits for a row another worker has locked
 # before reading it instead (seconds).
 _ACCEPT_LOCK_WAIT = 0.1
+
+
+_T = TypeVar("_T")
 
 
 def utc(value: datetime) -> datetime:
@@ -203,6 +206,31 @@ class DeliveryStore:
             yield connection
             connection.commit()
 
+    def _standing_alone(self, run: Callable[[Connection], _T], **options: Any) -> _T:
+        """``run(connection)`` in :meth:`_own_transaction` with ``each_alone``.
+
+        On MySQL that connection is one of the store's own pool, which does
+        not ping before use (the ping would be the round trip the pool
+        saves): one the server dropped meanwhile (a restart, a failover, a
+        proxy's idle timeout) fails its first statement as a disconnect, and
+        ``run`` is tried once more, on a new connection. That is safe for
+        every statement standing alone: a read, or an upsert fenced by this
+        request's claim token, which the second run finds as its own if the
+        first one's commit reached the server after all (its attempt then
+        counts twice).
+        """
+        try:
+            with self._own_transaction(each_alone=True, **options) as connection:
+                return run(connection)
+        except DBAPIError as exc:
+            if self.dialect not in MYSQL or not exc.connection_invalidated:
+                raise
+            logger.info(
+                "The store's connection was lost (%s); trying once more.", type(exc.orig).__name__
+            )
+        with self._own_transaction(each_alone=True, **options) as connection:
+            return run(connection)
+
     def _ensure_table(self, where: Keyed) -> None:
         """The standalone store creates (or upgrades) its table on first use."""
         if self._prepare is not None:
@@ -332,8 +360,10 @@ class DeliveryStore:
     def _current_state(self, delivery: Delivery) -> tuple[Any, ...] | None:
         """The row's (status, body_sha256, lease_expires_at), by a plain read
         in a transaction of its own, which waits for no lock."""
-        with self._store_errors(delivery), self._own_transaction(each_alone=True) as connection:
-            return self._sql.state.first(connection, self._key_params(delivery))
+        with self._store_errors(delivery):
+            return self._standing_alone(
+                lambda connection: self._sql.state.first(connection, self._key_params(delivery))
+            )
 
     def _try_accept(self, delivery: Delivery, token: str, digest: str) -> tuple[Any, ...] | None:
         """The acceptance's insert; ``None`` when its wait for a row was busy."""
@@ -355,10 +385,8 @@ class DeliveryStore:
         """
         lock_wait = min(self.duplicate_wait, _ACCEPT_LOCK_WAIT)
         try:
-            with self._own_transaction(
-                durable=True, lock_wait=lock_wait, writes=True, each_alone=True
-            ) as connection:
-                return statement.first(  # type: ignore[no-any-return]
+            return self._standing_alone(  # type: ignore[no-any-return]
+                lambda connection: statement.first(
                     connection,
                     {
                         **self._key_params(delivery),
@@ -366,7 +394,11 @@ class DeliveryStore:
                         "p_now": self._now(),
                         **_lock_wait_params(lock_wait),
                     },
-                )
+                ),
+                durable=True,
+                lock_wait=lock_wait,
+                writes=True,
+            )
         except DBAPIError as exc:
             if is_busy(exc):
                 return None
@@ -445,10 +477,10 @@ class DeliveryStore:
         """One claim statement: (its row, or None) and, when it did not win,
         the delivery's (status, digest) as it is now. ``force_over``: take
         a done row over too while it has that many attempts."""
-        with (
-            self._store_errors(delivery),
-            self._own_transaction(lock_wait=remaining, writes=True, each_alone=True) as connection,
-        ):
+
+        def claim_on(
+            connection: Connection,
+        ) -> tuple[tuple[Any, ...] | None, tuple[Any, ...] | None]:
             now = self._now()
             row = self._sql.claim.first(
                 connection,
@@ -467,6 +499,9 @@ class DeliveryStore:
             if row is not None and row[0] == token:
                 return row, None
             return row, self._sql.claimed_state(connection, self._key_params(delivery), row)
+
+        with self._store_errors(delivery):
+            return self._standing_alone(claim_on, lock_wait=remaining, writes=True)
 
     def dispatch(self, delivery: Delivery, claim: Claim, dispatch: Callable[[], None]) -> None:
         """Run ``dispatch`` inside the transaction that marks the claim done."""
@@ -598,8 +633,10 @@ class DeliveryStore:
         Done is not enough: after a rollback this worker's lease may run out
         and another worker take the delivery over and finish it, and what
         this receiver writes next must not be committed as well."""
-        with self._store_errors(delivery), self._own_transaction(each_alone=True) as connection:
-            current = self._sql.owner.first(connection, self._key_params(delivery))
+        with self._store_errors(delivery):
+            current = self._standing_alone(
+                lambda connection: self._sql.owner.first(connection, self._key_params(delivery))
+            )
         if current is None or current[0] != DONE or current[1] != claim.token:
             return False
         logger.warning(

@@ -32,8 +32,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import sqlalchemy as sa
-
 from flask_orderhooks.store.table import (
     CREATED_INDEX,
     DUE_INDEX,
@@ -45,7 +43,7 @@ from flask_orderhooks.store.table import (
 from flask_orderhooks.testing import igv_order_status
 
 from .apps import PATH, SECRET, ready_app
-from .harness import DEFAULT_MARIADB_URL, private_database
+from .harness import DEFAULT_MARIADB_URL, private_database, pymysql_connect
 
 #: The key of the captured claim; each timed statement gets its own instead.
 _KEY = "claimshape000"
@@ -93,8 +91,6 @@ def shapes(claim: str) -> dict[str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import pymysql  # noqa: PLC0415
-
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.claim_shapes",
         description=__doc__,
@@ -106,15 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     with private_database(args.mariadb_url, "orderhooks_claims") as url:
         named = shapes(captured_claim(url))
-        parsed = sa.make_url(url)
-        connection = pymysql.connect(
-            host=parsed.host or "127.0.0.1",
-            port=parsed.port or 3306,
-            user=parsed.username or "root",
-            password=parsed.password or "",
-            database=parsed.database,
-            charset="utf8mb4",
-        )
+        connection = pymysql_connect(url)
         with connection.cursor() as cursor:
             cursor.execute(f"CREATE TABLE claim_shapes_bare LIKE {TABLE_NAME}")
             for index in _SECONDARY:

@@ -37,6 +37,7 @@ work. Nothing here asserts a timing.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sqlite3
 import statistics
@@ -56,6 +57,7 @@ from .harness import (
     add_database_urls,
     private_database,
     private_schema,
+    pymysql_connect,
 )
 
 Connect = Callable[[], Any]
@@ -94,22 +96,7 @@ class _MySQLPair:
 
 
 def _mysql_connect(url: str) -> Connect:
-    import pymysql  # noqa: PLC0415
-
-    parsed = sa.make_url(url)
-
-    def connect(**options: Any) -> Any:
-        return pymysql.connect(
-            host=parsed.host or "127.0.0.1",
-            port=parsed.port or 3306,
-            user=parsed.username or "root",
-            password=parsed.password or "",
-            database=parsed.database,
-            charset="utf8mb4",
-            **options,
-        )
-
-    return lambda: _MySQLPair(connect)
+    return lambda: _MySQLPair(functools.partial(pymysql_connect, url))
 
 
 def _sqlite_connect(path: Path) -> Connect:

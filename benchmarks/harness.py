@@ -125,6 +125,23 @@ def private_database(mariadb_url: str, prefix: str) -> Iterator[str]:
         admin.dispose()
 
 
+def pymysql_connect(url: str, **options: Any) -> Any:
+    """A PyMySQL connection to the database ``url`` names (utf8mb4), on the
+    driver alone: no SQLAlchemy pool, no reset on return."""
+    import pymysql  # noqa: PLC0415
+
+    parsed = sa.make_url(url)
+    return pymysql.connect(
+        host=parsed.host or "127.0.0.1",
+        port=parsed.port or 3306,
+        user=parsed.username or "root",
+        password=parsed.password or "",
+        database=parsed.database,
+        charset="utf8mb4",
+        **options,
+    )
+
+
 WRK_INSTALL_HINT = (
     "wrk is not installed. Install it with `apt-get install -y wrk` (Debian/Ubuntu; run "
     "`apt-get update` first), `brew install wrk` (macOS), or build it from "

@@ -13,13 +13,15 @@ from __future__ import annotations
 import gc
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from flask import Flask
 
+from flask_orderhooks.store import DeliveryStore
 from tests.conftest import Recorder
 from tests.test_durability import make, post, rows
 from tests.test_mysql import own_engine, sent_to_the_server, store_of
@@ -27,6 +29,31 @@ from tests.test_mysql import own_engine, sent_to_the_server, store_of
 RecorderFactory = Callable[..., tuple[Flask, Recorder]]
 
 pytestmark = [pytest.mark.mariadb, pytest.mark.parametrize("backend", ["mariadb"])]
+
+
+@contextmanager
+def new_host_connections_run(store: DeliveryStore, sql: str) -> Iterator[None]:
+    """Every connection the host's engine makes in the block runs ``sql``
+    first (a ``connect`` listener), and the block starts with none made."""
+
+    def run(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute(sql)
+        cursor.close()
+
+    sa.event.listen(store.engine, "connect", run)
+    try:
+        store.engine.dispose()  # every connection from now on is a new one
+        yield
+    finally:
+        sa.event.remove(store.engine, "connect", run)
+
+
+def own_connection_id(store: DeliveryStore) -> int:
+    """The server's id of the connection the own pool hands out next (it
+    holds one: a single thread claims)."""
+    with own_engine(store).connect() as connection:
+        return int(connection.exec_driver_sql("SELECT CONNECTION_ID()").scalar_one())
 
 
 def test_an_inline_first_delivery_sends_four_commands(
@@ -56,15 +83,7 @@ def test_the_own_connections_are_the_host_engines_own_make(
     they were."""
     app, _rec = recorder()
     store = store_of(app)
-
-    def marked(dbapi_connection: Any, _record: Any) -> None:
-        cursor = dbapi_connection.cursor()
-        cursor.execute("SET @orderhooks_made_by = 'the host'")
-        cursor.close()
-
-    sa.event.listen(store.engine, "connect", marked)
-    try:
-        store.engine.dispose()  # every connection from now on is a new one
+    with new_host_connections_run(store, "SET @orderhooks_made_by = 'the host'"):
         assert post(app, make("igv", app)).status_code == 200
         with own_engine(store).connect() as connection:
             made_by, autocommit = connection.exec_driver_sql(
@@ -76,8 +95,6 @@ def test_the_own_connections_are_the_host_engines_own_make(
                 "SELECT @orderhooks_made_by, @@autocommit"
             ).one()
         assert (made_by, autocommit) == ("the host", 0)
-    finally:
-        sa.event.remove(store.engine, "connect", marked)
 
 
 def test_disposing_of_the_host_engine_closes_the_own_pool(recorder: RecorderFactory) -> None:
@@ -97,7 +114,7 @@ def test_disposing_of_the_host_engine_closes_the_own_pool(recorder: RecorderFact
     assert own.pool.checkedin() == 1
 
 
-def _open_transactions(store: Any) -> int:
+def _open_transactions(store: DeliveryStore) -> int:
     """Transactions open on the own pool's (one) idle connection."""
     with own_engine(store).connect() as connection:
         dbapi_connection = connection.connection.dbapi_connection
@@ -150,27 +167,13 @@ def test_a_connection_idle_past_the_servers_wait_timeout_is_replaced(
     the round trip it saves."""
     app, rec = recorder(SQLALCHEMY_ENGINE_OPTIONS={"pool_pre_ping": True})
     store = store_of(app)
-
-    def short_wait(dbapi_connection: Any, _record: Any) -> None:
-        cursor = dbapi_connection.cursor()
-        cursor.execute("SET SESSION wait_timeout = 2")
-        cursor.close()
-
-    sa.event.listen(store.engine, "connect", short_wait)
-    try:
-        store.engine.dispose()
+    with new_host_connections_run(store, "SET SESSION wait_timeout = 2"):
         assert post(app, make("igv", app)).status_code == 200
-        own = own_engine(store)
-        with own.connect() as connection:
-            first = connection.exec_driver_sql("SELECT CONNECTION_ID()").scalar()
+        first = own_connection_id(store)
         time.sleep(3)  # the server has closed it by now
         assert post(app, make("igv", app)).status_code == 200
-        with own.connect() as connection:
-            second = connection.exec_driver_sql("SELECT CONNECTION_ID()").scalar()
-        assert second != first
+        assert own_connection_id(store) != first
         assert len(rec.events) == 2
-    finally:
-        sa.event.remove(store.engine, "connect", short_wait)
 
 
 def test_a_forked_child_leaves_the_parents_connections_open(recorder: RecorderFactory) -> None:
@@ -182,9 +185,7 @@ def test_a_forked_child_leaves_the_parents_connections_open(recorder: RecorderFa
     app, rec = recorder()
     store = store_of(app)
     assert post(app, make("igv", app)).status_code == 200
-    own = own_engine(store)
-    with own.connect() as connection:
-        before = connection.exec_driver_sql("SELECT CONNECTION_ID()").scalar()
+    before = own_connection_id(store)
     child = os.fork()
     if child == 0:  # pragma: no cover - the child's coverage is not collected
         try:
@@ -194,9 +195,7 @@ def test_a_forked_child_leaves_the_parents_connections_open(recorder: RecorderFa
     _pid, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert post(app, make("igv", app)).status_code == 200
-    with own.connect() as connection:
-        after = connection.exec_driver_sql("SELECT CONNECTION_ID()").scalar()
-    assert after == before
+    assert own_connection_id(store) == before
     assert len(rec.events) == 2
 
 
@@ -208,14 +207,10 @@ def test_the_own_connections_outlive_a_garbage_collection(recorder: RecorderFact
     app, rec = recorder()
     store = store_of(app)
     assert post(app, make("igv", app)).status_code == 200
-    own = own_engine(store)
-    with own.connect() as connection:
-        before = connection.exec_driver_sql("SELECT CONNECTION_ID()").scalar()
+    before = own_connection_id(store)
     gc.collect()
     assert post(app, make("igv", app)).status_code == 200
-    with own.connect() as connection:
-        after = connection.exec_driver_sql("SELECT CONNECTION_ID()").scalar()
-    assert after == before
+    assert own_connection_id(store) == before
     assert len(rec.events) == 2
 
 
@@ -231,12 +226,10 @@ def test_a_connection_the_server_dropped_costs_no_callback(
     app, rec = recorder(ORDERHOOKS_DISPATCH=dispatch)
     store = store_of(app)
     assert post(app, make("igv", app)).status_code == 200
-    own = own_engine(store)
     for _ in range(2):
-        with own.connect() as connection:
-            dropped = connection.exec_driver_sql("SELECT CONNECTION_ID()").scalar_one()
+        dropped = own_connection_id(store)
         with store.engine.connect() as killer:
-            killer.exec_driver_sql(f"KILL {int(dropped)}")
+            killer.exec_driver_sql(f"KILL {dropped}")
         cb = make("igv", app)
         assert post(app, cb).status_code == 200
         assert post(app, cb).status_code == 200

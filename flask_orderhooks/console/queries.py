@@ -188,7 +188,7 @@ def _when(name: str, value: datetime) -> sa.BindParameter[datetime]:
 
 def _older_than(t: sa.Table, cursor: Cursor) -> sa.ColumnElement[bool]:
     """Rows after ``cursor`` in the list's order."""
-    return older_than(t, utc(cursor.created_at), cursor.provider, cursor.callback, cursor.key)
+    return older_than(t, cursor.created_at, cursor.provider, cursor.callback, cursor.key)
 
 
 def _search(

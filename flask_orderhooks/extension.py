@@ -36,7 +36,7 @@ from .store import (
     Transaction,
     deliveries_table,
 )
-from .views import endpoint_name, make_blueprint
+from .views import discard_awaitable, endpoint_name, make_blueprint
 from .worker import process_due
 
 if TYPE_CHECKING:
@@ -425,7 +425,7 @@ def _tell_operators(
             )
             continue
         try:
-            receiver(app, delivery=delivery, **kwargs)
+            result = receiver(app, delivery=delivery, **kwargs)
         except Exception:
             logger.exception(
                 "%s %s %s: a receiver of %s raised; the delivery is unchanged",
@@ -433,6 +433,22 @@ def _tell_operators(
                 delivery.callback,
                 for_log(delivery.key),
                 signal.name,
+            )
+            continue
+        if discard_awaitable(result):
+            # An object whose __call__ is async def (or a function that
+            # returns a coroutine) passes the check above: what it meant to
+            # do never ran, which operators must hear of like the above.
+            logger.error(
+                "%s %s %s: a receiver of %s returned an awaitable (%r, a %s) that nothing "
+                "awaits; operator signals call their receivers synchronously, so its work "
+                "did not run",
+                delivery.provider,
+                delivery.callback,
+                for_log(delivery.key),
+                signal.name,
+                receiver,
+                type(result).__name__,
             )
 
 

@@ -9,9 +9,10 @@ neither success nor a clean failure.
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from blinker import NamedSignal
 from flask import Blueprint, Flask, Response, current_app, request
@@ -108,12 +109,51 @@ def send(app: Flask, delivery: Delivery) -> None:
 
     A delivery that only specific signals cover is refused (and kept as
     failed) when nothing is connected to them: acknowledging it would lose it.
+    So is one a receiver answered with an awaitable (see
+    :func:`_refuse_awaitables`).
     """
     missing = missing_receiver(app, delivery)
     if missing is not None:
         raise NoReceiver(f"No receiver is connected to {missing.name}; the delivery was kept.")
     for dispatch in delivery.dispatches:
-        dispatch.signal.send(app, event=dispatch.event)
+        _refuse_awaitables(dispatch.signal, dispatch.signal.send(app, event=dispatch.event))
+
+
+def _refuse_awaitables(signal: NamedSignal, results: Sequence[tuple[Any, Any]]) -> None:
+    """Raise :class:`TypeError` when a receiver of ``signal`` returned an
+    awaitable (each one is :func:`discarded <discard_awaitable>` first).
+
+    blinker's ``send()`` refuses a coroutine *function*, but not an object
+    whose ``__call__`` is ``async def``, nor a plain function that returns a
+    coroutine: it calls them and hands back a coroutine nobody will await.
+    That receiver's work never ran, so the delivery must fail (the store
+    rolls back what the other receivers wrote and keeps it for the retry):
+    counted as done, it would be lost. Not a :class:`CallbackError`: like
+    any exception of a receiver, the store records it, naming the receiver
+    for the operators, and the platform gets the usual public reason.
+    """
+    unawaited = [(receiver, result) for receiver, result in results if discard_awaitable(result)]
+    if unawaited:
+        receiver, result = unawaited[0]
+        raise TypeError(
+            f"The receiver {receiver!r} of {signal.name} returned an awaitable "
+            f"({type(result).__name__}), which nothing awaits: signals call their receivers "
+            "synchronously, so its work did not run. Make it a plain function, or run the "
+            "coroutine to its end inside it (asyncio.run)."
+        )
+
+
+def discard_awaitable(result: object) -> bool:
+    """Whether a receiver's ``result`` is an awaitable, which a synchronous
+    sender can never run; a coroutine is closed on the way."""
+    if not inspect.isawaitable(result):
+        return False
+    # Closed, a coroutine that never started runs none of its code and warns
+    # of nothing ("never awaited", at garbage collection). Another awaitable
+    # (a Future) holds nothing of ours to stop.
+    if inspect.iscoroutine(result) or inspect.isgenerator(result):
+        result.close()
+    return True
 
 
 def missing_receiver(app: Flask, delivery: Delivery) -> NamedSignal | None:

@@ -7,17 +7,26 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from flask import Flask
+from flask import Blueprint, Flask
 from flask_sqlalchemy import SQLAlchemy
+from prometheus_client import CollectorRegistry
 
-from flask_orderhooks import delivery_dead, get_extension, payment_collected
+from flask_orderhooks import (
+    OrderHooks,
+    console,
+    delivery_dead,
+    extension,
+    get_extension,
+    payment_collected,
+)
 from flask_orderhooks.store import StoredDelivery
 from flask_orderhooks.testing import SignedCallback, gateway_collect
-from tests.conftest import AppFactory, Credit, connected, ledger_is_down
+from tests.conftest import BASE_CONFIG, AppFactory, Credit, connected, ledger_is_down
 
 RECEIVER_FAILED = "A receiver failed; the delivery will be retried."
 
@@ -197,3 +206,169 @@ def test_an_async_callable_operator_receiver_is_logged_and_closed(
         "awaitable (<AsyncLedger>, a coroutine) that nothing awaits; operator signals call "
         "their receivers synchronously, so its work did not run"
     ) in [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+
+
+# -- 2. init_app whose registration fails ---------------------------------------------
+#
+# init_app stored its per-app state and app.extensions["orderhooks"] before
+# registering its blueprints: when Flask refused one (a blueprint name the host
+# had taken, an app that had handled a request), the app kept an OrderHooks
+# whose routes were not all served, the metrics stayed in their registry, and a
+# second init_app, once the cause was fixed, was refused ("already registered").
+
+
+def _app(tmp_path: Path, **config: Any) -> Flask:
+    app = Flask("reqpath_init_app", instance_path=str(tmp_path))
+    app.config.update(BASE_CONFIG)
+    app.config.update(config)
+    return app
+
+
+def _orderhooks_metrics(registry: CollectorRegistry) -> list[str]:
+    return [m.name for m in registry.collect() if m.name.startswith("orderhooks")]
+
+
+def _clash_message(name: str, what: str) -> str:
+    return (
+        f"The app already has a blueprint named {name!r}, the name of OrderHooks' {what}. "
+        "Register the app's own under another name (app.register_blueprint(blueprint, "
+        "name=...)) before calling init_app."
+    )
+
+
+def test_a_blueprint_named_like_the_callback_routes_is_refused_before_anything(
+    tmp_path: Path,
+) -> None:
+    shared = CollectorRegistry()
+    app = _app(tmp_path, ORDERHOOKS_METRICS_URL="/metrics", ORDERHOOKS_METRICS_REGISTRY=shared)
+    hosts = Blueprint("orderhooks", __name__)
+    app.register_blueprint(hosts)
+    hooks = OrderHooks()
+    with pytest.raises(RuntimeError) as info:
+        hooks.init_app(app)
+    assert str(info.value) == _clash_message("orderhooks", "callback routes")
+    assert "orderhooks" not in app.extensions
+    assert "orderhooks_metrics" not in app.extensions
+    assert app.blueprints == {"orderhooks": hosts}
+    assert _orderhooks_metrics(shared) == []
+    assert repr(hooks) == "<OrderHooks db=own apps=0>"
+    # The registry was left as it was: another app shares it.
+    other = _app(
+        tmp_path / "other", ORDERHOOKS_METRICS_URL="/metrics", ORDERHOOKS_METRICS_REGISTRY=shared
+    )
+    hooks.init_app(other)
+    assert other.test_client().get("/metrics").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("config", "name", "what", "fix"),
+    [
+        pytest.param(
+            {"ORDERHOOKS_CONSOLE_URL": "/ops", "SECRET_KEY": "k"},
+            "orderhooks_console",
+            "operator console",
+            "ORDERHOOKS_CONSOLE_URL",
+            id="console",
+        ),
+        pytest.param(
+            {"ORDERHOOKS_METRICS_URL": "/metrics"},
+            "orderhooks_metrics",
+            "metrics route",
+            "ORDERHOOKS_METRICS_URL",
+            id="metrics",
+        ),
+    ],
+)
+def test_init_app_works_once_a_blueprint_name_clash_is_fixed(
+    tmp_path: Path, config: dict[str, Any], name: str, what: str, fix: str
+) -> None:
+    app = _app(tmp_path, **config)
+    app.register_blueprint(Blueprint(name, __name__))
+    hooks = OrderHooks()
+    with pytest.raises(RuntimeError) as info:
+        hooks.init_app(app)
+    assert str(info.value) == _clash_message(name, what)
+    assert "orderhooks" not in app.extensions
+    assert set(app.blueprints) == {name}
+    app.config[fix] = None  # the host does without that part
+    hooks.init_app(app)
+    assert set(app.blueprints) == {name, "orderhooks"}
+    cb = _collect(app, "B1")
+    with connected(app, (payment_collected, ledger_is_down)):
+        assert _post(app, cb) == (500, "fail")
+    assert _row(app, cb).status == "failed"
+
+
+def test_an_app_that_handled_a_request_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+    """Flask refuses every setup method once the app handled a request: the
+    first registration raises before it changes anything, and the metrics
+    prepared before it leave their (shared) registry."""
+    shared = CollectorRegistry()
+    config = {"ORDERHOOKS_METRICS_URL": "/metrics", "ORDERHOOKS_METRICS_REGISTRY": shared}
+    app = _app(tmp_path, **config)
+    assert app.test_client().get("/").status_code == 404
+    hooks = OrderHooks()
+    for _ in range(2):  # the second time the same error, not "already registered"
+        with pytest.raises(AssertionError) as info:
+            hooks.init_app(app)
+        assert str(info.value).startswith(
+            "The setup method 'register_blueprint' can no longer be called on the application."
+        )
+        assert "orderhooks" not in app.extensions
+        assert "orderhooks_metrics" not in app.extensions
+        assert app.blueprints == {}
+        assert _orderhooks_metrics(shared) == []
+        assert info.value.__notes__ == [
+            "OrderHooks.init_app left the app as it was: fix the cause and call "
+            "init_app(app) again."
+        ]
+    with pytest.raises(RuntimeError, match="OrderHooks is not registered on this app"):
+        hooks.state(app)
+    # Set up before its first request, as it should be, the app works.
+    fixed = _app(tmp_path / "fixed", **config)
+    hooks.init_app(fixed)
+    assert fixed.test_client().get("/metrics").status_code == 200
+    assert repr(hooks) == "<OrderHooks db=own apps=1>"
+
+
+def test_a_registration_failing_after_the_first_says_what_is_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """None of Flask's known refusals, but a later blueprint failing all the
+    same: Flask cannot unregister the first, and the error says so; the
+    metrics are gone from their registry and nothing is in app.extensions."""
+    shared = CollectorRegistry()
+    app = _app(
+        tmp_path,
+        ORDERHOOKS_CONSOLE_URL="/ops",
+        SECRET_KEY="k",
+        ORDERHOOKS_METRICS_URL="/metrics",
+        ORDERHOOKS_METRICS_REGISTRY=shared,
+    )
+
+    def console_fails(*args: Any) -> None:
+        raise OSError("the templates are gone")
+
+    monkeypatch.setattr(console, "register_console", console_fails)
+    with pytest.raises(OSError, match="the templates are gone") as info:
+        OrderHooks(app)
+    assert "orderhooks" not in app.extensions
+    assert "orderhooks_metrics" not in app.extensions
+    assert _orderhooks_metrics(shared) == []
+    assert info.value.__notes__ == [
+        "OrderHooks.init_app had registered the blueprints ['orderhooks'] on the app "
+        "already, which Flask cannot unregister: set up a new app."
+    ]
+
+
+def test_the_blueprint_names_checked_are_those_registered(tmp_path: Path) -> None:
+    app = _app(
+        tmp_path, ORDERHOOKS_CONSOLE_URL="/ops", SECRET_KEY="k", ORDERHOOKS_METRICS_URL="/metrics"
+    )
+    OrderHooks(app)
+    assert set(app.blueprints) == {
+        extension._CALLBACKS_BLUEPRINT[0],
+        extension._CONSOLE_BLUEPRINT[0],
+        extension._METRICS_BLUEPRINT[0],
+    }
+    assert extension._CONSOLE_BLUEPRINT[0] == console.BLUEPRINT

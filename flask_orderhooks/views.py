@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -194,9 +195,37 @@ def _read_body(limit: int) -> bytes:
         raise MalformedPayload(
             "The body ended before it was read whole (the client disconnected?)."
         ) from None
+    except Exception as exc:
+        if not _refused_framing(exc):
+            raise
+        raise MalformedPayload(
+            f"The body's chunked transfer coding is malformed ({type(exc).__name__})."
+        ) from None
     if len(body) > limit:
         raise PayloadTooLarge(f"The body is larger than {limit} bytes.")
     return body
+
+
+def _refused_framing(exc: Exception) -> bool:
+    """Whether ``exc`` is the server's HTTP parser refusing the framing of
+    the body it was reading for us: gunicorn parses a chunked body as the
+    app reads it, and raises its own errors (a bad chunk size, a missing
+    chunk terminator, a bad extension or trailer), which are not
+    ``OSError``. Werkzeug's and uWSGI's readers raise ``OSError``.
+
+    Only gunicorn's request parse errors (``gunicorn.http.errors``), and
+    only those it would answer with a 4xx itself: its ``code`` of 5xx marks
+    its own configuration's. A bad input is a 400; anything else stays a
+    500 (a retry), since a 400 to a server's failure would lose the
+    callback. gunicorn is looked up, never imported: it is what raised, or
+    it is not there.
+    """
+    errors = sys.modules.get("gunicorn.http.errors")
+    parse_error = getattr(errors, "ParseException", None)
+    if not (isinstance(parse_error, type) and isinstance(exc, parse_error)):
+        return False
+    code = getattr(exc, "code", 400)
+    return not (isinstance(code, int) and code >= 500)
 
 
 def _signed_headers(provider: Provider) -> dict[str, str]:

@@ -5,6 +5,7 @@ line names."""
 from __future__ import annotations
 
 import gc
+import io
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 import sqlalchemy as sa
 from flask import Blueprint, Flask
 from flask_sqlalchemy import SQLAlchemy
+from gunicorn.http import errors as gunicorn_errors  # type: ignore[import-untyped]
 from prometheus_client import CollectorRegistry
 
 from flask_orderhooks import (
@@ -25,8 +27,15 @@ from flask_orderhooks import (
     payment_collected,
 )
 from flask_orderhooks.store import StoredDelivery
-from flask_orderhooks.testing import SignedCallback, gateway_collect
-from tests.conftest import BASE_CONFIG, AppFactory, Credit, connected, ledger_is_down
+from flask_orderhooks.testing import SignedCallback, gateway_collect, igv_order_status
+from tests.conftest import (
+    BASE_CONFIG,
+    IGV_SECRET,
+    AppFactory,
+    Credit,
+    connected,
+    ledger_is_down,
+)
 
 RECEIVER_FAILED = "A receiver failed; the delivery will be retried."
 
@@ -372,3 +381,71 @@ def test_the_blueprint_names_checked_are_those_registered(tmp_path: Path) -> Non
         extension._METRICS_BLUEPRINT[0],
     }
     assert extension._CONSOLE_BLUEPRINT[0] == console.BLUEPRINT
+
+
+# -- 3. a body the server's parser refuses ---------------------------------------------
+#
+# tests/system/test_chunked_body.py sends malformed chunked bodies to a real
+# gunicorn; here the rule's edge: only gunicorn's request parse errors it would
+# answer with a 4xx are the client's.
+
+
+class RaisingStream(io.RawIOBase):
+    """A server's input stream that raises ``error`` at the first read."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        raise self.error
+
+
+def _post_reading(app: Flask, cb: SignedCallback, error: Exception) -> tuple[int, str]:
+    environ = {"CONTENT_LENGTH": str(len(cb.body)), "wsgi.input": RaisingStream(error)}
+    response = app.test_client().post(cb.url(), headers=cb.headers, environ_overrides=environ)
+    return response.status_code, response.get_data(as_text=True)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        gunicorn_errors.InvalidChunkSize(b"zz"),
+        gunicorn_errors.ChunkMissingTerminator(b"XY"),
+        # A trailer section (after the last chunk) too long: its framing too.
+        gunicorn_errors.LimitRequestHeaders("limit request trailer section size"),
+    ],
+    ids=lambda error: type(error).__name__,
+)
+def test_gunicorns_refusal_of_the_body_is_a_400(
+    app: Flask, caplog: pytest.LogCaptureFixture, error: Exception
+) -> None:
+    cb = igv_order_status(IGV_SECRET, request_id="G1")
+    reason = f"The body's chunked transfer coding is malformed ({type(error).__name__})."
+    with caplog.at_level(logging.INFO, logger="flask_orderhooks"):
+        assert _post_reading(app, cb, error) == (400, reason)
+    line = f"igv order-status (unverified 'G1'): refused 400 from 127.0.0.1: {reason}"
+    assert [(r.levelname, r.getMessage(), r.exc_info) for r in caplog.records] == [
+        ("WARNING", line, None)
+    ]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        gunicorn_errors.ConfigurationProblem("forwarded-allow-ips"),  # its code: 500
+        RuntimeError("a bug of the server's reader"),
+    ],
+)
+def test_another_failure_while_reading_the_body_stays_a_retry(
+    app: Flask, caplog: pytest.LogCaptureFixture, error: Exception
+) -> None:
+    """A 400 would tell the platform not to retry: only the client's errors get one."""
+    cb = igv_order_status(IGV_SECRET, request_id="G2")
+    with caplog.at_level(logging.INFO, logger="flask_orderhooks"):
+        assert _post_reading(app, cb, error) == (500, "Internal error; retry later.")
+    [record] = caplog.records
+    assert record.getMessage() == "igv order-status (unverified 'G2'): unexpected error"
+    assert record.exc_info is not None and record.exc_info[1] is error

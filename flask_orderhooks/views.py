@@ -20,6 +20,7 @@ from flask import Blueprint, Flask, Response, current_app, request
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
 from .exc import (
+    BadSignature,
     CallbackError,
     MalformedPayload,
     NoReceiver,
@@ -75,11 +76,19 @@ def _run(state: AppState, provider: Provider, callback: str) -> tuple[int, str]:
     """The pipeline: the HTTP status of the answer, and its reason."""
     app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
     delivery: Delivery | None = None
+    signature_matched = False
     try:
         _check_source(state, provider.name)
         body = _read_body(state.settings.max_body)
         headers = _signed_headers(provider)
-        delivery = provider.read(callback, body, headers, now=state.clock())
+        try:
+            delivery = provider.read(callback, body, headers, now=state.clock())
+        except CallbackError as exc:
+            # read() verifies, then parses (Provider.read), and a request
+            # that fails verification is a BadSignature: any other refusal
+            # is of a request whose signature matched.
+            signature_matched = not isinstance(exc, BadSignature)
+            raise
         if state.settings.deferred and missing_receiver(app, delivery) is None:
             outcome = state.store.accept(delivery)
             if outcome == "accepted":
@@ -93,15 +102,15 @@ def _run(state: AppState, provider: Provider, callback: str) -> tuple[int, str]:
                 state.instruments.timed(provider.name, callback, lambda: send(app, received)),
             )
     except CallbackError as exc:
-        _log_failure(provider, callback, delivery, exc)
+        key = _key(provider, delivery, signature_matched=signature_matched)
+        _log_failure(provider, callback, key, exc)
         return exc.status, exc.reason
     except Exception:
         # A bug of ours must still read as "retry" to the platform.
-        logger.exception(
-            "%s %s %s: unexpected error", provider.name, callback, _key(provider, delivery)
-        )
+        key = _key(provider, delivery, signature_matched=signature_matched)
+        logger.exception("%s %s %s: unexpected error", provider.name, callback, key)
         return 500, "Internal error; retry later."
-    logger.info("%s %s %s: %s", provider.name, callback, _key(provider, delivery), outcome)
+    logger.info("%s %s %s: %s", provider.name, callback, for_log(delivery.key), outcome)
     return 200, "OK"
 
 
@@ -238,22 +247,28 @@ def _signed_headers(provider: Provider) -> dict[str, str]:
     }
 
 
-def _key(provider: Provider, delivery: Delivery | None) -> str:
-    """The key as a log line holds it. A verified key is written raw only
-    when it holds nothing that forges or hides log text: a delivery exists
-    before the store refuses its key for a control character, and a provider
-    whose signature check is off lets anyone choose it."""
+def _key(provider: Provider, delivery: Delivery | None, *, signature_matched: bool) -> str:
+    """The key as a log line holds it.
+
+    A key is written raw only when it holds nothing that forges or hides
+    log text (:func:`for_log`): a delivery exists before the store refuses
+    its key for a control character, and a provider whose signature check
+    is off lets anyone choose it. Before there is a delivery, the key is
+    the provider's ``key_header`` as the request gave it: written like a
+    delivery's once the signature over it matched (the body was refused
+    after it), and otherwise marked unverified, quoted and cut short, so
+    that whoever posts cannot forge log lines with it.
+    """
     if delivery is not None:
         return for_log(delivery.key)
     claimed = request.headers.get(provider.key_header) if provider.key_header else None
-    # Unverified: quoted and cut short, so a hostile value cannot forge log lines.
-    return f"(unverified {quoted(claimed)})" if claimed else "-"
+    if not claimed:
+        return "-"
+    return for_log(claimed) if signature_matched else f"(unverified {quoted(claimed)})"
 
 
-def _log_failure(
-    provider: Provider, callback: str, delivery: Delivery | None, exc: CallbackError
-) -> None:
-    where = f"{provider.name} {callback} {_key(provider, delivery)}"
+def _log_failure(provider: Provider, callback: str, key: str, exc: CallbackError) -> None:
+    where = f"{provider.name} {callback} {key}"
     if isinstance(exc, ReceiverFailed):
         logger.error("%s: %s", where, exc.reason, exc_info=exc.__cause__ or exc)
     elif isinstance(exc, RequestRefused):

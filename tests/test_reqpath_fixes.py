@@ -26,6 +26,7 @@ from flask_orderhooks import (
     get_extension,
     payment_collected,
 )
+from flask_orderhooks.logtext import quoted
 from flask_orderhooks.store import StoredDelivery
 from flask_orderhooks.testing import SignedCallback, gateway_collect, igv_order_status
 from tests.conftest import (
@@ -449,3 +450,68 @@ def test_another_failure_while_reading_the_body_stays_a_retry(
     [record] = caplog.records
     assert record.getMessage() == "igv order-status (unverified 'G2'): unexpected error"
     assert record.exc_info is not None and record.exc_info[1] is error
+
+
+# -- 4. the key a refusal's log line names ---------------------------------------------
+#
+# Before there is a delivery, the line names the provider's key header. It was
+# always "(unverified '...')", also for a request whose signature matched and
+# whose body was then refused: the key was verified, the line said otherwise.
+
+
+def _refusal_line(
+    app: Flask, caplog: pytest.LogCaptureFixture, cb: SignedCallback, body: bytes, **headers: str
+) -> tuple[int, str]:
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="flask_orderhooks"):
+        response = app.test_client().post(cb.url(), data=body, headers={**cb.headers, **headers})
+    [record] = caplog.records
+    assert record.levelname == "WARNING"
+    reason = response.get_data(as_text=True)
+    prefix, _, said = record.getMessage().partition(": refused ")
+    assert said == f"{response.status_code} from 127.0.0.1: {reason}"
+    return response.status_code, prefix
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b"{not json", id="not-json"),
+        pytest.param(b'{"sellerOrderStatus": "1"}', id="wrong-type"),
+        pytest.param(b'{"sellerOrderStatus": 1, "orderId": 5}', id="field-missing"),
+    ],
+)
+def test_a_verified_request_whose_body_is_refused_names_its_key_as_verified(
+    app: Flask, caplog: pytest.LogCaptureFixture, body: bytes
+) -> None:
+    cb = igv_order_status(IGV_SECRET, request_id="req-7")
+    assert _refusal_line(app, caplog, cb, body) == (400, "igv order-status req-7")
+
+
+def test_a_request_whose_signature_fails_is_still_unverified(
+    app: Flask, caplog: pytest.LogCaptureFixture
+) -> None:
+    cb = igv_order_status(IGV_SECRET, request_id="req-8")
+    assert _refusal_line(app, caplog, cb, b"{not json", **{"X-Signature": "0" * 64}) == (
+        401,
+        "igv order-status (unverified 'req-8')",
+    )
+    # Signed, but outside the timestamp window: refused as a bad signature
+    # too (an iGV timestamp moved a digit into the request id is one).
+    old = igv_order_status(IGV_SECRET, request_id="req-9", timestamp_ms=1_700_000_000_000)
+    assert _refusal_line(app, caplog, old, old.body) == (
+        401,
+        "igv order-status (unverified 'req-9')",
+    )
+
+
+def test_a_verified_key_with_control_characters_is_quoted(
+    app: Flask, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Written as a delivery's key is: raw only when printable, otherwise
+    quoted and cut short, so no key forges or hides a log line."""
+    hostile = "req-10\x1b[2J\x85" + "x" * 200
+    cb = igv_order_status(IGV_SECRET, request_id=hostile)
+    status, prefix = _refusal_line(app, caplog, cb, b"[]")
+    assert (status, prefix) == (400, f"igv order-status {quoted(hostile)}")
+    assert prefix == f"igv order-status 'req-10\\x1b[2J\\x85{'x' * 69}'"

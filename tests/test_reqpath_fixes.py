@@ -27,6 +27,7 @@ from flask_orderhooks import (
     payment_collected,
 )
 from flask_orderhooks.logtext import quoted
+from flask_orderhooks.replay import replay
 from flask_orderhooks.store import StoredDelivery
 from flask_orderhooks.testing import SignedCallback, gateway_collect, igv_order_status
 from tests.conftest import (
@@ -184,6 +185,29 @@ def test_a_worker_attempt_with_an_async_callable_receiver_fails(make_app: AppFac
     assert _credits(app, db) == []
     row = _row(app, cb)
     assert (row.status, row.attempts) == ("failed", 1)
+    assert row.error == _unawaited_error("<AsyncLedger>")
+
+
+@pytest.mark.usefixtures("no_unawaited_coroutine")
+def test_a_replay_with_an_async_callable_receiver_fails(make_app: AppFactory) -> None:
+    """``flask orderhooks replay`` and the console's button send through the
+    same send(): the replay fails and says why."""
+    app, hooks, db = make_app()
+    assert db is not None
+    ledger = AsyncLedger()
+    cb = _collect(app, "A5")
+    with connected(app, (payment_collected, ledger)):
+        assert _post(app, cb) == (500, "fail")
+        with app.app_context():
+            outcome = replay(app, hooks.state(app), _row(app, cb), force=False)
+    assert ledger.ran == []
+    assert outcome.status == "failed"
+    assert outcome.message.startswith(
+        "failed: attempt 2 failed (TypeError: The receiver <AsyncLedger> of "
+        "orderhooks.payment-collected returned an awaitable (coroutine), which nothing awaits"
+    )
+    row = _row(app, cb)
+    assert (row.status, row.attempts) == ("failed", 2)
     assert row.error == _unawaited_error("<AsyncLedger>")
 
 

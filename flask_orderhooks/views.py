@@ -220,7 +220,7 @@ def _refused_framing(exc: Exception) -> bool:
     the body it was reading for us: gunicorn parses a chunked body as the
     app reads it, and raises its own errors (a bad chunk size, a missing
     chunk terminator, a bad extension or trailer), which are not
-    ``OSError``. Werkzeug's and uWSGI's readers raise ``OSError``.
+    ``OSError`` as Werkzeug's own server raises for the same input.
 
     Only gunicorn's request parse errors (``gunicorn.http.errors``), and
     only those it would answer with a 4xx itself: its ``code`` of 5xx marks

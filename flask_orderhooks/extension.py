@@ -146,9 +146,11 @@ class OrderHooks:
     def init_app(self, app: Flask) -> None:
         """Validate the config, register the routes and prepare the store.
 
-        Whatever it raises, the app is left without the extension (its
-        routes, its metrics), and ``init_app`` can be called again once the
-        cause is fixed.
+        When it raises, the app is left without the extension (its routes,
+        its metrics), and ``init_app`` can be called again once the cause is
+        fixed; the one exception, a blueprint that fails for none of the
+        reasons below after another was registered (Flask cannot unregister
+        one), is said in a note on the error.
 
         :raises ConfigurationError: a ``ORDERHOOKS_*`` value is wrong.
         :raises RuntimeError: the app already has an ``OrderHooks``, or a

@@ -36,7 +36,7 @@ from .store import (
     Transaction,
     deliveries_table,
 )
-from .views import endpoint_name, make_blueprint
+from .views import discard_awaitable, endpoint_name, make_blueprint
 from .worker import process_due
 
 if TYPE_CHECKING:
@@ -146,8 +146,17 @@ class OrderHooks:
     def init_app(self, app: Flask) -> None:
         """Validate the config, register the routes and prepare the store.
 
+        When it raises, the app is left without the extension (its routes,
+        its metrics), and ``init_app`` can be called again once the cause is
+        fixed; the one exception, a blueprint that fails for none of the
+        reasons below after another was registered (Flask cannot unregister
+        one), is said in a note on the error.
+
         :raises ConfigurationError: a ``ORDERHOOKS_*`` value is wrong.
-        :raises RuntimeError: the app already has an ``OrderHooks``.
+        :raises RuntimeError: the app already has an ``OrderHooks``, or a
+            blueprint of its own under a name the extension registers.
+        :raises AssertionError: Flask's: the app has handled a request, after
+            which it registers no more routes.
         """
         if "orderhooks" in app.extensions:
             raise RuntimeError(
@@ -195,26 +204,75 @@ class OrderHooks:
             standalone=standalone,
             enqueue=self._enqueue,
         )
-        # Last of the checks: it registers the metrics in their registry,
-        # and leaves nothing there when it fails.
-        metrics = self._metrics(app, state)
+        try:
+            self._register(app, state, console)
+        except BaseException:
+            if standalone is not None:
+                # Nothing has connected through it yet; it goes with the app's
+                # failed set-up instead of lingering until collected.
+                standalone.engine.dispose()
+            raise
+        # Only once every registration succeeded: an app that carries these
+        # is one whose routes are all served.
         self._states[app] = state
         app.extensions["orderhooks"] = self
-        app.register_blueprint(make_blueprint(state), url_prefix=settings.url_prefix or None)
-        if console is not None:
-            from .console import register_console  # noqa: PLC0415
-
-            register_console(app, self, state, console)
-        if metrics is not None:
-            from .metrics import serve_metrics  # noqa: PLC0415
-
-            serve_metrics(app, state, *metrics)
         off = [name for name, provider in configured.items() if provider is None]
         if off:
             logger.info(
                 "OrderHooks: %s off (no credentials configured); their routes answer 404.",
                 ", ".join(off),
             )
+
+    def _register(self, app: Flask, state: AppState, console: ConsoleSettings | None) -> None:
+        """Register the metrics, the callback routes and the console on
+        ``app``, or, when any of it fails, nothing at all.
+
+        Flask cannot unregister a blueprint. The refusals it makes are
+        therefore checked before the first one (a blueprint name the app
+        has already), or made by the first one before it changes anything
+        (an app that has handled a request refuses every setup method);
+        what is undone is ours: the metrics' collectors in their registry
+        (which a shared registry would refuse at the next init_app) and
+        their entry in ``app.extensions``.
+        """
+        ours = [_CALLBACKS_BLUEPRINT]
+        if console is not None:
+            ours.append(_CONSOLE_BLUEPRINT)
+        if app.config.get("ORDERHOOKS_METRICS_URL"):
+            ours.append(_METRICS_BLUEPRINT)
+        _check_blueprint_names(app, ours)
+        # Last of the config checks: it registers the metrics in their
+        # registry, and leaves nothing there when it fails.
+        metrics = self._metrics(app, state)
+        registered = set(app.blueprints)
+        try:
+            app.register_blueprint(
+                make_blueprint(state), url_prefix=state.settings.url_prefix or None
+            )
+            if console is not None:
+                from .console import register_console  # noqa: PLC0415
+
+                register_console(app, self, state, console)
+            if metrics is not None:
+                from .metrics import serve_metrics  # noqa: PLC0415
+
+                serve_metrics(app, state, *metrics)
+        except BaseException as exc:
+            if metrics is not None:
+                _forget_metrics(app, metrics[1])
+            left = sorted(set(app.blueprints) - registered)
+            if left:
+                # None of the refusals above: nothing to promise.
+                exc.add_note(
+                    f"OrderHooks.init_app had registered the blueprints {left} on the app "
+                    "already, which Flask cannot unregister: set up a new app."
+                )
+            else:
+                exc.add_note(
+                    "OrderHooks.init_app left the app as it was: fix the cause and call "
+                    "init_app(app) again."
+                )
+            raise
 
     @staticmethod
     def _console_settings(app: Flask) -> ConsoleSettings | None:
@@ -425,7 +483,7 @@ def _tell_operators(
             )
             continue
         try:
-            receiver(app, delivery=delivery, **kwargs)
+            result = receiver(app, delivery=delivery, **kwargs)
         except Exception:
             logger.exception(
                 "%s %s %s: a receiver of %s raised; the delivery is unchanged",
@@ -434,6 +492,56 @@ def _tell_operators(
                 for_log(delivery.key),
                 signal.name,
             )
+            continue
+        if discard_awaitable(result):
+            # An object whose __call__ is async def (or a function that
+            # returns a coroutine) passes the check above: what it meant to
+            # do never ran, which operators must hear of like the above.
+            logger.error(
+                "%s %s %s: a receiver of %s returned an awaitable (%r, a %s) that nothing "
+                "awaits; operator signals call their receivers synchronously, so its work "
+                "did not run",
+                delivery.provider,
+                delivery.callback,
+                for_log(delivery.key),
+                signal.name,
+                receiver,
+                type(result).__name__,
+            )
+
+
+#: The name of each blueprint :meth:`OrderHooks.init_app` registers, and
+#: what it serves. (The console's is :data:`flask_orderhooks.console.BLUEPRINT`,
+#: the metrics' the one :func:`flask_orderhooks.metrics.serve_metrics` gives:
+#: tests/test_reqpath_fixes.py holds these to them.)
+_CALLBACKS_BLUEPRINT = ("orderhooks", "callback routes")
+_CONSOLE_BLUEPRINT = ("orderhooks_console", "operator console")
+_METRICS_BLUEPRINT = ("orderhooks_metrics", "metrics route")
+
+
+def _check_blueprint_names(app: Flask, blueprints: Iterable[tuple[str, str]]) -> None:
+    """Refuse an app that already has a blueprint under a name of ours:
+    Flask would refuse it only at its registration, maybe after another of
+    ours was registered, and a blueprint cannot be unregistered."""
+    for name, what in blueprints:
+        if name in app.blueprints:
+            raise RuntimeError(
+                f"The app already has a blueprint named {name!r}, the name of OrderHooks' "
+                f"{what}. Register the app's own under another name "
+                "(app.register_blueprint(blueprint, name=...)) before calling init_app."
+            )
+
+
+def _forget_metrics(app: Flask, metrics: Metrics) -> None:
+    """Undo what preparing and attaching ``metrics`` did: register its
+    collectors in its registry, and set it in ``app.extensions``."""
+    for key in [key for key, value in app.extensions.items() if value is metrics]:
+        del app.extensions[key]
+    # The collectors Metrics' constructor registered (all of them, or it
+    # raised); metrics.py keeps them private.
+    collectors = (metrics._requests, metrics._dispatch, metrics._attempts, metrics.store_collector)
+    for collector in collectors:
+        metrics.registry.unregister(collector)
 
 
 def _checked_providers(classes: Sequence[type[Provider]]) -> tuple[type[Provider], ...]:

@@ -9,15 +9,18 @@ neither success nor a clean failure.
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from blinker import NamedSignal
 from flask import Blueprint, Flask, Response, current_app, request
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
 from .exc import (
+    BadSignature,
     CallbackError,
     MalformedPayload,
     NoReceiver,
@@ -73,11 +76,19 @@ def _run(state: AppState, provider: Provider, callback: str) -> tuple[int, str]:
     """The pipeline: the HTTP status of the answer, and its reason."""
     app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
     delivery: Delivery | None = None
+    signature_matched = False
     try:
         _check_source(state, provider.name)
         body = _read_body(state.settings.max_body)
         headers = _signed_headers(provider)
-        delivery = provider.read(callback, body, headers, now=state.clock())
+        try:
+            delivery = provider.read(callback, body, headers, now=state.clock())
+        except CallbackError as exc:
+            # read() verifies, then parses (Provider.read), and a request
+            # that fails verification is a BadSignature: any other refusal
+            # is of a request whose signature matched.
+            signature_matched = not isinstance(exc, BadSignature)
+            raise
         if state.settings.deferred and missing_receiver(app, delivery) is None:
             outcome = state.store.accept(delivery)
             if outcome == "accepted":
@@ -91,15 +102,15 @@ def _run(state: AppState, provider: Provider, callback: str) -> tuple[int, str]:
                 state.instruments.timed(provider.name, callback, lambda: send(app, received)),
             )
     except CallbackError as exc:
-        _log_failure(provider, callback, delivery, exc)
+        key = _key(provider, delivery, signature_matched=signature_matched)
+        _log_failure(provider, callback, key, exc)
         return exc.status, exc.reason
     except Exception:
         # A bug of ours must still read as "retry" to the platform.
-        logger.exception(
-            "%s %s %s: unexpected error", provider.name, callback, _key(provider, delivery)
-        )
+        key = _key(provider, delivery, signature_matched=signature_matched)
+        logger.exception("%s %s %s: unexpected error", provider.name, callback, key)
         return 500, "Internal error; retry later."
-    logger.info("%s %s %s: %s", provider.name, callback, _key(provider, delivery), outcome)
+    logger.info("%s %s %s: %s", provider.name, callback, for_log(delivery.key), outcome)
     return 200, "OK"
 
 
@@ -108,12 +119,51 @@ def send(app: Flask, delivery: Delivery) -> None:
 
     A delivery that only specific signals cover is refused (and kept as
     failed) when nothing is connected to them: acknowledging it would lose it.
+    So is one a receiver answered with an awaitable (see
+    :func:`_refuse_awaitables`).
     """
     missing = missing_receiver(app, delivery)
     if missing is not None:
         raise NoReceiver(f"No receiver is connected to {missing.name}; the delivery was kept.")
     for dispatch in delivery.dispatches:
-        dispatch.signal.send(app, event=dispatch.event)
+        _refuse_awaitables(dispatch.signal, dispatch.signal.send(app, event=dispatch.event))
+
+
+def _refuse_awaitables(signal: NamedSignal, results: Sequence[tuple[Any, Any]]) -> None:
+    """Raise :class:`TypeError` when a receiver of ``signal`` returned an
+    awaitable (each one is :func:`discarded <discard_awaitable>` first).
+
+    blinker's ``send()`` refuses a coroutine *function*, but not an object
+    whose ``__call__`` is ``async def``, nor a plain function that returns a
+    coroutine: it calls them and hands back a coroutine nobody will await.
+    That receiver's work never ran, so the delivery must fail (the store
+    rolls back what the other receivers wrote and keeps it for the retry):
+    counted as done, it would be lost. Not a :class:`CallbackError`: like
+    any exception of a receiver, the store records it, naming the receiver
+    for the operators, and the platform gets the usual public reason.
+    """
+    unawaited = [(receiver, result) for receiver, result in results if discard_awaitable(result)]
+    if unawaited:
+        receiver, result = unawaited[0]
+        raise TypeError(
+            f"The receiver {receiver!r} of {signal.name} returned an awaitable "
+            f"({type(result).__name__}), which nothing awaits: signals call their receivers "
+            "synchronously, so its work did not run. Make it a plain function, or run the "
+            "coroutine to its end inside it (asyncio.run)."
+        )
+
+
+def discard_awaitable(result: object) -> bool:
+    """Whether a receiver's ``result`` is an awaitable, which a synchronous
+    sender can never run; a coroutine is closed on the way."""
+    if not inspect.isawaitable(result):
+        return False
+    # Closed, a coroutine that never started runs none of its code and warns
+    # of nothing ("never awaited", at garbage collection). Another awaitable
+    # (a Future) holds nothing of ours to stop.
+    if inspect.iscoroutine(result) or inspect.isgenerator(result):
+        result.close()
+    return True
 
 
 def missing_receiver(app: Flask, delivery: Delivery) -> NamedSignal | None:
@@ -154,9 +204,37 @@ def _read_body(limit: int) -> bytes:
         raise MalformedPayload(
             "The body ended before it was read whole (the client disconnected?)."
         ) from None
+    except Exception as exc:
+        if not _refused_framing(exc):
+            raise
+        raise MalformedPayload(
+            f"The body's chunked transfer coding is malformed ({type(exc).__name__})."
+        ) from None
     if len(body) > limit:
         raise PayloadTooLarge(f"The body is larger than {limit} bytes.")
     return body
+
+
+def _refused_framing(exc: Exception) -> bool:
+    """Whether ``exc`` is the server's HTTP parser refusing the framing of
+    the body it was reading for us: gunicorn parses a chunked body as the
+    app reads it, and raises its own errors (a bad chunk size, a missing
+    chunk terminator, a bad extension or trailer), which are not
+    ``OSError`` as Werkzeug's own server raises for the same input.
+
+    Only gunicorn's request parse errors (``gunicorn.http.errors``), and
+    only those it would answer with a 4xx itself: its ``code`` of 5xx marks
+    its own configuration's. A bad input is a 400; anything else stays a
+    500 (a retry), since a 400 to a server's failure would lose the
+    callback. gunicorn is looked up, never imported: it is what raised, or
+    it is not there.
+    """
+    errors = sys.modules.get("gunicorn.http.errors")
+    parse_error = getattr(errors, "ParseException", None)
+    if not (isinstance(parse_error, type) and isinstance(exc, parse_error)):
+        return False
+    code = getattr(exc, "code", 400)
+    return not (isinstance(code, int) and code >= 500)
 
 
 def _signed_headers(provider: Provider) -> dict[str, str]:
@@ -169,22 +247,28 @@ def _signed_headers(provider: Provider) -> dict[str, str]:
     }
 
 
-def _key(provider: Provider, delivery: Delivery | None) -> str:
-    """The key as a log line holds it. A verified key is written raw only
-    when it holds nothing that forges or hides log text: a delivery exists
-    before the store refuses its key for a control character, and a provider
-    whose signature check is off lets anyone choose it."""
+def _key(provider: Provider, delivery: Delivery | None, *, signature_matched: bool) -> str:
+    """The key as a log line holds it.
+
+    A key is written raw only when it holds nothing that forges or hides
+    log text (:func:`for_log`): a delivery exists before the store refuses
+    its key for a control character, and a provider whose signature check
+    is off lets anyone choose it. Before there is a delivery, the key is
+    the provider's ``key_header`` as the request gave it: written like a
+    delivery's once the signature over it matched (the body was refused
+    after it), and otherwise marked unverified, quoted and cut short, so
+    that whoever posts cannot forge log lines with it.
+    """
     if delivery is not None:
         return for_log(delivery.key)
     claimed = request.headers.get(provider.key_header) if provider.key_header else None
-    # Unverified: quoted and cut short, so a hostile value cannot forge log lines.
-    return f"(unverified {quoted(claimed)})" if claimed else "-"
+    if not claimed:
+        return "-"
+    return for_log(claimed) if signature_matched else f"(unverified {quoted(claimed)})"
 
 
-def _log_failure(
-    provider: Provider, callback: str, delivery: Delivery | None, exc: CallbackError
-) -> None:
-    where = f"{provider.name} {callback} {_key(provider, delivery)}"
+def _log_failure(provider: Provider, callback: str, key: str, exc: CallbackError) -> None:
+    where = f"{provider.name} {callback} {key}"
     if isinstance(exc, ReceiverFailed):
         logger.error("%s: %s", where, exc.reason, exc_info=exc.__cause__ or exc)
     elif isinstance(exc, RequestRefused):

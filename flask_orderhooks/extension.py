@@ -537,11 +537,7 @@ def _forget_metrics(app: Flask, metrics: Metrics) -> None:
     collectors in its registry, and set it in ``app.extensions``."""
     for key in [key for key, value in app.extensions.items() if value is metrics]:
         del app.extensions[key]
-    # The collectors Metrics' constructor registered (all of them, or it
-    # raised); metrics.py keeps them private.
-    collectors = (metrics._requests, metrics._dispatch, metrics._attempts, metrics.store_collector)
-    for collector in collectors:
-        metrics.registry.unregister(collector)
+    metrics.unregister()
 
 
 def _checked_providers(classes: Sequence[type[Provider]]) -> tuple[type[Provider], ...]:

@@ -180,13 +180,7 @@ class Metrics:
             registry=None,
         )
         self.store_collector = _StoreCollector(self._app, state)
-        _register_all(registry, (self._requests, self._dispatch, self._attempts))
-        try:
-            registry.register(self.store_collector)
-        except ValueError:
-            for metric in (self._requests, self._dispatch, self._attempts):
-                registry.unregister(metric)
-            raise
+        _register_all(registry, self._collectors())
         # Children by their label values, so that the request path does a
         # dict lookup instead of labels()' validation and lock.
         self._answer_children: dict[tuple[str, str, int], Counter] = {}
@@ -198,6 +192,17 @@ class Metrics:
             for outcome in OUTCOMES:
                 self._child(self._dispatch, self._dispatch_children, *route, outcome, OUTCOMES)
                 self._child(self._attempts, self._attempt_children, *route, outcome, OUTCOMES)
+
+    def _collectors(self) -> tuple[Collector, ...]:
+        """What the constructor registers in :attr:`registry`."""
+        return (self._requests, self._dispatch, self._attempts, self.store_collector)
+
+    def unregister(self) -> None:
+        """Take this app's collectors out of :attr:`registry` again (an
+        ``init_app`` that failed after preparing them), so that the next
+        ``init_app`` on a shared registry is not refused as a duplicate."""
+        for collector in self._collectors():
+            self.registry.unregister(collector)
 
     def __repr__(self) -> str:
         mode = "multiprocess" if self.multiprocess_dir else "process-local"

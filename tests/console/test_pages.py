@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import re
+import unicodedata
 from datetime import UTC, datetime
 
 import pytest
@@ -433,3 +434,44 @@ def test_hidden_characters_in_headers_and_errors_are_shown_as_escapes(console: C
     assert '<dd class="oc-error-text">RuntimeError: order \\u202e1-REDRO not found</dd>' in detail
     assert "\u202e" not in detail
     assert detail.count("\xad") == 2  # the replay and retry forms' keys
+
+
+def test_a_text_body_shows_its_hidden_characters_as_marked_escapes(console: Console) -> None:
+    """An order id in a body that is not JSON may hold a right-to-left
+    override, a zero-width space or a NUL: the page writes each one as a
+    marked escape, and no such character reaches the HTML raw."""
+    body = "order=C1\u202e99&ref=A\u200b1&x=\x00<b>\r\n\x1b]0;owned\x07".encode()
+    with console.app.app_context():
+        console.hooks.store.claim(Delivery("igv", "order-status", "odd", body, {}, ()))
+    page = (
+        console.client()
+        .get(CONSOLE + "/delivery/igv/order-status", query_string={"key": "odd"})
+        .get_data(as_text=True)
+    )
+    assert (
+        f"({len(body)} bytes, not JSON: as received, but with "
+        '<span id="oc-body-escaped">6</span> hidden characters written as marked '
+        "escapes such as \\u202e, and each backslash doubled)"
+    ) in page
+    assert (
+        '<pre class="oc-body" id="oc-body">order=C1<span class="oc-escape">\\u202e</span>'
+        '99&amp;ref=A<span class="oc-escape">\\u200b</span>1&amp;x='
+        '<span class="oc-escape">\\u0000</span>&lt;b&gt;<span class="oc-escape">\\u000d</span>\n'
+        '<span class="oc-escape">\\u001b</span>]0;owned<span class="oc-escape">\\u0007</span>'
+        "</pre>"
+    ) in page
+    assert "<b>" not in page
+    hidden = [ch for ch in page if ch != "\n" and unicodedata.category(ch).startswith(("C", "Z"))]
+    assert [ch for ch in hidden if ch != " "] == []
+
+
+def test_one_hidden_character_in_a_text_body(console: Console) -> None:
+    with console.app.app_context():
+        console.hooks.store.claim(Delivery("igv", "order-status", "one", b"C-1\x00", {}, ()))
+    page = (
+        console.client()
+        .get(CONSOLE + "/delivery/igv/order-status", query_string={"key": "one"})
+        .get_data(as_text=True)
+    )
+    assert '<span id="oc-body-escaped">1</span> hidden character written as' in page
+    assert '>C-1<span class="oc-escape">\\u0000</span></pre>' in page

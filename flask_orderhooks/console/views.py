@@ -350,7 +350,10 @@ def make_blueprint(hooks: OrderHooks, state: AppState, settings: ConsoleSettings
         )
         ready()
         row = one(store, *row_id)
-        if row is None:
+        # MySQL's utf8mb4_bin pads ('gateway ' = 'gateway'): a link that is
+        # 404 on SQLite and PostgreSQL would show the row under a platform
+        # that is not configured, and act on it.
+        if row is None or (row.provider, row.callback) != row_id[:2]:
             abort(404)
         return row
 

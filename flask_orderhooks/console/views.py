@@ -247,7 +247,8 @@ def make_blueprint(hooks: OrderHooks, state: AppState, settings: ConsoleSettings
     def time_filter(value: datetime | None) -> str:
         return _ui_time(value)
 
-    # Keys, order ids, headers and errors come from requests: a page shows
+    # Keys, order ids, headers and errors come from requests, and a row's
+    # platform and callback are whatever the table holds: a page shows
     # their hidden characters (a right-to-left override) as escapes, the
     # body's rule; links and forms carry the stored value itself.
     bp.app_template_filter("orderhooks_console_visible")(bodies.visible)
@@ -429,8 +430,8 @@ def make_blueprint(hooks: OrderHooks, state: AppState, settings: ConsoleSettings
         logger.info(
             "OrderHooks console: %s of %s %s %s: %s",
             action,
-            provider,
-            callback,
+            _logged(provider),
+            _logged(callback),
             _logged(row.key),
             _logged(message),
         )

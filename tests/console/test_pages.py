@@ -4,6 +4,7 @@ on every store backend, with deliveries stored through the real routes."""
 from __future__ import annotations
 
 import html
+import logging
 import re
 import unicodedata
 from datetime import UTC, datetime
@@ -501,3 +502,43 @@ def test_a_platform_or_callback_with_trailing_spaces_is_404_on_every_backend(
         response = client.post(f"{url}/{action}", data={"key": cb.key, "csrf_token": token})
         assert response.status_code == 404
     assert console.row(cb).attempts == 1
+
+
+def test_hidden_characters_in_a_stored_platform_or_callback_are_shown_as_escapes(
+    console: Console, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The routes store configured names only, but a row is whatever the
+    table holds: its platform and callback follow the keys' rule on every
+    page, and a newline in one does not forge a log line."""
+    with console.app.app_context():
+        console.hooks.store.claim(
+            Delivery("ig\nv\u202e", "order\u200b-status", "odd", b"{}", {}, ())
+        )
+    client = console.client()
+    listed = client.get(CONSOLE + "/").get_data(as_text=True)
+    assert _shown(listed, r"<td>([^<]*)</td>")[:2] == ["ig\\u000av\\u202e", "order\\u200b-status"]
+    url = CONSOLE + "/delivery/ig%0Av%E2%80%AE/order%E2%80%8B-status"
+    detail = client.get(url, query_string={"key": "odd"}).get_data(as_text=True)
+    assert "<title>ig\\u000av\\u202e order\\u200b-status odd · orderhooks console</title>" in detail
+    assert "<h1>ig\\u000av\\u202e · order\\u200b-status · " in detail
+    assert "The ig\\u000av\\u202e platform is not configured on this app" in detail
+    for page in (listed, detail):
+        assert "\u202e" not in page
+        assert "\u200b" not in page
+    # A token from any console page of this session (this row, claimed and
+    # never finished, offers no button).
+    failed = gateway_collect(app=console.app)
+    assert console.send(failed, fail=True) == 500
+    other = client.get(CONSOLE + "/delivery/gateway/collect", query_string={"key": failed.key})
+    token = html.unescape(
+        re.findall(r'name="csrf_token" value="([^"]+)"', other.get_data(as_text=True))[0]
+    )
+    with caplog.at_level(logging.INFO, logger="flask_orderhooks"):
+        response = client.post(url + "/replay", data={"key": "odd", "csrf_token": token})
+    assert response.status_code == 303
+    lines = [m for m in caplog.messages if m.startswith("OrderHooks console: replay of")]
+    assert len(lines) == 1
+    assert lines[0].startswith(
+        "OrderHooks console: replay of ig\\u000av\\u202e order\\u200b-status odd: "
+    )
+    assert "\n" not in lines[0]

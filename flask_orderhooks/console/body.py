@@ -19,8 +19,14 @@ BodyKind = Literal["json", "text", "hex", "empty"]
 # Unicode categories shown as \\u escapes, in a body's JSON strings and in
 # the keys, order ids, headers and errors on the pages: controls and
 # invisible formatting characters (a right-to-left override would make the
-# page say something other than what the row holds).
-_HIDDEN = {"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"}
+# page say something other than what the row holds), and every space but
+# U+0020 (a no-break or ideographic space reads as a plain one, so two
+# order ids that differ only there would look equal).
+_HIDDEN = {"Cc", "Cf", "Zl", "Zp", "Zs", "Cs", "Co", "Cn"}
+
+
+def _hidden(ch: str) -> bool:
+    return ch != " " and unicodedata.category(ch) in _HIDDEN
 
 
 @dataclass(frozen=True)
@@ -55,9 +61,9 @@ class _Object(list[tuple[str, object]]):
 def _escape_hidden(text: str) -> str:
     """``text`` with each hidden character written as its ``\\u`` (or, past
     U+FFFF, ``\\U``) escape: the one rule for everything the console shows."""
-    if not any(unicodedata.category(ch) in _HIDDEN for ch in text):
+    if not any(_hidden(ch) for ch in text):
         return text
-    return "".join(_escaped(ch) if unicodedata.category(ch) in _HIDDEN else ch for ch in text)
+    return "".join(_escaped(ch) if _hidden(ch) else ch for ch in text)
 
 
 def _escaped(ch: str) -> str:
@@ -143,13 +149,13 @@ def _text(text: str, size: int) -> ShownBody:
     holding a right-to-left override or a NUL does not read as another one.
     A text with nothing to escape keeps its backslashes as they are: the
     page says when escapes were written, and only then are they doubled."""
-    if not any(ch != "\n" and unicodedata.category(ch) in _HIDDEN for ch in text):
+    if not any(ch != "\n" and _hidden(ch) for ch in text):
         return ShownBody("text", text, size, 0, ((text, False),))
     parts: list[tuple[str, bool]] = []
     plain: list[str] = []
     escaped = 0
     for ch in text:
-        if ch == "\n" or unicodedata.category(ch) not in _HIDDEN:
+        if ch == "\n" or not _hidden(ch):
             plain.append("\\\\" if ch == "\\" else ch)
             continue
         if plain:

@@ -137,3 +137,16 @@ def test_text_without_hidden_characters_is_as_received() -> None:
 def test_text_and_keys_share_the_rule() -> None:
     for ch in ("\u202e", "\u200b", "\x7f", "\x9b", "\u2028", "\U000e0041", "\ufffe"):
         assert show(f"x{ch}\\".encode()).text == visible(f"x{ch}\\")
+
+
+# Every space but U+0020 (category Zs): each reads as a plain space, so
+# "C-1 99" with a no-break space looks like the order id with a space.
+OTHER_SPACES = "\u00a0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u202f\u205f\u3000"
+
+
+@pytest.mark.parametrize("space", OTHER_SPACES)
+def test_spaces_other_than_the_space_are_shown_as_escapes(space: str) -> None:
+    escape = f"\\u{ord(space):04x}"
+    assert visible(f"C-1{space}99 x") == f"C-1{escape}99 x"
+    assert pretty_json(f'["C-1{space}99 x"]') == f'[\n  "C-1{escape}99 x"\n]'
+    assert show(f"id=C-1{space}99 x".encode()).text == f"id=C-1{escape}99 x"

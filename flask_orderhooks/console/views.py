@@ -231,6 +231,17 @@ def make_blueprint(hooks: OrderHooks, state: AppState, settings: ConsoleSettings
             response.headers[name] = value
         return response
 
+    @bp.after_app_request
+    def secure_routing_errors(response: Response) -> Response:
+        # A 404 or 405 below the console matched no rule, so it is outside
+        # the blueprint and its after_request; the docs promise the headers
+        # on every console response. A host route that matched is its own.
+        path = request.path
+        below = path == settings.url or path.startswith(settings.url.rstrip("/") + "/")
+        if below and request.url_rule is None and request.routing_exception is not None:
+            return secure(response)
+        return response
+
     @bp.errorhandler(_BadInput)
     def bad_input(exc: _BadInput) -> ResponseReturnValue:
         logger.warning(

@@ -1,5 +1,6 @@
 """A stored body as an operator reads it: JSON indented, anything else as
-text or, when it is not UTF-8, as a hex dump.
+text (its hidden characters as escapes) or, when it is not UTF-8, as a hex
+dump.
 
 The result is plain text; the template escapes it. Nothing here trusts the
 body: the iGV body is not even covered by its signature.
@@ -18,8 +19,14 @@ BodyKind = Literal["json", "text", "hex", "empty"]
 # Unicode categories shown as \\u escapes, in a body's JSON strings and in
 # the keys, order ids, headers and errors on the pages: controls and
 # invisible formatting characters (a right-to-left override would make the
-# page say something other than what the row holds).
-_HIDDEN = {"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"}
+# page say something other than what the row holds), and every space but
+# U+0020 (a no-break or ideographic space reads as a plain one, so two
+# order ids that differ only there would look equal).
+_HIDDEN = {"Cc", "Cf", "Zl", "Zp", "Zs", "Cs", "Co", "Cn"}
+
+
+def _hidden(ch: str) -> bool:
+    return ch != " " and unicodedata.category(ch) in _HIDDEN
 
 
 @dataclass(frozen=True)
@@ -29,6 +36,12 @@ class ShownBody:
     kind: BodyKind
     text: str
     size: int
+    #: Text only: how many hidden characters :attr:`text` writes as escapes
+    #: (when any, its backslashes are doubled too).
+    escaped: int = 0
+    #: Text only: :attr:`text` as runs, each ``(text, is_escape)``, so that
+    #: the page can mark the escapes apart from the body's own characters.
+    parts: tuple[tuple[str, bool], ...] = ()
 
 
 class _Number(str):
@@ -48,9 +61,9 @@ class _Object(list[tuple[str, object]]):
 def _escape_hidden(text: str) -> str:
     """``text`` with each hidden character written as its ``\\u`` (or, past
     U+FFFF, ``\\U``) escape: the one rule for everything the console shows."""
-    if not any(unicodedata.category(ch) in _HIDDEN for ch in text):
+    if not any(_hidden(ch) for ch in text):
         return text
-    return "".join(_escaped(ch) if unicodedata.category(ch) in _HIDDEN else ch for ch in text)
+    return "".join(_escaped(ch) if _hidden(ch) else ch for ch in text)
 
 
 def _escaped(ch: str) -> str:
@@ -129,6 +142,35 @@ def hex_dump(data: bytes, width: int = 16) -> str:
     return "\n".join(lines)
 
 
+def _text(text: str, size: int) -> ShownBody:
+    """A body that is UTF-8 but not JSON: as received, unless it holds hidden
+    characters. Then each one (but the line feed, the text's own layout) is
+    written as its escape, :func:`visible`'s rule, so that an order id
+    holding a right-to-left override or a NUL does not read as another one.
+    A text with nothing to escape keeps its backslashes as they are: the
+    page says when escapes were written, and only then are they doubled."""
+    if not any(ch != "\n" and _hidden(ch) for ch in text):
+        return ShownBody("text", text, size, 0, ((text, False),))
+    parts: list[tuple[str, bool]] = []
+    plain: list[str] = []
+    escaped = 0
+    for ch in text:
+        if ch == "\n" or not _hidden(ch):
+            plain.append("\\\\" if ch == "\\" else ch)
+            continue
+        if plain:
+            parts.append(("".join(plain), False))
+            plain = []
+        escaped += 1
+        if parts and parts[-1][1]:
+            parts[-1] = (parts[-1][0] + _escaped(ch), True)
+        else:
+            parts.append((_escaped(ch), True))
+    if plain:
+        parts.append(("".join(plain), False))
+    return ShownBody("text", "".join(run for run, _ in parts), size, escaped, tuple(parts))
+
+
 def show(body: bytes) -> ShownBody:
     """How the detail page shows ``body``."""
     if not body:
@@ -140,4 +182,4 @@ def show(body: bytes) -> ShownBody:
     pretty = pretty_json(text)
     if pretty is not None:
         return ShownBody("json", pretty, len(body))
-    return ShownBody("text", text, len(body))
+    return _text(text, len(body))

@@ -231,6 +231,17 @@ def make_blueprint(hooks: OrderHooks, state: AppState, settings: ConsoleSettings
             response.headers[name] = value
         return response
 
+    @bp.after_app_request
+    def secure_routing_errors(response: Response) -> Response:
+        # A 404 or 405 below the console matched no rule, so it is outside
+        # the blueprint and its after_request; the docs promise the headers
+        # on every console response. A host route that matched is its own.
+        path = request.path
+        below = path == settings.url or path.startswith(settings.url.rstrip("/") + "/")
+        if below and request.url_rule is None and request.routing_exception is not None:
+            return secure(response)
+        return response
+
     @bp.errorhandler(_BadInput)
     def bad_input(exc: _BadInput) -> ResponseReturnValue:
         logger.warning(
@@ -247,7 +258,8 @@ def make_blueprint(hooks: OrderHooks, state: AppState, settings: ConsoleSettings
     def time_filter(value: datetime | None) -> str:
         return _ui_time(value)
 
-    # Keys, order ids, headers and errors come from requests: a page shows
+    # Keys, order ids, headers and errors come from requests, and a row's
+    # platform and callback are whatever the table holds: a page shows
     # their hidden characters (a right-to-left override) as escapes, the
     # body's rule; links and forms carry the stored value itself.
     bp.app_template_filter("orderhooks_console_visible")(bodies.visible)
@@ -350,7 +362,10 @@ def make_blueprint(hooks: OrderHooks, state: AppState, settings: ConsoleSettings
         )
         ready()
         row = one(store, *row_id)
-        if row is None:
+        # MySQL's utf8mb4_bin pads ('gateway ' = 'gateway'): a link that is
+        # 404 on SQLite and PostgreSQL would show the row under a platform
+        # that is not configured, and act on it.
+        if row is None or (row.provider, row.callback) != row_id[:2]:
             abort(404)
         return row
 
@@ -426,8 +441,8 @@ def make_blueprint(hooks: OrderHooks, state: AppState, settings: ConsoleSettings
         logger.info(
             "OrderHooks console: %s of %s %s %s: %s",
             action,
-            provider,
-            callback,
+            _logged(provider),
+            _logged(callback),
             _logged(row.key),
             _logged(message),
         )

@@ -267,3 +267,23 @@ def test_assets_come_from_the_blueprint(console: Console) -> None:
     assert css.mimetype == "text/css"
     assert b".oc-fill-failed" in css.data
     css.close()
+
+
+def test_routing_errors_under_the_console_have_the_security_headers(console: Console) -> None:
+    """A URL below the console that no console view answers (a GET of a
+    button's URL, a path that does not exist) is Flask's 404 or 405, outside
+    the blueprint: it still carries the console's headers. The host's own
+    pages, and its 404s elsewhere, are left alone."""
+    client = console.client()
+    answers = [
+        client.get(CONSOLE + "/delivery/igv/order-status/replay", query_string={"key": "k"}),
+        client.put(CONSOLE + "/delivery/igv/order-status/retry"),
+        client.get(CONSOLE + "/no-such-page"),
+        client.get(CONSOLE + "/delivery/igv"),
+    ]
+    assert [a.status_code for a in answers] == [405, 405, 404, 404]
+    for answer in answers:
+        for name, value in EXPECTED_HEADERS.items():
+            assert answer.headers.get(name) == value, (answer.request.path, name)
+    for path in ("/login", "/no-such-page", CONSOLE + "-other"):
+        assert "Content-Security-Policy" not in client.get(path).headers, path

@@ -89,3 +89,64 @@ def test_visible_shows_hidden_characters_as_escapes(stored: str, shown: str) -> 
 def test_visible_and_json_strings_share_the_rule() -> None:
     for ch in ("\u202e", "\u200b", "\x7f", "\U000e0041"):
         assert pretty_json(f'["{ch}"]') == f'[\n  "{visible(ch)}"\n]'
+
+
+# A text body an operator could misread: a right-to-left override, a
+# zero-width space, a NUL, a CR before the line feed, a tab, an escape
+# sequence and a BOM; the line feed stays the text's own line break.
+HIDDEN_TEXT = ("\ufefforder=C1\u202e99&note=a\u200bb\x00\r\n\tnext \x1b[2J").encode()
+
+
+def test_text_shows_hidden_characters_as_escapes() -> None:
+    shown = show(HIDDEN_TEXT)
+    assert (shown.kind, shown.size, shown.escaped) == ("text", len(HIDDEN_TEXT), 7)
+    assert shown.text == (
+        "\\ufefforder=C1\\u202e99&note=a\\u200bb\\u0000\\u000d\n\\u0009next \\u001b[2J"
+    )
+    assert shown.parts == (
+        ("\\ufeff", True),
+        ("order=C1", False),
+        ("\\u202e", True),
+        ("99&note=a", False),
+        ("\\u200b", True),
+        ("b", False),
+        ("\\u0000\\u000d", True),
+        ("\n", False),
+        ("\\u0009", True),
+        ("next ", False),
+        ("\\u001b", True),
+        ("[2J", False),
+    )
+    assert "".join(text for text, _ in shown.parts) == shown.text
+
+
+def test_text_with_escapes_doubles_its_backslashes() -> None:
+    # Else the six characters \u202e and U+202E itself would read alike.
+    shown = show("C1\\u202e99 C1\u202e99".encode())
+    assert shown.text == "C1\\\\u202e99 C1\\u202e99"
+    assert shown.escaped == 1
+
+
+def test_text_without_hidden_characters_is_as_received() -> None:
+    text = 'path=C:\\dir\\u202e\n  "quoted" <b>王小明</b>'
+    shown = show(text.encode())
+    assert (shown.kind, shown.text, shown.escaped) == ("text", text, 0)
+    assert shown.parts == ((text, False),)
+
+
+def test_text_and_keys_share_the_rule() -> None:
+    for ch in ("\u202e", "\u200b", "\x7f", "\x9b", "\u2028", "\U000e0041", "\ufffe"):
+        assert show(f"x{ch}\\".encode()).text == visible(f"x{ch}\\")
+
+
+# Every space but U+0020 (category Zs): each reads as a plain space, so
+# "C-1 99" with a no-break space looks like the order id with a space.
+OTHER_SPACES = "\u00a0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u202f\u205f\u3000"
+
+
+@pytest.mark.parametrize("space", OTHER_SPACES)
+def test_spaces_other_than_the_space_are_shown_as_escapes(space: str) -> None:
+    escape = f"\\u{ord(space):04x}"
+    assert visible(f"C-1{space}99 x") == f"C-1{escape}99 x"
+    assert pretty_json(f'["C-1{space}99 x"]') == f'[\n  "C-1{escape}99 x"\n]'
+    assert show(f"id=C-1{space}99 x".encode()).text == f"id=C-1{escape}99 x"

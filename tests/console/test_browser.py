@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from flask_orderhooks.provider import Delivery
 from flask_orderhooks.testing import (
     SignedCallback,
     gateway_collect,
@@ -235,3 +236,30 @@ def test_post_from_another_page_is_refused(
         assert "did not come from the console" in browser.find_element(By.ID, "oc-refused").text
     row = console.row(target)
     assert (row.status, row.attempts) == ("failed", 1)
+
+
+def test_hidden_characters_of_a_text_body_in_a_browser(
+    make_console: ConsoleFactory, browser: WebDriver
+) -> None:
+    """A body that is not JSON, holding a right-to-left override, a
+    zero-width space, a NUL and an escape sequence: the browser shows each
+    as a marked escape, so the order id reads as what the row holds."""
+    from selenium.webdriver.common.by import By
+
+    console = make_console()
+    body = f"order=C1\u202e99&ref=A\u200b1&x=\x00\x1b[2J{HOSTILE}".encode()
+    with console.app.app_context():
+        console.hooks.store.claim(Delivery("igv", "order-status", "odd-text", body, {}, ()))
+    with serving(console.app) as base:
+        # The host's login sends the browser back to the page asked for.
+        browser.get(base + CONSOLE + "/delivery/igv/order-status?key=odd-text")
+        _navigate(browser, browser.find_element(By.ID, "login"))
+        shown = browser.find_element(By.ID, "oc-body").text
+        assert shown == f"order=C1\\u202e99&ref=A\\u200b1&x=\\u0000\\u001b[2J{HOSTILE}"
+        assert browser.find_element(By.ID, "oc-body-escaped").text == "4"
+        escapes = browser.find_elements(By.CSS_SELECTOR, "#oc-body .oc-escape")
+        assert [e.text for e in escapes] == ["\\u202e", "\\u200b", "\\u0000\\u001b"]
+        # Marked apart from the body's own text by the stylesheet.
+        assert escapes[0].value_of_css_property("background-color") == "rgba(253, 233, 196, 1)"
+        _nothing_ran(browser)
+        assert _problems(browser) == []

@@ -4,7 +4,9 @@ on every store backend, with deliveries stored through the real routes."""
 from __future__ import annotations
 
 import html
+import logging
 import re
+import unicodedata
 from datetime import UTC, datetime
 
 import pytest
@@ -433,3 +435,110 @@ def test_hidden_characters_in_headers_and_errors_are_shown_as_escapes(console: C
     assert '<dd class="oc-error-text">RuntimeError: order \\u202e1-REDRO not found</dd>' in detail
     assert "\u202e" not in detail
     assert detail.count("\xad") == 2  # the replay and retry forms' keys
+
+
+def test_a_text_body_shows_its_hidden_characters_as_marked_escapes(console: Console) -> None:
+    """An order id in a body that is not JSON may hold a right-to-left
+    override, a zero-width space or a NUL: the page writes each one as a
+    marked escape, and no such character reaches the HTML raw."""
+    body = "order=C1\u202e99&ref=A\u200b1&x=\x00<b>\r\n\x1b]0;owned\x07".encode()
+    with console.app.app_context():
+        console.hooks.store.claim(Delivery("igv", "order-status", "odd", body, {}, ()))
+    page = (
+        console.client()
+        .get(CONSOLE + "/delivery/igv/order-status", query_string={"key": "odd"})
+        .get_data(as_text=True)
+    )
+    assert (
+        f"({len(body)} bytes, not JSON: as received, but with "
+        '<span id="oc-body-escaped">6</span> hidden characters written as marked '
+        "escapes such as \\u202e, and each backslash doubled)"
+    ) in page
+    assert (
+        '<pre class="oc-body" id="oc-body">order=C1<span class="oc-escape">\\u202e</span>'
+        '99&amp;ref=A<span class="oc-escape">\\u200b</span>1&amp;x='
+        '<span class="oc-escape">\\u0000</span>&lt;b&gt;<span class="oc-escape">\\u000d</span>\n'
+        '<span class="oc-escape">\\u001b</span>]0;owned<span class="oc-escape">\\u0007</span>'
+        "</pre>"
+    ) in page
+    assert "<b>" not in page
+    hidden = [ch for ch in page if ch != "\n" and unicodedata.category(ch).startswith(("C", "Z"))]
+    assert [ch for ch in hidden if ch != " "] == []
+
+
+def test_one_hidden_character_in_a_text_body(console: Console) -> None:
+    with console.app.app_context():
+        console.hooks.store.claim(Delivery("igv", "order-status", "one", b"C-1\x00", {}, ()))
+    page = (
+        console.client()
+        .get(CONSOLE + "/delivery/igv/order-status", query_string={"key": "one"})
+        .get_data(as_text=True)
+    )
+    assert '<span id="oc-body-escaped">1</span> hidden character written as' in page
+    assert '>C-1<span class="oc-escape">\\u0000</span></pre>' in page
+
+
+@pytest.mark.parametrize(
+    ("provider", "callback"),
+    [("gateway%20", "collect"), ("gateway", "collect%20"), ("gateway%20%20", "collect%20")],
+)
+def test_a_platform_or_callback_with_trailing_spaces_is_404_on_every_backend(
+    console: Console, provider: str, callback: str
+) -> None:
+    """MariaDB's utf8mb4_bin pads: 'gateway ' equals 'gateway' there, and the
+    page found the gateway row under a platform that is not configured (its
+    banner said a replay could not verify it) while the same link was 404 on
+    SQLite and PostgreSQL. A delivery is found under its own names only."""
+    cb = gateway_collect(app=console.app)
+    assert console.send(cb, fail=True) == 500
+    client = console.client()
+    detail = client.get(CONSOLE + "/delivery/gateway/collect", query_string={"key": cb.key})
+    token = html.unescape(
+        re.findall(r'name="csrf_token" value="([^"]+)"', detail.get_data(as_text=True))[0]
+    )
+    url = f"{CONSOLE}/delivery/{provider}/{callback}"
+    assert client.get(url, query_string={"key": cb.key}).status_code == 404
+    for action in ("replay", "retry"):
+        response = client.post(f"{url}/{action}", data={"key": cb.key, "csrf_token": token})
+        assert response.status_code == 404
+    assert console.row(cb).attempts == 1
+
+
+def test_hidden_characters_in_a_stored_platform_or_callback_are_shown_as_escapes(
+    console: Console, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The routes store configured names only, but a row is whatever the
+    table holds: its platform and callback follow the keys' rule on every
+    page, and a newline in one does not forge a log line."""
+    with console.app.app_context():
+        console.hooks.store.claim(
+            Delivery("ig\nv\u202e", "order\u200b-status", "odd", b"{}", {}, ())
+        )
+    client = console.client()
+    listed = client.get(CONSOLE + "/").get_data(as_text=True)
+    assert _shown(listed, r"<td>([^<]*)</td>")[:2] == ["ig\\u000av\\u202e", "order\\u200b-status"]
+    url = CONSOLE + "/delivery/ig%0Av%E2%80%AE/order%E2%80%8B-status"
+    detail = client.get(url, query_string={"key": "odd"}).get_data(as_text=True)
+    assert "<title>ig\\u000av\\u202e order\\u200b-status odd · orderhooks console</title>" in detail
+    assert "<h1>ig\\u000av\\u202e · order\\u200b-status · " in detail
+    assert "The ig\\u000av\\u202e platform is not configured on this app" in detail
+    for page in (listed, detail):
+        assert "\u202e" not in page
+        assert "\u200b" not in page
+    # A token from any console page of this session (this row, claimed and
+    # never finished, offers no button).
+    failed = gateway_collect(app=console.app)
+    assert console.send(failed, fail=True) == 500
+    other = client.get(CONSOLE + "/delivery/gateway/collect", query_string={"key": failed.key})
+    token = html.unescape(
+        re.findall(r'name="csrf_token" value="([^"]+)"', other.get_data(as_text=True))[0]
+    )
+    with caplog.at_level(logging.INFO, logger="flask_orderhooks"):
+        response = client.post(url + "/replay", data={"key": "odd", "csrf_token": token})
+    assert response.status_code == 303
+    lines = [m for m in caplog.messages if m.startswith("OrderHooks console: replay of")]
+    assert len(lines) == 1
+    assert lines[0].startswith(
+        "OrderHooks console: replay of ig\\u000av\\u202e order\\u200b-status odd: "
+    )
+    assert "\n" not in lines[0]

@@ -24,6 +24,7 @@ from flask.typing import ResponseReturnValue
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.wrappers import Response
 
+from ..logtext import quoted
 from ..replay import replay
 from ..store import DEAD, DONE, FAILED, PENDING, PROCESSING, STATUSES, StoredDelivery
 from . import body as bodies
@@ -274,7 +275,7 @@ def make_blueprint(hooks: OrderHooks, state: AppState, settings: ConsoleSettings
             if not value:
                 return None
             if value not in allowed:
-                errors.append(f"Unknown {name} {value!r}.")
+                errors.append(f"Unknown {name} {quoted(value)}.")
                 return None
             return value
 
@@ -285,10 +286,12 @@ def make_blueprint(hooks: OrderHooks, state: AppState, settings: ConsoleSettings
             try:
                 return _parse_time(value)
             except ValueError:
-                errors.append(f"The {label} time {value!r} is not a time such as 2026-05-04T10:00.")
+                errors.append(
+                    f"The {label} time {quoted(value)} is not a time such as 2026-05-04T10:00."
+                )
             except OverflowError:
                 errors.append(
-                    f"The {label} time {value!r} is out of range: in UTC it falls before "
+                    f"The {label} time {quoted(value)} is out of range: in UTC it falls before "
                     "the year 1 or after 9999."
                 )
             return None
@@ -300,7 +303,7 @@ def make_blueprint(hooks: OrderHooks, state: AppState, settings: ConsoleSettings
             problem = unbindable(value)
             if problem is not None:
                 errors.append(
-                    f"The search {value!r} holds {problem}, which no delivery key or "
+                    f"The search {quoted(value)} holds {problem}, which no delivery key or "
                     "order id holds."
                 )
                 return None

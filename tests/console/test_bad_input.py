@@ -117,6 +117,24 @@ BAD_LIST_QUERIES = [
         "or order id holds.",
         id="search-nul",
     ),
+    # A long value is quoted cut short, in the page and in the log line, like
+    # every unverified value the extension quotes (logtext.quoted).
+    pytest.param(
+        {"status": "x" * 10_000},
+        f"Unknown status {'x' * 80!r}.",
+        id="status-10k-cut-to-80",
+    ),
+    pytest.param(
+        {"from": "9" * 10_000},
+        f"The from time {'9' * 80!r} is not a time such as 2026-05-04T10:00.",
+        id="from-10k-cut-to-80",
+    ),
+    pytest.param(
+        {"q": "\u202e" + "y" * 5_000 + "\x00"},
+        f"The search {chr(0x202E) + 'y' * 79!r} holds a NUL character (U+0000), which no "
+        "delivery key or order id holds.",
+        id="search-5k-cut-to-80",
+    ),
 ]
 
 

@@ -22,6 +22,7 @@ from flask_orderhooks.driver_statement import DriverStatement
 from flask_orderhooks.exc import StoreUnavailable
 from flask_orderhooks.store import DUE_INDEX, TABLE_NAME, DeliveryStore
 from flask_orderhooks.store.mysql import MySQLStatements
+from flask_orderhooks.store.statements import lost_line_suffix
 from flask_orderhooks.worker import Worker
 from tests.conftest import BASE_CONFIG, Recorder
 from tests.test_durability import make, post, rows
@@ -419,6 +420,7 @@ def test_a_duplicate_key_never_reports_the_inserted_id(
             "p_lease": now,
             "p_takeover": "failed",
             "p_seen_attempts": -1,
+            "p_lost_line": lost_line_suffix(now),
             "p_lock_wait": 1,
         }
         ran = statement.run(connection, params)

@@ -22,6 +22,7 @@ from flask_orderhooks.driver_statement import DriverStatement
 from flask_orderhooks.exc import StoreUnavailable
 from flask_orderhooks.store import DUE_INDEX, TABLE_NAME, DeliveryStore
 from flask_orderhooks.store.mysql import MySQLStatements
+from flask_orderhooks.store.statements import lost_line_suffix
 from flask_orderhooks.worker import Worker
 from tests.conftest import BASE_CONFIG, Recorder
 from tests.test_durability import make, post, rows
@@ -40,19 +41,38 @@ def store_of(app: Flask) -> DeliveryStore:
 
 def lock_wait_statements(engine: sa.Engine, act: Callable[[], bool]) -> list[str]:
     """The statements touching innodb_lock_wait_timeout sent on ``engine``'s
-    connections while ``act`` runs (``act`` must return True)."""
-    seen: list[str] = []
+    connections while ``act`` runs (``act`` must return True).
 
-    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        if "innodb_lock_wait_timeout" in statement:
-            seen.append(statement)
+    Read from what PyMySQL sends, not from SQLAlchemy's events, which miss
+    what the store runs on the driver's cursor; a connection is ``engine``'s
+    when it was checked out of its pool in the block and not detached (the
+    host's engine makes the store's own connections that way)."""
+    used: list[Any] = []
+    sent: list[tuple[Any, str]] = []
+    original = pymysql.connections.Connection._execute_command
 
-    sa.event.listen(engine, "before_cursor_execute", record)
+    def spy(self: Any, command: int, sql: Any) -> Any:
+        text = sql.decode(errors="replace") if isinstance(sql, bytes) else str(sql)
+        if "innodb_lock_wait_timeout" in text:
+            sent.append((self, text))
+        return original(self, command, sql)
+
+    def checked_out(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        used.append(dbapi_connection)
+
+    def detached(dbapi_connection: Any, _record: Any) -> None:
+        used[:] = [c for c in used if c is not dbapi_connection]
+
+    sa.event.listen(engine, "checkout", checked_out)
+    sa.event.listen(engine, "detach", detached)
+    pymysql.connections.Connection._execute_command = spy
     try:
         assert act()
     finally:
-        sa.event.remove(engine, "before_cursor_execute", record)
-    return seen
+        pymysql.connections.Connection._execute_command = original
+        sa.event.remove(engine, "checkout", checked_out)
+        sa.event.remove(engine, "detach", detached)
+    return [text for connection, text in sent if any(connection is c for c in used)]
 
 
 def own_engine(store: DeliveryStore) -> sa.Engine:
@@ -419,6 +439,7 @@ def test_a_duplicate_key_never_reports_the_inserted_id(
             "p_lease": now,
             "p_takeover": "failed",
             "p_seen_attempts": -1,
+            "p_lost_line": lost_line_suffix(now),
             "p_lock_wait": 1,
         }
         ran = statement.run(connection, params)

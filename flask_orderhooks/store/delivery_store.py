@@ -391,7 +391,7 @@ class DeliveryStore:
                     {
                         **self._key_params(delivery),
                         **params,
-                        "p_now": self._now(),
+                        **_now_params(self._now()),
                         **_lock_wait_params(lock_wait),
                     },
                 ),
@@ -418,6 +418,14 @@ class DeliveryStore:
             caller saw. Once a forced claim took it over (it has one attempt
             more), another forced claim of that same state gets ``None``.
         :param seen_attempts: required with ``force``.
+
+        A processing delivery whose lease ran out (its worker died) is taken
+        over, and the lost attempt recorded in the same statement as a
+        worker's due claim records it (its history line and error,
+        ``LeaseExpired``); this claim's attempt is the next one. It is made
+        even when the lost attempt was the last one allowed, which a worker
+        would have buried dead: a platform's resend, or a replay, dispatches
+        a dead delivery too.
 
         .. versionchanged:: 0.3
             ``force`` needs ``seen_attempts``.
@@ -488,7 +496,7 @@ class DeliveryStore:
                     **self._key_params(delivery),
                     **_row_params(delivery, token, digest),
                     "p_lease": now + timedelta(seconds=self.claim_timeout),
-                    "p_now": now,
+                    **_now_params(now),
                     "p_takeover": FAILED if force_over is None else DONE,
                     "p_seen_attempts": NOT_FORCED if force_over is None else force_over,
                     # ON CONFLICT waits for another worker's row lock,
@@ -806,8 +814,7 @@ class DeliveryStore:
             "p_token": token,
             "p_lost_token": lost_token,
             "p_lease": now + timedelta(seconds=self.claim_timeout),
-            "p_now": now,
-            "p_lost_line": lost_line_suffix(now),
+            **_now_params(now),
         }
         statement = self._sql.claim_due
         if key is not None:
@@ -1077,6 +1084,13 @@ def _lock_wait_params(seconds: float) -> dict[str, Any]:
     (``p_ms``), MariaDB's ``innodb_lock_wait_timeout`` (``p_lock_wait``,
     whole seconds)."""
     return {"p_ms": f"{max(1, int(seconds * 1000))}ms", "p_lock_wait": whole_seconds(seconds)}
+
+
+def _now_params(now: datetime) -> dict[str, Any]:
+    """The time a statement that may take a row over runs at: ``p_now``, and
+    ``p_lost_line``, the history line of the attempt it finds lost (a
+    processing row whose lease ran out before ``now``)."""
+    return {"p_now": now, "p_lost_line": lost_line_suffix(now)}
 
 
 def _row_params(delivery: Delivery, token: str, digest: str) -> dict[str, Any]:

@@ -12,6 +12,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, ExceptionContext
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
+from ..driver_statement import run_on_cursor
+
 # SQLSTATE of PostgreSQL's lock_timeout expiring.
 PG_LOCK_NOT_AVAILABLE = "55P03"
 
@@ -56,7 +58,10 @@ def mysql_lock_wait(
             f"SESSION innodb_lock_wait_timeout = {whole}"
         )
     elif connection.info.get(_LOCK_WAIT_KEY) != whole:
-        connection.exec_driver_sql(f"SET SESSION innodb_lock_wait_timeout = {whole}")
+        # On the driver's cursor: exec_driver_sql would begin a transaction
+        # on the store's own autocommit connection, and closing it send a
+        # ROLLBACK for nothing (a round trip whenever the wanted wait changes).
+        run_on_cursor(connection, f"SET SESSION innodb_lock_wait_timeout = {whole}")
         connection.info[_LOCK_WAIT_KEY] = whole
     if not give_back:
         yield

@@ -36,13 +36,13 @@ from sqlalchemy.engine import Connection, Dialect
 
 from ..driver_statement import DriverStatement
 from .statements import (
-    LEASE_LOST,
     ROW_COLUMNS,
+    abandoned,
     accept_takeover,
     append_failure,
     claim_takeover,
-    lost_attempt_line,
     new_row,
+    record_lost_attempt,
 )
 from .table import DONE, PENDING, PROCESSING, WHEN
 
@@ -94,11 +94,18 @@ class MySQLStatements:
         digest: sa.BindParameter[str] = sa.bindparam("p_digest")
         lease = sa.bindparam("p_lease", type_=WHEN)
         now = sa.bindparam("p_now", type_=WHEN)
+        # A takeover of a row whose worker died: its attempt is lost, and
+        # kept as the due claim keeps it. Asked of the old row (status and
+        # lease change last, attempts after the history line that names
+        # it), not as "mine": a claim run once more after a lost connection
+        # finds its own claim, live, and must not record a lost attempt.
+        lost = record_lost_attempt(t, sa.and_(abandoned(t), t.c.body_sha256 == digest))
         claim = _upsert(
             t,
             _marked(new_row(t, status=PROCESSING, attempts=1, lease="p_lease", due="p_lease")),
             claim_takeover(t, digest),
             [
+                *lost.items(),
                 ("attempts", _on_duplicate(then(t.c.attempts + 1, t.c.attempts))),
                 ("next_attempt_at", then(lease, t.c.next_attempt_at)),
                 ("updated_at", then(now, t.c.updated_at)),
@@ -111,6 +118,7 @@ class MySQLStatements:
             _marked(new_row(t, status=PENDING, attempts=0, lease="p_now", due="p_now")),
             accept_takeover(t, digest),
             [
+                *lost.items(),
                 ("attempts", _on_duplicate(t.c.attempts)),
                 ("next_attempt_at", then(now, t.c.next_attempt_at)),
                 ("updated_at", then(now, t.c.updated_at)),
@@ -152,21 +160,8 @@ class MySQLStatements:
                         else_=sa.bindparam("p_token"),
                     ),
                 ),
-                (
-                    t.c.error,
-                    sa.case(
-                        (was_processing, sa.literal(LEASE_LOST, t.c.error.type)),
-                        else_=t.c.error,
-                    ),
-                ),
                 # Before attempts: the line names the lost (old) attempt.
-                (
-                    t.c.failures,
-                    sa.case(
-                        (was_processing, append_failure(t, lost_attempt_line(t))),
-                        else_=t.c.failures,
-                    ),
-                ),
+                *record_lost_attempt(t, was_processing).items(),
                 (t.c.attempts, t.c.attempts + 1),
                 (t.c.lease_expires_at, lease),
                 (t.c.next_attempt_at, lease),
@@ -194,11 +189,13 @@ class MySQLStatements:
             DriverStatement(
                 sa.update(t)
                 .where(*key, accept_takeover(t, digest))
-                .values(
-                    status=PENDING,
-                    claim_token=sa.bindparam("p_token"),
-                    next_attempt_at=now,
-                    updated_at=now,
+                .ordered_values(
+                    ("claim_token", sa.bindparam("p_token")),
+                    # Before status, which they read (old row).
+                    *record_lost_attempt(t, t.c.status == PROCESSING).items(),
+                    ("next_attempt_at", now),
+                    ("updated_at", now),
+                    ("status", PENDING),
                 ),
                 dialect,
                 prefix=waits,

@@ -10,13 +10,16 @@ transaction needs no reset: one command (``benchmarks/README.md``, session 14).
 
 Switching a connection of the host's pool to autocommit and back would cost
 more than it saves (``SET AUTOCOMMIT`` each way, and SQLAlchemy's reset of the
-isolation level on check-in), so the store keeps a small pool of its own. Its
-connections are made by the host's engine (checked out of its pool and
-detached), so they carry whatever the host's engine sets up on a new
-connection (connect arguments, an ``init_command``, ``connect`` listeners);
-they are then switched to autocommit once. One idle for most of the server's
-``wait_timeout`` is replaced before use. Disposing of the host's engine
-disposes of this one too.
+isolation level on check-in), so the store keeps a pool of its own, shaped
+like the host's: a ``QueuePool`` of the same size, overflow and timeout, a
+``NullPool`` (no connection kept) for a ``NullPool``, and so on
+(:func:`_pool_like`). Its connections are made the way the host's engine
+makes its own (by a copy of its pool: the same creator and listeners, see
+:func:`autocommit_engine`), so they carry whatever the host's engine sets up
+on a new connection (connect arguments, an ``init_command``, ``connect``
+listeners); they are then switched to autocommit once. One idle for most of
+the server's ``wait_timeout`` is replaced before use. Disposing of the host's
+engine disposes of this one too.
 
 Only statements that stand alone run here: the claim and the acceptance (an
 upsert, and a read of the row when it was not inserted, whose decision holds
@@ -36,7 +39,15 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DisconnectionError
-from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.pool import (
+    AssertionPool,
+    ConnectionPoolEntry,
+    NullPool,
+    Pool,
+    QueuePool,
+    SingletonThreadPool,
+    StaticPool,
+)
 
 #: Connections older than this are replaced when next checked out.
 RECYCLE_SECONDS = 3600
@@ -50,15 +61,22 @@ _IDLE_SINCE = "orderhooks_idle_since"
 
 
 def autocommit_engine(host: Engine) -> Engine:
-    """An engine over connections that ``host`` makes, in autocommit mode,
-    whose pool gives them back without a ``ROLLBACK``."""
+    """An engine over connections made as ``host`` makes its own, in
+    autocommit mode, whose pool is shaped like ``host``'s and gives them back
+    without a ``ROLLBACK``."""
 
     def connect() -> Any:
-        proxied = host.raw_connection()
-        # Out of the host's pool for good: it will make another when it needs one.
+        # Not out of the host's own pool: a StaticPool or SingletonThreadPool
+        # would hand over the connection the host is using (its dispatch's
+        # transaction, which autocommit would then commit), and an exhausted
+        # QueuePool would keep the claim waiting. A copy of it (what
+        # dispose() makes) has the same creator and listeners, and nothing
+        # else in use.
+        proxied = host.pool.recreate().connect()
         proxied.detach()
         return proxied.dbapi_connection
 
+    pool = _pool_like(host.pool)
     own = sa.create_engine(
         host.url,
         creator=connect,
@@ -67,10 +85,14 @@ def autocommit_engine(host: Engine) -> Engine:
         # to reset, and PyMySQL's reset would be a round trip.
         pool_reset_on_return=None,
         pool_recycle=RECYCLE_SECONDS,
+        **pool,
     )
-    event.listen(own, "connect", _read_wait_timeout)
-    event.listen(own, "checkin", _idle_from_now)
-    event.listen(own, "checkout", _replace_if_idle_too_long)
+    if pool["poolclass"] is not NullPool:
+        # A NullPool keeps no connection to go idle, and reading the
+        # server's wait_timeout would cost each new one (each claim) a round trip.
+        event.listen(own, "connect", _read_wait_timeout)
+        event.listen(own, "checkin", _idle_from_now)
+        event.listen(own, "checkout", _replace_if_idle_too_long)
 
     def dispose(_engine: Engine) -> None:
         own.dispose()
@@ -78,6 +100,29 @@ def autocommit_engine(host: Engine) -> Engine:
     event.listen(host, "engine_disposed", dispose)
     _forget_in_forked_children(own)
     return own
+
+
+def _pool_like(host: Pool) -> dict[str, Any]:
+    """``create_engine``'s pool arguments for a pool shaped like ``host``:
+    the host's settings bound the connections a process opens, the store's
+    included (a host that chose NullPool, behind a proxy that pools, keeps no
+    idle connection; one with pool_size=2 gets two more, not fifteen)."""
+    if isinstance(host, QueuePool):
+        return {
+            "poolclass": QueuePool,
+            "pool_size": host.size(),
+            # No public reader; -1 (no limit) when pool_size is 0.
+            "max_overflow": host._max_overflow,
+            "pool_timeout": host.timeout(),
+        }
+    if isinstance(host, SingletonThreadPool):
+        return {"poolclass": SingletonThreadPool, "pool_size": host.size}
+    for kind in (NullPool, StaticPool, AssertionPool):
+        if isinstance(host, kind):
+            return {"poolclass": kind}
+    # A pool of the host's own making: its arguments are unknown, and
+    # keeping no connection never holds more than the host would.
+    return {"poolclass": NullPool}
 
 
 def _forget_in_forked_children(own: Engine) -> None:

@@ -513,7 +513,7 @@ def _tell_operators(
 #: The name of each blueprint :meth:`OrderHooks.init_app` registers, and
 #: what it serves. (The console's is :data:`flask_orderhooks.console.BLUEPRINT`,
 #: the metrics' the one :func:`flask_orderhooks.metrics.serve_metrics` gives:
-#: tests/test_reqpath_fixes.py holds these to them.)
+#: tests/test_request_path_defects.py holds these to them.)
 _CALLBACKS_BLUEPRINT = ("orderhooks", "callback routes")
 _CONSOLE_BLUEPRINT = ("orderhooks_console", "operator console")
 _METRICS_BLUEPRINT = ("orderhooks_metrics", "metrics route")

@@ -365,7 +365,7 @@ def lost_line_suffix(at: datetime) -> str:
     rest of :func:`~.table.failure_line`'s object for a lost attempt."""
     # Every claim sends one, in case it takes a lost attempt over: written
     # by hand, 2 µs where json.dumps took 8 µs a claim. An ISO time holds
-    # nothing JSON escapes (tests/test_store_fixes15.py compares the two).
+    # nothing JSON escapes (tests/test_takeover_lost_attempt.py compares the two).
     return f', "at": "{at.isoformat()}", "error": {_LEASE_LOST_JSON}}}\n'
 
 

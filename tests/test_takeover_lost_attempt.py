@@ -1,4 +1,4 @@
-"""Store fixes, session 15, on every backend where they apply.
+"""A takeover of an abandoned attempt, on every backend where it applies.
 
 - A processing row whose worker died (its lease ran out) taken over by a
   platform's resend or a replay (the request's claim), or made due again by

@@ -1,4 +1,4 @@
-"""Store fixes, session 15, MySQL and MariaDB: the store's own autocommit pool.
+"""MySQL and MariaDB: the store's own autocommit pool.
 
 - On MySQL 8 (no ``SET STATEMENT``) the session's lock wait is set on the
   own pool's connections when the wanted wait changes: on the driver's

@@ -169,10 +169,17 @@ def init_celery(
     broker_down_until = [0.0]
 
     def enqueue(provider: str, callback: str, key: str, countdown: float) -> None:
-        if countdown > 0 and celery_app.conf.task_always_eager:
-            # An eager task runs now whatever its countdown: it would find the
-            # delivery not due and enqueue it again, recursively. The row
-            # keeps its due time; the sweep dispatches it then.
+        if celery_app.conf.task_always_eager:
+            if countdown > 0:
+                # An eager task runs now whatever its countdown: it would find
+                # the delivery not due and enqueue it again, recursively. The
+                # row keeps its due time; the sweep dispatches it then.
+                return
+            # No broker is involved: what this raises is the task's own error
+            # (task_eager_propagates), which says nothing about the next
+            # delivery's task. A cool-down would leave every delivery stored
+            # meanwhile to the sweep.
+            dispatch_task.apply_async((provider, callback, key), retry=False)
             return
         if time.monotonic() < broker_down_until[0]:
             raise BrokerCoolingDown(

@@ -25,6 +25,7 @@ schedule is not optional.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +34,7 @@ from weakref import WeakKeyDictionary
 
 from flask import Flask, has_app_context
 
+from .logtext import for_log
 from .store import FAILED, PENDING
 
 if TYPE_CHECKING:
@@ -44,6 +46,11 @@ if TYPE_CHECKING:
 DISPATCH_TASK = "orderhooks.dispatch"
 #: The name of the task that dispatches everything due now (the sweep).
 PROCESS_DUE_TASK = "orderhooks.process_due"
+
+logger = logging.getLogger("flask_orderhooks")
+
+#: The most deliveries one ``orderhooks.process_due`` task attempts by default.
+SWEEP_BATCH = 100
 
 #: The OrderHooks each Celery app's tasks were registered for: a second
 #: registration would otherwise silently keep the first one's tasks, since
@@ -57,6 +64,7 @@ def init_celery(
     *,
     app: Flask | None = None,
     broker_cooldown: float = 10.0,
+    sweep_batch: int = SWEEP_BATCH,
 ) -> None:
     """Dispatch ``hooks``' deferred deliveries on ``celery_app``'s workers.
 
@@ -124,11 +132,21 @@ def init_celery(
         active; needed when ``hooks`` is registered on several apps.
     :param broker_cooldown: seconds without publishing after a publish
         failed (0: try every time).
+    :param sweep_batch: the most deliveries one ``orderhooks.process_due``
+        task attempts; a sweep that attempted that many enqueues the next
+        sweep, which goes on. Bounded, a sweep never outlasts a warm
+        shutdown or a ``task_time_limit`` under a steady inflow.
     :raises RuntimeError: ``init_celery`` was already called for
         ``celery_app``, or ``hooks`` already has an enqueuer.
+    :raises ValueError: ``sweep_batch`` is not a whole number of at least 1.
 
     .. versionadded:: 0.2
     """
+    if isinstance(sweep_batch, bool) or not isinstance(sweep_batch, int) or sweep_batch < 1:
+        raise ValueError(
+            f"init_celery(sweep_batch={sweep_batch!r}): the most deliveries one sweep "
+            "task attempts must be a whole number of at least 1."
+        )
     if celery_app in _registered:
         raise RuntimeError(
             "init_celery() was already called for this Celery app: its tasks "
@@ -156,7 +174,22 @@ def init_celery(
 
     def process_due() -> int:
         with _app_context(hooks, app):
-            return hooks.process_due()
+            # Bounded: claiming until nothing is due, a sweep under a steady
+            # inflow never ended, and a warm shutdown (or a time limit) then
+            # killed its worker mid-dispatch.
+            attempted = hooks.process_due(limit=sweep_batch)
+        if attempted >= sweep_batch and not celery_app.conf.task_always_eager:
+            # More may be due: the next sweep goes on, in a task of its own.
+            # (Eager, it would run nested in this one, and so on.)
+            try:
+                sweep_task.apply_async(retry=False)
+            except Exception as exc:
+                logger.warning(
+                    "could not enqueue the next sweep (%s: %s); the next beat sweep goes on",
+                    type(exc).__name__,
+                    for_log(str(exc)),
+                )
+        return attempted
 
     dispatch.__doc__ = "Dispatch one stored delivery if it is due; whether it was attempted."
     process_due.__doc__ = "Dispatch every delivery due now; how many were attempted."
@@ -164,15 +197,22 @@ def init_celery(
     # later in the process, bound to this OrderHooks. One result per delivery
     # would only fill a result backend nobody reads.
     dispatch_task = celery_app.task(name=DISPATCH_TASK, shared=False, ignore_result=True)(dispatch)
-    celery_app.task(name=PROCESS_DUE_TASK, shared=False)(process_due)
+    sweep_task = celery_app.task(name=PROCESS_DUE_TASK, shared=False)(process_due)
 
     broker_down_until = [0.0]
 
     def enqueue(provider: str, callback: str, key: str, countdown: float) -> None:
-        if countdown > 0 and celery_app.conf.task_always_eager:
-            # An eager task runs now whatever its countdown: it would find the
-            # delivery not due and enqueue it again, recursively. The row
-            # keeps its due time; the sweep dispatches it then.
+        if celery_app.conf.task_always_eager:
+            if countdown > 0:
+                # An eager task runs now whatever its countdown: it would find
+                # the delivery not due and enqueue it again, recursively. The
+                # row keeps its due time; the sweep dispatches it then.
+                return
+            # No broker is involved: what this raises is the task's own error
+            # (task_eager_propagates), which says nothing about the next
+            # delivery's task. A cool-down would leave every delivery stored
+            # meanwhile to the sweep.
+            dispatch_task.apply_async((provider, callback, key), retry=False)
             return
         if time.monotonic() < broker_down_until[0]:
             raise BrokerCoolingDown(

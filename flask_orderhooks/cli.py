@@ -6,6 +6,7 @@ minutes); these commands let an operator finish by hand what they gave up on.
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import os
@@ -623,11 +624,22 @@ def send_command(kind: str, url: str, fields: tuple[str, ...], timeout: float) -
         target, data=callback.body, headers=callback.headers, method="POST"
     )
     try:
-        # BaseURL took only http and https: no other scheme is ever opened.
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
-            status, body = response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        status, body = exc.code, exc.read()
+        try:
+            # BaseURL took only http and https: no other scheme is ever opened.
+            with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+                status, body = response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            status, body = exc.code, exc.read()
+    except http.client.HTTPException as exc:
+        # Neither an OSError nor a URLError: a port that is not an HTTP
+        # server (an SSH banner), or an answer cut short or malformed.
+        detail = _one_line(str(exc), _ANSWER_IN_ERROR * 2)
+        name = type(exc).__name__
+        if not detail.startswith(name):  # IncompleteRead's text names itself
+            detail = f"{name}: {detail}"
+        raise click.ClickException(
+            f"{target} did not answer in HTTP ({detail}); is the URL the app's server?"
+        ) from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise click.ClickException(f"Could not reach {target}: {reason}") from None

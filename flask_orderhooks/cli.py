@@ -129,6 +129,17 @@ class BaseURL(click.ParamType[str]):
             parts.port  # noqa: B018 - reading it checks the port (a number, 0 to 65535)
         except ValueError as exc:
             self.fail(f"{url!r} is not a valid URL: {exc}.", param, ctx)
+        if parts.username is not None or parts.password is not None:
+            # urllib sends no credentials from a URL (it asks DNS for the host
+            # "user:pass@host"), and send prints its URL on every line: the
+            # password would only end up on the terminal. Not repeated here.
+            shown = urllib.parse.urlunsplit(parts._replace(netloc="***@" + _host_port(parts)))
+            self.fail(
+                f"{for_terminal(shown)} holds a user name or password; send cannot use them, "
+                "give the server's URL without them.",
+                param,
+                ctx,
+            )
         if parts.scheme not in ("http", "https"):
             self.fail(f"{url!r} is not an http:// or https:// URL.", param, ctx)
         if not parts.hostname:
@@ -145,6 +156,11 @@ class BaseURL(click.ParamType[str]):
                 ctx,
             )
         return url
+
+
+def _host_port(parts: urllib.parse.SplitResult) -> str:
+    """The netloc of ``parts`` after its ``@``: the host and port alone."""
+    return parts.netloc.rpartition("@")[2]
 
 
 class StoredText(click.ParamType[str]):

@@ -1,5 +1,6 @@
-"""``flask orderhooks send`` against servers that do not speak HTTP: one
-clear error line and exit 1, never a traceback."""
+"""``flask orderhooks send`` against servers that do not speak HTTP, and
+base URLs that carry credentials: one clear error line and exit 1 (or a
+usage error), never a traceback, never a password on the terminal."""
 
 from __future__ import annotations
 
@@ -37,8 +38,15 @@ def answering(answer: bytes) -> Iterator[str]:
         # One request: send makes one connection.
         conn, _ = listener.accept()
         with conn:
+            conn.settimeout(10)
             conn.recv(65536)
             conn.sendall(answer)
+            # Read what is left of the request until send hangs up: closing
+            # with unread bytes would reset the connection, and send would
+            # see a reset instead of the answer.
+            conn.shutdown(socket.SHUT_WR)
+            while conn.recv(65536):
+                pass
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -75,4 +83,18 @@ def test_a_server_that_does_not_answer_http_is_one_error_line(
     target = f"{url}/orderhooks/igv/order-status"
     assert result.output.splitlines()[-1].startswith(
         f"Error: {target} did not answer in HTTP ({why}"
+    ), result.output
+
+
+def test_credentials_in_the_url_are_a_usage_error_that_does_not_repeat_them(app: Flask) -> None:
+    """urllib sends no credentials from a URL (it would ask the host
+    "user:s3cret@127.0.0.1" for a port), and every line ``send`` prints
+    names the URL: the password would only reach the terminal and its
+    scrollback."""
+    result = run(app, "send", "igv", "--url", "http://ops:s3cret@127.0.0.1:9")
+    assert result.exit_code == 2, result.output
+    assert "s3cret" not in result.output
+    assert (
+        "http://***@127.0.0.1:9 holds a user name or password; send cannot use them, give "
+        "the server's URL without them." in " ".join(result.output.split())
     ), result.output

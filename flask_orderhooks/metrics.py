@@ -682,7 +682,9 @@ def _multiprocess_dir() -> str | None:
     multiprocess mode, checked: the mode is fixed when prometheus_client is
     first imported, so a variable set later would count into memory while
     the scrape read the (empty) files."""
-    path = os.environ.get(_MULTIPROC_ENV)
+    # Empty is unset, as prometheus_client reads it when it picks its mode
+    # (a systemd "Environment=PROMETHEUS_MULTIPROC_DIR=").
+    path = os.environ.get(_MULTIPROC_ENV) or None
     multiprocess = values.ValueClass is not values.MutexValue
     if multiprocess and not path:
         raise ConfigurationError(

@@ -33,10 +33,26 @@ def parse_networks(key: str, items: Iterable[object]) -> tuple[IPNetwork, ...]:
     """
     networks: list[IPNetwork] = []
     for item in items:
+        if isinstance(item, (bool, int, bytes, bytearray)):
+            # ipaddress reads a number or 4/16 bytes as a packed address
+            # (True is 0.0.0.1, b"10.0" is 49.48.46.48): never what was meant.
+            raise ConfigurationError(
+                key,
+                f"{item!r} is not an address or CIDR network; write it as a string, such as "
+                '"10.0.0.0/8".',
+            )
         try:
             network = ipaddress.ip_network(item, strict=False)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             raise ConfigurationError(key, f"{item!r} is not an address or CIDR network.") from None
+        zone = getattr(network.network_address, "scope_id", None)
+        if zone is not None:
+            # Containment compares numbers only: the zone would be ignored.
+            raise ConfigurationError(
+                key,
+                f"{item!r} names a zone (%{zone}), which is not checked: an address matches "
+                "on every interface. Write it without the zone.",
+            )
         if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_IPV4_MAPPED):
             network = ipaddress.IPv4Network(
                 (int(network.network_address) & 0xFFFFFFFF, network.prefixlen - 96)

@@ -6,6 +6,7 @@ minutes); these commands let an operator finish by hand what they gave up on.
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import os
@@ -128,6 +129,17 @@ class BaseURL(click.ParamType[str]):
             parts.port  # noqa: B018 - reading it checks the port (a number, 0 to 65535)
         except ValueError as exc:
             self.fail(f"{url!r} is not a valid URL: {exc}.", param, ctx)
+        if parts.username is not None or parts.password is not None:
+            # urllib sends no credentials from a URL (it asks DNS for the host
+            # "user:pass@host"), and send prints its URL on every line: the
+            # password would only end up on the terminal. Not repeated here.
+            shown = urllib.parse.urlunsplit(parts._replace(netloc="***@" + _host_port(parts)))
+            self.fail(
+                f"{for_terminal(shown)} holds a user name or password; send cannot use them, "
+                "give the server's URL without them.",
+                param,
+                ctx,
+            )
         if parts.scheme not in ("http", "https"):
             self.fail(f"{url!r} is not an http:// or https:// URL.", param, ctx)
         if not parts.hostname:
@@ -144,6 +156,11 @@ class BaseURL(click.ParamType[str]):
                 ctx,
             )
         return url
+
+
+def _host_port(parts: urllib.parse.SplitResult) -> str:
+    """The netloc of ``parts`` after its ``@``: the host and port alone."""
+    return parts.netloc.rpartition("@")[2]
 
 
 class StoredText(click.ParamType[str]):
@@ -623,11 +640,22 @@ def send_command(kind: str, url: str, fields: tuple[str, ...], timeout: float) -
         target, data=callback.body, headers=callback.headers, method="POST"
     )
     try:
-        # BaseURL took only http and https: no other scheme is ever opened.
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
-            status, body = response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        status, body = exc.code, exc.read()
+        try:
+            # BaseURL took only http and https: no other scheme is ever opened.
+            with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+                status, body = response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            status, body = exc.code, exc.read()
+    except http.client.HTTPException as exc:
+        # Neither an OSError nor a URLError: a port that is not an HTTP
+        # server (an SSH banner), or an answer cut short or malformed.
+        detail = _one_line(str(exc), _ANSWER_IN_ERROR * 2)
+        name = type(exc).__name__
+        if not detail.startswith(name):  # IncompleteRead's text names itself
+            detail = f"{name}: {detail}"
+        raise click.ClickException(
+            f"{target} did not answer in HTTP ({detail}); is the URL the app's server?"
+        ) from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise click.ClickException(f"Could not reach {target}: {reason}") from None

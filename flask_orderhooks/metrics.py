@@ -298,17 +298,31 @@ class Metrics:
     def allowed(self) -> bool:
         """Whether the current request may read the metrics; logs a refusal."""
         if address_allowed(request.remote_addr, self.allowed_networks):
-            proxied = forwarded_past_the_app(request.environ)
-            if proxied is None:
+            wsgi_app = current_app.wsgi_app
+            unresolved = forwarded_past_the_app(request.environ, wsgi_app)
+            if unresolved is None:
                 return True
+            if unresolved.proxy_fix:
+                why = (
+                    "whose client ProxyFix did not put in its place (ProxyFix's x_for is 0, or "
+                    "more than the X-Forwarded-For entries the proxy sends), so it is the "
+                    "proxy's address, not the client's. Have the proxy send X-Forwarded-For and "
+                    "give ProxyFix x_for= the number of proxies, or let the scraper reach the "
+                    "app directly."
+                )
+            else:
+                why = (
+                    "that the app does not resolve, so it is the proxy's address, not the "
+                    "client's. Wrap the app in werkzeug's ProxyFix, or let the scraper reach "
+                    "the app directly."
+                )
             logger.warning(
                 "OrderHooks metrics: the address %s of %s is in ORDERHOOKS_METRICS_ALLOWED_IPS, "
-                "but the request came through a proxy (%s header) that the app does not "
-                "resolve, so it is the proxy's address, not the client's. Wrap the app in "
-                "werkzeug's ProxyFix, or let the scraper reach the app directly.",
+                "but the request came through a proxy (%s header) %s",
                 request.remote_addr,
                 request.path,
-                proxied,
+                unresolved.header,
+                why,
             )
         check = self._hooks.console_access_check
         if check is not None:
@@ -668,7 +682,9 @@ def _multiprocess_dir() -> str | None:
     multiprocess mode, checked: the mode is fixed when prometheus_client is
     first imported, so a variable set later would count into memory while
     the scrape read the (empty) files."""
-    path = os.environ.get(_MULTIPROC_ENV)
+    # Empty is unset, as prometheus_client reads it when it picks its mode
+    # (a systemd "Environment=PROMETHEUS_MULTIPROC_DIR=").
+    path = os.environ.get(_MULTIPROC_ENV) or None
     multiprocess = values.ValueClass is not values.MutexValue
     if multiprocess and not path:
         raise ConfigurationError(

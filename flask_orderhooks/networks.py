@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping
+from typing import NamedTuple
+
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from .exc import ConfigurationError
 
@@ -30,10 +33,26 @@ def parse_networks(key: str, items: Iterable[object]) -> tuple[IPNetwork, ...]:
     """
     networks: list[IPNetwork] = []
     for item in items:
+        if isinstance(item, (bool, int, bytes, bytearray)):
+            # ipaddress reads a number or 4/16 bytes as a packed address
+            # (True is 0.0.0.1, b"10.0" is 49.48.46.48): never what was meant.
+            raise ConfigurationError(
+                key,
+                f"{item!r} is not an address or CIDR network; write it as a string, such as "
+                '"10.0.0.0/8".',
+            )
         try:
             network = ipaddress.ip_network(item, strict=False)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             raise ConfigurationError(key, f"{item!r} is not an address or CIDR network.") from None
+        zone = getattr(network.network_address, "scope_id", None)
+        if zone is not None:
+            # Containment compares numbers only: the zone would be ignored.
+            raise ConfigurationError(
+                key,
+                f"{item!r} names a zone (%{zone}), which is not checked: an address matches "
+                "on every interface. Write it without the zone.",
+            )
         if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_IPV4_MAPPED):
             network = ipaddress.IPv4Network(
                 (int(network.network_address) & 0xFFFFFFFF, network.prefixlen - 96)
@@ -55,22 +74,85 @@ def address_allowed(remote: str | None, networks: Iterable[IPNetwork]) -> bool:
     return any(address in network for network in networks)
 
 
-#: Headers a reverse proxy adds to name the client it forwards.
-FORWARDING_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP")
+#: Headers a reverse proxy (or a CDN in front of it) adds to a request it
+#: forwards: the client's address first, then those that only show a proxy was
+#: there (nginx with nothing but ``X-Forwarded-Proto``, Apache's
+#: ``X-Forwarded-Server``). A scraper that reaches the app directly sends none.
+FORWARDING_HEADERS = (
+    "X-Forwarded-For",
+    "Forwarded",
+    "X-Real-IP",
+    "X-Client-IP",
+    "True-Client-IP",
+    "CF-Connecting-IP",
+    "X-Forwarded-Proto",
+    "X-Forwarded-Host",
+    "X-Forwarded-Port",
+    "X-Forwarded-Prefix",
+    "X-Forwarded-Server",
+    "Via",
+)
+
+#: How deep :func:`forwarded_past_the_app` looks for a ProxyFix among the
+#: middlewares wrapped around the app's ``wsgi_app``.
+_MIDDLEWARE_DEPTH = 16
 
 
-def forwarded_past_the_app(environ: Mapping[str, object]) -> str | None:
-    """The forwarding header of a request that came through a proxy the app
-    does not resolve, or ``None``.
+class Unresolved(NamedTuple):
+    """A forwarded request whose ``remote_addr`` is still the proxy's."""
 
-    Such a request's ``remote_addr`` is the proxy's address, which is
-    loopback when nginx runs on the same machine: an allow-list that holds
-    loopback would let every client of the proxy in. Werkzeug's ``ProxyFix``
-    leaves ``werkzeug.proxy_fix.orig`` in the environ once it has put the
-    client's address in ``remote_addr``."""
-    if "werkzeug.proxy_fix.orig" in environ:
+    #: The first forwarding header the request carries.
+    header: str
+    #: Whether a ProxyFix ran (and left the address alone).
+    proxy_fix: bool
+
+
+def forwarded_past_the_app(
+    environ: Mapping[str, object], wsgi_app: object = None
+) -> Unresolved | None:
+    """Why the ``remote_addr`` of a request that came through a proxy is the
+    proxy's, not the client's; ``None`` when it came straight to the app or
+    Werkzeug's ``ProxyFix`` put the client's address in its place.
+
+    A proxy on the same machine is loopback: an allow-list that holds
+    loopback would let every client of the proxy in. ``ProxyFix`` leaves
+    ``werkzeug.proxy_fix.orig`` in the environ whatever it did, so that alone
+    says nothing: with ``x_for=0``, with fewer ``X-Forwarded-For`` entries
+    than its ``x_for``, or behind a proxy that sends ``X-Real-IP`` only, the
+    address stays the proxy's.
+
+    :param wsgi_app: the app's ``wsgi_app``, where a ProxyFix the app was
+        wrapped in is found and asked for its ``x_for``: it tells a client
+        at the proxy's own address (ProxyFix set the same value again) from
+        a request it did not resolve.
+    """
+    header = next(
+        (n for n in FORWARDING_HEADERS if environ.get("HTTP_" + n.upper().replace("-", "_"))),
+        None,
+    )
+    if header is None:
         return None
-    for name in FORWARDING_HEADERS:
-        if environ.get("HTTP_" + name.upper().replace("-", "_")):
-            return name
+    original = environ.get("werkzeug.proxy_fix.orig")
+    if not isinstance(original, Mapping):
+        return Unresolved(header, proxy_fix=False)
+    if environ.get("REMOTE_ADDR") != original.get("REMOTE_ADDR"):
+        # Only ProxyFix's x_for writes REMOTE_ADDR, from X-Forwarded-For.
+        return None
+    x_for = _proxy_fix_x_for(wsgi_app)
+    forwarded_for = str(environ.get("HTTP_X_FORWARDED_FOR") or "")
+    entries = [entry for entry in forwarded_for.split(",") if entry.strip()]
+    if x_for is not None and 0 < x_for <= len(entries):
+        return None
+    return Unresolved(header, proxy_fix=True)
+
+
+def _proxy_fix_x_for(wsgi_app: object) -> int | None:
+    """The ``x_for`` of the first ProxyFix in the chain of middlewares
+    (each holding the next as ``.app``), or ``None`` when there is none."""
+    for _ in range(_MIDDLEWARE_DEPTH):
+        if isinstance(wsgi_app, ProxyFix):
+            return wsgi_app.x_for
+        wsgi_app = getattr(wsgi_app, "app", None)
+        if wsgi_app is None:
+            break
     return None

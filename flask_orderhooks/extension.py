@@ -75,6 +75,9 @@ class AppState:
     enqueue: Callable[[str, str, str, float], None]
     #: Observers of answers, dispatches and attempts (metrics).
     instruments: Instruments = field(default_factory=Instruments)
+    #: Platforms whose allow list was found read through a proxy the app does
+    #: not resolve (warned once per process, see views._check_source).
+    unresolved_proxy_warned: set[str] = field(default_factory=set)
 
     @property
     def routes(self) -> list[tuple[str, str]]:

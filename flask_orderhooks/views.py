@@ -30,7 +30,7 @@ from .exc import (
     SourceForbidden,
 )
 from .logtext import for_log, quoted
-from .networks import address_allowed
+from .networks import address_allowed, forwarded_past_the_app
 from .provider import Delivery, Provider
 from .signals import callback_unhandled
 
@@ -181,8 +181,28 @@ def missing_receiver(app: Flask, delivery: Delivery) -> NamedSignal | None:
 
 def _check_source(state: AppState, platform: str) -> None:
     networks = state.settings.allowed_ips.get(platform)
-    if networks and not address_allowed(request.remote_addr, networks):
+    if not networks:
+        return
+    if not address_allowed(request.remote_addr, networks):
         raise SourceForbidden("The client address is not allowed.")
+    unresolved = forwarded_past_the_app(request.environ, current_app.wsgi_app)
+    if unresolved is not None and platform not in state.unresolved_proxy_warned:
+        # The address allowed is the proxy's (loopback, for nginx on the same
+        # machine): the list then lets every client of the proxy in. Not
+        # refused, unlike the metrics: the signature still decides, and a
+        # refusal of the platform's own callbacks would end in lost ones.
+        # Once per process and platform, not a line per callback.
+        state.unresolved_proxy_warned.add(platform)
+        logger.warning(
+            "%s: ORDERHOOKS_ALLOWED_IPS allowed %s, but the request came through a proxy "
+            "(%s header) whose client the app does not resolve, so that is the proxy's "
+            "address and the list lets every client of the proxy in (the signature is still "
+            "checked). Wrap the app in werkzeug's ProxyFix with x_for= the number of "
+            "proxies. (Said once per process.)",
+            platform,
+            request.remote_addr,
+            unresolved.header,
+        )
 
 
 def _read_body(limit: int) -> bytes:

@@ -24,6 +24,7 @@ from flask import Flask
 from flask_orderhooks.store import DeliveryStore
 from tests.conftest import Recorder
 from tests.test_durability import make, post, rows
+from tests.test_history import failing
 from tests.test_mysql import own_engine, sent_to_the_server, store_of
 
 RecorderFactory = Callable[..., tuple[Flask, Recorder]]
@@ -236,3 +237,67 @@ def test_a_connection_the_server_dropped_costs_no_callback(
     expected = ("done", 1) if dispatch == "inline" else ("pending", 0)
     assert [(r.status, r.attempts) for r in rows(app)][1:] == [expected, expected]
     assert len(rec.events) == (3 if dispatch == "inline" else 0)
+
+
+def _drop_the_hosts_idle_connections(store: DeliveryStore) -> None:
+    """KILL, from a connection of its own, every connection idle in the
+    host's pool: what a server restart leaves there."""
+    pool = store.engine.pool
+    idle = [store.engine.connect() for _ in range(pool.checkedin())]  # type: ignore[attr-defined]
+    dropped = [int(c.exec_driver_sql("SELECT CONNECTION_ID()").scalar_one()) for c in idle]
+    for connection in idle:
+        connection.close()
+    assert dropped
+    killer_engine = sa.create_engine(store.engine.url, poolclass=sa.pool.NullPool)
+    try:
+        with killer_engine.connect() as killer:
+            for connection_id in dropped:
+                killer.exec_driver_sql(f"KILL {connection_id}")
+    finally:
+        killer_engine.dispose()
+
+
+def test_a_host_connection_the_server_dropped_costs_no_attempt(
+    recorder: RecorderFactory,
+) -> None:
+    """The claim runs on the own pool, so after a restart or a failover it
+    succeeds while the host's pool still holds a dead connection (one per
+    process, without ``pool_pre_ping``). The done mark, on that connection,
+    fails as a disconnect before any receiver ran: it runs once more on a
+    new connection, so the callback is answered done at its first attempt
+    instead of costing a failed attempt (and a 500) per pooled connection."""
+    app, rec = recorder()
+    store = store_of(app)
+    assert post(app, make("igv", app)).status_code == 200
+    _drop_the_hosts_idle_connections(store)
+    cb = make("igv", app)
+    assert post(app, cb).status_code == 200
+    assert [(r.status, r.attempts, r.error) for r in rows(app)][1:] == [("done", 1, None)]
+    assert len(rec.events) == 2
+
+
+def test_a_done_mark_run_again_on_an_autocommit_host_still_waits_for_the_receivers(
+    recorder: RecorderFactory,
+) -> None:
+    """On a host engine in autocommit mode the dispatch asks for a real
+    transaction; the done mark run once more on a new connection must ask
+    again, or it would commit alone and a receiver's failure leave the
+    delivery done, never retried."""
+    app, rec = recorder(SQLALCHEMY_ENGINE_OPTIONS={"isolation_level": "AUTOCOMMIT"})
+    store = store_of(app)
+    assert post(app, make("igv", app)).status_code == 200
+    _drop_the_hosts_idle_connections(store)
+    rec.hook = failing("the receiver fails")
+    cb = make("igv", app)
+    answer = post(app, cb).status_code
+    [row] = [r for r in rows(app) if r.key == cb.key]
+    # Never done: the receiver failed (500), or the new connection was a dead
+    # one too (503: the store's failure, the claim handed back); either way
+    # the attempt is on record, not left processing until its lease ran out.
+    assert (row.status, row.attempts) == ("failed", 1)
+    if answer == 500:
+        assert row.error == "RuntimeError: the receiver fails"
+    else:
+        assert answer == 503
+        assert row.error is not None
+        assert row.error.startswith("OperationalError")

@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn, Protocol, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
 from ..exc import (
@@ -514,9 +514,12 @@ class DeliveryStore:
     def dispatch(self, delivery: Delivery, claim: Claim, dispatch: Callable[[], None]) -> None:
         """Run ``dispatch`` inside the transaction that marks the claim done."""
         with self._store_errors(delivery), self._dispatch_transaction() as session:
+            # A transaction the host began before the view holds its work: one
+            # whose connection died must fail, not begin again without it.
+            begun_before = session.current() is not None
             try:
                 self._see_the_claim(session, delivery)
-                marked = self._mark_done(session, delivery, claim)
+                marked = self._mark_done(session, delivery, claim, reconnect=not begun_before)
             except (SQLAlchemyError, StoreUnavailable) as exc:
                 # No receiver ran. Hand the claim back now, or every retry is
                 # refused until the lease runs out although nobody holds it.
@@ -713,22 +716,35 @@ class DeliveryStore:
             "callback; the delivery was kept for retry."
         )
 
-    def _mark_done(self, session: Transaction, delivery: Delivery, claim: Claim) -> bool:
+    def _mark_done(
+        self, session: Transaction, delivery: Delivery, claim: Claim, *, reconnect: bool
+    ) -> bool:
         """Mark the claim done (uncommitted), waiting out a busy store.
 
         Retrying is safe here because no receiver has run yet; it matters on
-        SQLite, where another writer's lock otherwise strands the claim.
+        SQLite, where another writer's lock otherwise strands the claim. With
+        ``reconnect``, a connection the server dropped (a restart, a
+        failover: the host's pool holds one per process until each is used)
+        is replaced once: the claim, on a connection of its own, succeeded,
+        and failing here would count an attempt per pooled connection.
         """
         deadline = time.monotonic() + self.duplicate_wait
         params = {**self._key_params(delivery), "p_token": claim.token}
         while True:
             try:
-                connection = session.connection()
-                if self.dialect == "sqlite":
-                    take_write_lock(connection, deadline)
-                row = self._sql.mark_done.first(connection, {**params, "p_now": self._now()})
+                with _driver_errors_wrapped(self.engine.dialect):
+                    connection = session.connection()
+                    if self.dialect == "sqlite":
+                        take_write_lock(connection, deadline)
+                    row = self._sql.mark_done.first(connection, {**params, "p_now": self._now()})
                 return row is not None
             except DBAPIError as exc:
+                if reconnect and exc.connection_invalidated:
+                    # SQLAlchemy invalidated the connection (and, on a
+                    # disconnect, every older one of its pool): the next is new.
+                    reconnect = False
+                    session.rollback()
+                    continue
                 if not is_busy(exc) or time.monotonic() >= deadline:
                     raise
                 session.rollback()
@@ -1077,6 +1093,31 @@ class DueClaim:
 
 
 _TOKEN = ROW_COLUMNS.index("claim_token")
+
+
+@contextmanager
+def _driver_errors_wrapped(dialect: Dialect) -> Iterator[None]:
+    """The driver's own errors as SQLAlchemy's :class:`DBAPIError`.
+
+    A connection the pool hands out is set up outside SQLAlchemy's error
+    handling: on an engine in autocommit mode, the dispatch's isolation
+    level is set on it at checkout, and a dead connection then fails with
+    PyMySQL's bare ``OperationalError``. Unwrapped, that escaped the store
+    as "unexpected" (500) with the claim left processing until its lease
+    ran out; wrapped, it is handed back and answered 503 like any other
+    lost connection (and, as one, run once more on a new connection)."""
+    base = dialect.loaded_dbapi.Error
+    try:
+        yield
+    except base as exc:
+        raise DBAPIError.instance(
+            None,
+            None,
+            exc,
+            base,
+            connection_invalidated=dialect.is_disconnect(exc, None, None),
+            dialect=dialect,
+        ) from exc
 
 
 def _lock_wait_params(seconds: float) -> dict[str, Any]:

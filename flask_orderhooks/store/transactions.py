@@ -124,6 +124,10 @@ class SessionTransaction:
 
     def rollback(self) -> None:
         self.session.rollback()
+        # The next connection() begins a new transaction: on an engine in
+        # autocommit mode it must ask for the isolation level again, or the
+        # done mark of a retry would commit alone.
+        self._transactional = False
 
     def close(self) -> None:
         """The dispatch is over: the session's commits are the host's again

@@ -19,6 +19,7 @@ import pytest
 import sqlalchemy as sa
 
 from flask_orderhooks.store import StoredDelivery
+from flask_orderhooks.store.statements import LEASE_LOST
 from flask_orderhooks.testing import SignedCallback
 
 from . import server_app
@@ -191,7 +192,10 @@ def test_killed_worker_is_replaced_and_the_resend_dispatches_once(
     # The killed attempt's flushed row died with its transaction.
     assert [(e.note, e.pid == pid) for e in effects] == [("committed", False)]
     stored = delivery(server, cb)
-    assert (stored.status, stored.attempts, stored.error) == ("done", 2, None)
+    # The resend took the dead worker's attempt over and kept it on record,
+    # as a worker's due claim would have.
+    assert (stored.status, stored.attempts, stored.error) == ("done", 2, LEASE_LOST)
+    assert [(f.attempt, f.error) for f in stored.failed_attempts] == [(1, LEASE_LOST)]
     again = server.post(cb)
     assert form(cb.provider, again)[0] == "success"
     assert len(effects_of(server, cb)) == 1

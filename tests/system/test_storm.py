@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from flask_orderhooks.store.statements import LEASE_LOST
 from flask_orderhooks.testing import SignedCallback
 
 from .callbacks import mixed
@@ -109,8 +110,11 @@ def check_exactly_once(
     errors = [d.error for d in deliveries if d.error is not None]
     retaken = sum(d.attempts > 1 for d in deliveries)
     if lease_retakes:
-        # No receiver fails in a storm: only a store error may be on record.
-        assert [e for e in errors if not e.startswith("OperationalError")] == []
+        # No receiver fails in a storm: only a store error may be on record,
+        # or the lost attempt of a claim left behind, which a resend took
+        # over once its lease ran out (one per delivery taken again).
+        assert [e for e in errors if not e.startswith("OperationalError") and e != LEASE_LOST] == []
+        assert sum(e == LEASE_LOST for e in errors) <= retaken
     else:
         assert errors == []
         assert Counter(d.attempts for d in deliveries) == {1: len(callbacks)}

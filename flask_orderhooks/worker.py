@@ -167,6 +167,9 @@ def attempt(app: Flask, state: AppState, due: DueClaim) -> bool:
 
 #: The longest an idle worker sleeps without looking at its stop flag.
 _WAKE_SLICE = 0.05
+#: While the store stays unavailable, how often the worker says so again
+#: (seconds): a line per poll would be 7,200 an hour at 0.5 s.
+OUTAGE_REMINDER = 300.0
 
 
 class Worker:
@@ -188,6 +191,9 @@ class Worker:
         # wait(); Event.set() would then wait for it forever.
         self._stopping = False
         self._signal: int | None = None
+        # When the store was first found unavailable in the outage going
+        # on, and when the worker last said so (monotonic); None: no outage.
+        self._outage: tuple[float, float] | None = None
 
     def stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
         """Finish the delivery in hand, then return from :meth:`run`.
@@ -205,6 +211,41 @@ class Worker:
             signum, self._signal = self._signal, None
             logger.info("worker: %s received; stopping", signal.Signals(signum).name)
         return self._stopping
+
+    def _store_unavailable(self, exc: StoreUnavailable) -> None:
+        """Say that the store is unavailable once when an outage begins, then
+        every :data:`OUTAGE_REMINDER` seconds while it lasts (each pass's
+        failure at DEBUG): a WARNING per poll would flood the log."""
+        now = time.monotonic()
+        if self._outage is None:
+            self._outage = (now, now)
+            logger.warning(
+                "worker: the store is unavailable (%s); looking again every %gs, and saying "
+                "so again every %gs while it lasts",
+                exc.reason,
+                self.poll_interval,
+                OUTAGE_REMINDER,
+            )
+            return
+        began, said = self._outage
+        if now - said >= OUTAGE_REMINDER:
+            self._outage = (began, now)
+            logger.warning(
+                "worker: the store is still unavailable after %.0fs (%s); looking again",
+                now - began,
+                exc.reason,
+            )
+        else:
+            logger.debug("worker: the store is unavailable (%s); looking again", exc.reason)
+
+    def _store_back(self) -> None:
+        """A pass reached the store: an outage, if one was said, is over."""
+        if self._outage is not None:
+            began, _said = self._outage
+            self._outage = None
+            logger.warning(
+                "worker: the store is back after %.1fs unavailable", time.monotonic() - began
+            )
 
     def _idle(self) -> None:
         """Sleep ``poll_interval``, in short slices that look at the flag: a
@@ -232,15 +273,15 @@ class Worker:
                         self.app, self.state, should_stop=self._should_stop, result=self.total
                     )
                 except StoreUnavailable as exc:
-                    logger.warning(
-                        "worker: the store is unavailable (%s); looking again", exc.reason
-                    )
+                    self._store_unavailable(exc)
                 except Exception:
                     # attempt() records each delivery's own errors; this is
                     # anything else (the store raised what it should have
                     # turned into StoreUnavailable). One bad pass must not
                     # end the loop.
                     logger.exception("worker: the pass failed; looking again")
+                else:
+                    self._store_back()
                 if self.total.attempted == before:
                     self._idle()
         finally:

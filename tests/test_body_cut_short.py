@@ -25,7 +25,7 @@ from tests.conftest import BASE_CONFIG, GATEWAY_KEYS, IGV_SECRET
 
 @pytest.fixture
 def app(tmp_path: Path) -> Iterator[Flask]:
-    app = Flask("orderhooks_review14", instance_path=str(tmp_path / "instance"))
+    app = Flask("orderhooks_body_cut_short", instance_path=str(tmp_path / "instance"))
     app.config.update(BASE_CONFIG)
     app.config["ORDERHOOKS_DATABASE_URI"] = f"sqlite:///{tmp_path / 'hooks.sqlite3'}"
     hooks = OrderHooks(app)

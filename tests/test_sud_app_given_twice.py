@@ -12,7 +12,7 @@ from flask_orderhooks import ConfigurationError, OrderHooks
 
 
 def _init(tmp_path: Path, **config: Any) -> OrderHooks:
-    app = Flask("review14_config", instance_path=str(tmp_path))
+    app = Flask("sud_app_given_twice", instance_path=str(tmp_path))
     app.config.update(config)
     return OrderHooks(app)
 

@@ -92,7 +92,7 @@ DEFAULT_BUCKETS: tuple[float, ...] = (
 #: dispatch histogram count done deliveries already.
 COUNTED_STATUSES: tuple[str, ...] = (PENDING, PROCESSING, FAILED, DEAD)
 
-#: Every status the pipeline answers with (see the README's "Answers"): the
+#: Every status the pipeline answers with (docs/platforms/index.rst, "Answers"): the
 #: request counter starts each at 0, so that an alert on ``increase()`` sees
 #: the first failure too (a series born at 1 shows no increase).
 ANSWER_STATUSES: tuple[int, ...] = (200, 400, 401, 403, 409, 413, 500, 503)

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from .table import DONE, MYSQL, STATUS_UPDATED_INDEX, WHEN
+from .table import DONE, MYSQL, PROCESSING, STATUS_UPDATED_INDEX, WHEN
 
 if TYPE_CHECKING:
     from .delivery_store import DeliveryStore
@@ -98,7 +98,8 @@ def delete_old(
     provider: str | None,
     batch: int = BATCH,
 ) -> int:
-    """Delete deliveries in ``statuses`` last updated before ``older_than``.
+    """Delete deliveries in ``statuses`` last updated before ``older_than``
+    (processing ones only once their lease ran out).
 
     One status after the other: each batch's read is then one range of the
     (status, updated_at) index, in the order it reads. With several statuses
@@ -111,6 +112,14 @@ def delete_old(
     deleted = 0
     for status in statuses:
         where = _old(t, older_than, (status,), provider)
+        if status == PROCESSING:
+            # Only a processing delivery whose lease ran out (its worker died
+            # or hung), whatever ``older_than``: one whose worker holds it may
+            # be between its claim and its done mark, which locks the row,
+            # and a deferred one was answered "done" already, so deleting it
+            # would lose it.
+            lease_over = sa.bindparam("p_lease_over", store._now(), type_=WHEN)
+            where.append(t.c.lease_expires_at < lease_over)
 
         def write(
             keys: sa.ColumnElement[bool], where: list[sa.ColumnElement[bool]] = where
@@ -158,6 +167,11 @@ def _old(
     status_params: list[sa.BindParameter[str]] = [
         sa.bindparam(f"p_status_{i}", s) for i, s in enumerate(statuses)
     ]
+    if older_than.tzinfo is None:
+        # UTC, as the store keeps it and reads it back (delivery_store.utc):
+        # PostgreSQL would read a naive time in the session's zone, which is
+        # the server's unless set (hours off UTC), SQLite and MySQL as UTC.
+        older_than = older_than.replace(tzinfo=UTC)
     where = [
         t.c.status.in_(status_params),
         t.c.updated_at < sa.bindparam("p_older_than", older_than, type_=WHEN),

@@ -1,0 +1,106 @@
+"""Defects found in purge (store/retention.py) and replay (replay.py)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from flask_orderhooks.worker import attempt
+from tests.conftest import AppFactory, stored_row
+from tests.test_cli import RecorderFactory, run
+from tests.test_delivery_queue import Clock, deferred
+from tests.test_durability import make, post, rows
+
+
+def _engine_options(backend: str) -> dict[str, Any]:
+    """A database session whose time zone is not UTC, as a PostgreSQL server
+    initialised on a machine set to New York's time has by default."""
+    if backend == "postgresql":
+        return {"connect_args": {"options": "-c timezone=America/New_York"}}
+    if backend == "mariadb":
+        return {"connect_args": {"init_command": "SET time_zone = '-05:00'"}}
+    return {}
+
+
+@pytest.mark.parametrize("compact", [False, True], ids=["delete", "compact"])
+def test_purge_reads_a_naive_cutoff_as_utc_whatever_the_session_time_zone(
+    make_app: AppFactory, backend: str, compact: bool
+) -> None:
+    """The store keeps UTC, and reads naive times it gets back as UTC; a naive
+    ``older_than`` is UTC too, on every backend."""
+    app, hooks, _db = make_app(SQLALCHEMY_ENGINE_OPTIONS=_engine_options(backend))
+    store = hooks.state(app).store
+    now = datetime.now(UTC)
+    with app.app_context():
+        store.prepare()
+        with store.engine.begin() as connection:
+            connection.execute(
+                sa.insert(store.table),
+                [
+                    stored_row(
+                        store.dialect,
+                        provider="igv",
+                        callback="order-status",
+                        key="done-30-minutes-ago",
+                        status="done",
+                        when=now - timedelta(minutes=30),
+                    )
+                ],
+            )
+        cutoff = (now - timedelta(hours=1)).replace(tzinfo=None)
+        if compact:
+            assert store.compact(older_than=cutoff) == 0
+        else:
+            assert store.purge(older_than=cutoff) == 0
+        (row,) = store.list()
+        assert (row.key, row.body, row.compacted_at) == ("done-30-minutes-ago", b"{}", None)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def test_purge_processing_spares_a_delivery_whose_worker_holds_its_lease(
+    recorder: RecorderFactory, clock: Clock
+) -> None:
+    """``purge --older-than 0s --processing`` between a worker's claim and its
+    done mark (the dispatch waiting for a pooled connection, say): the
+    platform was answered at the acceptance and sends it no more, so a
+    deleted row is a lost callback. Only a processing delivery whose lease
+    ran out (its worker died or hung) is deleted."""
+    app, rec = deferred(recorder, clock)
+    callback = make("collect", app, id="C-in-flight")
+    assert post(app, callback).status_code == 200
+    state = app.extensions["orderhooks"].state(app)
+    with app.app_context():
+        due = state.store.claim_due()
+    assert due is not None
+    clock.now += 1
+    result = run(app, "purge", "--older-than", "0s", "--processing")
+    assert result.output.splitlines()[0] == (
+        "Deleted 0 and compacted 0 deliveries older than 0s (done, processing)."
+    )
+    with app.app_context():
+        assert attempt(app, state, due)
+    assert [name for name, _event in rec.events] == ["PaymentCollected"]
+    (row,) = rows(app)
+    assert (row.status, row.attempts) == ("done", 1)
+
+    # A worker that died: its lease runs out, and the row is deleted (the
+    # done one, the gateway's, is compacted).
+    other = make("collect", app, id="C-abandoned")
+    assert post(app, other).status_code == 200
+    with app.app_context():
+        assert state.store.claim_due() is not None
+    clock.now += state.store.claim_timeout + 1
+    result = run(app, "purge", "--older-than", "0s", "--processing")
+    assert result.output.splitlines()[0] == (
+        "Deleted 1 and compacted 1 deliveries older than 0s (done, processing)."
+    )
+    assert [(r.key, r.status, r.compacted_at is not None) for r in rows(app)] == [
+        ("C-in-flight:60", "done", True)
+    ]

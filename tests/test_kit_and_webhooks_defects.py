@@ -1,5 +1,9 @@
 """Defects found reviewing the Standard Webhooks provider and the testing kit.
 
+- Svix, and the services that send through it (Resend, Clerk), name the
+  headers ``svix-id``, ``svix-timestamp`` and ``svix-signature`` unless an
+  account has them white-labelled to ``webhook-*``; the provider read only
+  ``webhook-*``, so every message of the senders the docs name was a 401.
 - The signature was computed again for every ``v1,`` entry of the header: a
   forged header of a thousand entries made the server hash the body a
   thousand times before answering 401.
@@ -77,6 +81,91 @@ def svix_headers(
         "svix-timestamp": str(at),
         "svix-signature": signature,
     }
+
+
+# -- 1. Svix-branded headers ------------------------------------------------------
+
+
+def test_a_message_with_svix_branded_headers_is_verified_and_dispatched_once(
+    hooked: Callable[..., Hooked],
+) -> None:
+    h = hooked()
+    headers = svix_headers()
+    assert h.answer(headers) == OK
+    assert h.answer(headers) == OK, "the sender's retry is a duplicate"
+    (event,) = h.events
+    assert (event.source, event.id, event.type) == ("mail", "msg_svix_1", "email.delivered")
+    assert event.timestamp == datetime(2026, 5, 4, 12, 30, tzinfo=UTC)
+    with h.app.app_context():
+        (row,) = h.hooks.store.list()
+    assert (row.key, row.status, row.attempts) == ("msg_svix_1", "done", 1)
+    assert row.headers == {
+        "svix-id": "msg_svix_1",
+        "svix-timestamp": str(NOW),
+        "svix-signature": headers["svix-signature"],
+    }
+
+
+def test_a_stored_svix_delivery_verifies_again_for_a_worker_attempt(
+    hooked: Callable[..., Hooked],
+) -> None:
+    h = hooked(ORDERHOOKS_DISPATCH="deferred")
+    assert h.answer(svix_headers("msg_later")) == OK
+    assert h.events == []
+    with h.app.app_context():
+        assert h.hooks.process_due() == 1
+        (row,) = h.hooks.store.list()
+    assert (row.status, row.attempts) == ("done", 1)
+    assert [e.id for e in h.events] == ["msg_later"]
+
+
+def test_svix_branded_headers_are_checked_like_the_standard_ones(
+    hooked: Callable[..., Hooked],
+) -> None:
+    h = hooked()
+    good = svix_headers()
+    assert h.answer({**good, "svix-signature": "v1,bm90IGl0"}) == (
+        401,
+        "The svix-signature does not match.",
+    )
+    assert h.answer(good, body=BODY.replace("em_1", "em_2")) == (
+        401,
+        "The svix-signature does not match.",
+    )
+    assert h.answer({k: v for k, v in good.items() if k != "svix-timestamp"}) == (
+        401,
+        "The svix-timestamp header is missing or empty.",
+    )
+    assert h.answer(svix_headers(at=NOW - 301)) == (
+        401,
+        "The svix-timestamp is older than 300 seconds.",
+    )
+    assert h.answer(svix_headers(at=NOW + 301)) == (
+        401,
+        "The svix-timestamp is more than 300 seconds in the future.",
+    )
+    assert h.events == []
+
+
+def test_the_standard_headers_win_over_svix_ones_in_one_request(
+    hooked: Callable[..., Hooked],
+) -> None:
+    # A request with both: the webhook-* ones are the standard's, and only
+    # they are read (a forged svix-* set beside them changes nothing).
+    h = hooked()
+    svix = svix_headers("msg_a")
+    standard = {
+        "webhook-id": "msg_b",
+        "webhook-timestamp": svix["svix-timestamp"],
+        "webhook-signature": Webhook(SECRET).sign("msg_b", datetime.fromtimestamp(NOW, UTC), BODY),
+    }
+    assert h.answer({**svix, **standard}) == OK
+    assert [e.id for e in h.events] == ["msg_b"]
+    forged = {**standard, "webhook-signature": "v1,bm90IGl0"}
+    assert h.answer({**svix_headers("msg_c"), **forged}) == (
+        401,
+        "The webhook-signature does not match.",
+    )
 
 
 # -- 2. one HMAC per secret, not per signature entry --------------------------------

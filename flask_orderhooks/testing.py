@@ -458,6 +458,10 @@ def standard_webhook(
     return SignedCallback("standard", source, f"/standard/{source}", body, headers, msg_id)
 
 
+#: A ``webhook-timestamp`` the route reads: ASCII digits.
+_WHOLE_SECONDS = re.compile(r"[0-9]+")
+
+
 def _unix_time(stamp: str) -> datetime:
     """The time of a ``webhook-timestamp``, written into the body too.
 
@@ -465,9 +469,13 @@ def _unix_time(stamp: str) -> datetime:
         between 1 and 9999.
     """
     try:
+        # ASCII digits only, as the route reads the header: int() would take
+        # "1_767_225_600", "+1", "-5", padding and other scripts' digits.
+        if not _WHOLE_SECONDS.fullmatch(stamp):
+            raise ValueError(stamp)
         return datetime.fromtimestamp(int(stamp), UTC)
     except (ValueError, OverflowError, OSError):
-        # int() refuses text, fromtimestamp() a year out of its range.
+        # fromtimestamp() refuses a year out of its range.
         raise ValueError(
             f"timestamp must be whole Unix seconds of a year from 1 to 9999, such as 1767225600, "
             f"not {stamp!r}."

@@ -7,6 +7,11 @@
 - The signature was computed again for every ``v1,`` entry of the header: a
   forged header of a thousand entries made the server hash the body a
   thousand times before answering 401.
+- The kit's ``standard_webhook`` promised a ``ValueError`` for a
+  ``timestamp`` that is not whole Unix seconds, but ``int()`` let through
+  ``"1_767_225_600"``, ``"+…"``, ``"-5"`` and padded text, which it then
+  sent as the header (refused 400 by the route), and other scripts' digits,
+  which raised ``UnicodeEncodeError`` from inside the signing.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from standardwebhooks.webhooks import Webhook
 
 from flask_orderhooks import OrderHooks, StandardWebhook, webhook_received
 from flask_orderhooks import standard_webhooks as module
+from flask_orderhooks.testing import standard_webhook
 from tests.conftest import AppFactory
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -195,3 +201,24 @@ def test_the_signature_is_computed_once_per_secret_whatever_the_entries(
     good = Webhook(SECRET).sign("msg_many", datetime.fromtimestamp(NOW, UTC), BODY)
     assert h.answer({**headers, "webhook-signature": f"{forged} {good}"}) == OK
     assert len(calls) == 2
+
+
+# -- 3. the kit's timestamp= is whole Unix seconds, as documented --------------------
+
+WHOLE_SECONDS = "timestamp must be whole Unix seconds of a year from 1 to 9999"
+
+
+@pytest.mark.parametrize(
+    "timestamp",
+    ["1_767_225_600", "+1767225600", "-5", -5, " 1767225600", "1767225600\n", "\u0661\u0667"],
+)
+def test_the_kit_refuses_a_timestamp_that_is_not_whole_unix_seconds(timestamp: Any) -> None:
+    with pytest.raises(ValueError, match=WHOLE_SECONDS) as caught:
+        standard_webhook(SECRET, source="mail", timestamp=timestamp)
+    assert str(caught.value).endswith(f"not {str(timestamp)!r}.")
+
+
+def test_the_kit_still_takes_whole_seconds_as_int_or_text() -> None:
+    for timestamp in (NOW, str(NOW)):
+        cb = standard_webhook(SECRET, source="mail", msg_id="m", timestamp=timestamp)
+        assert cb.headers["webhook-timestamp"] == str(NOW)

@@ -189,14 +189,24 @@ def _secrets(key: str, value: object) -> Secrets:
     for item in values:
         if not isinstance(item, str) or not item.strip():
             raise ConfigurationError(key, 'every secret must be a "whsec_..." string.')
-        encoded = item.removeprefix(_PREFIX)
         try:
-            secret = base64.b64decode(encoded, validate=True)
-        except (binascii.Error, ValueError):
-            raise ConfigurationError(
-                key, 'a secret is not base64 after its "whsec_" prefix.'
-            ) from None
-        if not secret:
-            raise ConfigurationError(key, "a secret is empty.")
-        decoded.append(secret)
+            decoded.append(decode_secret(item))
+        except ValueError as exc:
+            raise ConfigurationError(key, str(exc)) from None
     return Secrets(decoded)
+
+
+def decode_secret(secret: str) -> bytes:
+    """The key of a ``whsec_…`` secret (the prefix may be left out), decoded
+    strictly: the testing kit signs with exactly the key this provider
+    verifies with.
+
+    :raises ValueError: with a reason that never holds the secret.
+    """
+    try:
+        key = base64.b64decode(secret.removeprefix(_PREFIX), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError('a secret is not base64 after its "whsec_" prefix.') from None
+    if not key:
+        raise ValueError("a secret is empty.")
+    return key

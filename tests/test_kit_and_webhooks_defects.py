@@ -12,6 +12,10 @@
   ``"1_767_225_600"``, ``"+…"``, ``"-5"`` and padded text, which it then
   sent as the header (refused 400 by the route), and other scripts' digits,
   which raised ``UnicodeEncodeError`` from inside the signing.
+- The kit decoded ``secret=`` leniently (``base64.b64decode`` without
+  ``validate``): a secret the provider refuses at start-up signed silently
+  with another key (characters dropped) or with an empty one, or raised
+  ``binascii.Error: Incorrect padding``.
 """
 
 from __future__ import annotations
@@ -222,3 +226,28 @@ def test_the_kit_still_takes_whole_seconds_as_int_or_text() -> None:
     for timestamp in (NOW, str(NOW)):
         cb = standard_webhook(SECRET, source="mail", msg_id="m", timestamp=timestamp)
         assert cb.headers["webhook-timestamp"] == str(NOW)
+
+
+# -- 4. the kit's secret= is read as the provider reads a configured one -------------
+
+
+@pytest.mark.parametrize(
+    ("secret", "reason"),
+    [
+        ("whsec_abc", 'a secret is not base64 after its "whsec_" prefix.'),
+        ("whsec_not base64!!", 'a secret is not base64 after its "whsec_" prefix.'),
+        (SECRET + "\n", 'a secret is not base64 after its "whsec_" prefix.'),
+        ("v1," + SECRET, 'a secret is not base64 after its "whsec_" prefix.'),
+        ("whsec_", "a secret is empty."),
+    ],
+)
+def test_the_kit_refuses_a_secret_the_provider_would_refuse(secret: str, reason: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        standard_webhook(secret, source="mail", timestamp=NOW)
+    assert str(caught.value) == f"secret: {reason}"
+
+
+def test_the_kit_signs_with_the_key_the_provider_decodes() -> None:
+    cb = standard_webhook(SECRET.removeprefix("whsec_"), source="mail", msg_id="m", timestamp=NOW)
+    reference = Webhook(SECRET).sign("m", datetime.fromtimestamp(NOW, UTC), cb.body.decode())
+    assert cb.headers["webhook-signature"] == reference

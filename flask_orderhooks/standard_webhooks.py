@@ -3,7 +3,9 @@
 Each message carries ``webhook-id`` (the idempotency key, the same on every
 retry), ``webhook-timestamp`` (Unix seconds) and ``webhook-signature``: a
 space-separated list of ``v1,<base64>`` entries, each an HMAC-SHA256 of
-``id.timestamp.body`` with a secret (``whsec_`` and base64). Any one entry
+``id.timestamp.body`` with a secret (``whsec_`` and base64); Svix names
+them ``svix-id``, ``svix-timestamp`` and ``svix-signature``, read when a
+request has none of the ``webhook-*`` ones. Any one entry
 made with any configured secret verifies the message, which is how senders
 rotate keys. The timestamp must be within five minutes of this server's
 clock, both ways. Any 2xx answer means done; anything else is retried.
@@ -43,6 +45,11 @@ TOLERANCE_KEY = "ORDERHOOKS_STANDARD_WEBHOOKS_TOLERANCE"
 #: A source's name is a URL segment and the stored callback name.
 _SOURCE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 _PREFIX = "whsec_"
+#: The id, timestamp and signature headers: the standard's names, and the
+#: ones Svix sends unless an account has them white-labelled (its senders,
+#: Resend and Clerk among them, use them; Svix's own libraries read both).
+_STANDARD = ("webhook-id", "webhook-timestamp", "webhook-signature")
+_SVIX = ("svix-id", "svix-timestamp", "svix-signature")
 
 
 def standard_signature(msg_id: str, timestamp: str, body: bytes, secret: bytes) -> str:
@@ -64,7 +71,7 @@ class StandardWebhooksProvider(Provider):
     """
 
     name = "standard"
-    signed_headers = ("webhook-id", "webhook-timestamp", "webhook-signature")
+    signed_headers = _STANDARD + _SVIX
     key_header = "webhook-id"
     signals = (webhook_received,)
     config_defaults: ClassVar[Mapping[str, Any]] = {CONFIG_KEY: None, TOLERANCE_KEY: 300}
@@ -112,11 +119,13 @@ class StandardWebhooksProvider(Provider):
             # Only a stored delivery gets here (a worker's attempt, a replay):
             # its source was removed from the config, and its route with it.
             raise BadSignature(f"The source {callback!r} is not configured.")
-        msg_id = header(headers, "webhook-id")
-        timestamp = header(headers, "webhook-timestamp")
-        given = header(headers, "webhook-signature")
-        header_bytes(msg_id, "webhook-id")
-        header_bytes(timestamp, "webhook-timestamp")
+        names = _header_names(headers)
+        id_name, timestamp_name, signature_name = names
+        msg_id = header(headers, id_name)
+        timestamp = header(headers, timestamp_name)
+        given = header(headers, signature_name)
+        header_bytes(msg_id, id_name)
+        header_bytes(timestamp, timestamp_name)
         # Entries of other schemes (v1a, asymmetric) are skipped, not refused:
         # a sender may add them beside the v1 ones.
         offered = [
@@ -125,17 +134,17 @@ class StandardWebhooksProvider(Provider):
             if entry.startswith("v1,") and entry.isascii()
         ]
         if not offered:
-            raise BadSignature("The webhook-signature header has no v1 signature.")
-        if not any(
-            hmac.compare_digest(
-                standard_signature(msg_id, timestamp, body, secret).encode("ascii"), entry
-            )
+            raise BadSignature(f"The {signature_name} header has no v1 signature.")
+        # Once per secret, never per entry: the sender chooses how many
+        # entries there are, and each signature hashes the whole body.
+        expected = [
+            standard_signature(msg_id, timestamp, body, secret).encode("ascii")
             for secret in secrets.newest_first
-            for entry in offered
-        ):
-            raise BadSignature("The webhook-signature does not match.")
-        seconds = millisecond_timestamp(timestamp, "webhook-timestamp header")
-        check_age(seconds * 1000, now, self.tolerance, self.tolerance, "webhook-timestamp")
+        ]
+        if not any(hmac.compare_digest(mine, entry) for mine in expected for entry in offered):
+            raise BadSignature(f"The {signature_name} does not match.")
+        seconds = millisecond_timestamp(timestamp, f"{timestamp_name} header")
+        check_age(seconds * 1000, now, self.tolerance, self.tolerance, timestamp_name)
         data = parse_object(body)
         kind = data.get("type")
         event = StandardWebhook(
@@ -151,12 +160,25 @@ class StandardWebhooksProvider(Provider):
             callback=callback,
             key=msg_id,
             body=body,
-            headers={name: headers[name] for name in self.signed_headers},
+            # Stored under the names they came with, to verify again the same way.
+            headers={name: headers[name] for name in names},
             dispatches=(Dispatch(webhook_received, event),),
         )
 
     def answer(self, status: int, reason: str) -> Response:
         return Response(reason, status=status, mimetype="text/plain")
+
+
+def _header_names(headers: Mapping[str, str]) -> tuple[str, str, str]:
+    """The names of the request's three headers: the standard's, or Svix's
+    when it has none of the standard's. Never a mix: the three are read
+    together, and whichever set is read, the signature covers the id and
+    the timestamp."""
+    if not any(headers.get(name) for name in _STANDARD) and any(
+        headers.get(name) for name in _SVIX
+    ):
+        return _SVIX
+    return _STANDARD
 
 
 def _secrets(key: str, value: object) -> Secrets:
@@ -167,14 +189,24 @@ def _secrets(key: str, value: object) -> Secrets:
     for item in values:
         if not isinstance(item, str) or not item.strip():
             raise ConfigurationError(key, 'every secret must be a "whsec_..." string.')
-        encoded = item.removeprefix(_PREFIX)
         try:
-            secret = base64.b64decode(encoded, validate=True)
-        except (binascii.Error, ValueError):
-            raise ConfigurationError(
-                key, 'a secret is not base64 after its "whsec_" prefix.'
-            ) from None
-        if not secret:
-            raise ConfigurationError(key, "a secret is empty.")
-        decoded.append(secret)
+            decoded.append(decode_secret(item))
+        except ValueError as exc:
+            raise ConfigurationError(key, str(exc)) from None
     return Secrets(decoded)
+
+
+def decode_secret(secret: str) -> bytes:
+    """The key of a ``whsec_…`` secret (the prefix may be left out), decoded
+    strictly: the testing kit signs with exactly the key this provider
+    verifies with.
+
+    :raises ValueError: with a reason that never holds the secret.
+    """
+    try:
+        key = base64.b64decode(secret.removeprefix(_PREFIX), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError('a secret is not base64 after its "whsec_" prefix.') from None
+    if not key:
+        raise ValueError("a secret is empty.")
+    return key

@@ -14,7 +14,6 @@ newest one configured on the app (``app=`` or the current app)::
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import secrets as _random
@@ -32,7 +31,7 @@ from .gateway import GatewayProvider, gateway_signature
 from .igv import IGVProvider, igv_signature
 from .jsonbody import parse_object
 from .provider import Provider
-from .standard_webhooks import StandardWebhooksProvider, standard_signature
+from .standard_webhooks import StandardWebhooksProvider, decode_secret, standard_signature
 from .sud import ORDER_BATCH_CHANGED, ORDER_CHANGED, SUDProvider, sud_signature
 
 #: The platform and callback names :func:`build` and ``flask orderhooks send`` take.
@@ -419,7 +418,8 @@ def standard_webhook(
     string; default: that source's newest).
 
     :param timestamp: Unix seconds (default: now by the app's clock).
-    :raises ValueError: ``timestamp`` is not whole Unix seconds.
+    :raises ValueError: ``timestamp`` is not whole Unix seconds, or
+        ``secret`` is not one the provider would accept.
 
     .. versionadded:: 0.3
     """
@@ -437,7 +437,12 @@ def standard_webhook(
                 raise LookupError(f"No secret for the source {source!r}; pass secret=.")
             key = sources[source].newest
     if secret is not None:
-        key = base64.b64decode(secret.removeprefix("whsec_"))
+        try:
+            key = decode_secret(secret)
+        except ValueError as exc:
+            # A secret the provider would refuse at start-up must not sign
+            # with some other key (b64decode drops what it cannot read).
+            raise ValueError(f"secret: {exc}") from None
     assert source is not None
     msg_id = msg_id or "msg_" + _random.token_urlsafe(18)
     stamp = str(timestamp) if timestamp is not None else str(int(_now_ms(None, app)) // 1000)
@@ -458,6 +463,10 @@ def standard_webhook(
     return SignedCallback("standard", source, f"/standard/{source}", body, headers, msg_id)
 
 
+#: A ``webhook-timestamp`` the route reads: ASCII digits.
+_WHOLE_SECONDS = re.compile(r"[0-9]+")
+
+
 def _unix_time(stamp: str) -> datetime:
     """The time of a ``webhook-timestamp``, written into the body too.
 
@@ -465,9 +474,13 @@ def _unix_time(stamp: str) -> datetime:
         between 1 and 9999.
     """
     try:
+        # ASCII digits only, as the route reads the header: int() would take
+        # "1_767_225_600", "+1", "-5", padding and other scripts' digits.
+        if not _WHOLE_SECONDS.fullmatch(stamp):
+            raise ValueError(stamp)
         return datetime.fromtimestamp(int(stamp), UTC)
     except (ValueError, OverflowError, OSError):
-        # int() refuses text, fromtimestamp() a year out of its range.
+        # fromtimestamp() refuses a year out of its range.
         raise ValueError(
             f"timestamp must be whole Unix seconds of a year from 1 to 9999, such as 1767225600, "
             f"not {stamp!r}."

@@ -77,9 +77,9 @@ OLD = timedelta(days=40)
 PURGE_AGE = "30d"
 #: Old deliveries stored before the storm: half gateway (compacted), a
 #: quarter iGV and a quarter SUD (deleted).
-OLD_GATEWAY = 10_000
-OLD_IGV = 5_000
-OLD_SUD = 5_000
+OLD_GATEWAY = 4_000
+OLD_IGV = 2_000
+OLD_SUD = 2_000
 #: Fresh deliveries sent during the storm, each ``COPIES`` times in a row.
 FRESH = 300
 COPIES = 3

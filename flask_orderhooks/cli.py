@@ -505,9 +505,17 @@ def _next_attempt(state: AppState, row: StoredDelivery) -> str:
     help=f"e.g. 30d; at most {Duration.LONGEST_TEXT}.",
 )
 @click.option(
-    "--failed", "with_failed", is_flag=True, help="Also delete failed and dead deliveries."
+    "--failed",
+    "with_failed",
+    is_flag=True,
+    help="Also delete dead deliveries, and failed ones whose next attempt is due.",
 )
-@click.option("--processing", "with_processing", is_flag=True, help="Also delete processing ones.")
+@click.option(
+    "--processing",
+    "with_processing",
+    is_flag=True,
+    help="Also delete processing ones whose lease ran out.",
+)
 @click.option(
     "--compact-only",
     is_flag=True,

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from .table import DONE, MYSQL, PROCESSING, STATUS_UPDATED_INDEX, WHEN
+from .table import DONE, FAILED, MYSQL, PROCESSING, STATUS_UPDATED_INDEX, WHEN
 
 if TYPE_CHECKING:
     from .delivery_store import DeliveryStore
@@ -99,7 +99,8 @@ def delete_old(
     batch: int = BATCH,
 ) -> int:
     """Delete deliveries in ``statuses`` last updated before ``older_than``
-    (processing ones only once their lease ran out).
+    (processing ones only once their lease ran out, failed ones only once
+    their next attempt is due).
 
     One status after the other: each batch's read is then one range of the
     (status, updated_at) index, in the order it reads. With several statuses
@@ -120,6 +121,14 @@ def delete_old(
             # would lose it.
             lease_over = sa.bindparam("p_lease_over", store._now(), type_=WHEN)
             where.append(t.c.lease_expires_at < lease_over)
+        elif status == FAILED:
+            # Only a failed delivery whose next attempt is due (no worker took
+            # it) or not set: one still on the retry schedule would be carried
+            # to done by the workers, and its platform may send it no more (a
+            # deferred one was answered at its acceptance), so deleting it
+            # would lose it. Dead ones have no next attempt.
+            retry_due = sa.bindparam("p_retry_due", store._now(), type_=WHEN)
+            where.append(sa.or_(t.c.next_attempt_at.is_(None), t.c.next_attempt_at <= retry_due))
 
         def write(
             keys: sa.ColumnElement[bool], where: list[sa.ColumnElement[bool]] = where

@@ -1,4 +1,4 @@
-"""Defects found reviewing the Standard Webhooks provider and the testing kit.
+"""Standard Webhooks: Svix's header names, one HMAC per secret; the kit signs as the provider reads.
 
 - Svix, and the services that send through it (Resend, Clerk), name the
   headers ``svix-id``, ``svix-timestamp`` and ``svix-signature`` unless an

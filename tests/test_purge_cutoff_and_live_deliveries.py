@@ -1,4 +1,4 @@
-"""Defects found in purge (store/retention.py) and replay (replay.py)."""
+"""Purge: a naive cutoff is UTC, and a delivery the workers still carry is never deleted."""
 
 from __future__ import annotations
 
@@ -104,3 +104,41 @@ def test_purge_processing_spares_a_delivery_whose_worker_holds_its_lease(
     assert [(r.key, r.status, r.compacted_at is not None) for r in rows(app)] == [
         ("C-in-flight:60", "done", True)
     ]
+
+
+def test_purge_failed_spares_a_delivery_whose_next_attempt_is_scheduled(
+    recorder: RecorderFactory, clock: Clock
+) -> None:
+    """``purge --older-than 1m --failed`` with retry delays longer than the
+    age: a failed delivery still has its next attempt on the schedule (a
+    deferred one was answered at its acceptance, an inline one's platform
+    may have stopped resending), so deleting it loses a callback the
+    workers would still carry to done. Only a failed delivery whose next
+    attempt is due, or none is set, is deleted; dead ones go as before."""
+    app, rec = deferred(recorder, clock, ORDERHOOKS_RETRY_DELAYS=[3600])
+    state = app.extensions["orderhooks"].state(app)
+    callback = make("collect", app, id="C-retry-scheduled")
+    assert post(app, callback).status_code == 200
+    rec.fail_next = 1
+    with app.app_context():
+        due = state.store.claim_due()
+        assert due is not None
+        assert not attempt(app, state, due)
+    (row,) = rows(app)
+    assert (row.status, row.next_attempt_at) == ("failed", clock.at(3600))
+    clock.now += 120
+    result = run(app, "purge", "--older-than", "1m", "--failed")
+    assert result.output.splitlines()[0] == (
+        "Deleted 0 and compacted 0 deliveries older than 1m (done, failed, dead)."
+    )
+    (row,) = rows(app)
+    assert row.status == "failed"
+
+    # Its attempt is due and no worker took it: the operator's --failed
+    # deletes it, as it always did.
+    clock.now += 3600
+    result = run(app, "purge", "--older-than", "1m", "--failed")
+    assert result.output.splitlines()[0] == (
+        "Deleted 1 and compacted 0 deliveries older than 1m (done, failed, dead)."
+    )
+    assert rows(app) == []

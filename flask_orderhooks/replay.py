@@ -45,7 +45,9 @@ def replay(app: Flask, state: AppState, row: StoredDelivery, *, force: bool) -> 
     """Verify ``row`` again (without the timestamp window) and dispatch it now.
 
     A done delivery is dispatched again only with ``force``, and only in the
-    state ``row`` holds: read as done, with ``row.attempts`` attempts. The
+    state ``row`` holds: read as done, with ``row.attempts`` attempts, the
+    row stored at ``row.created_at`` (not one stored anew after purge
+    deleted it) and not compacted since. The
     store's claim checks that state in the same statement that takes the row
     over, so ``force`` never takes over a delivery that became done since
     ``row`` was read (a worker finished it while ``replay --failed --force``
@@ -58,10 +60,7 @@ def replay(app: Flask, state: AppState, row: StoredDelivery, *, force: bool) -> 
     if row.status == DONE and not force:
         return ReplayOutcome("already_done", "already done; not replayed.")
     if row.compacted_at is not None:
-        return ReplayOutcome(
-            "failed",
-            f"compacted by purge at {_utc_text(row.compacted_at)}: its body is gone; not replayed.",
-        )
+        return _compacted(row.compacted_at)
     provider = state.providers.get(row.provider)
     if provider is None:
         return ReplayOutcome(
@@ -88,12 +87,18 @@ def replay(app: Flask, state: AppState, row: StoredDelivery, *, force: bool) -> 
     try:
         # Forced only over the done state the caller saw: ``row`` may be stale.
         claim = state.store.claim(
-            delivery, force=forced, seen_attempts=row.attempts if forced else None
+            delivery,
+            force=forced,
+            seen_attempts=row.attempts if forced else None,
+            seen_created=row.created_at if forced else None,
         )
     except CallbackError as exc:
         return ReplayOutcome("failed", f"failed: {exc.reason}")
     if claim is None:
         if forced:
+            compacted_at = _compacted_since(state, row)
+            if compacted_at is not None:
+                return _compacted(compacted_at)
             return ReplayOutcome(
                 "already_done",
                 f"already done, and replayed since it was read at attempt {row.attempts}; "
@@ -106,6 +111,23 @@ def replay(app: Flask, state: AppState, row: StoredDelivery, *, force: bool) -> 
     except CallbackError as exc:
         return ReplayOutcome("failed", _failed_attempt(state, row, claim, exc))
     return ReplayOutcome("done", f"replayed, attempt {claim.attempt}: done.", attempt=claim.attempt)
+
+
+def _compacted_since(state: AppState, row: StoredDelivery) -> datetime | None:
+    """When purge compacted ``row`` after it was read, if it did."""
+    try:
+        now = state.store.get(row.key, provider=row.provider, callback=row.callback)
+    except CallbackError:
+        # The store failed after the claim: the other reason stands.
+        return None
+    return now[0].compacted_at if now else None
+
+
+def _compacted(compacted_at: datetime) -> ReplayOutcome:
+    return ReplayOutcome(
+        "failed",
+        f"compacted by purge at {_utc_text(compacted_at)}: its body is gone; not replayed.",
+    )
 
 
 def _utc_text(when: datetime) -> str:

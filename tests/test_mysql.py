@@ -439,6 +439,7 @@ def test_a_duplicate_key_never_reports_the_inserted_id(
             "p_lease": now,
             "p_takeover": "failed",
             "p_seen_attempts": -1,
+            "p_seen_created": now,
             "p_lost_line": lost_line_suffix(now),
             "p_lock_wait": 1,
         }

@@ -73,6 +73,7 @@ def _parameters(n: int) -> dict[str, Any]:
         "p_now": now,
         "p_takeover": "failed",
         "p_seen_attempts": -1,
+        "p_seen_created": now,
         "p_error": "error",
         "p_attempts": 1,
         "p_ms": "1000ms",

@@ -44,7 +44,7 @@ from .mysql_autocommit import autocommit_engine
 from .retention import compact_old, delete_old
 from .retries import NO_RETRIES, RetrySchedule
 from .sqlite import relaxed_sqlite_sync, take_write_lock
-from .statements import NOT_FORCED, ROW_COLUMNS, Statements, lost_line_suffix
+from .statements import NOT_FORCED, ROW_COLUMNS, SEEN_ANY_TIME, Statements, lost_line_suffix
 from .table import (
     DEAD,
     DONE,
@@ -409,7 +409,12 @@ class DeliveryStore:
                 raise
 
     def claim(
-        self, delivery: Delivery, *, force: bool = False, seen_attempts: int | None = None
+        self,
+        delivery: Delivery,
+        *,
+        force: bool = False,
+        seen_attempts: int | None = None,
+        seen_created: datetime | None = None,
     ) -> Claim | None:
         """Take the delivery's next attempt, or ``None`` if it is already done.
 
@@ -418,6 +423,10 @@ class DeliveryStore:
             caller saw. Once a forced claim took it over (it has one attempt
             more), another forced claim of that same state gets ``None``.
         :param seen_attempts: required with ``force``.
+        :param seen_created: with ``force``, when the row the caller saw was
+            stored (:attr:`StoredDelivery.created_at`): a row purge deleted
+            since and stored anew is not taken over, nor is one purge
+            compacted since (a tombstone has no body to retry with).
 
         A processing delivery whose lease ran out (its worker died) is taken
         over, and the lost attempt recorded in the same statement as a
@@ -428,7 +437,7 @@ class DeliveryStore:
         a dead delivery too.
 
         .. versionchanged:: 0.3
-            ``force`` needs ``seen_attempts``.
+            ``force`` needs ``seen_attempts``; new ``seen_created``.
         """
         if force and seen_attempts is None:
             raise TypeError(
@@ -444,7 +453,11 @@ class DeliveryStore:
             remaining = deadline - time.monotonic()
             try:
                 row, current = self._claim_once(
-                    delivery, token, digest, remaining, force_over=seen_attempts if force else None
+                    delivery,
+                    token,
+                    digest,
+                    remaining,
+                    force_over=(seen_attempts, seen_created or SEEN_ANY_TIME) if force else None,
                 )
             except StoreUnavailable as exc:
                 # Busy (a lock wait ran out, a MySQL deadlock was broken):
@@ -480,11 +493,12 @@ class DeliveryStore:
         digest: str,
         remaining: float,
         *,
-        force_over: int | None,
+        force_over: tuple[int | None, datetime] | None,
     ) -> tuple[tuple[Any, ...] | None, tuple[Any, ...] | None]:
         """One claim statement: (its row, or None) and, when it did not win,
         the delivery's (status, digest) as it is now. ``force_over``: take
-        a done row over too while it has that many attempts."""
+        a done row over too while it has that many attempts and was stored
+        no later than that (never a tombstone)."""
 
         def claim_on(
             connection: Connection,
@@ -498,7 +512,8 @@ class DeliveryStore:
                     "p_lease": now + timedelta(seconds=self.claim_timeout),
                     **_now_params(now),
                     "p_takeover": FAILED if force_over is None else DONE,
-                    "p_seen_attempts": NOT_FORCED if force_over is None else force_over,
+                    "p_seen_attempts": NOT_FORCED if force_over is None else force_over[0],
+                    "p_seen_created": SEEN_ANY_TIME if force_over is None else force_over[1],
                     # ON CONFLICT waits for another worker's row lock,
                     # unbounded by default.
                     **_lock_wait_params(remaining),

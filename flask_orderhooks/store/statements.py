@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -217,16 +217,22 @@ def claim_takeover(t: sa.Table, digest: Any) -> sa.ColumnElement[bool]:
     replay is forced and it is still in the state the operator saw; never
     another body.
 
-    A forced claim passes ``p_takeover = 'done'`` and ``p_seen_attempts``,
-    the attempts it saw; an unforced one ``'failed'`` and ``-1``, which no
-    row has (the failed rows it takes match the condition before). The
-    attempts are checked here, in the claim's own statement, because every
-    claim adds one: of two forced replays of the same done state (a double
-    submit, two operators), the second finds one attempt more and takes
-    nothing over, however the two interleave. Two plain comparisons, not one
-    of concatenated text: on MySQL a concatenation of the column and a cast
-    has no collation when the column's differs from the connection's, and
-    the server would refuse every claim (error 1267)."""
+    A forced claim passes ``p_takeover = 'done'``, ``p_seen_attempts``, the
+    attempts it saw, and ``p_seen_created``, when the row it saw was
+    stored; an unforced one ``'failed'`` and ``-1``, which no row has (the
+    failed rows it takes match the condition before). The attempts are
+    checked here, in the claim's own statement, because every claim adds
+    one: of two forced replays of the same done state (a double submit, two
+    operators), the second finds one attempt more and takes nothing over,
+    however the two interleave. The creation time tells the row seen from
+    one stored anew after purge deleted it (by the first of those forced
+    replays, at attempt 1 again: the attempts alone would match), and a
+    tombstone is never taken over (purge compacted the row since it was
+    read: there is no body to retry a failed attempt with). Plain
+    comparisons, not one of concatenated text: on MySQL a concatenation of
+    the column and a cast has no collation when the column's differs from
+    the connection's, and the server would refuse every claim (error
+    1267)."""
     return sa.and_(
         sa.or_(
             t.c.status == FAILED,
@@ -235,6 +241,8 @@ def claim_takeover(t: sa.Table, digest: Any) -> sa.ColumnElement[bool]:
             sa.and_(
                 t.c.status == sa.bindparam("p_takeover"),
                 t.c.attempts == sa.bindparam("p_seen_attempts", type_=sa.Integer),
+                t.c.created_at <= sa.bindparam("p_seen_created", type_=WHEN),
+                t.c.compacted_at.is_(None),
             ),
             abandoned(t),
         ),
@@ -244,6 +252,9 @@ def claim_takeover(t: sa.Table, digest: Any) -> sa.ColumnElement[bool]:
 
 #: ``p_seen_attempts`` of a claim that is not forced: no row has it.
 NOT_FORCED = -1
+#: ``p_seen_created`` when the caller did not say when the row it saw was
+#: stored: every row was stored before it.
+SEEN_ANY_TIME = datetime(9999, 12, 31, tzinfo=UTC)
 
 
 def accept_takeover(t: sa.Table, digest: Any) -> sa.ColumnElement[bool]:

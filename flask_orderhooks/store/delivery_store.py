@@ -974,7 +974,7 @@ class DeliveryStore:
         after: StoredDelivery | None = None,
     ) -> builtins.list[StoredDelivery]:
         """Stored deliveries, newest received first (``since``: received
-        since), read along the ``created_at`` index.
+        since; a naive time is UTC), read along the ``created_at`` index.
 
         :param after: the last row of the previous page: this page holds the
             rows after it in this order (a keyset page, which costs the same
@@ -1027,14 +1027,16 @@ class DeliveryStore:
         statuses: tuple[str, ...] = (DONE,),
         provider: str | None = None,
     ) -> int:
-        """Delete deliveries in ``statuses`` last updated before ``older_than``,
-        in short batches that skip rows a live callback holds
-        (:mod:`.retention`); how many were deleted."""
+        """Delete deliveries in ``statuses`` last updated before ``older_than``
+        (a naive time is UTC), in short batches that skip rows a live callback
+        holds (:mod:`.retention`); how many were deleted. A processing
+        delivery is deleted only once its lease ran out, a failed one only
+        once its next attempt is due: the workers would still carry it."""
         return delete_old(self, older_than=older_than, statuses=statuses, provider=provider)
 
     def compact(self, *, older_than: datetime, provider: str | None = None) -> int:
         """Drop the body and signed headers of done deliveries last updated
-        before ``older_than``, keeping tombstones (key, body digest, status,
+        before ``older_than`` (a naive time is UTC), keeping tombstones (key, body digest, status,
         dates) that still answer a replay as a duplicate; how many.
 
         .. versionadded:: 0.3

@@ -176,11 +176,7 @@ def _old(
     status_params: list[sa.BindParameter[str]] = [
         sa.bindparam(f"p_status_{i}", s) for i, s in enumerate(statuses)
     ]
-    if older_than.tzinfo is None:
-        # UTC, as the store keeps it and reads it back (delivery_store.utc):
-        # PostgreSQL would read a naive time in the session's zone, which is
-        # the server's unless set (hours off UTC), SQLite and MySQL as UTC.
-        older_than = older_than.replace(tzinfo=UTC)
+    # A naive ``older_than`` is UTC on every backend: WHEN takes it so.
     where = [
         t.c.status.in_(status_params),
         t.c.updated_at < sa.bindparam("p_older_than", older_than, type_=WHEN),

@@ -70,6 +70,22 @@ class _UTCDateTime(sa.types.TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value is not None else None
 
 
+class _AwareDateTime(sa.types.TypeDecorator[datetime]):
+    """PostgreSQL's ``timestamptz`` parameter, with a naive value taken as
+    UTC, as SQLite and MySQL take it: PostgreSQL would read it in the
+    session's time zone (the server's unless set), so a host's
+    ``purge(older_than=...)`` or ``list(since=...)`` in naive UTC would be
+    compared hours off on a server not set to UTC."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+
 class _SQLiteUTCDateTime(_UTCDateTime):
     """:class:`_UTCDateTime` on SQLite's ``DATETIME`` text."""
 
@@ -82,10 +98,10 @@ class _SQLiteUTCDateTime(_UTCDateTime):
 #: Flask-Migrate migration renders it without importing this package.
 WHEN_COLUMN = sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), *MYSQL)
 #: The type of the store's time parameters: any aware time in, compared as
-#: UTC (SQLite and MySQL keep them naive; rows are read back aware by
-#: :func:`~.delivery_store.utc`).
+#: UTC, and a naive one taken as UTC (SQLite and MySQL keep them naive; rows
+#: are read back aware by :func:`~.delivery_store.utc`).
 WHEN = (
-    sa.DateTime(timezone=True)
+    _AwareDateTime()
     .with_variant(_UTCDateTime(), *MYSQL)
     .with_variant(_SQLiteUTCDateTime(), "sqlite")
 )

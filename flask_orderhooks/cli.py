@@ -508,13 +508,13 @@ def _next_attempt(state: AppState, row: StoredDelivery) -> str:
     "--failed",
     "with_failed",
     is_flag=True,
-    help="Also delete dead deliveries, and failed ones whose next attempt is due.",
+    help="Also delete dead deliveries, and failed ones no worker retried for AGE.",
 )
 @click.option(
     "--processing",
     "with_processing",
     is_flag=True,
-    help="Also delete processing ones whose lease ran out.",
+    help="Also delete processing ones whose lease ran out AGE ago.",
 )
 @click.option(
     "--compact-only",

@@ -134,9 +134,18 @@ def test_purge_failed_spares_a_delivery_whose_next_attempt_is_scheduled(
     (row,) = rows(app)
     assert row.status == "failed"
 
-    # Its attempt is due and no worker took it: the operator's --failed
-    # deletes it, as it always did.
-    clock.now += 3600
+    # Due for 30 s: a worker may be about to take it (between its polls,
+    # or behind); --older-than 1m keeps it.
+    clock.now += 3510
+    result = run(app, "purge", "--older-than", "1m", "--failed")
+    assert result.output.splitlines()[0] == (
+        "Deleted 0 and compacted 0 deliveries older than 1m (done, failed, dead)."
+    )
+    assert [row.status for row in rows(app)] == ["failed"]
+
+    # Due for longer than AGE and no worker took it: the operator's
+    # --failed deletes it, as it always did.
+    clock.now += 90
     result = run(app, "purge", "--older-than", "1m", "--failed")
     assert result.output.splitlines()[0] == (
         "Deleted 1 and compacted 0 deliveries older than 1m (done, failed, dead)."

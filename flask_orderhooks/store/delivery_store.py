@@ -1030,8 +1030,9 @@ class DeliveryStore:
         """Delete deliveries in ``statuses`` last updated before ``older_than``
         (a naive time is UTC), in short batches that skip rows a live callback
         holds (:mod:`.retention`); how many were deleted. A processing
-        delivery is deleted only once its lease ran out, a failed one only
-        once its next attempt is due: the workers would still carry it."""
+        delivery is deleted only if its lease ran out before ``older_than``,
+        a failed one only if its next attempt was due before it: otherwise
+        the workers would still carry it."""
         return delete_old(self, older_than=older_than, statuses=statuses, provider=provider)
 
     def compact(self, *, older_than: datetime, provider: str | None = None) -> int:

@@ -99,8 +99,9 @@ def delete_old(
     batch: int = BATCH,
 ) -> int:
     """Delete deliveries in ``statuses`` last updated before ``older_than``
-    (processing ones only once their lease ran out, failed ones only once
-    their next attempt is due).
+    (processing ones only once their lease ran out before ``older_than``,
+    failed ones only once their next attempt was due before it: no worker
+    took them for that long).
 
     One status after the other: each batch's read is then one range of the
     (status, updated_at) index, in the order it reads. With several statuses
@@ -113,22 +114,20 @@ def delete_old(
     deleted = 0
     for status in statuses:
         where = _old(t, older_than, (status,), provider)
+        # A processing delivery whose lease ran out, and a failed one whose
+        # next attempt is due, are what the workers' due claim takes next: one
+        # is deleted only when it has been so for ``older_than`` too, that is
+        # when no worker took it for that long. One still held, still on the
+        # retry schedule or just due would be carried to done by the workers,
+        # and its platform may send it no more (a deferred one was answered
+        # at its acceptance): deleting it would lose it. A processing one
+        # whose worker holds it may be between its claim and its done mark,
+        # which does not lock the row. Dead ones have no next attempt.
+        due_before = sa.bindparam("p_due_before", older_than, type_=WHEN)
         if status == PROCESSING:
-            # Only a processing delivery whose lease ran out (its worker died
-            # or hung), whatever ``older_than``: one whose worker holds it may
-            # be between its claim and its done mark, which locks the row,
-            # and a deferred one was answered "done" already, so deleting it
-            # would lose it.
-            lease_over = sa.bindparam("p_lease_over", store._now(), type_=WHEN)
-            where.append(t.c.lease_expires_at < lease_over)
+            where.append(t.c.lease_expires_at < due_before)
         elif status == FAILED:
-            # Only a failed delivery whose next attempt is due (no worker took
-            # it) or not set: one still on the retry schedule would be carried
-            # to done by the workers, and its platform may send it no more (a
-            # deferred one was answered at its acceptance), so deleting it
-            # would lose it. Dead ones have no next attempt.
-            retry_due = sa.bindparam("p_retry_due", store._now(), type_=WHEN)
-            where.append(sa.or_(t.c.next_attempt_at.is_(None), t.c.next_attempt_at <= retry_due))
+            where.append(sa.or_(t.c.next_attempt_at.is_(None), t.c.next_attempt_at < due_before))
 
         def write(
             keys: sa.ColumnElement[bool], where: list[sa.ColumnElement[bool]] = where

@@ -170,10 +170,16 @@ class StandardWebhooksProvider(Provider):
 
 
 def _header_names(headers: Mapping[str, str]) -> tuple[str, str, str]:
-    """The names of the request's three headers: the standard's, or Svix's
-    when it has none of the standard's. Never a mix: the three are read
-    together, and whichever set is read, the signature covers the id and
-    the timestamp."""
+    """The names of the request's three headers: the standard's when all
+    three are there, else Svix's when all three of those are (as Svix's own
+    libraries choose); neither whole, the set the refusal names is Svix's
+    if the request has only Svix headers, else the standard's. Never a mix:
+    the three are read together, and whichever set is read, its signature
+    covers its id and timestamp, so a stray or forged header of the other
+    set changes nothing."""
+    for names in (_STANDARD, _SVIX):
+        if all(headers.get(name) for name in names):
+            return names
     if not any(headers.get(name) for name in _STANDARD) and any(
         headers.get(name) for name in _SVIX
     ):

@@ -178,6 +178,24 @@ def test_the_standard_headers_win_over_svix_ones_in_one_request(
     )
 
 
+def test_a_whole_svix_set_is_read_beside_a_partial_standard_one(
+    hooked: Callable[..., Hooked],
+) -> None:
+    # A stray webhook-id (a relay's own, a partial set forwarded): Svix's
+    # libraries read the svix-* set when the webhook-* one is not whole, and
+    # so does the provider; the key is the id of the set read.
+    h = hooked()
+    assert h.answer({**svix_headers("msg_d"), "webhook-id": "msg_stray"}) == OK
+    partial = {"webhook-id": "msg_stray", "webhook-timestamp": str(NOW)}
+    assert h.answer({**svix_headers("msg_e"), **partial}) == OK
+    assert [e.id for e in h.events] == ["msg_d", "msg_e"]
+    # Neither set whole: the standard's names are the ones the reason gives.
+    assert h.answer({"webhook-id": "msg_f", "svix-timestamp": str(NOW)}) == (
+        401,
+        "The webhook-timestamp header is missing or empty.",
+    )
+
+
 # -- 2. one HMAC per secret, not per signature entry --------------------------------
 
 

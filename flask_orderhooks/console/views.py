@@ -167,6 +167,43 @@ def _seen_attempts(text: str | None) -> int:
 _LONGEST_ATTEMPTS = len(str(2**31 - 1))
 
 
+def _seen_created(text: str | None) -> datetime:
+    """When the delivery a force form's page showed was stored: with its
+    attempts, what tells it from one stored anew after purge deleted it
+    (at attempt 1 again).
+
+    :raises _BadInput: the form does not say, or not as an aware ISO time.
+    """
+    if text is None or not text.strip():
+        raise _BadInput(
+            "This force replay does not say when the delivery the page showed was stored, "
+            "so it cannot be applied to that delivery only; nothing was done. Reload the "
+            "page and confirm again."
+        )
+    value = text.strip()
+    try:
+        when: datetime | None = datetime.fromisoformat(value)
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None or len(value) > _LONGEST_TIME:
+        raise _BadInput(
+            f"The creation time in this force replay, {value[: _LONGEST_TIME + 1]!r}, is not "
+            "a time; nothing was done. Reload the page and confirm again."
+        )
+    return when
+
+
+# Characters of the longest creation time a form may carry:
+# 2026-12-03T10:00:00.123456+00:00, and some room.
+_LONGEST_TIME = 40
+
+
+def created_text(row: StoredDelivery) -> str:
+    """The creation time a force form carries: UTC, to the microsecond the
+    store keeps."""
+    return row.created_at.astimezone(UTC).isoformat(timespec="microseconds")
+
+
 def _changed_since_seen(seen: int, row: StoredDelivery) -> str:
     """Why a force replay was not run: the delivery is no longer in the state
     the operator confirmed (another replay, a double submit or a worker ran
@@ -174,6 +211,16 @@ def _changed_since_seen(seen: int, row: StoredDelivery) -> str:
     return (
         f"not replayed: the page showed attempt {seen}, and the delivery has changed "
         f"since (it is {row.status}, attempt {row.attempts}). Nothing was done; "
+        "look at it again before replaying."
+    )
+
+
+def _stored_anew(row: StoredDelivery) -> str:
+    """Why a force replay was not run: the delivery its page showed was
+    purged, and the row now under its key was stored after."""
+    return (
+        "not replayed: the delivery the page showed is gone (purged), and this one was "
+        f"stored anew since (it is {row.status}, attempt {row.attempts}). Nothing was done; "
         "look at it again before replaying."
     )
 
@@ -409,6 +456,7 @@ def make_blueprint(hooks: OrderHooks, state: AppState, settings: ConsoleSettings
             digest=body_digest(store, provider, callback, row.key) if compacted else None,
             can_replay=row.status in (FAILED, DEAD, PENDING) and not compacted,
             can_force=row.status == DONE and not compacted,
+            created=created_text(row),
             can_retry=row.status == FAILED and row.next_attempt_at is not None,
             configured=signed is not None,
             csrf_token=csrf.token(app()),
@@ -431,11 +479,14 @@ def make_blueprint(hooks: OrderHooks, state: AppState, settings: ConsoleSettings
         row = find(provider, callback, request.form.get("key"))
         force = action == "replay" and request.form.get("force") == "yes"
         seen = _seen_attempts(request.form.get("attempts")) if force else None
+        seen_created = _seen_created(request.form.get("created")) if force else None
         if action == "retry" and (row.status != FAILED or row.next_attempt_at is None):
             ok, message = (
                 False,
                 f"no attempt is scheduled (the delivery is {row.status}); nothing done.",
             )
+        elif seen_created is not None and seen_created != row.created_at:
+            ok, message = False, _stored_anew(row)
         elif seen is not None and seen != row.attempts:
             ok, message = False, _changed_since_seen(seen, row)
         else:

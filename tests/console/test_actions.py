@@ -13,6 +13,7 @@ from flask.testing import FlaskClient
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 
 from flask_orderhooks.console import csrf
+from flask_orderhooks.console.views import created_text
 from flask_orderhooks.testing import SignedCallback, gateway_collect, igv_order_status
 from tests.console.conftest import CONSOLE, SECRET_KEY, Console, ConsoleFactory
 
@@ -133,8 +134,10 @@ def test_a_done_delivery_needs_force(console: Console) -> None:
     _post(client, cb, "replay", token, force="on")
     assert _outcome(client, cb) == "Replay: already done; not replayed."
     assert len(console.recorder.events) == events
-    # The force form says what its page showed: attempt 1.
-    _post(client, cb, "replay", token, force="yes", attempts="1")
+    # The force form says what its page showed: attempt 1 of the delivery
+    # stored at that time.
+    created = created_text(console.row(cb))
+    _post(client, cb, "replay", token, force="yes", attempts="1", created=created)
     assert _outcome(client, cb) == "Replay: replayed, attempt 2: done."
     assert len(console.recorder.events) == events + 1
 

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
+from flask_orderhooks.console.views import created_text
 from flask_orderhooks.replay import ReplayOutcome, replay
 from flask_orderhooks.testing import SignedCallback, gateway_collect, igv_order_status
 from tests.console.conftest import CONSOLE, Console, ConsoleFactory
@@ -96,7 +97,12 @@ def test_a_compacted_delivery_offers_no_replay(console: Console) -> None:
     assert 'id="oc-no-replay"' in page
     assert "its body is gone" in page
     assert 'name="csrf_token"' not in page, "no form at all on a tombstone's page"
-    fields = {"key": cb.key, "csrf_token": _any_token(client, console), "attempts": "1"}
+    fields = {
+        "key": cb.key,
+        "csrf_token": _any_token(client, console),
+        "attempts": "1",
+        "created": created_text(console.row(cb)),
+    }
     events = len(console.recorder.events)
     assert _force(client, cb, fields) == 303
     assert len(console.recorder.events) == events
@@ -273,3 +279,66 @@ def test_a_replay_that_fails_again_says_when_the_next_attempt_is(console: Consol
         "Replay: failed: attempt 2 failed (RuntimeError: receiver exploded on purpose); "
         "the next attempt is at 2026-05-04 12:35:00 UTC."
     )
+
+
+def test_a_force_form_does_not_run_over_a_delivery_stored_anew_since_its_page(
+    console: Console,
+) -> None:
+    """The page showed a done delivery at attempt 1; purge deleted it, and a
+    resend stored it anew and ran it (done, attempt 1 again). The form's
+    attempts match the new row, but it is not the delivery the operator
+    confirmed: a run of it now would be one more than anyone asked for."""
+    cb = igv_order_status(app=console.app)
+    assert console.send(cb) == 200
+    client = console.client()
+    fields = _form(_detail(client, cb), "oc-force")
+    first_created = console.row(cb).created_at
+    assert datetime.fromisoformat(fields["created"]) == first_created
+    with console.app.app_context():
+        assert console.hooks.store.purge(older_than=datetime(2100, 1, 1, tzinfo=UTC)) == 1
+    console.clock.now += 1  # the resend comes a second later
+    assert console.send(cb) == 200
+    row = console.row(cb)
+    assert (row.status, row.attempts) == ("done", 1) and row.created_at != first_created
+    events = len(console.recorder.events)
+    assert _force(client, cb, fields) == 303
+    assert len(console.recorder.events) == events
+    assert _outcome(client, cb) == (
+        "Replay: not replayed: the delivery the page showed is gone (purged), and this one "
+        "was stored anew since (it is done, attempt 1). Nothing was done; look at it again "
+        "before replaying."
+    )
+    # Its own page may be confirmed.
+    assert _force(client, cb, _form(_detail(client, cb), "oc-force")) == 303
+    assert len(console.recorder.events) == events + 1
+
+
+@pytest.mark.parametrize(
+    ("created", "problem"),
+    [
+        (None, "does not say when the delivery the page showed was stored"),
+        ("", "does not say when the delivery the page showed was stored"),
+        ("yesterday", "The creation time in this force replay, 'yesterday', is not a time"),
+        ("2026-12-03T10:00:00", "'2026-12-03T10:00:00', is not a time"),
+        ("9" * 80, "is not a time"),
+    ],
+)
+def test_a_force_form_that_does_not_say_when_its_delivery_was_stored_is_refused(
+    console: Console, created: str | None, problem: str
+) -> None:
+    cb = gateway_collect(app=console.app)
+    assert console.send(cb) == 200
+    client = console.client()
+    fields = _form(_detail(client, cb), "oc-force")
+    if created is None:
+        del fields["created"]
+    else:
+        fields["created"] = created
+    events = len(console.recorder.events)
+    response = client.post(
+        f"{CONSOLE}/delivery/gateway/collect/replay", data={**fields, "force": "yes"}
+    )
+    assert response.status_code == 400
+    assert problem in html.unescape(response.get_data(as_text=True))
+    assert len(console.recorder.events) == events
+    assert console.row(cb).attempts == 1

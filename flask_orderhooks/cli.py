@@ -508,7 +508,7 @@ def _next_attempt(state: AppState, row: StoredDelivery) -> str:
     "--failed",
     "with_failed",
     is_flag=True,
-    help="Also delete dead deliveries, and failed ones no worker retried for AGE.",
+    help="Also delete dead deliveries, and failed ones no worker will retry or retried for AGE.",
 )
 @click.option(
     "--processing",

@@ -38,3 +38,35 @@ def test_list_since_a_naive_time_reads_it_as_utc(make_app: AppFactory, backend: 
             )
         since = (now - timedelta(hours=1)).replace(tzinfo=None)
         assert [row.key for row in store.list(since=since)] == ["received-30-minutes-ago"]
+
+
+def test_stored_times_come_back_in_utc_whatever_the_session_time_zone(
+    make_app: AppFactory, backend: str
+) -> None:
+    """psycopg hands a ``timestamptz`` back in the session's zone; the store
+    hands every time back in UTC, so that two reads of one row compare
+    equal by value on every backend (a time in a zone's repeated hour never
+    equals the same instant in UTC), as the console's force form compares."""
+    app, hooks, _db = make_app(SQLALCHEMY_ENGINE_OPTIONS=_engine_options(backend))
+    store = hooks.state(app).store
+    # 01:30 on 2026-11-01 in New York comes twice: this is the second.
+    repeated_hour = datetime(2026, 11, 1, 6, 30, 0, 123456, tzinfo=UTC)
+    with app.app_context():
+        store.prepare()
+        with store.engine.begin() as connection:
+            connection.execute(
+                sa.insert(store.table),
+                [
+                    stored_row(
+                        store.dialect,
+                        provider="igv",
+                        callback="order-status",
+                        key="in-the-repeated-hour",
+                        status="done",
+                        when=repeated_hour,
+                    )
+                ],
+            )
+        (row,) = store.list()
+    assert row.created_at.tzinfo is UTC and row.updated_at.tzinfo is UTC
+    assert row.created_at == repeated_hour

@@ -78,8 +78,10 @@ _T = TypeVar("_T")
 
 
 def utc(value: datetime) -> datetime:
-    # SQLite hands back naive datetimes; everything stored is UTC.
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+    # SQLite hands back naive datetimes; everything stored is UTC. psycopg
+    # hands back the session's zone, in which a time of the repeated hour
+    # never equals the same instant in UTC: every time comes back in UTC.
+    return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 class DeliveryStore:

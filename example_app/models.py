@@ -21,6 +21,8 @@ class Base(DeclarativeBase):
 
 db = SQLAlchemy(model_class=Base)
 
+#: ``Order.delivery_state`` of an order iGV has not passed on yet.
+NEW = "new"
 #: ``Order.delivery_state`` of an order that is paid and waits for its key.
 READY_FOR_DELIVERY = "ready_for_delivery"
 
@@ -43,7 +45,7 @@ class Order(Base):
     igv_order_id: Mapped[int] = mapped_column(sa.BigInteger, unique=True)
     order_num: Mapped[str] = mapped_column(sa.String(64))
     buyer_id: Mapped[str] = mapped_column(sa.String(64))
-    delivery_state: Mapped[str] = mapped_column(sa.String(32), default="new")
+    delivery_state: Mapped[str] = mapped_column(sa.String(32), default=NEW)
     updated_at: Mapped[datetime] = mapped_column(
         sa.DateTime(timezone=True), default=_now, onupdate=_now
     )

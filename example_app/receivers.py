@@ -32,7 +32,7 @@ from flask_orderhooks import (
 from flask_orderhooks.events import GATEWAY_SUCCESS
 from flask_orderhooks.store import StoredDelivery
 
-from .models import READY_FOR_DELIVERY, Base, GameOrder, Order, Payment, Payout, db
+from .models import NEW, READY_FOR_DELIVERY, Base, GameOrder, Order, Payment, Payout, db
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,16 @@ def on_order_pending_delivery(sender: Flask, *, event: OrderPendingDelivery) -> 
             igv_order_id=event.order_id, order_num=event.order_num, buyer_id=event.buyer_id
         )
         db.session.add(order)
+    elif order.delivery_state not in (None, NEW, READY_FOR_DELIVERY):
+        # Only forward: a new push for an order delivered already (another
+        # request id, a forced replay) must not hand out a second key.
+        logger.warning(
+            "order %s (iGV %d) is %s already; not queued for delivery again",
+            order.order_num,
+            event.order_id,
+            order.delivery_state,
+        )
+        return
     order.delivery_state = READY_FOR_DELIVERY
     logger.info("order %s (iGV %d) is ready for delivery", event.order_num, event.order_id)
 
@@ -87,9 +97,31 @@ def on_payment_collected(sender: Flask, *, event: PaymentCollected) -> None:
     payment.order_amount = str(event.order_amount)
     payment.payed_amount = None if event.payed_amount is None else str(event.payed_amount)
     payment.status = event.status
+    # Another gateway order of the same shop order, credited already.
+    credited_before = (
+        db.session.execute(
+            sa.select(Payment.gateway_id).where(
+                Payment.trans_id == event.trans_id,
+                Payment.credited.is_(True),
+                Payment.gateway_id != event.id,
+            )
+        )
+        .scalars()
+        .first()
+        if event.succeeded
+        else None
+    )
+    if credited_before is not None:
+        # One shop order, two gateway orders paid (the shop asked twice, the
+        # customer paid twice): credit once, and have staff refund the other.
+        # A real shop locks its own order row (SELECT ... FOR UPDATE) before
+        # this check, so that two such callbacks at once cannot both credit.
+        payment.note = (
+            f"{event.trans_id} was credited already ({credited_before}); not credited: refund it"
+        )
     # Compare what was paid, not only the status: a customer can pay a
     # different amount than ordered, and the gateway still reports success.
-    if event.succeeded and event.amount_matches:
+    elif event.succeeded and event.amount_matches:
         payment.credited = True
         payment.note = "credited"
     elif event.succeeded:
@@ -106,7 +138,6 @@ def on_payout_finished(sender: Flask, *, event: PayoutFinished) -> None:
     if event.succeeded:
         state, finished_at = "paid", event.payed_at
     elif event.canceled:
-        # A real shop gives the amount back to the user's balance here.
         state, finished_at = "canceled", event.canceled_at
     else:
         state, finished_at = f"status {event.status}", None
@@ -114,7 +145,20 @@ def on_payout_finished(sender: Flask, *, event: PayoutFinished) -> None:
     if payout is None:
         payout = Payout(gateway_id=event.id, trans_id=event.trans_id, amount="", state="")
         db.session.add(payout)
-    elif payout.state in _FINAL_PAYOUT_STATES and state not in _FINAL_PAYOUT_STATES:
+    elif payout.state in _FINAL_PAYOUT_STATES and state in _FINAL_PAYOUT_STATES:
+        if state != payout.state:
+            # Paid and canceled both: the gateway contradicts itself. Keep
+            # the first (money may have gone out) and have staff look.
+            logger.warning(
+                "payout %s for %s: %s arrived after %s; kept %s (staff: check it with the gateway)",
+                event.id,
+                event.trans_id,
+                state,
+                payout.state,
+                payout.state,
+            )
+        return
+    elif payout.state in _FINAL_PAYOUT_STATES:
         # A late "processing" notice (the gateway's retry of one the shop
         # failed at first) must not turn a finished payout back into one
         # in progress.
@@ -127,6 +171,9 @@ def on_payout_finished(sender: Flask, *, event: PayoutFinished) -> None:
             payout.state,
         )
         return
+    # A canceled payout's amount goes back to the user's balance here, in a
+    # real shop: this is the first move into a final state (a finished
+    # payout returned above), so it happens once.
     payout.amount = str(event.order_amount)
     payout.state = state
     payout.finished_at = finished_at
@@ -149,8 +196,19 @@ def on_game_order_changed(sender: Flask, *, event: GameOrderChanged) -> None:
             notify_id=event.notify_id,
         )
         db.session.add(game_order)
-    elif game_order.status in _FINAL_GAME_STATUSES and event.status not in _FINAL_GAME_STATUSES:
-        return  # a late "in progress" notice must not undo a final result
+    elif game_order.status in _FINAL_GAME_STATUSES:
+        # A late "in progress" notice must not undo a final result, and a
+        # contradicting final one is kept out too: the first one counts.
+        if event.status in _FINAL_GAME_STATUSES and event.status != game_order.status:
+            logger.warning(
+                "game order %s (%s): %s arrived after %s; kept %s (staff: check it with SUD)",
+                event.out_order_id,
+                event.cmd,
+                event.status,
+                game_order.status,
+                game_order.status,
+            )
+        return
     else:
         game_order.status = event.status
         game_order.notify_id = event.notify_id

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -24,7 +24,7 @@ from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from flask_orderhooks import OrderHooks
-from flask_orderhooks.store import TABLE_NAME
+from flask_orderhooks.store import TABLE_NAME, DeliveryStore
 from flask_orderhooks.store.table import MYSQL
 
 PG_URL = os.environ.get(
@@ -151,6 +151,38 @@ def stored_row(
         "reference": stored_reference,
         "failures": None,
     }
+
+
+def store_done_igv(store: DeliveryStore, received: Mapping[str, datetime]) -> None:
+    """Done iGV deliveries, each key received and last updated at its time,
+    stored without the HTTP path (the table made first)."""
+    store.prepare()
+    with store.engine.begin() as connection:
+        connection.execute(
+            sa.insert(store.table),
+            [
+                stored_row(
+                    store.dialect,
+                    provider="igv",
+                    callback="order-status",
+                    key=key,
+                    status="done",
+                    when=when,
+                )
+                for key, when in received.items()
+            ],
+        )
+
+
+def session_not_in_utc(backend: str) -> dict[str, Any]:
+    """``SQLALCHEMY_ENGINE_OPTIONS`` for a database session whose time zone
+    is not UTC, as a PostgreSQL server initialised on a machine set to New
+    York's time has by default."""
+    if backend == "postgresql":
+        return {"connect_args": {"options": "-c timezone=America/New_York"}}
+    if backend == "mariadb":
+        return {"connect_args": {"init_command": "SET time_zone = '-05:00'"}}
+    return {}
 
 
 def refresh_statistics(connection: sa.Connection) -> None:

@@ -24,7 +24,7 @@ from flask_orderhooks.store.retention import (
     compact_old,
     delete_old,
 )
-from tests.conftest import AppFactory, stored_row
+from tests.conftest import AppFactory, store_done_igv
 
 
 def test_a_batch_halves_after_a_slow_one_and_doubles_after_a_quick_one() -> None:
@@ -390,21 +390,7 @@ def test_purge_compares_an_aware_cutoff_as_an_instant(make_app: AppFactory) -> N
     store = hooks.state(app).store
     now = datetime.now(UTC)
     with app.app_context():
-        store.prepare()
-        with store.engine.begin() as connection:
-            connection.execute(
-                sa.insert(store.table),
-                [
-                    stored_row(
-                        store.dialect,
-                        provider="igv",
-                        callback="order-status",
-                        key="done-30-minutes-ago",
-                        status="done",
-                        when=now - timedelta(minutes=30),
-                    )
-                ],
-            )
+        store_done_igv(store, {"done-30-minutes-ago": now - timedelta(minutes=30)})
         cutoff = (now - timedelta(hours=1)).astimezone(_PLUS_TWO)
         deleted = store.purge(older_than=cutoff)
         assert deleted == 0, "purge deleted a delivery newer than its cutoff"

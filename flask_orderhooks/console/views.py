@@ -485,7 +485,7 @@ def make_blueprint(hooks: OrderHooks, state: AppState, settings: ConsoleSettings
                 False,
                 f"no attempt is scheduled (the delivery is {row.status}); nothing done.",
             )
-        elif seen_created is not None and seen_created.astimezone(UTC) != row.created_at:
+        elif seen_created is not None and seen_created != row.created_at:
             ok, message = False, _stored_anew(row)
         elif seen is not None and seen != row.attempts:
             ok, message = False, _changed_since_seen(seen, row)

@@ -146,6 +146,27 @@ def test_two_submits_of_one_force_form_run_the_receivers_once(console: Console) 
     assert _outcome(bob, cb) == "Replay: replayed, attempt 3: done."
 
 
+def _assert_force_refused(console: Console, name: str, value: str | None, problem: str) -> None:
+    """The force form of a done delivery's page, its field ``name`` left out
+    (``None``) or set to ``value``, is refused with 400 and runs nothing."""
+    cb = gateway_collect(app=console.app)
+    assert console.send(cb) == 200
+    client = console.client()
+    fields = _form(_detail(client, cb), "oc-force")
+    if value is None:
+        del fields[name]
+    else:
+        fields[name] = value
+    events = len(console.recorder.events)
+    response = client.post(
+        f"{CONSOLE}/delivery/gateway/collect/replay", data={**fields, "force": "yes"}
+    )
+    assert response.status_code == 400
+    assert problem in html.unescape(response.get_data(as_text=True))
+    assert len(console.recorder.events) == events
+    assert console.row(cb).attempts == 1
+
+
 @pytest.mark.parametrize(
     ("attempts", "problem"),
     [
@@ -162,22 +183,7 @@ def test_a_force_form_that_does_not_say_what_it_saw_is_refused(
 ) -> None:
     """A force replay that cannot be tied to one observed state (a page
     rendered before the field existed, a hand-made request) runs nothing."""
-    cb = gateway_collect(app=console.app)
-    assert console.send(cb) == 200
-    client = console.client()
-    fields = _form(_detail(client, cb), "oc-force")
-    if attempts is None:
-        del fields["attempts"]
-    else:
-        fields["attempts"] = attempts
-    events = len(console.recorder.events)
-    response = client.post(
-        f"{CONSOLE}/delivery/gateway/collect/replay", data={**fields, "force": "yes"}
-    )
-    assert response.status_code == 400
-    assert problem in html.unescape(response.get_data(as_text=True))
-    assert len(console.recorder.events) == events
-    assert console.row(cb).attempts == 1
+    _assert_force_refused(console, "attempts", attempts, problem)
 
 
 def test_the_force_form_still_replays_a_done_delivery(console: Console) -> None:
@@ -326,19 +332,4 @@ def test_a_force_form_does_not_run_over_a_delivery_stored_anew_since_its_page(
 def test_a_force_form_that_does_not_say_when_its_delivery_was_stored_is_refused(
     console: Console, created: str | None, problem: str
 ) -> None:
-    cb = gateway_collect(app=console.app)
-    assert console.send(cb) == 200
-    client = console.client()
-    fields = _form(_detail(client, cb), "oc-force")
-    if created is None:
-        del fields["created"]
-    else:
-        fields["created"] = created
-    events = len(console.recorder.events)
-    response = client.post(
-        f"{CONSOLE}/delivery/gateway/collect/replay", data={**fields, "force": "yes"}
-    )
-    assert response.status_code == 400
-    assert problem in html.unescape(response.get_data(as_text=True))
-    assert len(console.recorder.events) == events
-    assert console.row(cb).attempts == 1
+    _assert_force_refused(console, "created", created, problem)
